@@ -1,0 +1,134 @@
+"""The Python API behind the commands: each function does one step end to end on paths and names."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .checkpoint import load_checkpoint
+from .data import DataBundle, load_data
+from .errors import UsageError
+from .measure import count_macs, count_params, evaluate, latency, summary
+from .models import build_model, min_input_size
+from .train import STATE_FILE, FitResult, TrainConfig, fit
+
+
+def model_meta(model_name: str, data: DataBundle, data_args: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint must know about its model and data to be rebuilt and evaluated later."""
+    return {
+        "model": model_name,
+        "num_classes": len(data.classes),
+        "classes": data.classes,
+        "input_size": data.image_size,
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "data": data_args,
+        "prunekit_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def train(
+    model: str,
+    data: str,
+    out: str | Path,
+    config: TrainConfig | None = None,
+    data_dir: str | None = None,
+    subset: int | None = None,
+    image_size: int | None = None,
+    resume: bool = False,
+) -> FitResult:
+    """Train a baseline ``model`` on ``data``; writes checkpoints, log and metrics under ``out``."""
+    import torch
+
+    out = Path(out)
+    config = config or TrainConfig()
+    config.validate()
+    ckpt = None
+    if resume:
+        state = out / STATE_FILE
+        if not state.exists():
+            raise UsageError(f"--resume: no interrupted run in {out} (no {STATE_FILE}); start it without --resume")
+        ckpt = load_checkpoint(state)
+        config = TrainConfig.from_dict(ckpt.meta["train"]["config"])
+        data_args = ckpt.meta["data"]
+        model = ckpt.meta["model"]
+    else:
+        data_args = {"spec": data, "data_dir": data_dir, "subset": subset, "image_size": image_size}
+    if image_size is None:
+        image_size = data_args.get("image_size")
+    bundle = load_data(data_args["spec"], data_dir=data_args.get("data_dir"), subset=data_args.get("subset"),
+                       image_size=data_args.get("image_size"), seed=config.seed)
+    if bundle.image_size < min_input_size(model):
+        raise UsageError(f"{model} needs inputs of at least {min_input_size(model)} px; pass --image-size")
+    if ckpt is not None:
+        net, meta = ckpt.model, {k: v for k, v in ckpt.meta.items()
+                                 if k not in ("train", "history", "train_state", "optimizer", "shapes")}
+    else:
+        torch.manual_seed(config.seed)
+        net = build_model(model, len(bundle.classes))
+        meta = model_meta(model, bundle, data_args)
+    return fit(net, bundle, config, out, meta, resume=ckpt)
+
+
+def load_data_for(meta: dict[str, Any], data: str | None = None, data_dir: str | None = None,
+                  subset: int | None = None) -> DataBundle:
+    """The dataset a checkpoint was trained on (or ``data`` instead), at the checkpoint's input size."""
+    recorded = meta.get("data") or {}
+    spec = data or recorded.get("spec")
+    if spec is None:
+        raise UsageError("this checkpoint does not record its dataset; pass --data")
+    try:
+        bundle = load_data(spec, data_dir=data_dir or recorded.get("data_dir"),
+                           subset=subset if subset is not None else recorded.get("subset"),
+                           image_size=meta["input_size"])
+    except UsageError as exc:
+        if data:
+            raise
+        raise UsageError(f"the checkpoint's dataset is not available here ({exc}); pass --data") from None
+    if len(bundle.classes) != meta["num_classes"]:
+        raise UsageError(f"--data {spec} has {len(bundle.classes)} classes; the checkpoint has {meta['num_classes']}")
+    # Normalize with the statistics the model was trained with, not the new data's.
+    bundle.mean, bundle.std = tuple(meta["mean"]), tuple(meta["std"])
+    return bundle
+
+
+def evaluate_checkpoint(
+    path: str | Path,
+    data: str | None = None,
+    data_dir: str | None = None,
+    subset: int | None = None,
+    batch_size: int = 500,
+    measure_latency: bool = True,
+) -> dict[str, Any]:
+    """Accuracy (overall, per class), the torchinfo summary, MACs and CPU latency of a checkpoint."""
+    ckpt = load_checkpoint(path)
+    meta = ckpt.meta
+    bundle = load_data_for(meta, data, data_dir, subset)
+    model = ckpt.model
+    acc = evaluate(model, bundle.test, bundle.mean, bundle.std, batch_size=batch_size,
+                   num_classes=meta["num_classes"])
+    size = meta["input_size"]
+    results: dict[str, Any] = {
+        "checkpoint": str(path),
+        "model": meta["model"],
+        "accuracy": acc["accuracy"],
+        "per_class": dict(zip(meta["classes"], acc["per_class"], strict=True)),
+        "test_images": acc["images"],
+        "params": count_params(model),
+        "macs": count_macs(model, size),
+        "file_size_mb": Path(path).stat().st_size / 1e6,
+        "summary": {k: v for k, v in summary(model, size).items() if k != "table"},
+        "summary_table": summary(model, size)["table"],
+    }
+    if measure_latency:
+        results["latency"] = {f"batch{b}": latency(model, size, batch_size=b) for b in (1, 64)}
+        parent = meta.get("parent")
+        if parent and parent.get("latency"):
+            results["speedup"] = {
+                k: parent["latency"][k]["median_ms"] / v["median_ms"]
+                for k, v in results["latency"].items() if k in parent["latency"]
+            }
+    return results

@@ -1,0 +1,194 @@
+"""Checkpoints as one safetensors file: weights, optional training state, JSON metadata. Never unpickles.
+
+The metadata records every module's shape attributes (channels, features, groups), so a pruned model is
+rebuilt from its torchvision name plus those shapes, and its weights then load with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import UsageError
+from .files import atomic_write
+from .models import build_model
+
+FORMAT = "prunekit-checkpoint"
+FORMAT_VERSION = 1
+SHAPE_ATTRS = (
+    "in_channels",
+    "out_channels",
+    "groups",
+    "in_features",
+    "out_features",
+    "num_features",
+    "normalized_shape",
+    "num_channels",
+    "num_groups",
+)
+MODEL_PREFIX = "model."
+OPTIM_PREFIX = "optim."
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model, its metadata and any training state saved with it."""
+
+    model: nn.Module
+    meta: dict[str, Any]
+    optimizer_state: dict[str, Any] | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def module_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Per-module shape attributes; what pruning changes and what a rebuild must restore."""
+    shapes = {}
+    for name, module in model.named_modules():
+        attrs = {a: _jsonable(getattr(module, a)) for a in SHAPE_ATTRS if hasattr(module, a)}
+        if attrs:
+            shapes[name] = attrs
+    return shapes
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    meta: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``model`` (and optionally optimizer state and extra tensors) atomically to ``path``."""
+    model = _unwrap(model)
+    tensors = {MODEL_PREFIX + k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {**meta, "format": FORMAT, "format_version": FORMAT_VERSION, "shapes": module_shapes(model)}
+    if optimizer is not None:
+        optim_tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
+        tensors.update(optim_tensors)
+        meta["optimizer"] = optim_meta
+    for k, v in (extra or {}).items():
+        tensors["extra." + k] = v.detach().cpu().contiguous()
+    header = {"prunekit": json.dumps(meta, default=_jsonable)}
+    return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=header))
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's metadata alone, without loading weights."""
+    with _open(path) as f:
+        return _meta_of(f, path)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Rebuild the model with the recorded shapes and load its weights strictly."""
+    with _open(path) as f:
+        meta = _meta_of(f, path)
+        keys = list(f.keys())
+        tensors = {k: f.get_tensor(k) for k in keys}
+    model = build_model(meta["model"], meta["num_classes"])
+    state = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+    apply_shapes(model, meta.get("shapes", {}), state)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise UsageError(f"{path}: the weights do not fit a {meta['model']} model ({exc})") from None
+    model.eval()
+    optim = None
+    if "optimizer" in meta:
+        optim = _unflatten_optimizer(
+            {k[len(OPTIM_PREFIX):]: v for k, v in tensors.items() if k.startswith(OPTIM_PREFIX)}, meta["optimizer"]
+        )
+    extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+    return Checkpoint(model, meta, optim, extra)
+
+
+def load(path: str | Path) -> nn.Module:
+    """Load a prunekit checkpoint (dense or pruned) as a model in eval mode; its metadata is ``model.prunekit_meta``."""
+    ckpt = load_checkpoint(path)
+    ckpt.model.prunekit_meta = ckpt.meta
+    return ckpt.model
+
+
+def apply_shapes(model: nn.Module, shapes: dict[str, dict[str, Any]], state: dict[str, torch.Tensor]) -> None:
+    """Set recorded shape attributes and resize parameters/buffers to the saved tensors' shapes."""
+    modules = dict(model.named_modules())
+    for name, attrs in shapes.items():
+        module = modules.get(name)
+        if module is None:
+            continue
+        for attr, value in attrs.items():
+            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+    for key, tensor in state.items():
+        owner_name, _, leaf = key.rpartition(".")
+        owner = modules.get(owner_name)
+        if owner is None:
+            continue
+        if leaf in owner._parameters and owner._parameters[leaf] is not None:
+            old = owner._parameters[leaf]
+            if old.shape != tensor.shape:
+                owner._parameters[leaf] = nn.Parameter(torch.empty_like(tensor), requires_grad=old.requires_grad)
+        elif leaf in owner._buffers and owner._buffers[leaf] is not None and owner._buffers[leaf].shape != tensor.shape:
+            owner._buffers[leaf] = torch.empty_like(tensor)
+
+
+def _open(path: str | Path):
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such checkpoint file")
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, ValueError, Exception) as exc:
+        raise UsageError(f"{path}: not a prunekit checkpoint (unreadable as safetensors: {exc})") from None
+
+
+def _meta_of(f, path: str | Path) -> dict[str, Any]:
+    raw = (f.metadata() or {}).get("prunekit")
+    if raw is None:
+        raise UsageError(f"{path}: a safetensors file, but not a prunekit checkpoint (no prunekit metadata)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path}: corrupt prunekit metadata ({exc})") from None
+    if meta.get("format") != FORMAT or "model" not in meta or "num_classes" not in meta:
+        raise UsageError(f"{path}: not a prunekit checkpoint (metadata lacks the model description)")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise UsageError(f"{path}: written by a newer prunekit (format {meta['format_version']}); upgrade prunekit")
+    return meta
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for idx, per_param in state_dict["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{OPTIM_PREFIX}{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in [*tensors.items(), *meta.get("scalars", {}).items()]:
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}

@@ -1,0 +1,136 @@
+"""Command line: argument parsing, exit codes and human messages; the work happens in the other modules."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .console import console
+from .errors import UsageError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", required=required, default=None,
+                   help="cifar10 | synthetic | PATH (image folder, .tar.gz/.zip of one, cifar-10-python.tar.gz)")
+    p.add_argument("--data-dir", default=None, help="where --data cifar10 is downloaded (default: user cache)")
+    p.add_argument("--subset", type=int, default=None, help="keep N training images per class")
+
+
+def _add_train_args(p: argparse.ArgumentParser, defaults) -> None:
+    g = p.add_argument_group("training recipe")
+    g.add_argument("--epochs", type=int, default=defaults.epochs)
+    g.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=defaults.optimizer)
+    g.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
+    g.add_argument("--momentum", type=float, default=defaults.momentum)
+    g.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    g.add_argument("--schedule", choices=["cosine", "onecycle", "constant"], default=defaults.schedule)
+    g.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs, help="cosine schedule only")
+    g.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
+    g.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32 (bf16 autocast is on "
+                   "where the CPU supports it)")
+    g.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    g.add_argument("--seed", type=int, default=defaults.seed)
+    g.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="prunekit", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"prunekit {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a baseline classifier")
+    p.add_argument("--model", default="resnet18", help="resnet18 (the seed's), resnet18-cifar, or any torchvision "
+                   "classification model name")
+    _add_data_args(p)
+    p.add_argument("--image-size", type=int, default=None, help="resize images to this size (default: as stored)")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: runs/<model>-baseline)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    _add_train_args(p, TrainConfig())
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="accuracy, model summary and latency of a checkpoint")
+    p.add_argument("checkpoint", type=Path)
+    _add_data_args(p, required=False)
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--no-latency", dest="latency", action="store_false", help="skip the latency measurement")
+    p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("models", help="list the model names --model accepts")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return EXIT_INTERRUPTED
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import api
+    from .train import TrainConfig
+
+    out = args.out or Path("runs") / f"{args.model}-baseline"
+    cfg = TrainConfig.from_dict(vars(args))
+    result = api.train(
+        model=args.model, data=args.data, out=out, config=cfg, data_dir=args.data_dir, subset=args.subset,
+        image_size=args.image_size, resume=args.resume,
+    )
+    console.print(f"test accuracy {result.test['accuracy']:.2%}; checkpoint {out / 'model.safetensors'}",
+                  highlight=False)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import api
+    from .report import print_eval
+
+    results = api.evaluate_checkpoint(
+        args.checkpoint, data=args.data, data_dir=args.data_dir, subset=args.subset,
+        batch_size=args.batch_size, measure_latency=args.latency,
+    )
+    print_eval(results)
+    if args.json:
+        from .files import write_json
+
+        write_json(args.json, {k: v for k, v in results.items() if k != "summary_table"})
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import available_models
+
+    print("\n".join(available_models()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

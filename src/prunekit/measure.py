@@ -1,0 +1,145 @@
+"""Measurements of a model: accuracy, parameters, MACs, size, latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import BatchLoader, Split
+
+
+def autocast(device: torch.device | str, enabled: bool):
+    """bf16 autocast on ``device`` when enabled, else a no-op context."""
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+def bf16_supported() -> bool:
+    """True where the CPU has native bf16 (AVX512-BF16 or AMX), the only case where it speeds training up."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    split: Split,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    batch_size: int = 500,
+    device: torch.device | str = "cpu",
+    bf16: bool = False,
+    num_classes: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, Any]:
+    """Top-1 accuracy (overall and per class) and mean loss; sums over ranks when distributed."""
+    was_training = model.training
+    model.eval()
+    num_classes = num_classes or int(split.labels.max()) + 1
+    correct = torch.zeros(num_classes, dtype=torch.float64)
+    count = torch.zeros(num_classes, dtype=torch.float64)
+    loss_sum = torch.zeros(1, dtype=torch.float64)
+    loader = BatchLoader(split, batch_size, mean, std, rank=rank, world_size=world_size)
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        with autocast(device, bf16):
+            logits = model(x).float().cpu()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        hit = (logits.argmax(1) == y).double()
+        correct.index_add_(0, y, hit)
+        count.index_add_(0, y, torch.ones_like(hit))
+    if world_size > 1:
+        import torch.distributed as dist
+
+        for t in (correct, count, loss_sum):
+            dist.all_reduce(t)
+    model.train(was_training)
+    total = count.sum().clamp_min(1)
+    return {
+        "accuracy": float(correct.sum() / total),
+        "loss": float(loss_sum / total),
+        "per_class": (correct / count.clamp_min(1)).tolist(),
+        "images": int(count.sum()),
+    }
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, input_size: int) -> int:
+    """Multiply-accumulates of one forward pass at batch 1 (torch-pruning's counter: conv, linear, norm)."""
+    import torch_pruning as tp
+
+    was_training = model.training
+    example = torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device)
+    macs, _ = tp.utils.count_ops_and_params(model, example)
+    model.train(was_training)
+    return int(macs)
+
+
+def summary(model: nn.Module, input_size: int) -> dict[str, Any]:
+    """The seed's torchinfo figures: total params, mult-adds, params size, estimated total size (input 1x3xHxW)."""
+    import torchinfo
+
+    was_training = model.training
+    model.eval()
+    stats = torchinfo.summary(model, input_size=(1, 3, input_size, input_size), verbose=0, device="cpu")
+    model.train(was_training)
+    params_bytes = stats.total_param_bytes
+    total_bytes = stats.total_input + stats.total_output_bytes + params_bytes
+    return {
+        "total_params": int(stats.total_params),
+        "mult_adds": int(stats.total_mult_adds),
+        "params_size_mb": params_bytes / 1e6,
+        "forward_backward_size_mb": stats.total_output_bytes / 1e6,
+        "input_size_mb": stats.total_input / 1e6,
+        "estimated_total_size_mb": total_bytes / 1e6,
+        "table": str(stats),
+    }
+
+
+@torch.inference_mode()
+def latency(
+    model: nn.Module,
+    input_size: int,
+    batch_size: int = 1,
+    warmup: int = 5,
+    repeats: int = 20,
+    device: torch.device | str = "cpu",
+    channels_last: bool = True,
+) -> dict[str, float]:
+    """Median wall time of a forward pass (fp32, eval mode) after warm-up, in milliseconds."""
+    model.eval()
+    x = torch.randn(batch_size, 3, input_size, input_size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        model(x)
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(x)
+        sync()
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {
+        "batch_size": batch_size,
+        "median_ms": median * 1e3,
+        "min_ms": min(times) * 1e3,
+        "images_per_s": batch_size / median,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+    }

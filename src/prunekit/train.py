@@ -1,0 +1,302 @@
+"""The one training loop: baseline training, fine-tuning, distillation, and torch.distributed runs."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import Checkpoint, save_checkpoint
+from .console import info, progress_bar
+from .data import BatchLoader, DataBundle
+from .errors import UsageError
+from .files import write_json
+from .measure import autocast, bf16_supported, evaluate
+
+STATE_FILE = "checkpoint.safetensors"  # training state after every epoch (and on interrupt)
+MODEL_FILE = "model.safetensors"  # the final weights
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of the loop; saved in each checkpoint so ``--resume`` continues with the same recipe."""
+
+    epochs: int = 20
+    batch_size: int = 128
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"  # cosine | onecycle | constant
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    bf16: bool = True
+    channels_last: bool = True
+    seed: int = 0
+    device: str = "auto"
+    distill_temperature: float = 4.0
+    distill_weight: float = 0.5
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise UsageError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise UsageError(f"--lr must be positive, got {self.lr}")
+        if self.optimizer not in ("sgd", "adam", "adamw"):
+            raise UsageError(f"--optimizer must be sgd, adam or adamw, got {self.optimizer}")
+        if self.schedule not in ("cosine", "onecycle", "constant"):
+            raise UsageError(f"--schedule must be cosine, onecycle or constant, got {self.schedule}")
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Distributed:
+    """Join the torchrun job described by the environment, if any (gloo on CPU, nccl on GPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Distributed()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size())
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def learning_rate(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """The schedule as a pure function of the global step, so resuming needs no scheduler state."""
+    warmup = int(cfg.warmup_epochs * steps_per_epoch) if cfg.schedule == "cosine" else 0
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "onecycle":
+        peak = max(1, int(0.25 * total_steps))
+        if step < peak:
+            return cfg.lr * (0.04 + 0.96 * step / peak)
+        progress = (step - peak) / max(1, total_steps - peak)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.momentum > 0)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's soft-target loss: KL(teacher || student) at temperature T, scaled by T^2."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean",
+                    log_target=True) * t * t
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    history: list[dict[str, Any]]
+    test: dict[str, Any]
+
+
+def fit(
+    model: nn.Module,
+    data: DataBundle,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    meta: dict[str, Any],
+    teacher: nn.Module | None = None,
+    trainable: Callable[[str], bool] | None = None,
+    resume: Checkpoint | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> FitResult:
+    """Train ``model`` on ``data``; checkpoints to ``out_dir`` after every epoch and on Ctrl-C.
+
+    ``trainable(name)`` selects the parameters to train (all when None); ``teacher`` adds distillation;
+    ``resume`` continues from a saved training state; ``on_step(global_step)`` is a test hook.
+    """
+    cfg.validate()
+    out_dir = Path(out_dir)
+    device = resolve_device(cfg.device)
+    dist_info = init_distributed(device)
+    use_bf16 = cfg.bf16 and (device.type == "cuda" or bf16_supported())
+    torch.manual_seed(cfg.seed)
+
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable is None or trainable(name))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UsageError("nothing to train: the freezing policy froze every parameter")
+    optimizer = make_optimizer(cfg, params)
+    if teacher is not None:
+        teacher.to(device).eval()
+        if cfg.channels_last:
+            teacher.to(memory_format=torch.channels_last)
+
+    loader = BatchLoader(data.train, cfg.batch_size, data.mean, data.std, train=True, seed=cfg.seed,
+                         rank=dist_info.rank, world_size=dist_info.world_size, channels_last=cfg.channels_last)
+    steps_per_epoch = len(loader)
+    total_steps = cfg.epochs * steps_per_epoch
+    history: list[dict[str, Any]] = []
+    start_epoch, start_batch, carried = 0, 0, {"loss": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0}
+    if resume is not None:
+        state = resume.meta.get("train_state") or {}
+        history = list(resume.meta.get("history", []))
+        start_epoch, start_batch = state.get("epoch", 0), state.get("batch", 0)
+        carried = state.get("running", carried)
+        if resume.optimizer_state is not None:
+            optimizer.load_state_dict(resume.optimizer_state)
+        if "rng" in resume.extra:
+            torch.set_rng_state(resume.extra["rng"])
+
+    train_model: nn.Module = model
+    if dist_info.world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    frozen_modules = _fully_frozen_norms(model) if trainable is not None else []
+
+    def save(epoch: int, batch: int, running: dict[str, float]) -> None:
+        if not dist_info.is_main:
+            return
+        train_meta = {**meta, "train": {"config": asdict(cfg)}, "history": history,
+                      "train_state": {"epoch": epoch, "batch": batch, "running": running}}
+        save_checkpoint(out_dir / STATE_FILE, model, train_meta, optimizer=optimizer,
+                        extra={"rng": torch.get_rng_state()})
+
+    log = (out_dir / "train_log.txt") if dist_info.is_main else None
+    if log:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    epoch = start_epoch
+    with progress_bar(transient=False) as bar:
+        for epoch in range(start_epoch, cfg.epochs):
+            loader.set_epoch(epoch)
+            first = start_batch if epoch == start_epoch else 0
+            running = dict(carried) if epoch == start_epoch else {"loss": 0.0, "correct": 0.0, "seen": 0.0,
+                                                                     "seconds": 0.0}
+            if first == 0:
+                torch.manual_seed(cfg.seed * 1000 + epoch)  # epoch-boundary resume needs no saved RNG
+            task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, completed=first,
+                                info="")
+            train_model.train()
+            for m in frozen_modules:
+                m.eval()  # frozen BatchNorms keep their running statistics
+            tick = time.perf_counter()
+            next_batch = first
+            try:
+                for batch, (x, y) in enumerate(loader.batches(first), start=first):
+                    step = epoch * steps_per_epoch + batch
+                    if on_step is not None:
+                        on_step(step)
+                    lr = learning_rate(cfg, step, total_steps, steps_per_epoch)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    with autocast(device, use_bf16):
+                        logits = train_model(x)
+                        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                        if teacher is not None:
+                            with torch.no_grad():
+                                soft = teacher(x).float()
+                            kd = distillation_loss(logits.float(), soft, cfg.distill_temperature)
+                            loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kd
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    running["loss"] += float(loss.detach()) * len(y)
+                    running["correct"] += float((logits.argmax(1) == y).sum())
+                    running["seen"] += len(y)
+                    next_batch = batch + 1
+                    elapsed = running["seconds"] + time.perf_counter() - tick
+                    bar.update(task, advance=1, info=(
+                        f"loss {running['loss'] / running['seen']:.3f}  acc {running['correct'] / running['seen']:.1%}"
+                        f"  {running['seen'] * dist_info.world_size / max(elapsed, 1e-9):.0f} img/s  lr {lr:.2g}"))
+            except KeyboardInterrupt:
+                running["seconds"] += time.perf_counter() - tick
+                save(epoch, next_batch, running)
+                if dist_info.is_main:
+                    info(f"\ninterrupted: saved {out_dir / STATE_FILE} at epoch {epoch + 1}, batch {next_batch}; "
+                         f"continue with --resume")
+                raise
+            running["seconds"] += time.perf_counter() - tick
+            test = evaluate(model, data.test, data.mean, data.std, device=device, bf16=use_bf16,
+                            num_classes=len(data.classes), rank=dist_info.rank, world_size=dist_info.world_size)
+            seen = running["seen"] * dist_info.world_size
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": running["loss"] / max(running["seen"], 1),
+                "train_accuracy": running["correct"] / max(running["seen"], 1),
+                "test_loss": test["loss"],
+                "test_accuracy": test["accuracy"],
+                "lr": optimizer.param_groups[0]["lr"],
+                "images_per_s": seen / max(running["seconds"], 1e-9),
+                "seconds": running["seconds"],
+            }
+            history.append(record)
+            bar.update(task, info=f"loss {record['train_loss']:.3f}  train {record['train_accuracy']:.1%}  "
+                                  f"test {record['test_accuracy']:.2%}  {record['images_per_s']:.0f} img/s")
+            if log:
+                with open(log, "a") as f:
+                    f.write(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}"
+                                     for k, v in record.items()) + "\n")
+                if not bar.console.is_terminal:
+                    info(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f} "
+                         f"test {record['test_accuracy']:.2%} ({record['images_per_s']:.0f} img/s)")
+            save(epoch + 1, 0, {"loss": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0})
+
+    final = evaluate(model, data.test, data.mean, data.std, device=device, bf16=False,
+                     num_classes=len(data.classes), rank=dist_info.rank, world_size=dist_info.world_size)
+    if dist_info.is_main:
+        metrics = {"test_accuracy": final["accuracy"], "test_loss": final["loss"],
+                   "per_class_accuracy": dict(zip(data.classes, final["per_class"], strict=True)),
+                   "train_seconds": sum(h["seconds"] for h in history)}
+        final_meta = {**meta, "train": {"config": asdict(cfg)}, "history": history, "metrics": metrics}
+        save_checkpoint(out_dir / MODEL_FILE, model.to("cpu"), final_meta)
+        write_json(out_dir / "metrics.json", {"history": history, **metrics})
+        model.to(device)
+    return FitResult(model, history, final)
+
+
+def _fully_frozen_norms(model: nn.Module) -> list[nn.Module]:
+    """Norm layers none of whose parameters train; kept in eval mode so their statistics stay put."""
+    return [
+        m for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters())
+    ]
