@@ -166,7 +166,11 @@ def _local_source(path: Path) -> _Source:
         key = _digest(["dir", str(path.resolve()), *stamp, CACHE_VERSION])
         return _Source(key, str(path), lambda: _decode_tree(path, dirs, {k: v.read_bytes for k, v in files.items()}))
     key = _digest(["file", _file_sha256(path), CACHE_VERSION])
-    if tarfile.is_tarfile(path):
+    try:
+        is_tar = tarfile.is_tarfile(path)
+    except (EOFError, OSError) as exc:  # a truncated .tar.gz fails inside is_tarfile
+        raise UsageError(f"--data {path}: the archive is damaged or truncated ({exc})") from None
+    if is_tar:
         return _Source(key, str(path), lambda: _decode_tar(path))
     if zipfile.is_zipfile(path):
         return _Source(key, str(path), lambda: _decode_zip(path))
@@ -176,9 +180,10 @@ def _local_source(path: Path) -> _Source:
 def _decode_tar(path: Path) -> DataBundle:
     try:
         with tarfile.open(path) as tar:
-            members = [m for m in tar.getmembers() if not _hidden(m.name)]
-            dirs = {m.name.strip("/") for m in members if m.isdir()}
-            files = {m.name.strip("/"): _tar_reader(tar, m) for m in members if m.isfile()}
+            members = [(m, _member_name(m.name)) for m in tar.getmembers()]
+            members = [(m, n) for m, n in members if n and not _hidden(n)]
+            dirs = {n for m, n in members if m.isdir()}
+            files = {n: _tar_reader(tar, m) for m, n in members if m.isfile()}
             return _decode_tree(path, dirs, files)
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise UsageError(f"--data {path}: the archive is damaged or truncated ({exc})") from None
@@ -193,6 +198,14 @@ def _decode_zip(path: Path) -> DataBundle:
             return _decode_tree(path, dirs, files)
     except (zipfile.BadZipFile, OSError) as exc:
         raise UsageError(f"--data {path}: the archive is damaged or truncated ({exc})") from None
+
+
+def _member_name(name: str) -> str:
+    """An archive member's path without a leading './' (as written by ``tar -czf x.tar.gz -C dir .``)."""
+    name = name.strip("/")
+    while name == "." or name.startswith("./"):
+        name = name[2:].lstrip("/")
+    return name
 
 
 def _tar_reader(tar: tarfile.TarFile, member: tarfile.TarInfo) -> Callable[[], bytes]:
