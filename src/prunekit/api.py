@@ -50,7 +50,9 @@ def train(
     if resume:
         state = out / STATE_FILE
         if not state.exists():
-            raise UsageError(f"--resume: no interrupted run in {out} (no {STATE_FILE}); start it without --resume")
+            raise UsageError(
+                f"--resume: no interrupted run in {out} (no {STATE_FILE}); start it without --resume"
+            )
         ckpt = load_checkpoint(state)
         config = TrainConfig.from_dict(ckpt.meta["train"]["config"])
         data_args = ckpt.meta["data"]
@@ -59,13 +61,24 @@ def train(
         data_args = {"spec": data, "data_dir": data_dir, "subset": subset, "image_size": image_size}
     if image_size is None:
         image_size = data_args.get("image_size")
-    bundle = load_data(data_args["spec"], data_dir=data_args.get("data_dir"), subset=data_args.get("subset"),
-                       image_size=data_args.get("image_size"), seed=config.seed)
+    bundle = load_data(
+        data_args["spec"],
+        data_dir=data_args.get("data_dir"),
+        subset=data_args.get("subset"),
+        image_size=data_args.get("image_size"),
+        seed=config.seed,
+    )
     if bundle.image_size < min_input_size(model):
         raise UsageError(f"{model} needs inputs of at least {min_input_size(model)} px; pass --image-size")
     if ckpt is not None:
-        net, meta = ckpt.model, {k: v for k, v in ckpt.meta.items()
-                                 if k not in ("train", "history", "train_state", "optimizer", "shapes")}
+        net, meta = (
+            ckpt.model,
+            {
+                k: v
+                for k, v in ckpt.meta.items()
+                if k not in ("train", "history", "train_state", "optimizer", "shapes")
+            },
+        )
     else:
         torch.manual_seed(config.seed)
         net = build_model(model, len(bundle.classes))
@@ -73,23 +86,29 @@ def train(
     return fit(net, bundle, config, out, meta, resume=ckpt)
 
 
-def load_data_for(meta: dict[str, Any], data: str | None = None, data_dir: str | None = None,
-                  subset: int | None = None) -> DataBundle:
+def load_data_for(
+    meta: dict[str, Any], data: str | None = None, data_dir: str | None = None, subset: int | None = None
+) -> DataBundle:
     """The dataset a checkpoint was trained on (or ``data`` instead), at the checkpoint's input size."""
     recorded = meta.get("data") or {}
     spec = data or recorded.get("spec")
     if spec is None:
         raise UsageError("this checkpoint does not record its dataset; pass --data")
     try:
-        bundle = load_data(spec, data_dir=data_dir or recorded.get("data_dir"),
-                           subset=subset if subset is not None else recorded.get("subset"),
-                           image_size=meta["input_size"])
+        bundle = load_data(
+            spec,
+            data_dir=data_dir or recorded.get("data_dir"),
+            subset=subset if subset is not None else recorded.get("subset"),
+            image_size=meta["input_size"],
+        )
     except UsageError as exc:
         if data:
             raise
         raise UsageError(f"the checkpoint's dataset is not available here ({exc}); pass --data") from None
     if len(bundle.classes) != meta["num_classes"]:
-        raise UsageError(f"--data {spec} has {len(bundle.classes)} classes; the checkpoint has {meta['num_classes']}")
+        raise UsageError(
+            f"--data {spec} has {len(bundle.classes)} classes; the checkpoint has {meta['num_classes']}"
+        )
     # Normalize with the statistics the model was trained with, not the new data's.
     bundle.mean, bundle.std = tuple(meta["mean"]), tuple(meta["std"])
     return bundle
@@ -108,8 +127,9 @@ def evaluate_checkpoint(
     meta = ckpt.meta
     bundle = load_data_for(meta, data, data_dir, subset)
     model = ckpt.model
-    acc = evaluate(model, bundle.test, bundle.mean, bundle.std, batch_size=batch_size,
-                   num_classes=meta["num_classes"])
+    acc = evaluate(
+        model, bundle.test, bundle.mean, bundle.std, batch_size=batch_size, num_classes=meta["num_classes"]
+    )
     size = meta["input_size"]
     results: dict[str, Any] = {
         "checkpoint": str(path),
@@ -126,9 +146,128 @@ def evaluate_checkpoint(
     if measure_latency:
         results["latency"] = {f"batch{b}": latency(model, size, batch_size=b) for b in (1, 64)}
         parent = meta.get("parent")
-        if parent and parent.get("latency"):
+        if parent:
+            # The dense parent's architecture, timed in the same process, so both see the same machine load.
+            dense = build_model(parent["model"], meta["num_classes"])
+            results["parent_latency"] = {f"batch{b}": latency(dense, size, batch_size=b) for b in (1, 64)}
             results["speedup"] = {
-                k: parent["latency"][k]["median_ms"] / v["median_ms"]
-                for k, v in results["latency"].items() if k in parent["latency"]
+                k: results["parent_latency"][k]["median_ms"] / v["median_ms"]
+                for k, v in results["latency"].items()
             }
     return results
+
+
+def calibration_batches(
+    meta: dict[str, Any], bundle: DataBundle | None, images: int, batch_size: int = 128, seed: int = 0
+) -> list[tuple[Any, Any]]:
+    """Labelled, normalized, unaugmented training images for importance scoring; noise when ``bundle`` is None.
+
+    Noise reproduces the seed exactly: one ``torch.randn(128, 3, H, W)`` batch, with random labels.
+    """
+    import torch
+
+    from .data import BatchLoader, Split
+
+    gen = torch.Generator().manual_seed(seed)
+    size = meta["input_size"]
+    if bundle is None:
+        x = torch.randn(128, 3, size, size, generator=gen)
+        return [(x, torch.randint(0, meta["num_classes"], (128,), generator=gen))]
+    if images < 1:
+        raise UsageError(f"--calibration-images must be at least 1, got {images}")
+    pick = torch.randperm(len(bundle.train), generator=gen)[:images]
+    split = Split(bundle.train.images[pick], bundle.train.labels[pick])
+    return list(BatchLoader(split, batch_size, bundle.mean, bundle.std, train=False, channels_last=False))
+
+
+def prune_checkpoint(
+    path: str | Path,
+    request: Any,
+    importance: str = "activation",
+    data: str | None = None,
+    data_dir: str | None = None,
+    calibration: str = "data",
+    calibration_images: int = 256,
+    out: str | Path | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Prune a checkpoint as ``request`` (a ``PruneRequest``) says; write the pruned checkpoint and its report."""
+    import torch
+
+    from .checkpoint import save_checkpoint
+    from .files import write_json
+    from .importance import NEEDS_CALIBRATION, accumulate_gradients, make_importance
+    from .prune import prune_model
+
+    request.validate()
+    if calibration not in ("data", "random"):
+        raise UsageError(f"--calibration must be 'data' or 'random', got {calibration}")
+    if importance == "taylor" and calibration == "random":
+        raise UsageError("--importance taylor needs labelled images; drop --calibration random")
+    criterion = make_importance(importance, seed)
+    ckpt = load_checkpoint(path)
+    meta, model = ckpt.meta, ckpt.model
+    out = Path(out) if out else Path(path).with_name(Path(path).stem + "-pruned.safetensors")
+    if importance in NEEDS_CALIBRATION:
+        bundle = None if calibration == "random" else load_data_for(meta, data, data_dir)
+        batches = calibration_batches(meta, bundle, calibration_images, seed=seed)
+        if importance == "taylor":
+            accumulate_gradients(model, batches)
+        else:
+            criterion.calibrate(model, [x for x, _ in batches])
+    size = meta["input_size"]
+    before = summary(model, size)
+    result = prune_model(model, request, criterion, size, meta["num_classes"])  # traces autograd: no no_grad
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        model(torch.zeros(2, 3, size, size))  # the pruned model must still run
+    after = summary(model, size)
+    report = {
+        "checkpoint": str(path),
+        "pruned_checkpoint": str(out),
+        "model": meta["model"],
+        "importance": importance,
+        "calibration": calibration if importance in NEEDS_CALIBRATION else None,
+        "calibration_images": calibration_images
+        if calibration == "data" and importance in NEEDS_CALIBRATION
+        else None,
+        "request": {k: v for k, v in vars(request).items()},
+        "before": {k: v for k, v in before.items() if k != "table"},
+        "after": {k: v for k, v in after.items() if k != "table"},
+        "macs": {
+            "before": result.macs_before,
+            "after": result.macs_after,
+            "ratio": result.macs_after / result.macs_before,
+        },
+        "params": {
+            "before": result.params_before,
+            "after": result.params_after,
+            "ratio": result.params_after / result.params_before,
+        },
+        "removed_channels": result.removed,
+        "changed_layers": result.changed_layers,
+    }
+    parent = meta.get("parent") or {
+        "checkpoint": str(path),
+        "model": meta["model"],
+        "params": result.params_before,
+        "macs": result.macs_before,
+        "metrics": meta.get("metrics", {}),
+    }
+    new_meta = {
+        k: v for k, v in meta.items() if k not in ("train", "history", "train_state", "optimizer", "metrics")
+    }
+    new_meta.update(
+        parent=parent,
+        pruning=[
+            *meta.get("pruning", []),
+            {
+                k: report[k]
+                for k in ("importance", "calibration", "request", "macs", "params", "removed_channels")
+            },
+        ],
+    )
+    save_checkpoint(out, model, new_meta)
+    write_json(out.with_suffix(".json"), report)
+    report["tables"] = {"before": before["table"], "after": after["table"]}
+    return report

@@ -91,7 +91,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         keys = list(f.keys())
         tensors = {k: f.get_tensor(k) for k in keys}
     model = build_model(meta["model"], meta["num_classes"])
-    state = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+    state = {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
     apply_shapes(model, meta.get("shapes", {}), state)
     try:
         model.load_state_dict(state, strict=True)
@@ -101,9 +101,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     optim = None
     if "optimizer" in meta:
         optim = _unflatten_optimizer(
-            {k[len(OPTIM_PREFIX):]: v for k, v in tensors.items() if k.startswith(OPTIM_PREFIX)}, meta["optimizer"]
+            {k[len(OPTIM_PREFIX) :]: v for k, v in tensors.items() if k.startswith(OPTIM_PREFIX)},
+            meta["optimizer"],
         )
-    extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+    extra = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
     return Checkpoint(model, meta, optim, extra)
 
 
@@ -131,8 +132,14 @@ def apply_shapes(model: nn.Module, shapes: dict[str, dict[str, Any]], state: dic
         if leaf in owner._parameters and owner._parameters[leaf] is not None:
             old = owner._parameters[leaf]
             if old.shape != tensor.shape:
-                owner._parameters[leaf] = nn.Parameter(torch.empty_like(tensor), requires_grad=old.requires_grad)
-        elif leaf in owner._buffers and owner._buffers[leaf] is not None and owner._buffers[leaf].shape != tensor.shape:
+                owner._parameters[leaf] = nn.Parameter(
+                    torch.empty_like(tensor), requires_grad=old.requires_grad
+                )
+        elif (
+            leaf in owner._buffers
+            and owner._buffers[leaf] is not None
+            and owner._buffers[leaf].shape != tensor.shape
+        ):
             owner._buffers[leaf] = torch.empty_like(tensor)
 
 
@@ -157,7 +164,9 @@ def _meta_of(f, path: str | Path) -> dict[str, Any]:
     if meta.get("format") != FORMAT or "model" not in meta or "num_classes" not in meta:
         raise UsageError(f"{path}: not a prunekit checkpoint (metadata lacks the model description)")
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise UsageError(f"{path}: written by a newer prunekit (format {meta['format_version']}); upgrade prunekit")
+        raise UsageError(
+            f"{path}: written by a newer prunekit (format {meta['format_version']}); upgrade prunekit"
+        )
     return meta
 
 

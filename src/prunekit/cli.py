@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .console import console
+from .importance import CRITERIA
 from .errors import UsageError
 
 EXIT_USAGE = 2
@@ -15,9 +16,15 @@ EXIT_INTERRUPTED = 130
 
 
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--data", required=required, default=None,
-                   help="cifar10 | synthetic | PATH (image folder, .tar.gz/.zip of one, cifar-10-python.tar.gz)")
-    p.add_argument("--data-dir", default=None, help="where --data cifar10 is downloaded (default: user cache)")
+    p.add_argument(
+        "--data",
+        required=required,
+        default=None,
+        help="cifar10 | synthetic | PATH (image folder, .tar.gz/.zip of one, cifar-10-python.tar.gz)",
+    )
+    p.add_argument(
+        "--data-dir", default=None, help="where --data cifar10 is downloaded (default: user cache)"
+    )
     p.add_argument("--subset", type=int, default=None, help="keep N training images per class")
 
 
@@ -32,8 +39,12 @@ def _add_train_args(p: argparse.ArgumentParser, defaults) -> None:
     g.add_argument("--schedule", choices=["cosine", "onecycle", "constant"], default=defaults.schedule)
     g.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs, help="cosine schedule only")
     g.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
-    g.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32 (bf16 autocast is on "
-                   "where the CPU supports it)")
+    g.add_argument(
+        "--no-bf16",
+        dest="bf16",
+        action="store_false",
+        help="train in fp32 (bf16 autocast is on where the CPU supports it)",
+    )
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     g.add_argument("--seed", type=int, default=defaults.seed)
     g.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N")
@@ -47,10 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a baseline classifier")
-    p.add_argument("--model", default="resnet18", help="resnet18 (the seed's), resnet18-cifar, or any torchvision "
-                   "classification model name")
+    p.add_argument(
+        "--model",
+        default="resnet18",
+        help="resnet18 (the seed's), resnet18-cifar, or any torchvision classification model name",
+    )
     _add_data_args(p)
-    p.add_argument("--image-size", type=int, default=None, help="resize images to this size (default: as stored)")
+    p.add_argument(
+        "--image-size", type=int, default=None, help="resize images to this size (default: as stored)"
+    )
     p.add_argument("--out", type=Path, default=None, help="output directory (default: runs/<model>-baseline)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     _add_train_args(p, TrainConfig())
@@ -63,6 +79,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-latency", dest="latency", action="store_false", help="skip the latency measurement")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("prune", help="remove channels from a trained checkpoint")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument(
+        "--layer",
+        action="append",
+        default=[],
+        help="prune this conv (repeatable); default: every prunable layer",
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--ratio", type=float, help="fraction of channels to remove from each pruned layer")
+    what.add_argument(
+        "--target-macs", type=float, help="keep this fraction of the MACs (0.5 = half), globally"
+    )
+    what.add_argument("--target-params", type=float, help="keep this fraction of the parameters, globally")
+    p.add_argument(
+        "--importance", default="activation", choices=CRITERIA, help="channel importance criterion"
+    )
+    p.add_argument(
+        "--calibration",
+        choices=["data", "random"],
+        default="data",
+        help="score activations on training images (data) or on the seed's random noise",
+    )
+    p.add_argument("--calibration-images", type=int, default=256)
+    p.add_argument("--ignore", action="append", default=[], help="never prune this layer (repeatable)")
+    p.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of N")
+    _add_data_args(p, required=False)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="pruned checkpoint (default: <checkpoint>-pruned"
+        ".safetensors); a JSON report is written beside it",
+    )
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--out", type=Path, default=None)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("models", help="list the model names --model accepts")
     p.set_defaults(func=cmd_models)
@@ -101,11 +160,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"{args.model}-baseline"
     cfg = TrainConfig.from_dict(vars(args))
     result = api.train(
-        model=args.model, data=args.data, out=out, config=cfg, data_dir=args.data_dir, subset=args.subset,
-        image_size=args.image_size, resume=args.resume,
+        model=args.model,
+        data=args.data,
+        out=out,
+        config=cfg,
+        data_dir=args.data_dir,
+        subset=args.subset,
+        image_size=args.image_size,
+        resume=args.resume,
     )
-    console.print(f"test accuracy {result.test['accuracy']:.2%}; checkpoint {out / 'model.safetensors'}",
-                  highlight=False)
+    console.print(
+        f"test accuracy {result.test['accuracy']:.2%}; checkpoint {out / 'model.safetensors'}",
+        highlight=False,
+    )
     return 0
 
 
@@ -114,14 +181,54 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .report import print_eval
 
     results = api.evaluate_checkpoint(
-        args.checkpoint, data=args.data, data_dir=args.data_dir, subset=args.subset,
-        batch_size=args.batch_size, measure_latency=args.latency,
+        args.checkpoint,
+        data=args.data,
+        data_dir=args.data_dir,
+        subset=args.subset,
+        batch_size=args.batch_size,
+        measure_latency=args.latency,
     )
     print_eval(results)
     if args.json:
         from .files import write_json
 
         write_json(args.json, {k: v for k, v in results.items() if k != "summary_table"})
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from . import api
+    from .prune import PruneRequest
+    from .report import print_prune
+
+    request = PruneRequest(
+        layers=args.layer,
+        ratio=args.ratio,
+        target_macs=args.target_macs,
+        target_params=args.target_params,
+        ignore=args.ignore,
+        round_to=args.round_to,
+    )
+    report = api.prune_checkpoint(
+        args.checkpoint,
+        request,
+        importance=args.importance,
+        data=args.data,
+        data_dir=args.data_dir,
+        calibration=args.calibration,
+        calibration_images=args.calibration_images,
+        out=args.out,
+        seed=args.seed,
+    )
+    print_prune(report)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.format, args.out)
+    console.print(f"wrote {out}", highlight=False)
     return 0
 
 

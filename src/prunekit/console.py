@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -12,7 +14,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console(stderr=True)
+# Logs and pipes get a wide fixed width so the torchinfo and report tables do not wrap.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 
 def progress_bar(transient: bool = True) -> Progress:

@@ -145,8 +145,11 @@ def _cifar10_download(root: Path) -> _Source:
             source="cifar10",
         )
 
-    return _Source(key=_digest(["cifar10-torchvision", str(root.resolve()), CACHE_VERSION]), name="cifar10",
-                   decode=decode)
+    return _Source(
+        key=_digest(["cifar10-torchvision", str(root.resolve()), CACHE_VERSION]),
+        name="cifar10",
+        decode=decode,
+    )
 
 
 def _local_source(path: Path) -> _Source:
@@ -164,7 +167,9 @@ def _local_source(path: Path) -> _Source:
         dirs = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_dir()}
         stamp = [f"{k}:{v.stat().st_size}:{v.stat().st_mtime_ns}" for k, v in files.items()]
         key = _digest(["dir", str(path.resolve()), *stamp, CACHE_VERSION])
-        return _Source(key, str(path), lambda: _decode_tree(path, dirs, {k: v.read_bytes for k, v in files.items()}))
+        return _Source(
+            key, str(path), lambda: _decode_tree(path, dirs, {k: v.read_bytes for k, v in files.items()})
+        )
     key = _digest(["file", _file_sha256(path), CACHE_VERSION])
     try:
         is_tar = tarfile.is_tarfile(path)
@@ -174,7 +179,9 @@ def _local_source(path: Path) -> _Source:
         return _Source(key, str(path), lambda: _decode_tar(path))
     if zipfile.is_zipfile(path):
         return _Source(key, str(path), lambda: _decode_zip(path))
-    raise UsageError(f"--data {path}: not a directory, .tar.gz or .zip archive (could not open it as an archive)")
+    raise UsageError(
+        f"--data {path}: not a directory, .tar.gz or .zip archive (could not open it as an archive)"
+    )
 
 
 def _decode_tar(path: Path) -> DataBundle:
@@ -250,7 +257,7 @@ def _decode_tree(origin: Path, dirs: set[str], files: dict[str, Callable[[], byt
             images, labels = [], []
             for label, cls in enumerate(train_classes):
                 prefix = _join(root, split_name, cls) + "/"
-                names = sorted(n for n in files if n.startswith(prefix) and "/" not in n[len(prefix):])
+                names = sorted(n for n in files if n.startswith(prefix) and "/" not in n[len(prefix) :])
                 decoded = 0
                 for n in names:
                     bar.advance(task)
@@ -263,8 +270,12 @@ def _decode_tree(origin: Path, dirs: set[str], files: dict[str, Callable[[], byt
                     decoded += 1
                 if decoded == 0:
                     raise UsageError(f"--data {origin}: class folder {prefix} has no readable images")
-            splits.append(Split(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
-                                torch.tensor(labels, dtype=torch.int64)))
+            splits.append(
+                Split(
+                    torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
+                    torch.tensor(labels, dtype=torch.int64),
+                )
+            )
     if skipped:
         warn(f"skipped {len(skipped)} file(s) that are not readable images, e.g. {skipped[0]}")
     return DataBundle(splits[0], splits[1], list(train_classes), str(origin), skipped_files=len(skipped))
@@ -312,7 +323,9 @@ def _decode_cifar_batches(origin: Path, prefix: str, files: dict[str, Callable[[
 def _find_root(origin: Path, dirs: set[str]) -> str:
     """The folder holding train/: the top of the tree, or one level down (archives often add one)."""
     candidates = sorted(
-        d[: -len("train")].rstrip("/") for d in dirs if d == "train" or (d.endswith("/train") and d.count("/") == 1)
+        d[: -len("train")].rstrip("/")
+        for d in dirs
+        if d == "train" or (d.endswith("/train") and d.count("/") == 1)
     )
     if not candidates:
         raise UsageError(
@@ -324,11 +337,11 @@ def _find_root(origin: Path, dirs: set[str]) -> str:
 
 def _class_dirs(dirs: set[str], split_dir: str) -> list[str]:
     prefix = split_dir + "/"
-    return sorted(d[len(prefix):] for d in dirs if d.startswith(prefix) and "/" not in d[len(prefix):])
+    return sorted(d[len(prefix) :] for d in dirs if d.startswith(prefix) and "/" not in d[len(prefix) :])
 
 
 def _split_of(name: str, root: str) -> str | None:
-    rel = name[len(root) + 1:] if root else name
+    rel = name[len(root) + 1 :] if root else name
     parts = rel.split("/")
     return parts[0] if len(parts) == 3 and parts[0] in ("train", *TEST_SPLIT_NAMES) else None
 
@@ -378,8 +391,9 @@ def synthetic_data(
         images = ((patterns[labels] + noise).clamp(0, 1) * 255).round().to(torch.uint8)
         return Split(images, labels)
 
-    return DataBundle(make(train_per_class), make(test_per_class), [f"class{i}" for i in range(num_classes)],
-                      "synthetic")
+    return DataBundle(
+        make(train_per_class), make(test_per_class), [f"class{i}" for i in range(num_classes)], "synthetic"
+    )
 
 
 def _keep_per_class(split: Split, per_class: int) -> Split:
@@ -391,8 +405,16 @@ def _keep_per_class(split: Split, per_class: int) -> Split:
 def resize_images(images: torch.Tensor, size: int, chunk: int = 2048) -> torch.Tensor:
     """Resize uint8 images to ``size`` x ``size`` (antialiased bilinear), in chunks to bound memory."""
     out = [
-        F.interpolate(images[i:i + chunk].float(), size=(size, size), mode="bilinear", antialias=True,
-                      align_corners=False).round().clamp(0, 255).to(torch.uint8)
+        F.interpolate(
+            images[i : i + chunk].float(),
+            size=(size, size),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )
+        .round()
+        .clamp(0, 255)
+        .to(torch.uint8)
         for i in range(0, len(images), chunk)
     ]
     return torch.cat(out)
@@ -403,7 +425,7 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float,
     total = torch.zeros(3, dtype=torch.float64)
     sq = torch.zeros(3, dtype=torch.float64)
     for i in range(0, len(images), chunk):
-        x = images[i:i + chunk].to(torch.float64) / 255
+        x = images[i : i + chunk].to(torch.float64) / 255
         total += x.sum(dim=(0, 2, 3))
         sq += (x * x).sum(dim=(0, 2, 3))
     n = images.shape[0] * images.shape[2] * images.shape[3]
@@ -461,11 +483,13 @@ class BatchLoader:
     def _indices(self) -> torch.Tensor:
         n = len(self.split)
         if self.train:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+            order = torch.randperm(
+                n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            )
         else:
             order = torch.arange(n)
         per_rank = n // self.world_size if self.train else -(-n // self.world_size)
-        return order[self.rank::self.world_size][:per_rank]
+        return order[self.rank :: self.world_size][:per_rank]
 
     def __len__(self) -> int:
         n = len(self._indices())
@@ -478,7 +502,7 @@ class BatchLoader:
         """Yield batches from batch index ``start`` on; training drops the last partial batch."""
         idx = self._indices()
         for i in range(start, len(self)):
-            sel = idx[i * self.batch_size:(i + 1) * self.batch_size]
+            sel = idx[i * self.batch_size : (i + 1) * self.batch_size]
             images = self.split.images[sel]
             if self.train:
                 gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, i, self.rank)) & 0x7FFFFFFF)

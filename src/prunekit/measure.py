@@ -76,15 +76,37 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_macs(model: nn.Module, input_size: int) -> int:
-    """Multiply-accumulates of one forward pass at batch 1 (torch-pruning's counter: conv, linear, norm)."""
-    import torch_pruning as tp
+def layer_macs(module: nn.Module, output: torch.Tensor) -> int:
+    """Multiply-accumulates of one conv or linear call, per image."""
+    per_image = output[0].numel() if output.dim() > 1 else output.numel()
+    if isinstance(module, nn.Conv2d):
+        return (
+            per_image * (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
+        )
+    return per_image * module.in_features
 
+
+@torch.no_grad()
+def count_macs(model: nn.Module, input_size: int) -> int:
+    """Conv and linear multiply-accumulates of a batch-1 forward pass (the figure MACs targets refer to)."""
+    total = 0
+
+    def hook(module, _inputs, output):
+        nonlocal total
+        total += layer_macs(module, output)
+
+    handles = [
+        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
     was_training = model.training
-    example = torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device)
-    macs, _ = tp.utils.count_ops_and_params(model, example)
-    model.train(was_training)
-    return int(macs)
+    model.eval()
+    try:
+        model(torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return total
 
 
 def summary(model: nn.Module, input_size: int) -> dict[str, Any]:

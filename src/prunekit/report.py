@@ -34,3 +34,54 @@ def print_eval(results: dict[str, Any]) -> None:
             f"{lat['threads']} threads){extra}",
             highlight=False,
         )
+
+
+def seed_table(
+    before: dict[str, Any],
+    after: dict[str, Any],
+    before_label: str = "before pruning",
+    after_label: str = "after pruning",
+) -> list[tuple[str, str, str]]:
+    """The seed's torchinfo comparison rows: total params, mult-adds, params size, estimated total size."""
+    return [
+        ("Total params", f"{before['total_params']:,}", f"{after['total_params']:,}"),
+        ("Total mult-adds", f"{before['mult_adds'] / 1e6:.2f} M", f"{after['mult_adds'] / 1e6:.2f} M"),
+        ("Params size", f"{before['params_size_mb']:.2f} MB", f"{after['params_size_mb']:.2f} MB"),
+        (
+            "Estimated total size",
+            f"{before['estimated_total_size_mb']:.2f} MB",
+            f"{after['estimated_total_size_mb']:.2f} MB",
+        ),
+    ]
+
+
+def layer_rows(changed: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(layer, attribute, 'before -> after') for every layer pruning changed."""
+    return [
+        (c["layer"], attr, f"{change[0]} -> {change[1]}")
+        for c in changed
+        for attr, change in c.items()
+        if attr != "layer"
+    ]
+
+
+def print_prune(report: dict[str, Any]) -> None:
+    """The before/after summary and the per-layer channel table of ``prunekit prune``."""
+    table = Table(title=f"{report['model']} pruned by {report['importance']}")
+    for col in ("", "before pruning", "after pruning"):
+        table.add_column(col, justify="right" if col else "left")
+    for row in seed_table(report["before"], report["after"]):
+        table.add_row(*row)
+    table.add_row(
+        "MACs (conv+linear)",
+        f"{report['macs']['before'] / 1e6:.2f} M",
+        f"{report['macs']['after'] / 1e6:.2f} M ({report['macs']['ratio']:.1%})",
+    )
+    console.print(table)
+    layers = Table(title=f"{len(report['changed_layers'])} layers changed")
+    for col in ("layer", "attribute", "channels"):
+        layers.add_column(col)
+    for row in layer_rows(report["changed_layers"]):
+        layers.add_row(*row)
+    console.print(layers)
+    console.print(f"wrote {report['pruned_checkpoint']}", highlight=False)

@@ -114,8 +114,9 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch
 
 def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=cfg.momentum > 0)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0
+        )
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -124,8 +125,16 @@ def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton's soft-target loss: KL(teacher || student) at temperature T, scaled by T^2."""
     t = temperature
-    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean",
-                    log_target=True) * t * t
+    return (
+        F.kl_div(
+            F.log_softmax(student / t, 1),
+            F.log_softmax(teacher / t, 1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * t
+        * t
+    )
 
 
 @dataclass
@@ -172,8 +181,17 @@ def fit(
         if cfg.channels_last:
             teacher.to(memory_format=torch.channels_last)
 
-    loader = BatchLoader(data.train, cfg.batch_size, data.mean, data.std, train=True, seed=cfg.seed,
-                         rank=dist_info.rank, world_size=dist_info.world_size, channels_last=cfg.channels_last)
+    loader = BatchLoader(
+        data.train,
+        cfg.batch_size,
+        data.mean,
+        data.std,
+        train=True,
+        seed=cfg.seed,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        channels_last=cfg.channels_last,
+    )
     steps_per_epoch = len(loader)
     total_steps = cfg.epochs * steps_per_epoch
     history: list[dict[str, Any]] = []
@@ -190,16 +208,23 @@ def fit(
 
     train_model: nn.Module = model
     if dist_info.world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
     frozen_modules = _fully_frozen_norms(model) if trainable is not None else []
 
     def save(epoch: int, batch: int, running: dict[str, float]) -> None:
         if not dist_info.is_main:
             return
-        train_meta = {**meta, "train": {"config": asdict(cfg)}, "history": history,
-                      "train_state": {"epoch": epoch, "batch": batch, "running": running}}
-        save_checkpoint(out_dir / STATE_FILE, model, train_meta, optimizer=optimizer,
-                        extra={"rng": torch.get_rng_state()})
+        train_meta = {
+            **meta,
+            "train": {"config": asdict(cfg)},
+            "history": history,
+            "train_state": {"epoch": epoch, "batch": batch, "running": running},
+        }
+        save_checkpoint(
+            out_dir / STATE_FILE, model, train_meta, optimizer=optimizer, extra={"rng": torch.get_rng_state()}
+        )
 
     log = (out_dir / "train_log.txt") if dist_info.is_main else None
     if log:
@@ -209,12 +234,16 @@ def fit(
         for epoch in range(start_epoch, cfg.epochs):
             loader.set_epoch(epoch)
             first = start_batch if epoch == start_epoch else 0
-            running = dict(carried) if epoch == start_epoch else {"loss": 0.0, "correct": 0.0, "seen": 0.0,
-                                                                     "seconds": 0.0}
+            running = (
+                dict(carried)
+                if epoch == start_epoch
+                else {"loss": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0}
+            )
             if first == 0:
                 torch.manual_seed(cfg.seed * 1000 + epoch)  # epoch-boundary resume needs no saved RNG
-            task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, completed=first,
-                                info="")
+            task = bar.add_task(
+                f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, completed=first, info=""
+            )
             train_model.train()
             for m in frozen_modules:
                 m.eval()  # frozen BatchNorms keep their running statistics
@@ -245,19 +274,35 @@ def fit(
                     running["seen"] += len(y)
                     next_batch = batch + 1
                     elapsed = running["seconds"] + time.perf_counter() - tick
-                    bar.update(task, advance=1, info=(
-                        f"loss {running['loss'] / running['seen']:.3f}  acc {running['correct'] / running['seen']:.1%}"
-                        f"  {running['seen'] * dist_info.world_size / max(elapsed, 1e-9):.0f} img/s  lr {lr:.2g}"))
+                    bar.update(
+                        task,
+                        advance=1,
+                        info=(
+                            f"loss {running['loss'] / running['seen']:.3f}  acc {running['correct'] / running['seen']:.1%}"
+                            f"  {running['seen'] * dist_info.world_size / max(elapsed, 1e-9):.0f} img/s  lr {lr:.2g}"
+                        ),
+                    )
             except KeyboardInterrupt:
                 running["seconds"] += time.perf_counter() - tick
                 save(epoch, next_batch, running)
                 if dist_info.is_main:
-                    info(f"\ninterrupted: saved {out_dir / STATE_FILE} at epoch {epoch + 1}, batch {next_batch}; "
-                         f"continue with --resume")
+                    info(
+                        f"\ninterrupted: saved {out_dir / STATE_FILE} at epoch {epoch + 1}, batch {next_batch}; "
+                        f"continue with --resume"
+                    )
                 raise
             running["seconds"] += time.perf_counter() - tick
-            test = evaluate(model, data.test, data.mean, data.std, device=device, bf16=use_bf16,
-                            num_classes=len(data.classes), rank=dist_info.rank, world_size=dist_info.world_size)
+            test = evaluate(
+                model,
+                data.test,
+                data.mean,
+                data.std,
+                device=device,
+                bf16=use_bf16,
+                num_classes=len(data.classes),
+                rank=dist_info.rank,
+                world_size=dist_info.world_size,
+            )
             seen = running["seen"] * dist_info.world_size
             record = {
                 "epoch": epoch + 1,
@@ -270,23 +315,44 @@ def fit(
                 "seconds": running["seconds"],
             }
             history.append(record)
-            bar.update(task, info=f"loss {record['train_loss']:.3f}  train {record['train_accuracy']:.1%}  "
-                                  f"test {record['test_accuracy']:.2%}  {record['images_per_s']:.0f} img/s")
+            bar.update(
+                task,
+                info=f"loss {record['train_loss']:.3f}  train {record['train_accuracy']:.1%}  "
+                f"test {record['test_accuracy']:.2%}  {record['images_per_s']:.0f} img/s",
+            )
             if log:
                 with open(log, "a") as f:
-                    f.write(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}"
-                                     for k, v in record.items()) + "\n")
+                    f.write(
+                        " ".join(
+                            f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                        )
+                        + "\n"
+                    )
                 if not bar.console.is_terminal:
-                    info(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f} "
-                         f"test {record['test_accuracy']:.2%} ({record['images_per_s']:.0f} img/s)")
+                    info(
+                        f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f} "
+                        f"test {record['test_accuracy']:.2%} ({record['images_per_s']:.0f} img/s)"
+                    )
             save(epoch + 1, 0, {"loss": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0})
 
-    final = evaluate(model, data.test, data.mean, data.std, device=device, bf16=False,
-                     num_classes=len(data.classes), rank=dist_info.rank, world_size=dist_info.world_size)
+    final = evaluate(
+        model,
+        data.test,
+        data.mean,
+        data.std,
+        device=device,
+        bf16=False,
+        num_classes=len(data.classes),
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+    )
     if dist_info.is_main:
-        metrics = {"test_accuracy": final["accuracy"], "test_loss": final["loss"],
-                   "per_class_accuracy": dict(zip(data.classes, final["per_class"], strict=True)),
-                   "train_seconds": sum(h["seconds"] for h in history)}
+        metrics = {
+            "test_accuracy": final["accuracy"],
+            "test_loss": final["loss"],
+            "per_class_accuracy": dict(zip(data.classes, final["per_class"], strict=True)),
+            "train_seconds": sum(h["seconds"] for h in history),
+        }
         final_meta = {**meta, "train": {"config": asdict(cfg)}, "history": history, "metrics": metrics}
         save_checkpoint(out_dir / MODEL_FILE, model.to("cpu"), final_meta)
         write_json(out_dir / "metrics.json", {"history": history, **metrics})
@@ -297,6 +363,7 @@ def fit(
 def _fully_frozen_norms(model: nn.Module) -> list[nn.Module]:
     """Norm layers none of whose parameters train; kept in eval mode so their statistics stay put."""
     return [
-        m for m in model.modules()
+        m
+        for m in model.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters())
     ]

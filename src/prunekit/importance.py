@@ -1,0 +1,197 @@
+"""Channel importance criteria as torch-pruning ``Importance`` objects (one score per channel of a group).
+
+A group is every layer coupled to one set of channels (a conv, its BatchNorm, the next conv's inputs, and
+for residual sums every conv writing to the sum). Each criterion scores the channels of the group's
+*producing* layers: convs/linears whose output channels are removed (and BatchNorms, for ``bn`` and
+``activation-post``). Scores of several producing layers are put on one scale by dividing each layer's
+scores by their mean absolute value, then averaged per channel, so no single layer dominates a residual
+group. A group with one producing layer keeps its raw ranking (the seed's exact choice).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch_pruning.pruner import function
+
+from .errors import UsageError
+
+CRITERIA = ("activation", "activation-post", "l1", "l2", "bn", "taylor", "random")
+NEEDS_CALIBRATION = {"activation", "activation-post", "taylor"}
+
+_OUT_FNS = (function.prune_conv_out_channels, function.prune_linear_out_channels)
+_BN_FN = function.prune_batchnorm_out_channels
+
+
+class ChannelImportance(tp.importance.Importance):
+    """Base class: subclasses score the output channels of one layer; this combines them over the group."""
+
+    def layer_scores(self, layer: nn.Module, idxs: list[int], is_norm: bool) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def __call__(self, group) -> torch.Tensor | None:
+        root_channels = len(group[0].idxs)
+        total = torch.zeros(root_channels, dtype=torch.float64)
+        count = torch.zeros(root_channels, dtype=torch.float64)
+        for item in group:
+            dep, idxs = item.dep, item.idxs
+            root_idxs = getattr(item, "root_idxs", None) or idxs
+            if any(r is None for r in root_idxs):
+                continue
+            fn = dep.pruning_fn
+            if fn in _OUT_FNS:
+                scores = self.layer_scores(dep.layer, idxs, is_norm=False)
+            elif fn == _BN_FN:
+                scores = self.layer_scores(dep.layer, idxs, is_norm=True)
+            else:
+                continue
+            if scores is None:
+                continue
+            scores = scores.double().flatten()
+            scale = scores.abs().mean()
+            if scale > 0:
+                scores = scores / scale
+            where = torch.tensor(root_idxs, dtype=torch.long)
+            total.index_add_(0, where, scores)
+            count.index_add_(0, where, torch.ones_like(scores))
+        if count.sum() == 0:
+            return None
+        return (total / count.clamp_min(1)).float()
+
+
+class FilterNormImportance(ChannelImportance):
+    """``l1`` / ``l2``: the norm of each output filter (conv or linear weights, not BatchNorm)."""
+
+    def __init__(self, p: int):
+        self.p = p
+
+    def layer_scores(self, layer, idxs, is_norm):
+        if is_norm:
+            return None
+        norms = torch.linalg.vector_norm(layer.weight.detach().flatten(1).float(), ord=self.p, dim=1)
+        return norms[idxs]
+
+
+class BNScaleImportance(ChannelImportance):
+    """``bn``: |gamma| of the BatchNorm after each channel (network slimming); filter L1 where there is none."""
+
+    def __call__(self, group):
+        has_bn = any(
+            item.dep.pruning_fn == _BN_FN and getattr(item.dep.layer, "affine", False) for item in group
+        )
+        self._fallback = not has_bn
+        return super().__call__(group)
+
+    def layer_scores(self, layer, idxs, is_norm):
+        if self._fallback:
+            return None if is_norm else layer.weight.detach().flatten(1).abs().sum(1)[idxs]
+        if is_norm and getattr(layer, "affine", False):
+            return layer.weight.detach()[idxs].abs()
+        return None
+
+
+class RandomImportance(ChannelImportance):
+    """``random``: the control; uniform scores from a seeded generator."""
+
+    def __init__(self, seed: int = 0):
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def layer_scores(self, layer, idxs, is_norm):
+        return None if is_norm else torch.rand(len(idxs), generator=self.gen)
+
+
+class TaylorImportance(ChannelImportance):
+    """``taylor``: |sum of weight x gradient| per channel, the first-order loss change of removing it.
+
+    Gradients must be accumulated beforehand (``accumulate_gradients``). On a BatchNorm the score uses
+    gamma and beta, i.e. the channel's actual output; on a conv without one, its filter.
+    """
+
+    def layer_scores(self, layer, idxs, is_norm):
+        if layer.weight.grad is None:
+            return None
+        score = (layer.weight.detach() * layer.weight.grad).flatten(1).sum(1)[idxs]
+        if getattr(layer, "bias", None) is not None and layer.bias.grad is not None:
+            score = score + (layer.bias.detach() * layer.bias.grad)[idxs]
+        return score.abs()
+
+
+class ActivationImportance(ChannelImportance):
+    """``activation``: the seed's criterion, the mean of each conv's raw output over calibration images.
+
+    ``post=True`` (``activation-post``) scores the mean of ReLU(BatchNorm(output)) instead: what the next
+    layer actually receives. Call ``calibrate`` first.
+    """
+
+    def __init__(self, post: bool = False):
+        self.post = post
+        self.means: dict[nn.Module, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def calibrate(self, model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+        sums: dict[nn.Module, torch.Tensor] = {}
+        counts: dict[nn.Module, int] = {}
+
+        def hook(module, _inputs, output):
+            out = output.float()
+            if self.post or isinstance(module, nn.modules.batchnorm._BatchNorm):
+                out = F.relu(out)
+            dims = [0, *range(2, out.dim())]
+            sums[module] = sums.get(module, 0) + out.sum(dim=dims).double()
+            counts[module] = counts.get(module, 0) + out.numel() // out.shape[1]
+
+        kinds = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
+        handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+        was_training = model.training
+        model.eval()
+        try:
+            for x in batches:
+                model(x)
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+        self.means = {m: (sums[m] / counts[m]).float() for m in sums}
+
+    def __call__(self, group):
+        self._has_bn = self.post and any(item.dep.pruning_fn == _BN_FN for item in group)
+        return super().__call__(group)
+
+    def layer_scores(self, layer, idxs, is_norm):
+        if layer not in self.means:
+            return None
+        if self._has_bn != is_norm:  # post-activation scores come from the BatchNorm when there is one
+            return None
+        return self.means[layer][idxs]
+
+
+def make_importance(name: str, seed: int = 0) -> ChannelImportance:
+    """The criterion named ``name`` (one of ``CRITERIA``)."""
+    if name == "l1":
+        return FilterNormImportance(1)
+    if name == "l2":
+        return FilterNormImportance(2)
+    if name == "bn":
+        return BNScaleImportance()
+    if name == "taylor":
+        return TaylorImportance()
+    if name == "random":
+        return RandomImportance(seed)
+    if name in ("activation", "activation-post"):
+        return ActivationImportance(post=name == "activation-post")
+    raise UsageError(f"unknown importance criterion '{name}'; choose one of {', '.join(CRITERIA)}")
+
+
+def accumulate_gradients(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Sum cross-entropy gradients over labelled batches into ``.grad`` (for the Taylor criterion)."""
+    was_training = model.training
+    model.eval()  # BatchNorm statistics must not move while we only measure
+    model.zero_grad(set_to_none=True)
+    for x, y in batches:
+        F.cross_entropy(model(x), y).backward()
+    model.train(was_training)

@@ -1,0 +1,397 @@
+"""Turning a pruning request (named layers, a uniform ratio, a MACs or params target) into removed channels.
+
+torch-pruning's dependency graph finds every layer coupled to a set of channels (a *group*); a criterion
+from ``importance.py`` scores the group's channels; this module decides how many channels each group loses
+(a *plan*) and lets torch-pruning do the surgery. For targets, the plan's MACs and parameters are computed
+analytically from per-layer costs, so the global threshold is found by bisection without trial surgery; the
+result is then measured on the pruned model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from torch_pruning.pruner import function
+
+from .errors import UsageError
+from .importance import ChannelImportance
+from .measure import count_macs, layer_macs
+
+TOLERANCE = 0.02  # a target is met when the measured figure is within 2 % of it
+MIN_KEEP_FRACTION = 0.05  # global targets never shrink a group below 5 % of its channels
+
+_OUT_FNS = (
+    function.prune_conv_out_channels,
+    function.prune_linear_out_channels,
+    function.prune_batchnorm_out_channels,
+    function.prune_layernorm_out_channels,
+    function.prune_groupnorm_out_channels,
+)
+
+
+@dataclass
+class PruneRequest:
+    """What to prune: ``layers`` by name (each by ``ratio``), or every prunable layer by ``ratio``, or a target."""
+
+    layers: list[str] = field(default_factory=list)
+    ratio: float | None = None
+    target_macs: float | None = None
+    target_params: float | None = None
+    ignore: list[str] = field(default_factory=list)
+    round_to: int = 1
+
+    def validate(self) -> None:
+        modes = [self.ratio is not None, self.target_macs is not None, self.target_params is not None]
+        if sum(modes) != 1:
+            raise UsageError("give exactly one of --ratio, --target-macs, --target-params")
+        if self.layers and self.ratio is None:
+            raise UsageError("--layer takes a --ratio (a target applies to the whole network)")
+        for flag, value in (
+            ("--ratio", self.ratio),
+            ("--target-macs", self.target_macs),
+            ("--target-params", self.target_params),
+        ):
+            if value is not None and not 0 < value < 1:
+                raise UsageError(f"{flag} must be between 0 and 1 (exclusive), got {value}")
+        if self.round_to < 1:
+            raise UsageError(f"--round-to must be at least 1, got {self.round_to}")
+
+
+@dataclass
+class Group:
+    """One prunable set of coupled channels: its root layer, scores, and every layer it touches."""
+
+    root: str
+    module: nn.Module
+    handler: Callable
+    channels: int
+    scores: torch.Tensor
+    members: list[tuple[nn.Module, bool, torch.Tensor]]  # (layer, out-channel side?, root index per channel)
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    removed: dict[str, int]  # root layer -> channels removed
+    changed_layers: list[dict[str, Any]]
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+
+
+class LayerCosts:
+    """Per-layer MACs and parameters of the dense model, to price a plan without doing the surgery."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor):
+        self.macs: dict[nn.Module, int] = {}
+        self.order: list[nn.Module] = []
+
+        def hook(module, inputs, output):
+            self.order.append(module)
+            self.macs[module] = layer_macs(module, output)
+
+        handles = [
+            m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+        ]
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            model(example)
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+        self.total_params = sum(p.numel() for p in model.parameters())
+
+    def priced(self, groups: list[Group], removed: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """(MACs, params) after removing ``removed[root]`` (a bool mask over root channels) from each group."""
+        out_rm: dict[nn.Module, float] = {}
+        in_rm: dict[nn.Module, float] = {}
+        for g in groups:
+            mask = removed.get(g.root)
+            if mask is None or not mask.any():
+                continue
+            for layer, is_out, root_idx in g.members:
+                n = float(mask[root_idx].sum())
+                bucket = out_rm if is_out else in_rm
+                bucket[layer] = bucket.get(layer, 0.0) + n
+        macs = float(sum(self.macs.values()))
+        params = float(self.total_params)
+        for layer in set(out_rm) | set(in_rm):
+            fo, fi = _fractions(layer, out_rm.get(layer, 0.0), in_rm.get(layer, 0.0))
+            if _is_depthwise(layer):  # torch-pruning shrinks a depthwise conv's ins and outs together
+                fo = fi = min(fo, fi)
+            scale = fo if _is_depthwise(layer) else fo * fi
+            if layer in self.macs:
+                macs -= self.macs[layer] * (1 - scale)
+            for name, p in layer.named_parameters(recurse=False):
+                kept = scale if (name == "weight" and p.dim() > 1) else fo
+                params -= p.numel() * (1 - kept)
+        return macs, params
+
+
+def _fractions(layer: nn.Module, out_removed: float, in_removed: float) -> tuple[float, float]:
+    out_ch = (
+        getattr(layer, "out_channels", None)
+        or getattr(layer, "out_features", None)
+        or getattr(layer, "num_features", None)
+        or getattr(layer, "num_channels", None)
+        or 1
+    )
+    in_ch = getattr(layer, "in_channels", None) or getattr(layer, "in_features", None) or 1
+    return 1 - out_removed / out_ch, 1 - in_removed / in_ch
+
+
+def _is_depthwise(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Conv2d) and layer.groups > 1 and layer.groups == layer.in_channels
+
+
+def _is_grouped(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Conv2d) and layer.groups > 1 and not _is_depthwise(layer)
+
+
+def forward_order(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of conv and linear layers in the order a forward pass calls them."""
+    names = {m: n for n, m in model.named_modules()}
+    return [names[m] for m in LayerCosts(model, example).order]
+
+
+def default_ignored(model: nn.Module, example: torch.Tensor, num_classes: int) -> list[str]:
+    """The input conv and the classifier's output layer: never pruned unless named."""
+    order = forward_order(model, example)
+    modules = dict(model.named_modules())
+    ignored = [order[0]]
+    for name in reversed(order):
+        m = modules[name]
+        if getattr(m, "out_features", None) == num_classes or getattr(m, "out_channels", None) == num_classes:
+            ignored.append(name)
+            break
+    return ignored
+
+
+def resolve_layer(model: nn.Module, name: str, flag: str = "--layer") -> nn.Module:
+    """The module called ``name``, or a UsageError suggesting close names."""
+    modules = dict(model.named_modules())
+    if name not in modules or not name:
+        convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
+        close = difflib.get_close_matches(name, convs, n=3, cutoff=0.5)
+        hint = (
+            f" Did you mean {', '.join(close)}?"
+            if close
+            else f" Convs in this model: {', '.join(convs[:8])}, ..."
+        )
+        raise UsageError(f"{flag} {name}: no such layer.{hint}")
+    return modules[name]
+
+
+def _to_group(
+    DG: tp.DependencyGraph, name: str, module: nn.Module, raw, importance: ChannelImportance
+) -> Group | None:
+    scores = importance(raw)
+    if scores is None:
+        return None
+    members = []
+    for item in raw:
+        root_idxs = getattr(item, "root_idxs", None) or item.idxs
+        if any(r is None for r in root_idxs):
+            return None
+        layer = item.dep.layer
+        if _is_grouped(layer):
+            return None  # grouped convs need per-group-equal pruning; left alone
+        members.append((layer, item.dep.pruning_fn in _OUT_FNS, torch.tensor(root_idxs, dtype=torch.long)))
+    return Group(name, module, raw[0].dep.handler, len(raw[0].idxs), scores.float(), members)
+
+
+def collect_groups(
+    model: nn.Module,
+    example: torch.Tensor,
+    importance: ChannelImportance,
+    request: PruneRequest,
+    num_classes: int,
+) -> tuple[tp.DependencyGraph, list[Group]]:
+    """Build the dependency graph and score the groups the request covers."""
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    names = {m: n for n, m in model.named_modules()}
+    for name in request.ignore:
+        resolve_layer(model, name, "--ignore")
+    groups: list[Group] = []
+    if request.layers:
+        protected = {resolve_layer(model, n, "--ignore") for n in request.ignore}
+        output_layer = resolve_layer(model, default_ignored(model, example, num_classes)[-1])
+        seen = set()
+        for name in request.layers:
+            module = resolve_layer(model, name)
+            if not isinstance(module, nn.Conv2d):
+                raise UsageError(
+                    f"--layer {name} is a {type(module).__name__}, not a prunable conv; name a Conv2d"
+                )
+            raw = DG.get_pruning_group(
+                module, function.prune_conv_out_channels, list(range(module.out_channels))
+            )
+            outs = {item.dep.layer for item in raw if item.dep.pruning_fn in _OUT_FNS}
+            if output_layer in outs:
+                raise UsageError(
+                    f"--layer {name} is coupled to the classifier's output; its channels are classes"
+                )
+            if outs & protected:
+                blocked = sorted(names[m] for m in outs & protected)
+                raise UsageError(
+                    f"--layer {name} is coupled to {', '.join(blocked)}, which --ignore protects"
+                )
+            if outs & seen:
+                raise UsageError(f"--layer {name} is coupled to another named layer; name only one of them")
+            seen |= outs
+            group = _to_group(DG, name, module, raw, importance)
+            if group is None:
+                raise UsageError(
+                    f"--layer {name} cannot be pruned with this criterion (grouped conv or no scores)"
+                )
+            groups.append(group)
+        return DG, groups
+    ignored = [resolve_layer(model, n) for n in default_ignored(model, example, num_classes) + request.ignore]
+    for raw in DG.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
+        module = raw[0].dep.target.module
+        group = _to_group(DG, names[module], module, raw, importance)
+        if group is not None:
+            groups.append(group)
+    if not groups:
+        raise UsageError("nothing in this model can be pruned with these settings")
+    return DG, groups
+
+
+def _round_removal(channels: int, remove: int, round_to: int) -> int:
+    """Channels to remove so the kept count is a multiple of ``round_to`` (nearest, not zero if possible)."""
+    if round_to <= 1:
+        return remove
+    keep = channels - remove
+    keep = int(round(keep / round_to)) * round_to
+    return channels - min(keep, channels)
+
+
+def _lowest(scores: torch.Tensor, n: int) -> torch.Tensor:
+    mask = torch.zeros(len(scores), dtype=torch.bool)
+    if n > 0:
+        mask[torch.topk(scores, n, largest=False).indices] = True
+    return mask
+
+
+def plan_ratio(groups: list[Group], ratio: float, round_to: int) -> dict[str, torch.Tensor]:
+    """Remove ``int(C * ratio)`` lowest-scored channels from every group (the seed's rounding)."""
+    plan = {}
+    for g in groups:
+        n = _round_removal(g.channels, int(g.channels * ratio), round_to)
+        if n >= g.channels:
+            raise UsageError(
+                f"--ratio {ratio} with --round-to {round_to} would remove every one of the {g.channels} channels of"
+                f" {g.root}; use a smaller ratio or --round-to"
+            )
+        plan[g.root] = _lowest(g.scores, n)
+    return plan
+
+
+def plan_target(
+    groups: list[Group], costs: LayerCosts, target: float, metric: str, round_to: int
+) -> dict[str, torch.Tensor]:
+    """Global pruning: one threshold on normalized scores, found by bisection so the metric meets the target."""
+    dense_macs, dense_params = costs.priced(groups, {})
+    goal = target * (dense_macs if metric == "macs" else dense_params)
+    normalized = {g.root: g.scores / g.scores.abs().mean().clamp_min(1e-12) for g in groups}
+
+    def plan_at(threshold: float) -> dict[str, torch.Tensor]:
+        plan = {}
+        for g in groups:
+            limit = g.channels - max(round_to, math.ceil(MIN_KEEP_FRACTION * g.channels), 1)
+            n = min(int((normalized[g.root] < threshold).sum()), max(limit, 0))
+            n = _round_removal(g.channels, n, round_to)
+            n = min(n, max(limit, 0))
+            plan[g.root] = _lowest(g.scores, n)
+        return plan
+
+    def value(plan) -> float:
+        macs, params = costs.priced(groups, plan)
+        return macs if metric == "macs" else params
+
+    lo = min(float(s.min()) for s in normalized.values()) - 1
+    hi = max(float(s.max()) for s in normalized.values()) + 1
+    smallest = value(plan_at(hi))
+    if smallest > goal * (1 + TOLERANCE):
+        base = dense_macs if metric == "macs" else dense_params
+        raise UsageError(
+            f"--target-{metric} {target} cannot be reached: pruning every prunable layer to its minimum "
+            f"({MIN_KEEP_FRACTION:.0%} of channels) leaves {smallest / base:.3f} of the dense {metric}"
+        )
+    best = plan_at(hi)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        plan = plan_at(mid)
+        v = value(plan)
+        if abs(v - goal) <= TOLERANCE * goal:
+            return plan
+        if v > goal:
+            lo = mid
+        else:
+            hi, best = mid, plan
+    return best
+
+
+def apply_plan(DG: tp.DependencyGraph, groups: list[Group], plan: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Do the surgery: remove each group's planned channels through torch-pruning."""
+    removed = {}
+    for g in groups:
+        mask = plan.get(g.root)
+        if mask is None or not mask.any():
+            continue
+        if int(mask.sum()) >= g.channels:
+            raise UsageError(f"the plan would remove every channel of {g.root}")
+        idxs = torch.nonzero(mask).flatten().tolist()
+        DG.get_pruning_group(g.module, g.handler, idxs).prune()
+        removed[g.root] = len(idxs)
+    return removed
+
+
+def prune_model(
+    model: nn.Module,
+    request: PruneRequest,
+    importance: ChannelImportance,
+    input_size: int,
+    num_classes: int,
+) -> PruneResult:
+    """Prune ``model`` in place as ``request`` says, scoring channels with ``importance`` (already calibrated)."""
+    from .checkpoint import module_shapes
+
+    request.validate()
+    model.eval()
+    example = torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device)
+    costs = LayerCosts(model, example)
+    DG, groups = collect_groups(model, example, importance, request, num_classes)
+    if request.ratio is not None:
+        plan = plan_ratio(groups, request.ratio, request.round_to)
+    else:
+        metric = "macs" if request.target_macs is not None else "params"
+        target = request.target_macs if metric == "macs" else request.target_params
+        plan = plan_target(groups, costs, target, metric, request.round_to)
+    before = module_shapes(model)
+    macs_before, params_before = int(sum(costs.macs.values())), costs.total_params
+    removed = apply_plan(DG, groups, plan)
+    after = module_shapes(model)
+    changed = [
+        {"layer": name, **{k: [before[name][k], v] for k, v in attrs.items() if before[name].get(k) != v}}
+        for name, attrs in after.items()
+        if name in before and attrs != before[name]
+    ]
+    return PruneResult(
+        model=model,
+        removed=removed,
+        changed_layers=changed,
+        macs_before=macs_before,
+        macs_after=count_macs(model, input_size),
+        params_before=params_before,
+        params_after=sum(p.numel() for p in model.parameters()),
+    )
