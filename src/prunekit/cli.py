@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .console import console
-from .importance import CRITERIA
 from .errors import UsageError
+from .importance import CRITERIA
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
