@@ -151,11 +151,6 @@ def test_argparse_rejects_a_bad_choice(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.main prints errors with rich, which wraps them at the console "
-    "width (80 columns when not a terminal), so long messages span several lines",
-)
 def test_error_message_is_one_line_even_when_long(capsys, tmp_path):
     missing = tmp_path / ("long-folder-name-" * 4) / "data.tar.gz"
     code, _, err = run_cli(capsys, ["train", "--data", missing, "--out", tmp_path / "out", *TRAIN])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -143,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UsageError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
@@ -169,10 +170,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         resume=args.resume,
     )
-    console.print(
-        f"test accuracy {result.test['accuracy']:.2%}; checkpoint {out / 'model.safetensors'}",
-        highlight=False,
-    )
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one line per job, not per process
+        console.print(f"test accuracy {result.test['accuracy']:.2%}; checkpoint {out / 'model.safetensors'}")
     return 0
 
 
