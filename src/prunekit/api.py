@@ -262,8 +262,11 @@ def prune_checkpoint(
         pruning=[
             *meta.get("pruning", []),
             {
-                k: report[k]
-                for k in ("importance", "calibration", "request", "macs", "params", "removed_channels")
+                **{
+                    k: report[k]
+                    for k in ("importance", "calibration", "request", "macs", "params", "removed_channels")
+                },
+                "changed_layers": [c["layer"] for c in result.changed_layers],
             },
         ],
     )
@@ -271,3 +274,102 @@ def prune_checkpoint(
     write_json(out.with_suffix(".json"), report)
     report["tables"] = {"before": before["table"], "after": after["table"]}
     return report
+
+
+def finetune_checkpoint(
+    path: str | Path,
+    out: str | Path,
+    recipe_name: str = "seed",
+    epochs: int | None = None,
+    lr: float | None = None,
+    optimizer: str | None = None,
+    freeze: str | None = None,
+    teacher: str | Path | None = None,
+    distill_temperature: float | None = None,
+    distill_weight: float | None = None,
+    recalibrate: bool = True,
+    recalibration_images: int = 2048,
+    data: str | None = None,
+    data_dir: str | None = None,
+    subset: int | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Recalibrate BatchNorm, then fine-tune a pruned checkpoint; returns accuracy at each stage."""
+    from .finetune import recalibrate_batchnorm, recipe, trainable_filter
+    from .prune import default_ignored
+
+    out = Path(out)
+    state = out / STATE_FILE
+    if resume and state.exists():
+        ckpt = load_checkpoint(state)
+        cfg = TrainConfig.from_dict(ckpt.meta["train"]["config"])
+        stages = dict(ckpt.meta["finetune"]["accuracy"])
+        settings = ckpt.meta["finetune"]
+    else:
+        ckpt = load_checkpoint(path)
+        cfg, policy = recipe(
+            recipe_name,
+            epochs=epochs,
+            lr=lr,
+            optimizer=optimizer,
+            freeze=freeze,
+            distill_temperature=distill_temperature,
+            distill_weight=distill_weight,
+            seed=seed,
+            device=device,
+        )
+        stages = {}
+        settings = {
+            "recipe": recipe_name,
+            "freeze": policy,
+            "teacher": str(teacher) if teacher else None,
+            "recalibrate": recalibrate,
+            "source": str(path),
+        }
+    meta, model = ckpt.meta, ckpt.model
+    bundle = load_data_for(meta, data, data_dir, subset)
+    size = meta["input_size"]
+    import torch
+
+    example = torch.zeros(1, 3, size, size)
+    classifier = default_ignored(model, example, meta["num_classes"])[-1]
+    changed = [name for record in meta.get("pruning", []) for name in record.get("changed_layers", [])]
+    trainable = trainable_filter(model, settings["freeze"], changed, classifier)
+    teacher_model = load_checkpoint(settings["teacher"]).model if settings["teacher"] else None
+    if not stages:
+        stages["pruned"] = evaluate(
+            model, bundle.test, bundle.mean, bundle.std, num_classes=meta["num_classes"]
+        )["accuracy"]
+        if recalibrate:
+            batches = calibration_batches(meta, bundle, recalibration_images, seed=seed)
+            recalibrate_batchnorm(model, [x for x, _ in batches])
+            stages["recalibrated"] = evaluate(
+                model, bundle.test, bundle.mean, bundle.std, num_classes=meta["num_classes"]
+            )["accuracy"]
+    settings = {**settings, "accuracy": stages}
+    base_meta = {
+        k: v for k, v in meta.items() if k not in ("train", "history", "train_state", "optimizer", "metrics")
+    }
+    base_meta["finetune"] = settings
+    result = fit(
+        model,
+        bundle,
+        cfg,
+        out,
+        base_meta,
+        teacher=teacher_model,
+        trainable=trainable,
+        resume=ckpt if resume and state.exists() else None,
+    )
+    stages["finetuned"] = result.test["accuracy"]
+    return {
+        "accuracy": stages,
+        "history": result.history,
+        "checkpoint": str(out / "model.safetensors"),
+        "settings": settings,
+        "trainable_params": sum(
+            p.numel() for n, p in model.named_parameters() if trainable is None or trainable(n)
+        ),
+    }

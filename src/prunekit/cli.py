@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .console import console
 from .errors import UsageError
+from .finetune import FREEZE_POLICIES, RECIPES
 from .importance import CRITERIA
 
 EXIT_USAGE = 2
@@ -124,6 +125,81 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None)
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("finetune", help="recalibrate BatchNorm and fine-tune a pruned checkpoint")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument(
+        "--out", type=Path, default=None, help="output directory (default: <checkpoint>-finetuned)"
+    )
+    p.add_argument(
+        "--recipe",
+        choices=list(RECIPES),
+        default="seed",
+        help="seed: Adam lr 1e-4, 10 epochs, seed freezing; full: SGD cosine lr 0.01, everything trains",
+    )
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=None)
+    p.add_argument(
+        "--freeze",
+        choices=FREEZE_POLICIES,
+        default=None,
+        help="seed: train only pruned blocks (with their BatchNorms) and the classifier; none: all",
+    )
+    p.add_argument("--teacher", type=Path, default=None, help="distil from this (dense) checkpoint")
+    p.add_argument("--distill-temperature", type=float, default=None)
+    p.add_argument("--distill-weight", type=float, default=None)
+    p.add_argument(
+        "--no-recalibrate",
+        dest="recalibrate",
+        action="store_false",
+        help="skip re-estimating BatchNorm statistics before fine-tuning",
+    )
+    p.add_argument("--recalibration-images", type=int, default=2048)
+    _add_data_args(p, required=False)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning in --out")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser(
+        "run",
+        help="the whole pipeline: train, prune, recalibrate, fine-tune, evaluate, report",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--config", type=Path, help="YAML file holding any of these flags (flags given here win)")
+    p.add_argument(
+        "--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped"
+    )
+    p.add_argument("--name", help="run directory name under --runs-dir (default: seed)")
+    p.add_argument("--runs-dir", help="where run directories go (default: runs)")
+    p.add_argument("--model", help="default: resnet18")
+    p.add_argument("--data", help="default: cifar10")
+    p.add_argument("--data-dir")
+    p.add_argument("--subset", type=int)
+    p.add_argument("--baseline", help="reuse this dense checkpoint instead of training one")
+    p.add_argument("--epochs", type=int, help="baseline training epochs")
+    p.add_argument("--layer", dest="layers", action="append", help="default: layer2.0.conv1")
+    p.add_argument("--ratio", type=float, help="default: 0.2")
+    p.add_argument("--target-macs", type=float)
+    p.add_argument("--target-params", type=float)
+    p.add_argument("--ignore", action="append")
+    p.add_argument("--round-to", type=int)
+    p.add_argument("--importance", choices=CRITERIA, help="default: activation")
+    p.add_argument("--calibration", choices=["data", "random"])
+    p.add_argument("--calibration-images", type=int)
+    p.add_argument("--steps", type=int, help="reach the target in this many prune/fine-tune rounds")
+    p.add_argument("--recipe", choices=list(RECIPES), help="fine-tuning preset (default: seed)")
+    p.add_argument("--finetune-epochs", type=int)
+    p.add_argument("--finetune-lr", type=float)
+    p.add_argument("--freeze", choices=FREEZE_POLICIES)
+    p.add_argument("--distill", action="store_true", help="distil from the dense baseline while fine-tuning")
+    p.add_argument("--distill-temperature", type=float)
+    p.add_argument("--distill-weight", type=float)
+    p.add_argument("--no-recalibrate", dest="recalibrate", action="store_false")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_run)
+
     p = sub.add_parser("models", help="list the model names --model accepts")
     p.set_defaults(func=cmd_models)
     return parser
@@ -228,6 +304,59 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = export_checkpoint(args.checkpoint, args.format, args.out)
     console.print(f"wrote {out}", highlight=False)
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from . import api
+
+    out = args.out or args.checkpoint.with_name(args.checkpoint.stem + "-finetuned")
+    result = api.finetune_checkpoint(
+        args.checkpoint,
+        out,
+        recipe_name=args.recipe,
+        epochs=args.epochs,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        freeze=args.freeze,
+        teacher=args.teacher,
+        distill_temperature=args.distill_temperature,
+        distill_weight=args.distill_weight,
+        recalibrate=args.recalibrate,
+        recalibration_images=args.recalibration_images,
+        data=args.data,
+        data_dir=args.data_dir,
+        subset=args.subset,
+        seed=args.seed,
+        device=args.device,
+        resume=args.resume,
+    )
+    for stage, acc in result["accuracy"].items():
+        console.print(f"{stage:>13}: {acc:.2%}", highlight=False)
+    console.print(f"checkpoint {result['checkpoint']}", highlight=False)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import CONFIG_FILE, RunConfig, load_config, run
+
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "config", "resume", "command")}
+    values: dict = {}
+    resume = getattr(args, "resume", None)
+    if resume is not None:
+        if not (resume / CONFIG_FILE).exists():
+            raise UsageError(f"--resume {resume}: not a run directory (no {CONFIG_FILE})")
+        values = load_config(resume / CONFIG_FILE)
+        values.update(runs_dir=str(resume.parent), name=resume.name)
+    elif getattr(args, "config", None) is not None:
+        values = load_config(args.config)
+    values.update(given)
+    metrics = run(RunConfig.from_dict(values), resume=resume is not None)
+    acc = metrics["accuracy"]
+    console.print(
+        f"dense {acc['dense']:.2%} -> final {acc['final']:.2%}; MACs {metrics['macs_reduction']:.2f}x fewer",
+        highlight=False,
+    )
     return 0
 
 

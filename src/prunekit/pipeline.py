@@ -1,0 +1,217 @@
+"""``prunekit run``: train-or-load -> prune -> recalibrate -> fine-tune -> evaluate -> report, resumable by stage."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import api
+from .console import info
+from .errors import UsageError
+from .files import write_json, write_text
+from .prune import PruneRequest
+from .train import MODEL_FILE, TrainConfig
+
+CONFIG_FILE = "config.yaml"
+STATE_FILE = "state.json"
+
+
+@dataclass
+class RunConfig:
+    """Every flag of ``prunekit run``; the defaults are the seed's experiment."""
+
+    name: str = "seed"
+    runs_dir: str = "runs"
+    model: str = "resnet18"
+    data: str = "cifar10"
+    data_dir: str | None = None
+    subset: int | None = None
+    baseline: str | None = None
+    epochs: int = TrainConfig.epochs
+    layers: list[str] = field(default_factory=lambda: ["layer2.0.conv1"])
+    ratio: float | None = 0.2
+    target_macs: float | None = None
+    target_params: float | None = None
+    ignore: list[str] = field(default_factory=list)
+    round_to: int = 1
+    importance: str = "activation"
+    calibration: str = "data"
+    calibration_images: int = 256
+    steps: int = 1
+    recipe: str = "seed"
+    finetune_epochs: int = 10
+    finetune_lr: float | None = None
+    freeze: str | None = None
+    distill: bool = False
+    distill_temperature: float | None = None
+    distill_weight: float | None = None
+    recalibrate: bool = True
+    seed: int = 0
+    device: str = "auto"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UsageError(f"unknown setting(s) in the config: {', '.join(unknown)}")
+        cfg = cls(**values)
+        if cfg.target_macs is not None or cfg.target_params is not None:
+            # A target is global: the seed's single layer and ratio no longer apply unless named explicitly.
+            if "layers" not in values:
+                cfg.layers = []
+            if "ratio" not in values:
+                cfg.ratio = None
+        return cfg
+
+    def prune_request(self, step: int) -> PruneRequest:
+        """The request for prune round ``step`` (1-based) of ``steps``, relative to the previous round's model."""
+
+        def share(keep: float | None) -> float | None:
+            # Reach keep^(step/steps) of the dense model after round ``step``; each round asks its own share.
+            return None if keep is None else keep ** (1 / self.steps)
+
+        ratio = None if self.ratio is None else 1 - (1 - self.ratio) ** (1 / self.steps)
+        return PruneRequest(
+            layers=list(self.layers),
+            ratio=ratio,
+            target_macs=share(self.target_macs),
+            target_params=share(self.target_params),
+            ignore=list(self.ignore),
+            round_to=self.round_to,
+        )
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"--config {path}: cannot read it ({exc})") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path}: expected a mapping of flag names to values")
+    return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+class Run:
+    """A run directory: resolved config, per-stage state, checkpoints, metrics, log and report."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.dir = Path(cfg.runs_dir) / cfg.name
+        self.state: dict[str, Any] = {"completed": [], "results": {}}
+        if (self.dir / STATE_FILE).exists():
+            self.state = json.loads((self.dir / STATE_FILE).read_text())
+
+    def done(self, stage: str) -> bool:
+        return stage in self.state["completed"]
+
+    def complete(self, stage: str, result: dict[str, Any]) -> None:
+        self.state["results"][stage] = result
+        self.state["completed"].append(stage)
+        write_json(self.dir / STATE_FILE, self.state)
+        self.log(f"stage {stage} done")
+
+    def log(self, message: str) -> None:
+        info(f"run {self.cfg.name}: {message}")
+        with open(self.dir / "run.log", "a") as f:
+            f.write(message + "\n")
+
+
+def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
+    """Run (or continue) the whole pipeline; returns the final metrics."""
+    PruneRequest(**{k: v for k, v in asdict(cfg.prune_request(1)).items()}).validate()  # fail before any work
+    if cfg.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {cfg.steps}")
+    r = Run(cfg)
+    if r.dir.exists() and r.state["completed"] and not resume:
+        raise UsageError(
+            f"{r.dir} already holds a run; continue it with --resume {r.dir} or pick another --name"
+        )
+    r.dir.mkdir(parents=True, exist_ok=True)
+    write_text(r.dir / CONFIG_FILE, yaml.safe_dump(asdict(cfg), sort_keys=False))
+
+    baseline = Path(cfg.baseline) if cfg.baseline else r.dir / "baseline" / MODEL_FILE
+    if not cfg.baseline and not r.done("baseline"):
+        r.log("training the baseline")
+        tcfg = TrainConfig(epochs=cfg.epochs, seed=cfg.seed, device=cfg.device)
+        api.train(
+            cfg.model,
+            cfg.data,
+            r.dir / "baseline",
+            tcfg,
+            data_dir=cfg.data_dir,
+            subset=cfg.subset,
+            resume=(r.dir / "baseline" / "checkpoint.safetensors").exists(),
+        )
+        r.complete("baseline", {"checkpoint": str(baseline)})
+    if not baseline.exists():
+        raise UsageError(f"--baseline {baseline}: no such checkpoint")
+
+    current = baseline
+    for step in range(1, cfg.steps + 1):
+        pruned = r.dir / f"pruned-{step}.safetensors"
+        if not r.done(f"prune-{step}"):
+            r.log(f"pruning (round {step}/{cfg.steps})")
+            report = api.prune_checkpoint(
+                current,
+                cfg.prune_request(step),
+                importance=cfg.importance,
+                data=cfg.data,
+                data_dir=cfg.data_dir,
+                calibration=cfg.calibration,
+                calibration_images=cfg.calibration_images,
+                out=pruned,
+                seed=cfg.seed,
+            )
+            r.complete(
+                f"prune-{step}",
+                {
+                    k: report[k]
+                    for k in ("before", "after", "macs", "params", "changed_layers", "removed_channels")
+                },
+            )
+        ft_dir = r.dir / f"finetune-{step}"
+        if not r.done(f"finetune-{step}"):
+            r.log(f"recalibrating BatchNorm and fine-tuning (round {step}/{cfg.steps})")
+            result = api.finetune_checkpoint(
+                pruned,
+                ft_dir,
+                recipe_name=cfg.recipe,
+                epochs=max(1, cfg.finetune_epochs // cfg.steps),
+                lr=cfg.finetune_lr,
+                freeze=cfg.freeze,
+                teacher=baseline if cfg.distill else None,
+                distill_temperature=cfg.distill_temperature,
+                distill_weight=cfg.distill_weight,
+                recalibrate=cfg.recalibrate,
+                data=cfg.data,
+                data_dir=cfg.data_dir,
+                subset=cfg.subset,
+                seed=cfg.seed,
+                device=cfg.device,
+                resume=(ft_dir / "checkpoint.safetensors").exists(),
+            )
+            r.complete(f"finetune-{step}", result)
+        current = ft_dir / MODEL_FILE
+
+    if not r.done("evaluate"):
+        r.log("evaluating the dense baseline and the final model")
+        dense = api.evaluate_checkpoint(baseline, data=cfg.data, data_dir=cfg.data_dir)
+        final = api.evaluate_checkpoint(current, data=cfg.data, data_dir=cfg.data_dir)
+        strip = ("summary_table",)
+        r.complete(
+            "evaluate",
+            {
+                "dense": {k: v for k, v in dense.items() if k not in strip},
+                "final": {k: v for k, v in final.items() if k not in strip},
+            },
+        )
+    from .report import write_run_report
+
+    metrics = write_run_report(r.dir, asdict(cfg), r.state["results"])
+    r.log(f"report: {r.dir / 'report.md'}")
+    return metrics
