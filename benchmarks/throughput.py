@@ -92,7 +92,7 @@ def main() -> None:
         root = Path(tmp) / "images"
         with tarfile.open(archive) as tar:
             tar.extractall(root, filter="data")
-        rows = {"prunekit (fit, bf16=%s)" % cfg.bf16: prunekit_ips}
+        rows = {"prunekit loop (fit)": prunekit_ips}
         for workers in (0, 2):
             rows[f"torchvision ImageFolder+PIL, DataLoader workers={workers}"] = torchvision_loop(
                 root, args.per_class, 128, args.steps, workers, bundle.mean, bundle.std

@@ -274,14 +274,17 @@ def fit(
                     running["seen"] += len(y)
                     next_batch = batch + 1
                     elapsed = running["seconds"] + time.perf_counter() - tick
-                    bar.update(
-                        task,
-                        advance=1,
-                        info=(
-                            f"loss {running['loss'] / running['seen']:.3f}  acc {running['correct'] / running['seen']:.1%}"
-                            f"  {running['seen'] * dist_info.world_size / max(elapsed, 1e-9):.0f} img/s  lr {lr:.2g}"
-                        ),
+                    status = (
+                        f"loss {running['loss'] / running['seen']:.3f}  acc {running['correct'] / running['seen']:.1%}"
+                        f"  {running['seen'] * dist_info.world_size / max(elapsed, 1e-9):.0f} img/s  lr {lr:.2g}"
                     )
+                    bar.update(task, advance=1, info=status)
+                    if (
+                        log
+                        and not bar.console.is_terminal
+                        and (batch + 1) % max(1, steps_per_epoch // 10) == 0
+                    ):
+                        info(f"epoch {epoch + 1}/{cfg.epochs} step {batch + 1}/{steps_per_epoch}: {status}")
             except KeyboardInterrupt:
                 running["seconds"] += time.perf_counter() - tick
                 save(epoch, next_batch, running)
