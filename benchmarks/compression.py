@@ -1,0 +1,126 @@
+"""The seed's experiment and real compression (2x, 3x fewer MACs) through `prunekit run`, plus Torch-Pruning
+used as its README shows (BasePruner + GroupMagnitudeImportance + plain full fine-tuning) at the same target
+and epochs. All runs reuse one trained baseline.
+
+    python benchmarks/compression.py BASELINE_CHECKPOINT [--finetune-epochs 2] [--only seed,2x,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch_pruning as tp
+
+from common import FULL_ARCHIVE, ROOT, require, save
+from prunekit import api
+from prunekit.checkpoint import load_checkpoint, save_checkpoint
+from prunekit.measure import count_macs
+from prunekit.pipeline import RunConfig, run
+
+RUNS = {
+    "seed": dict(),  # the defaults are the seed's experiment
+    "2x": dict(target_macs=0.5, recipe="full"),
+    "2x-distill": dict(target_macs=0.5, recipe="full", distill=True),
+    "2x-seed-policy": dict(target_macs=0.5, recipe="full", freeze="seed"),
+    "3x": dict(target_macs=1 / 3, recipe="full"),
+}
+
+
+def torch_pruning_reference(baseline: Path, data: str, epochs: int, target: float, out: Path) -> dict:
+    """Torch-Pruning's README recipe: local L2 group magnitude, one ratio for all layers, full fine-tuning."""
+    ckpt = load_checkpoint(baseline)
+    size = ckpt.meta["input_size"]
+    example = torch.randn(1, 3, size, size)
+    dense_macs = count_macs(ckpt.model, size)
+
+    def pruned(ratio: float) -> torch.nn.Module:
+        model = copy.deepcopy(ckpt.model)
+        pruner = tp.pruner.BasePruner(
+            model,
+            example,
+            importance=tp.importance.GroupMagnitudeImportance(p=2),
+            pruning_ratio=ratio,
+            ignored_layers=[model.fc],
+        )
+        pruner.step()
+        return model
+
+    lo, hi = 0.0, 0.95
+    for _ in range(12):  # bisection on the uniform ratio until the MACs meet the target
+        mid = (lo + hi) / 2
+        if count_macs(pruned(mid), size) > target * dense_macs:
+            lo = mid
+        else:
+            hi = mid
+    model = pruned(hi)
+    meta = {k: v for k, v in ckpt.meta.items() if k not in ("train", "history", "metrics")}
+    meta["parent"] = {"checkpoint": str(baseline), "model": ckpt.meta["model"]}
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out / "pruned.safetensors", model, meta)
+    result = api.finetune_checkpoint(
+        out / "pruned.safetensors",
+        out / "finetune",
+        recipe_name="full",
+        epochs=epochs,
+        recalibrate=False,
+        data=data,
+    )
+    final = api.evaluate_checkpoint(out / "finetune" / "model.safetensors", data=data)
+    return {
+        "ratio": hi,
+        "macs_ratio": count_macs(model, size) / dense_macs,
+        "accuracy": result["accuracy"],
+        "final_accuracy": final["accuracy"],
+        "speedup": final.get("speedup"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("baseline", type=Path)
+    parser.add_argument("--data", default=str(FULL_ARCHIVE))
+    parser.add_argument("--finetune-epochs", type=int, default=2)
+    parser.add_argument("--only", default=",".join([*RUNS, "torch-pruning-2x"]))
+    parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "benchmarks"))
+    args = parser.parse_args()
+    require(Path(args.data))
+    results_path = ROOT / "benchmarks" / "results" / "compression.json"
+    results = json.loads(results_path.read_text())["runs"] if results_path.exists() else {}
+    for name in args.only.split(","):
+        start = time.perf_counter()
+        if name == "torch-pruning-2x":
+            results[name] = torch_pruning_reference(
+                args.baseline, args.data, args.finetune_epochs, 0.5, Path(args.runs_dir) / name
+            )
+        else:
+            cfg = RunConfig.from_dict(
+                {
+                    "name": name,
+                    "runs_dir": args.runs_dir,
+                    "baseline": str(args.baseline),
+                    "data": args.data,
+                    "finetune_epochs": args.finetune_epochs,
+                    **RUNS[name],
+                }
+            )
+            metrics = run(cfg, resume=True)
+            results[name] = {"config": RUNS[name], **metrics}
+        results[name]["wall_s"] = time.perf_counter() - start
+        print(json.dumps({name: results[name].get("accuracy")}, indent=1), flush=True)
+        save(
+            "compression",
+            {
+                "command": f"python benchmarks/compression.py {args.baseline} --finetune-epochs {args.finetune_epochs}",
+                "finetune_epochs": args.finetune_epochs,
+                "runs": results,
+            },
+        )
+
+
+if __name__ == "__main__":
+    main()
