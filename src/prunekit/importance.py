@@ -115,7 +115,8 @@ class TaylorImportance(ChannelImportance):
     def layer_scores(self, layer, idxs, is_norm):
         if layer.weight.grad is None:
             return None
-        score = (layer.weight.detach() * layer.weight.grad).flatten(1).sum(1)[idxs]
+        w = layer.weight.detach()
+        score = (w * layer.weight.grad).reshape(len(w), -1).sum(1)[idxs]  # 1-D for a BatchNorm's gamma
         if getattr(layer, "bias", None) is not None and layer.bias.grad is not None:
             score = score + (layer.bias.detach() * layer.bias.grad)[idxs]
         return score.abs()
