@@ -13,6 +13,8 @@ from . import api
 from .console import info
 from .errors import UsageError
 from .files import write_json, write_text
+from .finetune import FREEZE_POLICIES, RECIPES
+from .importance import CRITERIA
 from .prune import PruneRequest
 from .train import MODEL_FILE, TrainConfig
 
@@ -126,6 +128,16 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     PruneRequest(**{k: v for k, v in asdict(cfg.prune_request(1)).items()}).validate()  # fail before any work
     if cfg.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {cfg.steps}")
+    choices = {
+        "recipe": RECIPES,
+        "freeze": FREEZE_POLICIES,
+        "importance": CRITERIA,
+        "calibration": ("data", "random"),
+    }
+    for key, allowed in choices.items():  # a config file bypasses argparse's choices
+        value = getattr(cfg, key)
+        if value is not None and value not in allowed:
+            raise UsageError(f"--{key} must be one of {', '.join(allowed)}, got {value}")
     r = Run(cfg)
     if r.dir.exists() and r.state["completed"] and not resume:
         raise UsageError(

@@ -1,0 +1,297 @@
+"""Fine-tuning: freezing policies freeze what they say, distillation, BatchNorm recalibration, the CLI."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import prunekit.train
+from prunekit import api
+from prunekit.checkpoint import load_checkpoint, save_checkpoint
+from prunekit.cli import EXIT_USAGE, main
+from prunekit.data import load_data
+from prunekit.errors import UsageError
+from prunekit.finetune import pruned_blocks, recalibrate_batchnorm, recipe, trainable_filter
+from prunekit.models import build_model
+from prunekit.prune import PruneRequest
+from prunekit.train import MODEL_FILE, TrainConfig, distillation_loss, fit
+
+SUBSET = 8
+PRUNED_LAYERS = {"layer2.0.conv1", "layer2.0.bn1", "layer2.0.conv2"}
+TRAINABLE_PREFIXES = ("layer2.0.", "fc.")
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def dense_ckpt(tmp_path_factory) -> Path:
+    """An untrained resnet18 checkpoint that records ``--data synthetic --subset 8``."""
+    bundle = load_data("synthetic", subset=SUBSET)
+    torch.manual_seed(0)
+    model = build_model("resnet18", len(bundle.classes))
+    meta = api.model_meta(
+        "resnet18", bundle, {"spec": "synthetic", "data_dir": None, "subset": SUBSET, "image_size": None}
+    )
+    return save_checkpoint(tmp_path_factory.mktemp("dense") / "dense.safetensors", model, meta)
+
+
+@pytest.fixture(scope="module")
+def pruned_ckpt(dense_ckpt, tmp_path_factory) -> Path:
+    """The seed's pruning: 20 % of layer2.0.conv1 (l1 norm, so no calibration pass)."""
+    out = tmp_path_factory.mktemp("pruned") / "pruned.safetensors"
+    api.prune_checkpoint(
+        dense_ckpt, PruneRequest(layers=["layer2.0.conv1"], ratio=0.2), importance="l1", out=out
+    )
+    return out
+
+
+@pytest.fixture
+def count_distillation(monkeypatch) -> list[tuple]:
+    """Replace ``prunekit.train.distillation_loss`` with a wrapper recording (student, teacher, T) per call."""
+    calls: list[tuple] = []
+    real = prunekit.train.distillation_loss
+
+    def counting(student, teacher, temperature):
+        calls.append((student.shape, teacher.shape, temperature))
+        return real(student, teacher, temperature)
+
+    monkeypatch.setattr(prunekit.train, "distillation_loss", counting)
+    return calls
+
+
+def tiny_fit_config(**overrides) -> TrainConfig:
+    values = dict(epochs=1, batch_size=10, optimizer="adam", lr=1e-3, bf16=False, device="cpu", seed=0)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+# ---------------------------------------------------------------- freezing policies
+
+
+def test_pruning_records_the_changed_layers(pruned_ckpt):
+    meta = load_checkpoint(pruned_ckpt).meta
+    assert set(meta["pruning"][0]["changed_layers"]) == PRUNED_LAYERS
+    assert pruned_blocks(PRUNED_LAYERS) == ["layer2.0"]
+
+
+def test_seed_policy_selects_exactly_the_pruned_block_and_the_classifier(pruned_ckpt):
+    model = load_checkpoint(pruned_ckpt).model
+    names = [n for n, _ in model.named_parameters()]
+    trainable = trainable_filter(model, "seed", sorted(PRUNED_LAYERS), "fc")
+    assert trainable is not None
+    selected = {n for n in names if trainable(n)}
+    expected = {n for n in names if n.startswith(TRAINABLE_PREFIXES)}
+    assert selected == expected
+    assert {
+        "layer2.0.conv1.weight",
+        "layer2.0.bn1.weight",
+        "layer2.0.downsample.1.bias",
+        "fc.weight",
+    } <= selected
+    # The seed's rule (`'bn' in name`) would also unfreeze every other BatchNorm; prunekit must not.
+    for frozen in (
+        "bn1.weight",
+        "bn1.bias",
+        "layer1.0.bn1.weight",
+        "layer2.1.bn1.weight",
+        "layer4.1.bn2.bias",
+    ):
+        assert frozen in names and frozen not in selected
+    seed_rule = {n for n in names if n.startswith(TRAINABLE_PREFIXES) or "bn" in n}
+    assert seed_rule - selected  # the difference the docstring promises is real
+
+
+def test_seed_policy_for_a_pruned_top_level_layer():
+    model = build_model("resnet18", 10)
+    names = [n for n, _ in model.named_parameters()]
+    trainable = trainable_filter(model, "seed", ["conv1", "bn1"], "fc")
+    assert {n for n in names if trainable(n)} == {
+        "conv1.weight",
+        "bn1.weight",
+        "bn1.bias",
+        "fc.weight",
+        "fc.bias",
+    }
+
+
+def test_none_policy_trains_everything_and_unknown_policies_are_usage_errors():
+    model = build_model("resnet18", 10)
+    assert trainable_filter(model, "none", sorted(PRUNED_LAYERS), "fc") is None
+    with pytest.raises(UsageError, match="--freeze"):
+        trainable_filter(model, "bogus", sorted(PRUNED_LAYERS), "fc")
+
+
+def test_recipes():
+    cfg, freeze = recipe("seed")
+    assert (cfg.optimizer, cfg.lr, cfg.epochs, freeze) == ("adam", 1e-4, 10, "seed")
+    cfg, freeze = recipe("seed", epochs=3, lr=None, freeze="none")
+    assert (cfg.epochs, cfg.lr, freeze) == (3, 1e-4, "none")
+    assert recipe("full")[1] == "none"
+    with pytest.raises(UsageError, match="recipe"):
+        recipe("bogus")
+
+
+def test_frozen_weights_and_statistics_stay_bitwise_unchanged(pruned_ckpt, tmp_path, count_distillation):
+    ckpt = load_checkpoint(pruned_ckpt)
+    model = ckpt.model
+    bundle = load_data("synthetic", subset=2)  # 20 images, 2 steps of 10
+    before = snapshot(model)
+    trainable = trainable_filter(model, "seed", sorted(PRUNED_LAYERS), "fc")
+    result = fit(model, bundle, tiny_fit_config(), tmp_path / "ft", ckpt.meta, trainable=trainable)
+    after = snapshot(result.model.cpu())
+    assert before.keys() == after.keys()
+
+    frozen = [k for k in before if not k.startswith(TRAINABLE_PREFIXES)]
+    changed = [k for k in frozen if not torch.equal(before[k], after[k])]
+    assert not changed, f"frozen tensors changed: {changed[:5]}"
+    # Frozen BatchNorms keep their running statistics too (they stay in eval mode while the rest trains).
+    for key in ("layer1.0.bn1.running_mean", "bn1.running_var", "layer3.1.bn2.running_mean"):
+        assert key in frozen and torch.equal(before[key], after[key])
+
+    params = [n for n, _ in model.named_parameters() if n.startswith(TRAINABLE_PREFIXES)]
+    unchanged = [n for n in params if torch.equal(before[n], after[n])]
+    assert params and not unchanged, f"trainable parameters did not train: {unchanged}"
+    # The pruned block's own BatchNorms train, so their statistics follow the data.
+    assert not torch.equal(before["layer2.0.bn1.running_mean"], after["layer2.0.bn1.running_mean"])
+    assert count_distillation == []  # no teacher, no distillation
+
+
+# ---------------------------------------------------------------- distillation
+
+
+def test_fit_distils_from_a_teacher(pruned_ckpt, dense_ckpt, tmp_path, count_distillation):
+    ckpt = load_checkpoint(pruned_ckpt)
+    teacher = load_checkpoint(dense_ckpt).model
+    teacher.train()  # fit must put it in eval mode, or its BatchNorm statistics would drift
+    teacher_before = snapshot(teacher)
+    bundle = load_data("synthetic", subset=2)
+    fit(
+        ckpt.model,
+        bundle,
+        tiny_fit_config(distill_temperature=3.0),
+        tmp_path / "kd",
+        ckpt.meta,
+        teacher=teacher,
+        trainable=None,
+    )
+    assert len(count_distillation) == 2  # one call per optimizer step
+    for student_shape, teacher_shape, temperature in count_distillation:
+        assert student_shape == teacher_shape == (10, 10)
+        assert temperature == 3.0
+    teacher_after = snapshot(teacher.cpu())
+    assert all(torch.equal(teacher_before[k], teacher_after[k]) for k in teacher_before)
+
+
+def test_distillation_loss():
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(6, 10, generator=gen)
+    teacher = torch.randn(6, 10, generator=gen)
+    assert distillation_loss(student, student.clone(), 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    # Shifting logits by a constant changes no probability.
+    assert distillation_loss(student, student + 3.0, 4.0).item() == pytest.approx(0.0, abs=1e-5)
+    loss = distillation_loss(student, teacher, 2.0)
+    assert loss.item() > 0
+    p_t = F.softmax(teacher / 2.0, 1)
+    manual = (p_t * (p_t.log() - F.log_softmax(student / 2.0, 1))).sum(1).mean() * 4.0
+    assert loss.item() == pytest.approx(manual.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------- BatchNorm recalibration
+
+
+def test_recalibration_sets_the_statistics_of_the_data():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10).eval()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.running_mean.fill_(5.0)
+        m.running_var.fill_(100.0)
+    model.bn1.momentum = 0.3
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(8, 3, 32, 32, generator=gen) for _ in range(3)]
+
+    assert recalibrate_batchnorm(model, batches) == 24
+
+    with torch.no_grad():
+        outs = [model.conv1(x) for x in batches]
+    # momentum None: a cumulative average of the per-batch statistics (equal batch sizes here).
+    expected_mean = torch.stack([o.mean((0, 2, 3)) for o in outs]).mean(0)
+    expected_var = torch.stack([o.var((0, 2, 3), unbiased=True) for o in outs]).mean(0)
+    torch.testing.assert_close(model.bn1.running_mean, expected_mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.bn1.running_var, expected_var, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.bn1.running_mean, torch.cat(outs).mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert int(model.bn1.num_batches_tracked) == 3
+    for m in norms:  # every BatchNorm, deep ones included, was re-estimated
+        assert not torch.any(m.running_mean == 5.0) and not torch.any(m.running_var == 100.0)
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+    assert model.bn1.momentum == 0.3
+    assert all(m.momentum == 0.1 for m in norms if m is not model.bn1)
+    assert not model.training
+
+
+def test_recalibration_restores_momentum_and_mode_on_error():
+    model = build_model("resnet18", 10).eval()
+
+    def failing():
+        yield torch.randn(2, 3, 32, 32)
+        raise RuntimeError("data went away")
+
+    with pytest.raises(RuntimeError, match="went away"):
+        recalibrate_batchnorm(model, failing())
+    assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert not model.training
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_finetune_command(pruned_ckpt, tmp_path, capsys):
+    out = tmp_path / "ft"
+    argv = ["finetune", pruned_ckpt, "--data", "synthetic", "--subset", SUBSET, "--epochs", "1"]
+    argv += ["--recalibration-images", "64", "--device", "cpu", "--out", out]
+    assert main([str(a) for a in argv]) == 0
+    err = capsys.readouterr().err
+    accuracies = dict(re.findall(r"^\s*(pruned|recalibrated|finetuned): (\d+\.\d\d)%$", err, re.M))
+    assert set(accuracies) == {"pruned", "recalibrated", "finetuned"}, err
+    assert (out / MODEL_FILE).is_file()
+
+    pruned = load_checkpoint(pruned_ckpt)
+    tuned = load_checkpoint(out / MODEL_FILE)
+    settings = tuned.meta["finetune"]
+    assert settings["freeze"] == "seed" and settings["recipe"] == "seed" and settings["recalibrate"]
+    assert settings["accuracy"]["pruned"] == pytest.approx(float(accuracies["pruned"]) / 100, abs=5e-5)
+    assert len(tuned.meta["history"]) == 1
+    assert tuned.meta["shapes"]["layer2.0.conv1"] == pruned.meta["shapes"]["layer2.0.conv1"]
+    p, t = pruned.model.state_dict(), tuned.model.state_dict()
+    assert torch.equal(p["layer1.0.conv1.weight"], t["layer1.0.conv1.weight"])  # frozen
+    assert not torch.equal(p["layer2.0.conv1.weight"], t["layer2.0.conv1.weight"])  # trained
+    assert not torch.equal(p["layer1.0.bn1.running_mean"], t["layer1.0.bn1.running_mean"])  # recalibrated
+
+
+def test_finetune_command_rejects_an_unknown_freeze_policy(pruned_ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["finetune", str(pruned_ckpt), "--freeze", "bogus", "--out", str(tmp_path / "ft")])
+    assert exc.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "error:" in err and "--freeze" in err
+    assert not (tmp_path / "ft").exists()
+
+
+def test_finetune_api_rejects_an_unknown_freeze_policy(pruned_ckpt, tmp_path):
+    with pytest.raises(UsageError, match="--freeze"):
+        api.finetune_checkpoint(pruned_ckpt, tmp_path / "ft", freeze="bogus")
+
+
+def test_finetune_command_with_a_missing_checkpoint(tmp_path, capsys):
+    code = main(["finetune", str(tmp_path / "nope.safetensors"), "--data", "synthetic"])
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert re.search(r"^error: .*nope\.safetensors", err, re.M), err
+    assert "Traceback" not in err
