@@ -195,7 +195,7 @@ def fit(
     steps_per_epoch = len(loader)
     total_steps = cfg.epochs * steps_per_epoch
     history: list[dict[str, Any]] = []
-    start_epoch, start_batch, carried = 0, 0, {"loss": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0}
+    start_epoch, start_batch, carried = 0, 0, _fresh_totals()
     if resume is not None:
         state = resume.meta.get("train_state") or {}
         history = list(resume.meta.get("history", []))
@@ -226,6 +226,19 @@ def fit(
             out_dir / STATE_FILE, model, train_meta, optimizer=optimizer, extra={"rng": torch.get_rng_state()}
         )
 
+    def evaluate_test(bf16: bool) -> dict[str, Any]:
+        return evaluate(
+            model,
+            data.test,
+            data.mean,
+            data.std,
+            device=device,
+            bf16=bf16,
+            num_classes=len(data.classes),
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+        )
+
     log = (out_dir / "train_log.txt") if dist_info.is_main else None
     if log:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -234,11 +247,7 @@ def fit(
         for epoch in range(start_epoch, cfg.epochs):
             loader.set_epoch(epoch)
             first = start_batch if epoch == start_epoch else 0
-            running = (
-                dict(carried)
-                if epoch == start_epoch
-                else {"loss": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0}
-            )
+            running = dict(carried) if epoch == start_epoch else _fresh_totals()
             if first == 0:
                 torch.manual_seed(cfg.seed * 1000 + epoch)  # epoch-boundary resume needs no saved RNG
             task = bar.add_task(
@@ -295,17 +304,7 @@ def fit(
                     )
                 raise
             running["seconds"] += time.perf_counter() - tick
-            test = evaluate(
-                model,
-                data.test,
-                data.mean,
-                data.std,
-                device=device,
-                bf16=use_bf16,
-                num_classes=len(data.classes),
-                rank=dist_info.rank,
-                world_size=dist_info.world_size,
-            )
+            test = evaluate_test(use_bf16)  # per-epoch check at training precision
             seen = running["seen"] * dist_info.world_size
             record = {
                 "epoch": epoch + 1,
@@ -336,19 +335,9 @@ def fit(
                         f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f} "
                         f"test {record['test_accuracy']:.2%} ({record['images_per_s']:.0f} img/s)"
                     )
-            save(epoch + 1, 0, {"loss": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0})
+            save(epoch + 1, 0, _fresh_totals())
 
-    final = evaluate(
-        model,
-        data.test,
-        data.mean,
-        data.std,
-        device=device,
-        bf16=False,
-        num_classes=len(data.classes),
-        rank=dist_info.rank,
-        world_size=dist_info.world_size,
-    )
+    final = evaluate_test(False)  # the reported figure, in fp32
     if dist_info.is_main:
         metrics = {
             "test_accuracy": final["accuracy"],
@@ -361,6 +350,11 @@ def fit(
         write_json(out_dir / "metrics.json", {"history": history, **metrics})
         model.to(device)
     return FitResult(model, history, final)
+
+
+def _fresh_totals() -> dict[str, float]:
+    """Running sums of one epoch (kept in the checkpoint so a mid-epoch resume reports the whole epoch)."""
+    return {"loss": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0}
 
 
 def _fully_frozen_norms(model: nn.Module) -> list[nn.Module]:
