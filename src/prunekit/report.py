@@ -133,11 +133,17 @@ def plot_curves(curves: dict[str, list[dict[str, Any]]], path: Path) -> Path | N
     import matplotlib.pyplot as plt
 
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    offset = 0  # stages follow each other on one epoch axis: baseline, then each fine-tuning round
     for stage, history in curves.items():
-        epochs = [h["epoch"] for h in history]
+        epochs = [offset + h["epoch"] for h in history]
+        offset = epochs[-1]
         loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label=stage)
         acc_ax.plot(epochs, [100 * h["test_accuracy"] for h in history], marker="o", label=stage)
+    from matplotlib.ticker import MaxNLocator
+
     loss_ax.set(xlabel="epoch", ylabel="training loss")
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     acc_ax.set(xlabel="epoch", ylabel="test accuracy (%)")
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
