@@ -277,3 +277,21 @@ def test_save_is_atomic_and_leaves_no_temporary_files(model, tmp_path):
     save_checkpoint(tmp_path / "a.safetensors", model, _meta())
     save_checkpoint(tmp_path / "a.safetensors", model, _meta())  # overwrite in place
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+
+
+def test_top_level_load_is_the_safe_loader(tmp_path):
+    """`prunekit.load` is the documented entry point and gives the saved model with its metadata."""
+    import torch
+
+    import prunekit
+    from prunekit.checkpoint import save_checkpoint
+    from prunekit.models import build_model
+
+    model = build_model("resnet18", 10).eval()
+    save_checkpoint(
+        tmp_path / "m.safetensors", model, {"model": "resnet18", "num_classes": 10, "input_size": 32}
+    )
+    loaded = prunekit.load(tmp_path / "m.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(x), model(x))
+    assert loaded.prunekit_meta["model"] == "resnet18"
