@@ -386,7 +386,7 @@ def prune_model(
         for name, attrs in after.items()
         if name in before and attrs != before[name]
     ]
-    return PruneResult(
+    result = PruneResult(
         model=model,
         removed=removed,
         changed_layers=changed,
@@ -395,3 +395,11 @@ def prune_model(
         params_before=params_before,
         params_after=sum(p.numel() for p in model.parameters()),
     )
+    if request.ratio is None:  # the target is checked on the measured model, not on the plan's estimate
+        reached = result.macs_after / macs_before if metric == "macs" else result.params_after / params_before
+        if abs(reached - target) > TOLERANCE * target:
+            raise UsageError(
+                f"--target-{metric} {target}: the closest prunekit got is {reached:.3f} (channel steps are too "
+                "coarse here); try a nearby target or --round-to 1"
+            )
+    return result
