@@ -88,7 +88,8 @@ def main() -> None:
     parser.add_argument("--only", default=",".join([*RUNS, "torch-pruning-2x"]))
     parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "benchmarks"))
     args = parser.parse_args()
-    require(Path(args.data))
+    if args.data == str(FULL_ARCHIVE):
+        require(FULL_ARCHIVE)
     results_path = ROOT / "benchmarks" / "results" / "compression.json"
     results = json.loads(results_path.read_text())["runs"] if results_path.exists() else {}
     for name in args.only.split(","):
