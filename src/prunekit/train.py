@@ -344,6 +344,7 @@ def fit(
             "test_loss": final["loss"],
             "per_class_accuracy": dict(zip(data.classes, final["per_class"], strict=True)),
             "train_seconds": sum(h["seconds"] for h in history),
+            "bf16_active": use_bf16,  # the flag asks; this says whether the hardware allowed it
         }
         final_meta = {**meta, "train": {"config": asdict(cfg)}, "history": history, "metrics": metrics}
         save_checkpoint(out_dir / MODEL_FILE, model.to("cpu"), final_meta)
