@@ -180,10 +180,16 @@ def calibration_batches(
     return list(BatchLoader(split, batch_size, bundle.mean, bundle.std, train=False, channels_last=False))
 
 
+def default_importance(request: Any) -> str:
+    """The seed's ``activation`` for named layers; ``l2`` for network-wide pruning, where it kept the most
+    accuracy of all criteria (benchmarks/results/criteria.json) and the seed's criterion collapses."""
+    return "activation" if request.layers else "l2"
+
+
 def prune_checkpoint(
     path: str | Path,
     request: Any,
-    importance: str = "activation",
+    importance: str | None = None,
     data: str | None = None,
     data_dir: str | None = None,
     calibration: str = "data",
@@ -200,6 +206,7 @@ def prune_checkpoint(
     from .prune import prune_model
 
     request.validate()
+    importance = importance or default_importance(request)
     if calibration not in ("data", "random"):
         raise UsageError(f"--calibration must be 'data' or 'random', got {calibration}")
     if importance == "taylor" and calibration == "random":

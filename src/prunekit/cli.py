@@ -97,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     what.add_argument("--target-params", type=float, help="keep this fraction of the parameters, globally")
     p.add_argument(
-        "--importance", default="activation", choices=CRITERIA, help="channel importance criterion"
+        "--importance",
+        default=None,
+        choices=CRITERIA,
+        help="channel importance criterion (default: activation with --layer, else l2)",
     )
     p.add_argument(
         "--calibration",
@@ -184,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-params", type=float)
     p.add_argument("--ignore", action="append")
     p.add_argument("--round-to", type=int)
-    p.add_argument("--importance", choices=CRITERIA, help="default: activation")
+    p.add_argument("--importance", choices=CRITERIA, help="default: activation with --layer, else l2")
     p.add_argument("--calibration", choices=["data", "random"])
     p.add_argument("--calibration-images", type=int)
     p.add_argument("--steps", type=int, help="reach the target in this many prune/fine-tune rounds")

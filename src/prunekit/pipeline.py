@@ -40,7 +40,7 @@ class RunConfig:
     target_params: float | None = None
     ignore: list[str] = field(default_factory=list)
     round_to: int = 1
-    importance: str = "activation"
+    importance: str | None = None  # activation for named layers, l2 for network-wide targets
     calibration: str = "data"
     calibration_images: int = 256
     steps: int = 1
@@ -183,7 +183,15 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
                 f"prune-{step}",
                 {
                     k: report[k]
-                    for k in ("before", "after", "macs", "params", "changed_layers", "removed_channels")
+                    for k in (
+                        "before",
+                        "after",
+                        "macs",
+                        "params",
+                        "changed_layers",
+                        "removed_channels",
+                        "importance",
+                    )
                 },
             )
         ft_dir = r.dir / f"finetune-{step}"

@@ -218,7 +218,7 @@ def write_run_report(run_dir: Path, config: dict[str, Any], results: dict[str, A
             if config["target_params"]
             else f"ratio {config['ratio']}"
         )
-        + f", importance `{config['importance']}`, {config['steps']} round(s); fine-tuning recipe `{config['recipe']}`"
+        + f", importance `{config['importance'] or results['prune-1'].get('importance')}`, {config['steps']} round(s); fine-tuning recipe `{config['recipe']}`"
         + f" ({config['finetune_epochs']} epochs{', distilled from the dense model' if config['distill'] else ''}).",
         "",
         "| | dense | pruned + fine-tuned |",
