@@ -15,6 +15,12 @@ from .models import build_model, min_input_size
 from .train import STATE_FILE, FitResult, TrainConfig, fit
 
 
+def description(meta: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's metadata without its training state and results: what a derived checkpoint inherits."""
+    dropped = ("train", "history", "train_state", "optimizer", "metrics", "shapes")
+    return {k: v for k, v in meta.items() if k not in dropped}
+
+
 def model_meta(model_name: str, data: DataBundle, data_args: dict[str, Any]) -> dict[str, Any]:
     """What a checkpoint must know about its model and data to be rebuilt and evaluated later."""
     return {
@@ -59,8 +65,6 @@ def train(
         model = ckpt.meta["model"]
     else:
         data_args = {"spec": data, "data_dir": data_dir, "subset": subset, "image_size": image_size}
-    if image_size is None:
-        image_size = data_args.get("image_size")
     bundle = load_data(
         data_args["spec"],
         data_dir=data_args.get("data_dir"),
@@ -71,14 +75,7 @@ def train(
     if bundle.image_size < min_input_size(model):
         raise UsageError(f"{model} needs inputs of at least {min_input_size(model)} px; pass --image-size")
     if ckpt is not None:
-        net, meta = (
-            ckpt.model,
-            {
-                k: v
-                for k, v in ckpt.meta.items()
-                if k not in ("train", "history", "train_state", "optimizer", "shapes")
-            },
-        )
+        net, meta = ckpt.model, description(ckpt.meta)
     else:
         torch.manual_seed(config.seed)
         net = build_model(model, len(bundle.classes))
@@ -261,9 +258,7 @@ def prune_checkpoint(
         "macs": result.macs_before,
         "metrics": meta.get("metrics", {}),
     }
-    new_meta = {
-        k: v for k, v in meta.items() if k not in ("train", "history", "train_state", "optimizer", "metrics")
-    }
+    new_meta = description(meta)
     new_meta.update(
         parent=parent,
         pruning=[
@@ -356,9 +351,7 @@ def finetune_checkpoint(
                 model, bundle.test, bundle.mean, bundle.std, num_classes=meta["num_classes"]
             )["accuracy"]
     settings = {**settings, "accuracy": stages}
-    base_meta = {
-        k: v for k, v in meta.items() if k not in ("train", "history", "train_state", "optimizer", "metrics")
-    }
+    base_meta = description(meta)
     base_meta["finetune"] = settings
     result = fit(
         model,
