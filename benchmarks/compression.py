@@ -23,7 +23,8 @@ from prunekit.measure import count_macs
 from prunekit.pipeline import RunConfig, run
 
 RUNS = {
-    "seed": dict(),  # the defaults are the seed's experiment
+    "seed": dict(),  # the defaults are the seed's experiment, fine-tuned for --finetune-epochs
+    "seed-10ep": dict(finetune_epochs=10),  # ... and with the seed's own 10 epochs
     "2x": dict(target_macs=0.5, recipe="full"),
     "2x-distill": dict(target_macs=0.5, recipe="full", distill=True),
     "2x-seed-policy": dict(target_macs=0.5, recipe="full", freeze="seed"),
