@@ -128,6 +128,7 @@ def evaluate_checkpoint(
         model, bundle.test, bundle.mean, bundle.std, batch_size=batch_size, num_classes=meta["num_classes"]
     )
     size = meta["input_size"]
+    table = summary(model, size)
     results: dict[str, Any] = {
         "checkpoint": str(path),
         "model": meta["model"],
@@ -137,20 +138,20 @@ def evaluate_checkpoint(
         "params": count_params(model),
         "macs": count_macs(model, size),
         "file_size_mb": Path(path).stat().st_size / 1e6,
-        "summary": {k: v for k, v in summary(model, size).items() if k != "table"},
-        "summary_table": summary(model, size)["table"],
+        "summary": {k: v for k, v in table.items() if k != "table"},
+        "summary_table": table["table"],
     }
     if measure_latency:
-        results["latency"] = {f"batch{b}": latency(model, size, batch_size=b) for b in (1, 64)}
         parent = meta.get("parent")
         if parent:
-            # The dense parent's architecture, timed in the same process, so both see the same machine load.
+            # The dense parent's architecture, timed in alternation with the pruned model on the same input.
             dense = build_model(parent["model"], meta["num_classes"])
-            results["parent_latency"] = {f"batch{b}": latency(dense, size, batch_size=b) for b in (1, 64)}
-            results["speedup"] = {
-                k: results["parent_latency"][k]["median_ms"] / v["median_ms"]
-                for k, v in results["latency"].items()
-            }
+            pairs = {f"batch{b}": latency([model, dense], size, batch_size=b) for b in (1, 64)}
+            results["latency"] = {k: v[0] for k, v in pairs.items()}
+            results["parent_latency"] = {k: v[1] for k, v in pairs.items()}
+            results["speedup"] = {k: v[1]["median_ms"] / v[0]["median_ms"] for k, v in pairs.items()}
+        else:
+            results["latency"] = {f"batch{b}": latency(model, size, batch_size=b) for b in (1, 64)}
     return results
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -132,36 +133,48 @@ def summary(model: nn.Module, input_size: int) -> dict[str, Any]:
 
 @torch.inference_mode()
 def latency(
-    model: nn.Module,
+    model: nn.Module | Sequence[nn.Module],
     input_size: int,
     batch_size: int = 1,
     warmup: int = 5,
-    repeats: int = 20,
+    repeats: int = 30,
     device: torch.device | str = "cpu",
     channels_last: bool = True,
-) -> dict[str, float]:
-    """Median wall time of a forward pass (fp32, eval mode) after warm-up, in milliseconds."""
-    model.eval()
+) -> dict[str, float] | list[dict[str, float]]:
+    """Median wall time of a forward pass (fp32, eval mode) after warm-up, in milliseconds.
+
+    Given several models, times them in alternation, so a change in machine load hits each the same; the
+    speed-up of a pruned model is only meaningful measured this way.
+    """
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
     x = torch.randn(batch_size, 3, input_size, input_size, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-        model = model.to(memory_format=torch.channels_last)
+    for m in models:
+        m.eval()
+        if channels_last:
+            m.to(memory_format=torch.channels_last)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for _ in range(warmup):
-        model(x)
+        for m in models:
+            m(x)
     sync()
-    times = []
+    times: list[list[float]] = [[] for _ in models]
     for _ in range(repeats):
-        start = time.perf_counter()
-        model(x)
-        sync()
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    return {
-        "batch_size": batch_size,
-        "median_ms": median * 1e3,
-        "min_ms": min(times) * 1e3,
-        "images_per_s": batch_size / median,
-        "repeats": repeats,
-        "threads": torch.get_num_threads(),
-    }
+        for m, bucket in zip(models, times, strict=True):
+            start = time.perf_counter()
+            m(x)
+            sync()
+            bucket.append(time.perf_counter() - start)
+    results = [
+        {
+            "batch_size": batch_size,
+            "median_ms": statistics.median(t) * 1e3,
+            "min_ms": min(t) * 1e3,
+            "images_per_s": batch_size / statistics.median(t),
+            "repeats": repeats,
+            "threads": torch.get_num_threads(),
+        }
+        for t in times
+    ]
+    return results if isinstance(model, (list, tuple)) else results[0]
