@@ -125,7 +125,7 @@ class Run:
 
 def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     """Run (or continue) the whole pipeline; returns the final metrics."""
-    PruneRequest(**{k: v for k, v in asdict(cfg.prune_request(1)).items()}).validate()  # fail before any work
+    cfg.prune_request(1).validate()  # fail before any work
     if cfg.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {cfg.steps}")
     choices = {
