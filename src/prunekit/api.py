@@ -6,6 +6,8 @@ import datetime as _dt
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import __version__
 from .checkpoint import load_checkpoint
 from .data import DataBundle, load_data
@@ -47,8 +49,6 @@ def train(
     resume: bool = False,
 ) -> FitResult:
     """Train a baseline ``model`` on ``data``; writes checkpoints, log and metrics under ``out``."""
-    import torch
-
     out = Path(out)
     config = config or TrainConfig()
     config.validate()
@@ -162,8 +162,6 @@ def calibration_batches(
 
     Noise reproduces the seed exactly: one ``torch.randn(128, 3, H, W)`` batch, with random labels.
     """
-    import torch
-
     from .data import BatchLoader, Split
 
     gen = torch.Generator().manual_seed(seed)
@@ -196,8 +194,6 @@ def prune_checkpoint(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Prune a checkpoint as ``request`` (a ``PruneRequest``) says; write the pruned checkpoint and its report."""
-    import torch
-
     from .checkpoint import save_checkpoint
     from .files import write_json
     from .importance import NEEDS_CALIBRATION, accumulate_gradients, make_importance
@@ -334,8 +330,6 @@ def finetune_checkpoint(
     meta, model = ckpt.meta, ckpt.model
     bundle = load_data_for(meta, data, data_dir, subset)
     size = meta["input_size"]
-    import torch
-
     example = torch.zeros(1, 3, size, size)
     classifier = default_ignored(model, example, meta["num_classes"])[-1]
     changed = [name for record in meta.get("pruning", []) for name in record.get("changed_layers", [])]
