@@ -94,15 +94,17 @@ def main() -> None:
     results_path = ROOT / "benchmarks" / "results" / "compression.json"
     results = json.loads(results_path.read_text())["runs"] if results_path.exists() else {}
     for name in args.only.split(","):
+        # Runs with another fine-tuning budget than the default 2 epochs are kept apart: "2x-5ep".
+        key = name if args.finetune_epochs == 2 else f"{name}-{args.finetune_epochs}ep"
         start = time.perf_counter()
         if name == "torch-pruning-2x":
-            results[name] = torch_pruning_reference(
-                args.baseline, args.data, args.finetune_epochs, 0.5, Path(args.runs_dir) / name
+            results[key] = torch_pruning_reference(
+                args.baseline, args.data, args.finetune_epochs, 0.5, Path(args.runs_dir) / key
             )
         else:
             cfg = RunConfig.from_dict(
                 {
-                    "name": name,
+                    "name": key,
                     "runs_dir": args.runs_dir,
                     "baseline": str(args.baseline),
                     "data": args.data,
@@ -111,8 +113,9 @@ def main() -> None:
                 }
             )
             metrics = run(cfg, resume=True)
-            results[name] = {"config": RUNS[name], **metrics}
-        results[name]["wall_s"] = time.perf_counter() - start
+            results[key] = {"config": RUNS[name], "finetune_epochs": cfg.finetune_epochs, **metrics}
+        results[key]["wall_s"] = time.perf_counter() - start
+        name = key
         print(json.dumps({name: results[name].get("accuracy")}, indent=1), flush=True)
         save(
             "compression",
