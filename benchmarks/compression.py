@@ -92,7 +92,8 @@ def main() -> None:
     if args.data == str(FULL_ARCHIVE):
         require(FULL_ARCHIVE)
     results_path = ROOT / "benchmarks" / "results" / "compression.json"
-    results = json.loads(results_path.read_text())["runs"] if results_path.exists() else {}
+    previous = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results = previous.get("runs", {})
     for name in args.only.split(","):
         # Runs with another fine-tuning budget than the default 2 epochs are kept apart: "2x-5ep".
         key = name if args.finetune_epochs == 2 else f"{name}-{args.finetune_epochs}ep"
@@ -120,8 +121,14 @@ def main() -> None:
         save(
             "compression",
             {
-                "command": f"python benchmarks/compression.py {args.baseline} --finetune-epochs {args.finetune_epochs}",
-                "finetune_epochs": args.finetune_epochs,
+                "commands": sorted(
+                    set(previous.get("commands", [previous["command"]] if "command" in previous else []))
+                    | {
+                        f"python benchmarks/compression.py {args.baseline} --finetune-epochs {args.finetune_epochs}"
+                        f" --only {args.only}"
+                    }
+                ),
+                "note": "fine-tuning epochs: 2 unless the run's key ends in -Nep",
                 "runs": results,
             },
         )
