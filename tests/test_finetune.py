@@ -83,7 +83,7 @@ def test_pruning_records_the_changed_layers(pruned_ckpt):
 def test_seed_policy_selects_exactly_the_pruned_block_and_the_classifier(pruned_ckpt):
     model = load_checkpoint(pruned_ckpt).model
     names = [n for n, _ in model.named_parameters()]
-    trainable = trainable_filter(model, "seed", sorted(PRUNED_LAYERS), "fc")
+    trainable = trainable_filter("seed", sorted(PRUNED_LAYERS), "fc")
     assert trainable is not None
     selected = {n for n in names if trainable(n)}
     expected = {n for n in names if n.startswith(TRAINABLE_PREFIXES)}
@@ -110,7 +110,7 @@ def test_seed_policy_selects_exactly_the_pruned_block_and_the_classifier(pruned_
 def test_seed_policy_for_a_pruned_top_level_layer():
     model = build_model("resnet18", 10)
     names = [n for n, _ in model.named_parameters()]
-    trainable = trainable_filter(model, "seed", ["conv1", "bn1"], "fc")
+    trainable = trainable_filter("seed", ["conv1", "bn1"], "fc")
     assert {n for n in names if trainable(n)} == {
         "conv1.weight",
         "bn1.weight",
@@ -121,10 +121,9 @@ def test_seed_policy_for_a_pruned_top_level_layer():
 
 
 def test_none_policy_trains_everything_and_unknown_policies_are_usage_errors():
-    model = build_model("resnet18", 10)
-    assert trainable_filter(model, "none", sorted(PRUNED_LAYERS), "fc") is None
+    assert trainable_filter("none", sorted(PRUNED_LAYERS), "fc") is None
     with pytest.raises(UsageError, match="--freeze"):
-        trainable_filter(model, "bogus", sorted(PRUNED_LAYERS), "fc")
+        trainable_filter("bogus", sorted(PRUNED_LAYERS), "fc")
 
 
 def test_recipes():
@@ -142,7 +141,7 @@ def test_frozen_weights_and_statistics_stay_bitwise_unchanged(pruned_ckpt, tmp_p
     model = ckpt.model
     bundle = load_data("synthetic", subset=2)  # 20 images, 2 steps of 10
     before = snapshot(model)
-    trainable = trainable_filter(model, "seed", sorted(PRUNED_LAYERS), "fc")
+    trainable = trainable_filter("seed", sorted(PRUNED_LAYERS), "fc")
     result = fit(model, bundle, tiny_fit_config(), tmp_path / "ft", ckpt.meta, trainable=trainable)
     after = snapshot(result.model.cpu())
     assert before.keys() == after.keys()

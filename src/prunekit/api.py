@@ -333,7 +333,7 @@ def finetune_checkpoint(
     example = torch.zeros(1, 3, size, size)
     classifier = default_ignored(model, example, meta["num_classes"])[-1]
     changed = [name for record in meta.get("pruning", []) for name in record.get("changed_layers", [])]
-    trainable = trainable_filter(model, settings["freeze"], changed, classifier)
+    trainable = trainable_filter(settings["freeze"], changed, classifier)
     teacher_model = load_checkpoint(settings["teacher"]).model if settings["teacher"] else None
     if not stages:
         stages["pruned"] = evaluate(

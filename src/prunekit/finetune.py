@@ -51,7 +51,7 @@ def pruned_blocks(changed_layers: Iterable[str]) -> list[str]:
 
 
 def trainable_filter(
-    model: nn.Module, policy: str, changed_layers: Iterable[str], classifier: str
+    policy: str, changed_layers: Iterable[str], classifier: str
 ) -> Callable[[str], bool] | None:
     """Which parameters train under ``policy``; None means all.
 
