@@ -22,7 +22,7 @@ from torch_pruning.pruner import function
 
 from .errors import UsageError
 from .importance import ChannelImportance
-from .measure import count_macs, layer_macs
+from .measure import count_macs, count_params, layer_macs
 
 TOLERANCE = 0.02  # a target is met when the measured figure is within 2 % of it
 MIN_KEEP_FRACTION = 0.05  # global targets never shrink a group below 5 % of its channels
@@ -108,7 +108,7 @@ class LayerCosts:
         model.train(was_training)
         for h in handles:
             h.remove()
-        self.total_params = sum(p.numel() for p in model.parameters())
+        self.total_params = count_params(model)
 
     def priced(self, groups: list[Group], removed: dict[str, torch.Tensor]) -> tuple[float, float]:
         """(MACs, params) after removing ``removed[root]`` (a bool mask over root channels) from each group."""
@@ -393,7 +393,7 @@ def prune_model(
         macs_before=macs_before,
         macs_after=count_macs(model, input_size),
         params_before=params_before,
-        params_after=sum(p.numel() for p in model.parameters()),
+        params_after=count_params(model),
     )
     if request.ratio is None:  # the target is checked on the measured model, not on the plan's estimate
         reached = result.macs_after / macs_before if metric == "macs" else result.params_after / params_before
