@@ -54,6 +54,30 @@ class DataBundle:
     def image_size(self) -> int:
         return int(self.train.images.shape[-1])
 
+    def loader(
+        self,
+        split: str,
+        batch_size: int,
+        train: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        channels_last: bool = True,
+    ) -> BatchLoader:
+        """Normalized batches of ``split`` ('train' or 'test'); augmented and shuffled when ``train``."""
+        source = self.train if split == "train" else self.test
+        return BatchLoader(
+            source,
+            batch_size,
+            self.mean,
+            self.std,
+            train=train,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            channels_last=channels_last,
+        )
+
 
 def load_data(
     spec: str,
