@@ -47,7 +47,7 @@ def main() -> None:
         require(FULL_ARCHIVE)
     dense = load_checkpoint(args.checkpoint)
     bundle = api.load_data_for(dense.meta, args.data)
-    dense_acc = evaluate(dense.model, bundle.test, bundle.mean, bundle.std)["accuracy"]
+    dense_acc = evaluate(dense.model, bundle.loader("test", 500))["accuracy"]
     print(f"dense: {dense_acc:.2%}")
     table: dict[str, dict[str, float]] = {}
     recalibrated: dict[str, dict[str, float]] = {}
@@ -66,10 +66,10 @@ def main() -> None:
                     out=out,
                 )
                 pruned = load_checkpoint(out)
-                acc = evaluate(pruned.model, bundle.test, bundle.mean, bundle.std)["accuracy"]
+                acc = evaluate(pruned.model, bundle.loader("test", 500))["accuracy"]
                 batches = api.calibration_batches(pruned.meta, bundle, 2048)
                 recalibrate_batchnorm(pruned.model, [x for x, _ in batches])
-                recal = evaluate(pruned.model, bundle.test, bundle.mean, bundle.std)["accuracy"]
+                recal = evaluate(pruned.model, bundle.loader("test", 500))["accuracy"]
                 table[label][setting] = acc
                 recalibrated.setdefault(label, {})[setting] = recal
                 print(

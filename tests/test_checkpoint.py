@@ -14,7 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import PYTHON, subprocess_env
-from prunekit.checkpoint import FORMAT_VERSION, load, load_checkpoint, read_meta, save_checkpoint
+from prunekit import load
+from prunekit.checkpoint import FORMAT_VERSION, load_checkpoint, read_meta, save_checkpoint
 from prunekit.errors import UsageError
 from prunekit.models import build_model
 
@@ -126,7 +127,7 @@ import json, sys
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from prunekit.checkpoint import load
+from prunekit import load
 torch.set_num_threads(1)
 for ckpt, inp, out in json.loads(sys.argv[1]):
     model = load(ckpt)

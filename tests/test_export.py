@@ -27,7 +27,7 @@ def pruned_ckpt(tmp_path_factory) -> Path:
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
                 m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-    prune_model(model, PruneRequest(target_macs=0.5), make_importance("l1"), 32, 10)
+    prune_model(model, PruneRequest(target_macs=0.5), make_importance("l1"), torch.zeros(1, 3, 32, 32))
     bundle = synthetic_data(train_per_class=1, test_per_class=1)
     meta = model_meta(
         "resnet18", bundle, {"spec": "synthetic", "data_dir": None, "subset": None, "image_size": None}

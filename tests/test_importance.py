@@ -41,7 +41,10 @@ def dense_ckpt(tmp_path_factory, resnet18):
 
 def prune_layer(model: nn.Module, criterion: str, ratio: float = RATIO, seed: int = 0) -> dict[str, int]:
     return prune_model(
-        model, PruneRequest(layers=[LAYER], ratio=ratio), make_importance(criterion, seed), 32, 10
+        model,
+        PruneRequest(layers=[LAYER], ratio=ratio),
+        make_importance(criterion, seed),
+        torch.zeros(1, 3, 32, 32),
     ).removed
 
 

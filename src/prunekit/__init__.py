@@ -2,6 +2,19 @@
 
 __version__ = "0.1.0"
 
-from .checkpoint import load, load_checkpoint, save_checkpoint  # noqa: E402
+from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from .core import PruneReport, finetune, load, prune, recalibrate_bn, save  # noqa: E402
+from .train import TrainConfig  # noqa: E402
 
-__all__ = ["__version__", "load", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "PruneReport",
+    "TrainConfig",
+    "__version__",
+    "finetune",
+    "load",
+    "load_checkpoint",
+    "prune",
+    "recalibrate_bn",
+    "save",
+    "save_checkpoint",
+]

@@ -9,18 +9,14 @@ from typing import Any
 import torch
 
 from . import __version__
-from .checkpoint import load_checkpoint
+from .checkpoint import description, load_checkpoint
 from .data import DataBundle, load_data
 from .errors import UsageError
 from .measure import count_macs, count_params, evaluate, latency, summary
 from .models import build_model, min_input_size
-from .train import STATE_FILE, FitResult, TrainConfig, fit
+from .train import STATE_FILE, FitResult, TrainConfig, eval_batch_size, fit
 
-
-def description(meta: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's metadata without its training state and results: what a derived checkpoint inherits."""
-    dropped = ("train", "history", "train_state", "optimizer", "metrics", "shapes")
-    return {k: v for k, v in meta.items() if k not in dropped}
+__all__ = ["description"]  # re-exported: derived checkpoints in benchmarks inherit through it
 
 
 def model_meta(model_name: str, data: DataBundle, data_args: dict[str, Any]) -> dict[str, Any]:
@@ -124,9 +120,7 @@ def evaluate_checkpoint(
     meta = ckpt.meta
     bundle = load_data_for(meta, data, data_dir, subset)
     model = ckpt.model
-    acc = evaluate(
-        model, bundle.test, bundle.mean, bundle.std, batch_size=batch_size, num_classes=meta["num_classes"]
-    )
+    acc = evaluate(model, bundle.loader("test", batch_size), num_classes=meta["num_classes"])
     size = meta["input_size"]
     table = summary(model, size)
     results: dict[str, Any] = {
@@ -176,12 +170,6 @@ def calibration_batches(
     return list(BatchLoader(split, batch_size, bundle.mean, bundle.std, train=False, channels_last=False))
 
 
-def default_importance(request: Any) -> str:
-    """The seed's ``activation`` for named layers; ``l2`` for network-wide pruning, where it kept the most
-    accuracy of all criteria (benchmarks/results/criteria.json) and the seed's criterion collapses."""
-    return "activation" if request.layers else "l2"
-
-
 def prune_checkpoint(
     path: str | Path,
     request: Any,
@@ -195,33 +183,38 @@ def prune_checkpoint(
 ) -> dict[str, Any]:
     """Prune a checkpoint as ``request`` (a ``PruneRequest``) says; write the pruned checkpoint and its report."""
     from .checkpoint import save_checkpoint
+    from .core import default_importance, prune
     from .files import write_json
-    from .importance import NEEDS_CALIBRATION, accumulate_gradients, make_importance
-    from .prune import prune_model
+    from .importance import NEEDS_CALIBRATION
 
     request.validate()
-    importance = importance or default_importance(request)
+    importance = importance or default_importance(request.layers)
     if calibration not in ("data", "random"):
         raise UsageError(f"--calibration must be 'data' or 'random', got {calibration}")
     if importance == "taylor" and calibration == "random":
         raise UsageError("--importance taylor needs labelled images; drop --calibration random")
-    criterion = make_importance(importance, seed)
     ckpt = load_checkpoint(path)
     meta, model = ckpt.meta, ckpt.model
     out = Path(out) if out else Path(path).with_name(Path(path).stem + "-pruned.safetensors")
+    batches = None
     if importance in NEEDS_CALIBRATION:
         bundle = None if calibration == "random" else load_data_for(meta, data, data_dir)
         batches = calibration_batches(meta, bundle, calibration_images, seed=seed)
-        if importance == "taylor":
-            accumulate_gradients(model, batches)
-        else:
-            criterion.calibrate(model, [x for x, _ in batches])
     size = meta["input_size"]
     before = summary(model, size)
-    result = prune_model(model, request, criterion, size, meta["num_classes"])  # traces autograd: no no_grad
-    model.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        model(torch.zeros(2, 3, size, size))  # the pruned model must still run
+    result = prune(
+        model,
+        torch.zeros(1, 3, size, size),
+        layers=request.layers,
+        ratio=request.ratio,
+        target_macs=request.target_macs,
+        target_params=request.target_params,
+        ignore=request.ignore,
+        round_to=request.round_to,
+        importance=importance,
+        calibration=batches,
+        seed=seed,
+    )
     after = summary(model, size)
     report = {
         "checkpoint": str(path),
@@ -297,7 +290,7 @@ def finetune_checkpoint(
 ) -> dict[str, Any]:
     """Recalibrate BatchNorm, then fine-tune a pruned checkpoint; returns accuracy at each stage."""
     from .finetune import recalibrate_batchnorm, recipe, trainable_filter
-    from .prune import default_ignored
+    from .prune import output_layer
 
     out = Path(out)
     state = out / STATE_FILE
@@ -331,20 +324,17 @@ def finetune_checkpoint(
     bundle = load_data_for(meta, data, data_dir, subset)
     size = meta["input_size"]
     example = torch.zeros(1, 3, size, size)
-    classifier = default_ignored(model, example, meta["num_classes"])[-1]
+    classifier = output_layer(model, example)
     changed = [name for record in meta.get("pruning", []) for name in record.get("changed_layers", [])]
     trainable = trainable_filter(settings["freeze"], changed, classifier)
     teacher_model = load_checkpoint(settings["teacher"]).model if settings["teacher"] else None
     if not stages:
-        stages["pruned"] = evaluate(
-            model, bundle.test, bundle.mean, bundle.std, num_classes=meta["num_classes"]
-        )["accuracy"]
+        test = bundle.loader("test", eval_batch_size(bundle))
+        stages["pruned"] = evaluate(model, test, num_classes=meta["num_classes"])["accuracy"]
         if recalibrate:
             batches = calibration_batches(meta, bundle, recalibration_images, seed=seed)
             recalibrate_batchnorm(model, [x for x, _ in batches])
-            stages["recalibrated"] = evaluate(
-                model, bundle.test, bundle.mean, bundle.std, num_classes=meta["num_classes"]
-            )["accuracy"]
+            stages["recalibrated"] = evaluate(model, test, num_classes=meta["num_classes"])["accuracy"]
     settings = {**settings, "accuracy": stages}
     base_meta = description(meta)
     base_meta["finetune"] = settings

@@ -34,6 +34,7 @@ SHAPE_ATTRS = (
     "num_groups",
 )
 MODEL_PREFIX = "model."
+CUSTOM_PREFIX = "custom:"  # a model of the user's own class, recorded as custom:<module>.<qualname>
 OPTIM_PREFIX = "optim."
 
 
@@ -84,19 +85,48 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         return _meta_of(f, path)
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Rebuild the model with the recorded shapes and load its weights strictly."""
+def description(meta: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's metadata without its training state and results: what a derived checkpoint inherits."""
+    dropped = (
+        "train",
+        "history",
+        "train_state",
+        "optimizer",
+        "metrics",
+        "shapes",
+        "format",
+        "format_version",
+    )
+    return {k: v for k, v in meta.items() if k not in dropped}
+
+
+def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> Checkpoint:
+    """Rebuild the model with the recorded shapes and load its weights strictly.
+
+    ``model``, when given, is a fresh instance to load into (a user's own class); else it is built by name.
+    """
     with _open(path) as f:
         meta = _meta_of(f, path)
         keys = list(f.keys())
         tensors = {k: f.get_tensor(k) for k in keys}
-    model = build_model(meta["model"], meta["num_classes"])
+    name = meta["model"]
+    if model is None:
+        if str(name).startswith(CUSTOM_PREFIX):
+            cls = str(name)[len(CUSTOM_PREFIX) :].rpartition(".")[2]
+            raise UsageError(
+                f"{path} holds a {name[len(CUSTOM_PREFIX) :]}, which prunekit cannot build by name; "
+                f"load it with prunekit.load(path, model={cls}(...)), a fresh instance of that class"
+            )
+        if "num_classes" not in meta:
+            raise UsageError(f"{path}: not a prunekit checkpoint (metadata lacks num_classes)")
+        model = build_model(name, meta["num_classes"])
     state = {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
     apply_shapes(model, meta.get("shapes", {}), state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise UsageError(f"{path}: the weights do not fit a {meta['model']} model ({exc})") from None
+        detail = " ".join(str(exc).split())
+        raise UsageError(f"{path}: the weights do not fit a {name} model ({detail})") from None
     model.eval()
     optim = None
     if "optimizer" in meta:
@@ -106,13 +136,6 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         )
     extra = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
     return Checkpoint(model, meta, optim, extra)
-
-
-def load(path: str | Path) -> nn.Module:
-    """Load a prunekit checkpoint (dense or pruned) as a model in eval mode; its metadata is ``model.prunekit_meta``."""
-    ckpt = load_checkpoint(path)
-    ckpt.model.prunekit_meta = ckpt.meta
-    return ckpt.model
 
 
 def apply_shapes(model: nn.Module, shapes: dict[str, dict[str, Any]], state: dict[str, torch.Tensor]) -> None:
@@ -161,7 +184,7 @@ def _meta_of(f, path: str | Path) -> dict[str, Any]:
         meta = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise UsageError(f"{path}: corrupt prunekit metadata ({exc})") from None
-    if meta.get("format") != FORMAT or "model" not in meta or "num_classes" not in meta:
+    if meta.get("format") != FORMAT or not isinstance(meta.get("model"), str):
         raise UsageError(f"{path}: not a prunekit checkpoint (metadata lacks the model description)")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise UsageError(

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .console import console
-from .errors import UsageError
+from .errors import UsageError, cli_arg_style
 from .finetune import FREEZE_POLICIES, RECIPES
 from .importance import CRITERIA
 
@@ -221,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return int(args.func(args) or 0)
+        with cli_arg_style():
+            return int(args.func(args) or 0)
     except UsageError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return EXIT_USAGE

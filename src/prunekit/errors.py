@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 _ARG_STYLE: ContextVar[str] = ContextVar("prunekit_arg_style", default="python")
+CLI_FLAGS = {"layers": "--layer", "example_inputs": "--image-size"}  # where the flag is not the option's name
 
 
 class UsageError(Exception):
@@ -15,7 +16,16 @@ class UsageError(Exception):
 
 def arg(name: str) -> str:
     """Option ``name`` (``target_macs``) as the user wrote it: ``--target-macs`` in the CLI, ``target_macs`` in Python."""
-    return "--" + name.replace("_", "-") if _ARG_STYLE.get() == "cli" else name
+    if _ARG_STYLE.get() != "cli":
+        return name
+    return CLI_FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def arg_values(name: str, values: list[str]) -> str:
+    """A list-valued option as the user would write it: ``--ignore a --ignore b`` or ``ignore=['a', 'b']``."""
+    if _ARG_STYLE.get() == "cli":
+        return " ".join(f"{arg(name)} {v}" for v in values)
+    return f"{name}={list(values)!r}"
 
 
 @contextmanager

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from .data import BatchLoader, Split
 
 
 def autocast(device: torch.device | str, enabled: bool):
@@ -32,28 +30,31 @@ def bf16_supported() -> bool:
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
-    split: Split,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    batch_size: int = 500,
-    device: torch.device | str = "cpu",
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device | str | None = None,
     bf16: bool = False,
     num_classes: int | None = None,
-    rank: int = 0,
     world_size: int = 1,
 ) -> dict[str, Any]:
-    """Top-1 accuracy (overall and per class) and mean loss; sums over ranks when distributed."""
+    """Top-1 accuracy (overall and per class) and mean loss over ``(images, labels)`` batches.
+
+    Runs on the model's own device unless ``device`` is given; sums over ranks when distributed.
+    """
     was_training = model.training
     model.eval()
-    num_classes = num_classes or int(split.labels.max()) + 1
-    correct = torch.zeros(num_classes, dtype=torch.float64)
-    count = torch.zeros(num_classes, dtype=torch.float64)
+    if device is None:
+        device = next(model.parameters()).device
+    correct = torch.zeros(num_classes or 0, dtype=torch.float64)
+    count = torch.zeros(num_classes or 0, dtype=torch.float64)
     loss_sum = torch.zeros(1, dtype=torch.float64)
-    loader = BatchLoader(split, batch_size, mean, std, rank=rank, world_size=world_size)
-    for x, y in loader:
-        x = x.to(device, non_blocking=True)
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.cpu().long()
         with autocast(device, bf16):
             logits = model(x).float().cpu()
+        if logits.shape[1] > len(correct):  # classes unknown up front: grow with the model's output
+            grow = logits.shape[1] - len(correct)
+            correct = torch.cat([correct, torch.zeros(grow, dtype=torch.float64)])
+            count = torch.cat([count, torch.zeros(grow, dtype=torch.float64)])
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         hit = (logits.argmax(1) == y).double()
         correct.index_add_(0, y, hit)
@@ -88,8 +89,11 @@ def layer_macs(module: nn.Module, output: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module, input_size: int) -> int:
-    """Conv and linear multiply-accumulates of a batch-1 forward pass (the figure MACs targets refer to)."""
+def count_macs(model: nn.Module, inputs: int | torch.Tensor) -> int:
+    """Conv and linear multiply-accumulates per image (the figure MACs targets refer to).
+
+    ``inputs`` is an example batch, or the side of a square RGB image.
+    """
     total = 0
 
     def hook(module, _inputs, output):
@@ -102,7 +106,9 @@ def count_macs(model: nn.Module, input_size: int) -> int:
     was_training = model.training
     model.eval()
     try:
-        model(torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device))
+        if isinstance(inputs, int):
+            inputs = torch.zeros(1, 3, inputs, inputs, device=next(model.parameters()).device)
+        model(inputs)
     finally:
         model.train(was_training)
         for h in handles:

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning.pruner import function
 
-from .errors import UsageError
+from .errors import UsageError, arg, arg_values
 from .importance import ChannelImportance
 from .measure import count_macs, count_params, layer_macs
 
@@ -50,18 +50,24 @@ class PruneRequest:
     def validate(self) -> None:
         modes = [self.ratio is not None, self.target_macs is not None, self.target_params is not None]
         if sum(modes) != 1:
-            raise UsageError("give exactly one of --ratio, --target-macs, --target-params")
+            raise UsageError(
+                f"give exactly one of {arg('ratio')}, {arg('target_macs')}, {arg('target_params')}"
+            )
         if self.layers and self.ratio is None:
-            raise UsageError("--layer takes a --ratio (a target applies to the whole network)")
-        for flag, value in (
-            ("--ratio", self.ratio),
-            ("--target-macs", self.target_macs),
-            ("--target-params", self.target_params),
+            raise UsageError(
+                f"{arg('layers')} takes a {arg('ratio')} (a target applies to the whole network)"
+            )
+        for name, value in (
+            ("ratio", self.ratio),
+            ("target_macs", self.target_macs),
+            ("target_params", self.target_params),
         ):
-            if value is not None and not 0 < value < 1:
-                raise UsageError(f"{flag} must be between 0 and 1 (exclusive), got {value}")
-        if self.round_to < 1:
-            raise UsageError(f"--round-to must be at least 1, got {self.round_to}")
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise UsageError(f"{arg(name)} must be a number between 0 and 1 (exclusive), got {value!r}")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise UsageError(f"{arg('round_to')} must be a whole number of at least 1, got {self.round_to!r}")
 
 
 @dataclass
@@ -163,31 +169,59 @@ def forward_order(model: nn.Module, example: torch.Tensor) -> list[str]:
     return [names[m] for m in LayerCosts(model, example).order]
 
 
-def default_ignored(model: nn.Module, example: torch.Tensor, num_classes: int) -> list[str]:
-    """The input conv and the classifier's output layer: never pruned unless named."""
-    order = forward_order(model, example)
-    modules = dict(model.named_modules())
-    ignored = [order[0]]
-    for name in reversed(order):
-        m = modules[name]
-        if getattr(m, "out_features", None) == num_classes or getattr(m, "out_channels", None) == num_classes:
-            ignored.append(name)
-            break
-    return ignored
+@torch.no_grad()
+def output_layer(model: nn.Module, example: torch.Tensor) -> str:
+    """The conv/linear whose output the model returns (its channels are classes): found by tracing, not guessed.
+
+    When the returned tensor is not any layer's own output (e.g. flattened after a 1x1 conv classifier), the
+    last conv/linear the forward pass calls is the output layer.
+    """
+    outputs: dict[int, nn.Module] = {}
+    order: list[nn.Module] = []
+
+    def hook(module, _inputs, output):
+        order.append(module)
+        if isinstance(output, torch.Tensor):
+            outputs[id(output)] = module
+
+    handles = [
+        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(example)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    if not order:
+        raise UsageError(f"{type(model).__name__} has no Conv2d or Linear layer to prune")
+    names = {m: n for n, m in model.named_modules()}
+    result = out if isinstance(out, torch.Tensor) else None
+    module = outputs.get(id(result)) if result is not None else None
+    return names[module if module is not None else order[-1]]
 
 
-def resolve_layer(model: nn.Module, name: str, flag: str = "--layer") -> nn.Module:
+def default_ignored(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """The input conv and the output layer: never pruned unless named."""
+    first = forward_order(model, example)[0]
+    last = output_layer(model, example)
+    return [first] if first == last else [first, last]
+
+
+def resolve_layer(model: nn.Module, name: str, option: str = "layers") -> nn.Module:
     """The module called ``name``, or a UsageError suggesting close names."""
     modules = dict(model.named_modules())
-    if name not in modules or not name:
+    if not isinstance(name, str) or name not in modules or not name:
         convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
-        close = difflib.get_close_matches(name, convs, n=3, cutoff=0.5)
+        close = difflib.get_close_matches(str(name), convs, n=3, cutoff=0.5)
         hint = (
             f" Did you mean {', '.join(close)}?"
             if close
-            else f" Convs in this model: {', '.join(convs[:8])}, ..."
+            else f" Convs in this model: {', '.join(convs[:8])}{', ...' if len(convs) > 8 else ''}"
         )
-        raise UsageError(f"{flag} {name}: no such layer.{hint}")
+        raise UsageError(f"{arg(option)} {name}: no such layer.{hint}")
     return modules[name]
 
 
@@ -209,54 +243,84 @@ def _to_group(
     return Group(name, module, raw[0].dep.handler, len(raw[0].idxs), scores.float(), members)
 
 
+def validate_names(model: nn.Module, request: PruneRequest) -> None:
+    """Every layer the request names exists and is a conv: checked before any forward pass or scoring."""
+    for name in request.ignore:
+        resolve_layer(model, name, "ignore")
+    for name in request.layers:
+        module = resolve_layer(model, name, "layers")
+        if not isinstance(module, nn.Conv2d):
+            raise UsageError(
+                f"{arg('layers')} {name} is a {type(module).__name__}, not a prunable conv; name a Conv2d"
+            )
+
+
+def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    """torch-pruning's dependency graph; its failures become one-line errors instead of tracebacks."""
+    try:
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    except Exception as exc:
+        raise UsageError(
+            f"cannot trace {type(model).__name__} to find coupled layers ({type(exc).__name__}: {exc})"
+        ) from None
+
+
 def collect_groups(
     model: nn.Module,
     example: torch.Tensor,
     importance: ChannelImportance,
     request: PruneRequest,
-    num_classes: int,
 ) -> tuple[tp.DependencyGraph, list[Group]]:
     """Build the dependency graph and score the groups the request covers."""
-    DG = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    validate_names(model, request)
+    DG = build_graph(model, example)
     names = {m: n for n, m in model.named_modules()}
-    for name in request.ignore:
-        resolve_layer(model, name, "--ignore")
     groups: list[Group] = []
     if request.layers:
-        protected = {resolve_layer(model, n, "--ignore") for n in request.ignore}
-        output_layer = resolve_layer(model, default_ignored(model, example, num_classes)[-1])
+        protected = {resolve_layer(model, n, "ignore") for n in request.ignore}
+        output = resolve_layer(model, output_layer(model, example))
         seen = set()
         for name in request.layers:
             module = resolve_layer(model, name)
-            if not isinstance(module, nn.Conv2d):
-                raise UsageError(
-                    f"--layer {name} is a {type(module).__name__}, not a prunable conv; name a Conv2d"
+            try:
+                raw = DG.get_pruning_group(
+                    module, function.prune_conv_out_channels, list(range(module.out_channels))
                 )
-            raw = DG.get_pruning_group(
-                module, function.prune_conv_out_channels, list(range(module.out_channels))
-            )
-            outs = {item.dep.layer for item in raw if item.dep.pruning_fn in _OUT_FNS}
-            if output_layer in outs:
+            except Exception as exc:
                 raise UsageError(
-                    f"--layer {name} is coupled to the classifier's output; its channels are classes"
+                    f"{arg('layers')} {name}: torch-pruning cannot follow its channels "
+                    f"({type(exc).__name__}: {exc})"
+                ) from None
+            outs = {item.dep.layer for item in raw if item.dep.pruning_fn in _OUT_FNS}
+            if output in outs:
+                raise UsageError(
+                    f"{arg('layers')} {name} is coupled to the model's output layer; its channels are classes"
                 )
             if outs & protected:
                 blocked = sorted(names[m] for m in outs & protected)
                 raise UsageError(
-                    f"--layer {name} is coupled to {', '.join(blocked)}, which --ignore protects"
+                    f"{arg('layers')} {name} is coupled to {', '.join(blocked)}, which {arg('ignore')} protects"
                 )
             if outs & seen:
-                raise UsageError(f"--layer {name} is coupled to another named layer; name only one of them")
+                raise UsageError(
+                    f"{arg('layers')} {name} is coupled to another named layer; name only one of them"
+                )
             seen |= outs
             group = _to_group(DG, name, module, raw, importance)
             if group is None:
                 raise UsageError(
-                    f"--layer {name} cannot be pruned with this criterion (grouped conv or no scores)"
+                    f"{arg('layers')} {name} cannot be pruned with this criterion (grouped conv or no scores)"
                 )
             groups.append(group)
         return DG, groups
-    ignored = [resolve_layer(model, n) for n in default_ignored(model, example, num_classes) + request.ignore]
-    for raw in DG.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
+    ignored = [resolve_layer(model, n) for n in default_ignored(model, example) + request.ignore]
+    try:
+        raws = list(DG.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]))
+    except Exception as exc:
+        raise UsageError(
+            f"torch-pruning cannot group the channels of {type(model).__name__} ({type(exc).__name__}: {exc})"
+        ) from None
+    for raw in raws:
         module = raw[0].dep.target.module
         group = _to_group(DG, names[module], module, raw, importance)
         if group is not None:
@@ -289,8 +353,8 @@ def plan_ratio(groups: list[Group], ratio: float, round_to: int) -> dict[str, to
         n = _round_removal(g.channels, int(g.channels * ratio), round_to)
         if n >= g.channels:
             raise UsageError(
-                f"--ratio {ratio} with --round-to {round_to} would remove every one of the {g.channels} channels of"
-                f" {g.root}; use a smaller ratio or --round-to"
+                f"{arg('ratio')} {ratio} with {arg('round_to')} {round_to} would remove every one of the "
+                f"{g.channels} channels of {g.root}; use a smaller ratio or {arg('round_to')}"
             )
         plan[g.root] = _lowest(g.scores, n)
     return plan
@@ -324,7 +388,7 @@ def plan_target(
     if smallest > goal * (1 + TOLERANCE):
         base = dense_macs if metric == "macs" else dense_params
         raise UsageError(
-            f"--target-{metric} {target} cannot be reached: pruning every prunable layer to its minimum "
+            f"{arg('target_' + metric)} {target} cannot be reached: pruning every prunable layer to its minimum "
             f"({MIN_KEEP_FRACTION:.0%} of channels) leaves {smallest / base:.3f} of the dense {metric}"
         )
     best = plan_at(hi)
@@ -351,55 +415,169 @@ def apply_plan(DG: tp.DependencyGraph, groups: list[Group], plan: dict[str, torc
         if int(mask.sum()) >= g.channels:
             raise UsageError(f"the plan would remove every channel of {g.root}")
         idxs = torch.nonzero(mask).flatten().tolist()
-        DG.get_pruning_group(g.module, g.handler, idxs).prune()
+        try:
+            DG.get_pruning_group(g.module, g.handler, idxs).prune()
+        except Exception as exc:
+            raise SurgeryError(g.root, f"torch-pruning failed ({type(exc).__name__}: {exc})") from None
         removed[g.root] = len(idxs)
     return removed
+
+
+class SurgeryError(Exception):
+    """Removing a group's channels broke the model; the caller undoes the surgery and names ``layer``."""
+
+    def __init__(self, layer: str, reason: str):
+        super().__init__(f"{layer}: {reason}")
+        self.layer, self.reason = layer, reason
+
+
+def snapshot(model: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:
+    """Each module's attributes, parameters and buffers: enough to undo a surgery exactly.
+
+    torch-pruning assigns new tensors rather than editing the old ones in place, so holding references to
+    the old parameter objects (not copies) restores the model, and a caller's optimizer still points at them.
+    """
+    state = []
+    for m in model.modules():
+        attrs = {k: v for k, v in vars(m).items() if k not in ("_parameters", "_buffers", "_modules")}
+        state.append((m, {"attrs": attrs, "params": dict(m._parameters), "buffers": dict(m._buffers)}))
+    return state
+
+
+def restore(state: list[tuple[nn.Module, dict[str, Any]]]) -> None:
+    """Undo everything done to the modules since ``snapshot``."""
+    for m, saved in state:
+        for key in [k for k in vars(m) if k not in ("_parameters", "_buffers", "_modules")]:
+            if key not in saved["attrs"]:
+                delattr(m, key)
+        vars(m).update(saved["attrs"])
+        m._parameters.clear()
+        m._parameters.update(saved["params"])
+        m._buffers.clear()
+        m._buffers.update(saved["buffers"])
+
+
+def _output_shapes(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, dict):
+        return {k: _output_shapes(v) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return [_output_shapes(v) for v in out]
+    return type(out).__name__
+
+
+@torch.no_grad()
+def check_runs(model: nn.Module, example: torch.Tensor, expected: Any, layer: str) -> None:
+    """The pruned model must run on the example and return outputs of the dense model's shapes."""
+    try:
+        got = _output_shapes(model(example))
+    except Exception as exc:
+        raise SurgeryError(layer, f"the model no longer runs ({type(exc).__name__}: {exc})") from None
+    if got != expected:
+        raise SurgeryError(layer, f"the output shape changed from {expected} to {got}")
+
+
+def _culprits(
+    model: nn.Module,
+    example: torch.Tensor,
+    importance: ChannelImportance,
+    request: PruneRequest,
+    plan: dict[str, torch.Tensor],
+    expected: Any,
+) -> list[str]:
+    """The groups whose removal alone breaks the model (each tried on its own and undone)."""
+    bad = []
+    for root, mask in plan.items():
+        if not mask.any():
+            continue
+        state = snapshot(model)
+        try:
+            DG, groups = collect_groups(model, example, importance, request)
+            group = [g for g in groups if g.root == root]
+            apply_plan(DG, group, {root: mask})
+            check_runs(model, example, expected, root)
+        except (SurgeryError, UsageError):
+            bad.append(root)
+        finally:
+            restore(state)
+    return bad
 
 
 def prune_model(
     model: nn.Module,
     request: PruneRequest,
     importance: ChannelImportance,
-    input_size: int,
-    num_classes: int,
+    example: torch.Tensor,
 ) -> PruneResult:
-    """Prune ``model`` in place as ``request`` says, scoring channels with ``importance`` (already calibrated)."""
+    """Prune ``model`` in place as ``request`` says, scoring channels with ``importance`` (already calibrated).
+
+    The request is validated and planned before the model changes; if the surgery breaks the model (it no
+    longer runs, its output shape changes) or misses a target, every change is undone before the error.
+    """
+    request.validate()
+    validate_names(model, request)
+    was_training = model.training
+    model.eval()
+    try:
+        return _prune_planned(model, request, importance, example)
+    finally:
+        model.train(was_training)
+
+
+def _prune_planned(
+    model: nn.Module, request: PruneRequest, importance: ChannelImportance, example: torch.Tensor
+) -> PruneResult:
     from .checkpoint import module_shapes
 
-    request.validate()
-    model.eval()
-    example = torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device)
+    with torch.no_grad():
+        expected = _output_shapes(model(example))
     costs = LayerCosts(model, example)
-    DG, groups = collect_groups(model, example, importance, request, num_classes)
+    DG, groups = collect_groups(model, example, importance, request)
     if request.ratio is not None:
         plan = plan_ratio(groups, request.ratio, request.round_to)
+        metric, target = None, None
     else:
         metric = "macs" if request.target_macs is not None else "params"
         target = request.target_macs if metric == "macs" else request.target_params
         plan = plan_target(groups, costs, target, metric, request.round_to)
     before = module_shapes(model)
     macs_before, params_before = int(sum(costs.macs.values())), costs.total_params
-    removed = apply_plan(DG, groups, plan)
+    state = snapshot(model)
+    try:
+        removed = apply_plan(DG, groups, plan)
+        check_runs(model, example, expected, "the pruned model")
+        macs_after, params_after = count_macs(model, example), count_params(model)
+        if metric is not None:  # the target is checked on the measured model, not on the plan's estimate
+            reached = macs_after / macs_before if metric == "macs" else params_after / params_before
+            if abs(reached - target) > TOLERANCE * target:
+                raise UsageError(
+                    f"{arg('target_' + metric)} {target}: the closest prunekit got is {reached:.3f} (channel "
+                    f"steps are too coarse here); try a nearby target or {arg('round_to')} 1"
+                )
+    except SurgeryError as exc:
+        restore(state)
+        bad = _culprits(model, example, importance, request, plan, expected) or [exc.layer]
+        raise UsageError(
+            f"pruning {', '.join(bad)} breaks the model ({exc.reason}): its channels pass through an operation "
+            f"the dependency graph does not see (padding, slicing or reshaping in forward). The model is "
+            f"unchanged; leave {'it' if len(bad) == 1 else 'them'} out with {arg_values('ignore', bad)}"
+        ) from None
+    except BaseException:
+        restore(state)
+        raise
     after = module_shapes(model)
     changed = [
         {"layer": name, **{k: [before[name][k], v] for k, v in attrs.items() if before[name].get(k) != v}}
         for name, attrs in after.items()
         if name in before and attrs != before[name]
     ]
-    result = PruneResult(
+    return PruneResult(
         model=model,
         removed=removed,
         changed_layers=changed,
         macs_before=macs_before,
-        macs_after=count_macs(model, input_size),
+        macs_after=macs_after,
         params_before=params_before,
-        params_after=count_params(model),
+        params_after=params_after,
     )
-    if request.ratio is None:  # the target is checked on the measured model, not on the plan's estimate
-        reached = result.macs_after / macs_before if metric == "macs" else result.params_after / params_before
-        if abs(reached - target) > TOLERANCE * target:
-            raise UsageError(
-                f"--target-{metric} {target}: the closest prunekit got is {reached:.3f} (channel steps are too "
-                "coarse here); try a nearby target or --round-to 1"
-            )
-    return result

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,8 @@ import torch.nn.functional as F
 
 from .checkpoint import Checkpoint, save_checkpoint
 from .console import info, progress_bar
-from .data import BatchLoader, DataBundle
-from .errors import UsageError
+from .data import DataBundle
+from .errors import UsageError, arg
 from .files import write_json
 from .measure import autocast, bf16_supported, evaluate
 
@@ -137,6 +138,45 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     )
 
 
+class IterableBatches:
+    """Any re-iterable of ``(images, labels)`` with a length (a DataLoader, a list) as the loop's loader.
+
+    Resuming mid-epoch replays the iterable and skips the batches already done, which is exact when the
+    iterable yields the same batches each time for the same epoch (a seeded sampler, a list).
+    """
+
+    def __init__(self, batches: Iterable):
+        try:
+            len(batches)  # type: ignore[arg-type]
+        except TypeError:
+            raise UsageError(
+                "training batches need a length (a DataLoader, a list of (images, labels)); "
+                f"got a {type(batches).__name__}"
+            ) from None
+        self.source = batches
+
+    def __len__(self) -> int:
+        return len(self.source)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator:
+        return iter(self.source)
+
+    def set_epoch(self, epoch: int) -> None:
+        sampler = getattr(self.source, "sampler", None)
+        if hasattr(sampler, "set_epoch"):  # DistributedSampler reshuffles per epoch
+            sampler.set_epoch(epoch)
+
+    def batches(self, start: int = 0) -> Iterator:
+        return itertools.islice(iter(self.source), start, None)
+
+
+def as_loader(batches: Any) -> Any:
+    """The loop's loader protocol (``__len__``, ``set_epoch``, ``batches(start)``) over ``batches``."""
+    if all(hasattr(batches, a) for a in ("__len__", "set_epoch", "batches")):
+        return batches
+    return IterableBatches(batches)
+
+
 @dataclass
 class FitResult:
     model: nn.Module
@@ -146,22 +186,27 @@ class FitResult:
 
 def fit(
     model: nn.Module,
-    data: DataBundle,
+    data: DataBundle | Iterable,
     cfg: TrainConfig,
-    out_dir: str | Path,
-    meta: dict[str, Any],
+    out_dir: str | Path | None = None,
+    meta: dict[str, Any] | None = None,
     teacher: nn.Module | None = None,
     trainable: Callable[[str], bool] | None = None,
     resume: Checkpoint | None = None,
     on_step: Callable[[int], None] | None = None,
+    test: Iterable | None = None,
+    classes: list[str] | None = None,
 ) -> FitResult:
-    """Train ``model`` on ``data``; checkpoints to ``out_dir`` after every epoch and on Ctrl-C.
+    """Train ``model`` on ``data``: a ``DataBundle``, or any iterable of ``(images, labels)`` batches.
 
-    ``trainable(name)`` selects the parameters to train (all when None); ``teacher`` adds distillation;
-    ``resume`` continues from a saved training state; ``on_step(global_step)`` is a test hook.
+    With ``out_dir``, checkpoints after every epoch and on Ctrl-C and writes the final model and metrics;
+    without, nothing is written. ``test`` (batches) is evaluated after each epoch when ``data`` is not a
+    bundle. ``trainable(name)`` selects the parameters to train (all when None); ``teacher`` adds
+    distillation; ``resume`` continues from a saved training state; ``on_step(global_step)`` is a test hook.
     """
     cfg.validate()
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir) if out_dir is not None else None
+    meta = meta or {}
     device = resolve_device(cfg.device)
     dist_info = init_distributed(device)
     use_bf16 = cfg.bf16 and (device.type == "cuda" or bf16_supported())
@@ -181,18 +226,21 @@ def fit(
         if cfg.channels_last:
             teacher.to(memory_format=torch.channels_last)
 
-    loader = BatchLoader(
-        data.train,
-        cfg.batch_size,
-        data.mean,
-        data.std,
-        train=True,
-        seed=cfg.seed,
-        rank=dist_info.rank,
-        world_size=dist_info.world_size,
-        channels_last=cfg.channels_last,
-    )
+    if isinstance(data, DataBundle):
+        place = {"rank": dist_info.rank, "world_size": dist_info.world_size}
+        loader = data.loader(
+            "train", cfg.batch_size, train=True, seed=cfg.seed, channels_last=cfg.channels_last, **place
+        )
+        test_loader = data.loader("test", eval_batch_size(data), channels_last=cfg.channels_last, **place)
+        classes = data.classes
+    else:
+        loader = as_loader(data)
+        test_loader = as_loader(test) if test is not None else None
     steps_per_epoch = len(loader)
+    if steps_per_epoch < 1:
+        raise UsageError(
+            f"no training batches: the training data is empty (or smaller than {arg('batch_size')})"
+        )
     total_steps = cfg.epochs * steps_per_epoch
     history: list[dict[str, Any]] = []
     start_epoch, start_batch, carried = 0, 0, _fresh_totals()
@@ -214,7 +262,7 @@ def fit(
     frozen_modules = _fully_frozen_norms(model) if trainable is not None else []
 
     def save(epoch: int, batch: int, running: dict[str, float]) -> None:
-        if not dist_info.is_main:
+        if not dist_info.is_main or out_dir is None:
             return
         train_meta = {
             **meta,
@@ -226,20 +274,19 @@ def fit(
             out_dir / STATE_FILE, model, train_meta, optimizer=optimizer, extra={"rng": torch.get_rng_state()}
         )
 
-    def evaluate_test(bf16: bool) -> dict[str, Any]:
+    def evaluate_test(bf16: bool) -> dict[str, Any] | None:
+        if test_loader is None:
+            return None
         return evaluate(
             model,
-            data.test,
-            data.mean,
-            data.std,
+            test_loader,
             device=device,
             bf16=bf16,
-            num_classes=len(data.classes),
-            rank=dist_info.rank,
+            num_classes=len(classes) if classes else None,
             world_size=dist_info.world_size,
         )
 
-    log = (out_dir / "train_log.txt") if dist_info.is_main else None
+    log = (out_dir / "train_log.txt") if dist_info.is_main and out_dir is not None else None
     if log:
         out_dir.mkdir(parents=True, exist_ok=True)
     epoch = start_epoch
@@ -267,6 +314,8 @@ def fit(
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    if cfg.channels_last and x.dim() == 4:
+                        x = x.contiguous(memory_format=torch.channels_last)
                     with autocast(device, use_bf16):
                         logits = train_model(x)
                         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
@@ -297,7 +346,7 @@ def fit(
             except KeyboardInterrupt:
                 running["seconds"] += time.perf_counter() - tick
                 save(epoch, next_batch, running)
-                if dist_info.is_main:
+                if dist_info.is_main and out_dir is not None:
                     info(
                         f"\ninterrupted: saved {out_dir / STATE_FILE} at epoch {epoch + 1}, batch {next_batch}; "
                         f"continue with --resume"
@@ -310,17 +359,18 @@ def fit(
                 "epoch": epoch + 1,
                 "train_loss": running["loss"] / max(running["seen"], 1),
                 "train_accuracy": running["correct"] / max(running["seen"], 1),
-                "test_loss": test["loss"],
-                "test_accuracy": test["accuracy"],
+                "test_loss": test["loss"] if test else None,
+                "test_accuracy": test["accuracy"] if test else None,
                 "lr": optimizer.param_groups[0]["lr"],
                 "images_per_s": seen / max(running["seconds"], 1e-9),
                 "seconds": running["seconds"],
             }
             history.append(record)
+            tested = f"test {test['accuracy']:.2%}  " if test else ""
             bar.update(
                 task,
                 info=f"loss {record['train_loss']:.3f}  train {record['train_accuracy']:.1%}  "
-                f"test {record['test_accuracy']:.2%}  {record['images_per_s']:.0f} img/s",
+                f"{tested}{record['images_per_s']:.0f} img/s",
             )
             if log:
                 with open(log, "a") as f:
@@ -333,16 +383,17 @@ def fit(
                 if not bar.console.is_terminal:
                     info(
                         f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f} "
-                        f"test {record['test_accuracy']:.2%} ({record['images_per_s']:.0f} img/s)"
+                        f"{tested}({record['images_per_s']:.0f} img/s)"
                     )
             save(epoch + 1, 0, _fresh_totals())
 
-    final = evaluate_test(False)  # the reported figure, in fp32
-    if dist_info.is_main:
+    final = evaluate_test(False) or {}  # the reported figure, in fp32
+    if dist_info.is_main and out_dir is not None:
+        names = classes or [str(i) for i in range(len(final.get("per_class", [])))]
         metrics = {
-            "test_accuracy": final["accuracy"],
-            "test_loss": final["loss"],
-            "per_class_accuracy": dict(zip(data.classes, final["per_class"], strict=True)),
+            "test_accuracy": final.get("accuracy"),
+            "test_loss": final.get("loss"),
+            "per_class_accuracy": dict(zip(names, final.get("per_class", []), strict=True)),
             "train_seconds": sum(h["seconds"] for h in history),
             "bf16_active": use_bf16,  # the flag asks; this says whether the hardware allowed it
         }
@@ -351,6 +402,14 @@ def fit(
         write_json(out_dir / "metrics.json", {"history": history, **metrics})
         model.to(device)
     return FitResult(model, history, final)
+
+
+def eval_batch_size(data: DataBundle) -> int:
+    """Evaluation batch size for the data's resolution (large images take smaller batches)."""
+    from . import data as data_module
+
+    rule = getattr(data_module, "eval_batch_size", None)
+    return rule(data.image_size) if rule else 500
 
 
 def _fresh_totals() -> dict[str, float]:

@@ -1,0 +1,256 @@
+"""The in-memory API: prune, recalibrate, fine-tune, save and load a model the caller already holds.
+
+The command line and the path-based functions in ``api.py`` are thin layers over these.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .errors import UsageError, arg
+from .importance import NEEDS_CALIBRATION, ChannelImportance, accumulate_gradients, make_importance
+from .prune import PruneRequest, prune_model
+
+
+@dataclass
+class PruneReport:
+    """What a pruning call did: the budget asked for, the measured cost before and after, what changed."""
+
+    importance: str
+    request: dict[str, Any]
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    removed: dict[str, int]
+    changed_layers: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_after / self.macs_before
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_after / self.params_before
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "macs_ratio": self.macs_ratio, "params_ratio": self.params_ratio}
+
+    def __str__(self) -> str:
+        return (
+            f"pruned {sum(self.removed.values())} channels in {len(self.removed)} groups ({self.importance}): "
+            f"MACs {self.macs_before:,} -> {self.macs_after:,} ({1 / self.macs_ratio:.2f}x fewer), "
+            f"params {self.params_before:,} -> {self.params_after:,} ({1 / self.params_ratio:.2f}x fewer)"
+        )
+
+
+def default_importance(layers: Sequence[str]) -> str:
+    """The seed's ``activation`` for named layers; ``l2`` for network-wide pruning, where it kept the most
+    accuracy of all criteria (benchmarks/results/criteria.json) and the seed's criterion collapses."""
+    return "activation" if layers else "l2"
+
+
+def prune(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    *,
+    target_macs: float | None = None,
+    target_params: float | None = None,
+    ratio: float | None = None,
+    layers: Sequence[str] | None = None,
+    importance: str | ChannelImportance | None = None,
+    calibration: Iterable | torch.Tensor | None = None,
+    ignore: Sequence[str] | None = None,
+    round_to: int = 1,
+    seed: int = 0,
+) -> PruneReport:
+    """Remove whole channels from ``model`` in place; return what was removed and the measured cost.
+
+    Give one budget: ``target_macs`` or ``target_params`` (fraction of the dense figure to keep, found
+    globally), or ``ratio`` (fraction of channels to remove from each of ``layers``, or from every prunable
+    layer). ``calibration`` is an iterable of input batches (or ``(inputs, labels)`` pairs) for the
+    data-driven criteria (``activation``, ``activation-post``, ``taylor``). The request is validated and
+    planned before the model changes; a refused request leaves the model exactly as it was.
+    """
+    request = PruneRequest(
+        layers=_names(layers, "layers"),
+        ratio=ratio,
+        target_macs=target_macs,
+        target_params=target_params,
+        ignore=_names(ignore, "ignore"),
+        round_to=round_to,
+    )
+    request.validate()
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    example = _example(model, example_inputs)
+    name = importance if importance is not None else default_importance(request.layers)
+    criterion = name if isinstance(name, ChannelImportance) else make_importance(name, seed)
+    label = name if isinstance(name, str) else type(name).__name__
+    grads = {p: p.grad for p in model.parameters()}
+    start = time.perf_counter()
+    try:
+        if label in NEEDS_CALIBRATION:
+            batches = calibration_inputs(calibration, example.device, labels=label == "taylor")
+            if label == "taylor":
+                accumulate_gradients(model, batches)
+            else:
+                criterion.calibrate(model, [x for x, _ in batches])
+        result = prune_model(model, request, criterion, example)  # traces autograd: no no_grad
+    finally:
+        for p, g in grads.items():  # scoring gradients are not the caller's
+            p.grad = g
+    for p in model.parameters():
+        if p not in grads:
+            p.grad = None
+    return PruneReport(
+        importance=label,
+        request={k: v for k, v in vars(request).items()},
+        macs_before=result.macs_before,
+        macs_after=result.macs_after,
+        params_before=result.params_before,
+        params_after=result.params_after,
+        removed=result.removed,
+        changed_layers=result.changed_layers,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def calibration_inputs(
+    calibration: Iterable | torch.Tensor | None, device: torch.device, labels: bool = False
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Calibration batches as ``(inputs, labels or None)`` on ``device``; a clear error when unusable."""
+    if calibration is None:
+        what = "(inputs, labels) batches" if labels else "input batches"
+        raise UsageError(f"this importance criterion needs {arg('calibration')}: an iterable of {what}")
+    items = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
+    batches = []
+    for item in items:
+        x, y = (item[0], item[1]) if isinstance(item, (tuple, list)) and len(item) >= 2 else (item, None)
+        if not isinstance(x, torch.Tensor):
+            raise UsageError(f"{arg('calibration')} must hold tensors, got a {type(x).__name__}")
+        if labels and not isinstance(y, torch.Tensor):
+            raise UsageError(
+                f"importance 'taylor' needs labelled {arg('calibration')}: (inputs, labels) pairs"
+            )
+        batches.append((x.to(device), y.to(device) if isinstance(y, torch.Tensor) else None))
+    if not batches:
+        raise UsageError(f"{arg('calibration')} is empty; give at least one batch")
+    return batches
+
+
+def _example(model: nn.Module, example_inputs: Any) -> torch.Tensor:
+    if not isinstance(example_inputs, torch.Tensor):
+        raise UsageError(
+            f"example_inputs must be a tensor batch such as torch.randn(1, 3, 224, 224), "
+            f"got {type(example_inputs).__name__}"
+        )
+    param = next(model.parameters(), None)
+    return example_inputs.to(param.device) if param is not None else example_inputs
+
+
+def _names(values: Sequence[str] | str | None, option: str) -> list[str]:
+    if values is None:
+        return []
+    if isinstance(values, str):
+        return [values]
+    values = list(values)
+    for v in values:
+        if not isinstance(v, str):
+            raise UsageError(f"{arg(option)} must be layer names (strings), got {v!r}")
+    return values
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable) -> int:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` (inputs or (inputs, labels)); returns
+    the number of images seen. Pruning changes what flows into later BatchNorms, so do this after it."""
+    from .finetune import recalibrate_batchnorm
+
+    device = next(model.parameters()).device
+    inputs = (x for x, _ in calibration_inputs(batches, device))
+    return recalibrate_batchnorm(model, inputs)
+
+
+def save(model: nn.Module, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """Save ``model`` (pruned or not) as a prunekit checkpoint: safetensors weights, shapes, JSON ``meta``.
+
+    A model prunekit did not build by name is recorded by its class; reload it with
+    ``load(path, model=MyNet())``. Nothing is pickled.
+    """
+    from .checkpoint import description, save_checkpoint
+
+    inherited = description(getattr(model, "prunekit_meta", None) or {})
+    cls = type(model)
+    inherited.setdefault("model", f"custom:{cls.__module__}.{cls.__qualname__}")
+    return save_checkpoint(path, model, {**inherited, **(meta or {})})
+
+
+def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Load a prunekit checkpoint in eval mode; metadata is ``model.prunekit_meta``.
+
+    ``model``: a fresh instance of the saved model's class (needed for your own ``nn.Module``); the pruned
+    shapes are re-applied to it before the weights load strictly.
+    """
+    from .checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path, model=model)
+    ckpt.model.prunekit_meta = ckpt.meta
+    return ckpt.model
+
+
+def finetune(
+    model: nn.Module,
+    train: Iterable,
+    *,
+    val: Iterable | None = None,
+    recipe: str = "full",
+    epochs: int | None = None,
+    lr: float | None = None,
+    optimizer: str | None = None,
+    config: Any = None,
+    teacher: nn.Module | None = None,
+    trainable: Any = None,
+    recalibrate: bool = True,
+    recalibration_images: int = 2048,
+    out: str | Path | None = None,
+    device: str | None = None,
+    seed: int = 0,
+) -> Any:
+    """Fine-tune ``model`` on ``train`` (a DataLoader or list of ``(images, labels)``) with prunekit's loop.
+
+    BatchNorm statistics are first re-estimated on up to ``recalibration_images`` training images. The
+    recipe (``full``: SGD, cosine, everything trains; ``seed``: Adam 1e-4) or a ``TrainConfig`` sets the
+    schedule; ``teacher`` adds distillation; ``out`` keeps checkpoints and metrics. Returns a ``FitResult``.
+    """
+    from .finetune import recipe as make_recipe
+    from .train import TrainConfig, fit
+
+    if config is None:
+        config, _ = make_recipe(recipe, epochs=epochs, lr=lr, optimizer=optimizer, seed=seed, device=device)
+    elif not isinstance(config, TrainConfig):
+        raise UsageError(f"config must be a prunekit.TrainConfig, got {type(config).__name__}")
+    config.validate()
+    if recalibrate:
+        recalibrate_bn(model, _first_images(train, recalibration_images))
+    return fit(model, train, config, out_dir=out, test=val, teacher=teacher, trainable=trainable)
+
+
+def _first_images(batches: Iterable, images: int) -> list:
+    """The first batches of ``batches`` holding at least ``images`` images."""
+    taken, seen = [], 0
+    for item in batches:
+        taken.append(item)
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        seen += len(x)
+        if seen >= images:
+            break
+    return taken
