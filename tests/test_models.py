@@ -1,6 +1,8 @@
-"""The model factory: torchvision names, the CIFAR ResNet-18, and helpful errors for unknown names."""
+"""The model factory: torchvision names, timm names, the CIFAR ResNet-18, and helpful errors for unknown names."""
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
@@ -73,3 +75,30 @@ def test_available_models():
     assert "resnet18" in names and "resnet18-cifar" in names and "mobilenet_v2" in names
     assert names == sorted(names)
     assert min_input_size("inception_v3") > min_input_size("resnet18") == 32
+
+
+def test_timm_model_by_name():
+    pytest.importorskip("timm")
+    model = build_model("timm:resnet18", 6).eval()
+    assert type(model).__module__.startswith("timm.")
+    assert model.pretrained_cfg["num_classes"] == 1000 and model.num_classes == 6  # no weights were loaded
+    with torch.no_grad():
+        assert tuple(model(torch.randn(2, 3, 32, 32)).shape) == (2, 6)
+
+
+def test_unknown_timm_model_suggests_close_names():
+    pytest.importorskip("timm")
+    with pytest.raises(UsageError, match="unknown timm model 'resnet19'.*Did you mean timm:resnet18"):
+        build_model("timm:resnet19", 10)
+
+
+def test_timm_name_with_a_pretrained_tag_points_to_weights():
+    pytest.importorskip("timm")
+    with pytest.raises(UsageError, match="'timm:resnet18' and the pretrained tag with weights a1_in1k"):
+        build_model("timm:resnet18.a1_in1k", 10)
+
+
+def test_timm_missing_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # makes `import timm` raise ImportError
+    with pytest.raises(UsageError, match=r"pip install 'prunekit\[timm\]'"):
+        build_model("timm:resnet18", 10)
