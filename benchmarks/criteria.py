@@ -17,9 +17,9 @@ from pathlib import Path
 from common import FULL_ARCHIVE, require, save
 from prunekit import api
 from prunekit.checkpoint import load_checkpoint
-from prunekit.finetune import recalibrate_batchnorm
+from prunekit.finetuning import recalibrate_batchnorm
 from prunekit.measure import evaluate
-from prunekit.prune import PruneRequest
+from prunekit.pruning import PruneRequest
 
 SETTINGS = {
     "layer2.0.conv1 20%": dict(layers=["layer2.0.conv1"], ratio=0.2),

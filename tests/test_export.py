@@ -13,7 +13,7 @@ from prunekit.cli import EXIT_USAGE, main
 from prunekit.data import synthetic_data
 from prunekit.importance import make_importance
 from prunekit.models import build_model
-from prunekit.prune import PruneRequest, prune_model
+from prunekit.pruning import PruneRequest, prune_model
 
 
 @pytest.fixture(scope="module")

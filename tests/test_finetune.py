@@ -15,9 +15,9 @@ from prunekit.checkpoint import load_checkpoint, save_checkpoint
 from prunekit.cli import EXIT_USAGE, main
 from prunekit.data import load_data
 from prunekit.errors import UsageError
-from prunekit.finetune import pruned_blocks, recalibrate_batchnorm, recipe, trainable_filter
+from prunekit.finetuning import pruned_blocks, recalibrate_batchnorm, recipe, trainable_filter
 from prunekit.models import build_model
-from prunekit.prune import PruneRequest
+from prunekit.pruning import PruneRequest
 from prunekit.train import MODEL_FILE, TrainConfig, distillation_loss, fit
 
 SUBSET = 8

@@ -16,7 +16,7 @@ from prunekit.data import synthetic_data
 from prunekit.errors import UsageError
 from prunekit.importance import CRITERIA, make_importance
 from prunekit.models import build_model
-from prunekit.prune import PruneRequest, prune_model
+from prunekit.pruning import PruneRequest, prune_model
 
 LAYER = "layer2.0.conv1"
 CHANNELS = 128

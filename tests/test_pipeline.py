@@ -16,7 +16,7 @@ import torch
 import yaml
 
 import prunekit.api
-import prunekit.finetune
+import prunekit.finetuning
 from conftest import PYTHON, subprocess_env
 from prunekit import api
 from prunekit.checkpoint import load_checkpoint
@@ -214,8 +214,8 @@ def test_resume_after_the_process_is_killed(tmp_path, capsys):
 
 def test_an_interrupted_finetune_resumes_to_the_same_weights(tmp_path, capsys, monkeypatch):
     # Fine-tune in batches of 16: 80 images -> 5 steps per epoch, so the interrupt lands mid-epoch.
-    cfg, policy = prunekit.finetune.RECIPES["seed"]
-    monkeypatch.setitem(prunekit.finetune.RECIPES, "seed", (replace(cfg, batch_size=16), policy))
+    cfg, policy = prunekit.finetuning.RECIPES["seed"]
+    monkeypatch.setitem(prunekit.finetuning.RECIPES, "seed", (replace(cfg, batch_size=16), policy))
     runs = tmp_path / "runs"
     args = [*SYNTHETIC, "--finetune-epochs", "2", "--runs-dir", runs]
     code, err = run_cli(capsys, "run", *args, "--name", "whole")

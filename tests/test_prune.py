@@ -24,7 +24,7 @@ from prunekit.importance import make_importance
 from prunekit.measure import count_macs, count_params
 from prunekit.measure import latency as measure_latency
 from prunekit.models import build_model
-from prunekit.prune import PruneRequest, prune_model
+from prunekit.pruning import PruneRequest, prune_model
 
 SYNTHETIC_ARGS = {"spec": "synthetic", "data_dir": None, "subset": None, "image_size": None}
 RESNET18_CONVS = [

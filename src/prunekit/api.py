@@ -289,8 +289,8 @@ def finetune_checkpoint(
     resume: bool = False,
 ) -> dict[str, Any]:
     """Recalibrate BatchNorm, then fine-tune a pruned checkpoint; returns accuracy at each stage."""
-    from .finetune import recalibrate_batchnorm, recipe, trainable_filter
-    from .prune import output_layer
+    from .finetuning import recalibrate_batchnorm, recipe, trainable_filter
+    from .pruning import output_layer
 
     out = Path(out)
     state = out / STATE_FILE

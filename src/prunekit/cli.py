@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .console import console
 from .errors import UsageError, cli_arg_style
-from .finetune import FREEZE_POLICIES, RECIPES
+from .finetuning import FREEZE_POLICIES, RECIPES
 from .importance import CRITERIA
 
 EXIT_USAGE = 2
@@ -277,7 +277,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from . import api
-    from .prune import PruneRequest
+    from .pruning import PruneRequest
     from .report import print_prune
 
     request = PruneRequest(

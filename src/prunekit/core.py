@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .errors import UsageError, arg
 from .importance import NEEDS_CALIBRATION, ChannelImportance, accumulate_gradients, make_importance
-from .prune import PruneRequest, prune_model
+from .pruning import PruneRequest, prune_model, validate_names
 
 
 @dataclass
@@ -92,6 +92,7 @@ def prune(
     if not isinstance(model, nn.Module):
         raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     example = _example(model, example_inputs)
+    validate_names(model, request)
     name = importance if importance is not None else default_importance(request.layers)
     criterion = name if isinstance(name, ChannelImportance) else make_importance(name, seed)
     label = name if isinstance(name, str) else type(name).__name__
@@ -173,7 +174,7 @@ def _names(values: Sequence[str] | str | None, option: str) -> list[str]:
 def recalibrate_bn(model: nn.Module, batches: Iterable) -> int:
     """Re-estimate every BatchNorm's running statistics on ``batches`` (inputs or (inputs, labels)); returns
     the number of images seen. Pruning changes what flows into later BatchNorms, so do this after it."""
-    from .finetune import recalibrate_batchnorm
+    from .finetuning import recalibrate_batchnorm
 
     device = next(model.parameters()).device
     inputs = (x for x, _ in calibration_inputs(batches, device))
@@ -231,7 +232,7 @@ def finetune(
     recipe (``full``: SGD, cosine, everything trains; ``seed``: Adam 1e-4) or a ``TrainConfig`` sets the
     schedule; ``teacher`` adds distillation; ``out`` keeps checkpoints and metrics. Returns a ``FitResult``.
     """
-    from .finetune import recipe as make_recipe
+    from .finetuning import recipe as make_recipe
     from .train import TrainConfig, fit
 
     if config is None:

@@ -13,9 +13,9 @@ from . import api
 from .console import info
 from .errors import UsageError
 from .files import write_json, write_text
-from .finetune import FREEZE_POLICIES, RECIPES
+from .finetuning import FREEZE_POLICIES, RECIPES
 from .importance import CRITERIA
-from .prune import PruneRequest
+from .pruning import PruneRequest
 from .train import MODEL_FILE, TrainConfig
 
 CONFIG_FILE = "config.yaml"

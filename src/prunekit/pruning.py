@@ -80,6 +80,7 @@ class Group:
     channels: int
     scores: torch.Tensor
     members: list[tuple[nn.Module, bool, torch.Tensor]]  # (layer, out-channel side?, root index per channel)
+    layer_idxs: list[torch.Tensor] = field(default_factory=list)  # each member's own channel indices
 
 
 @dataclass
@@ -231,7 +232,7 @@ def _to_group(
     scores = importance(raw)
     if scores is None:
         return None
-    members = []
+    members, layer_idxs = [], []
     for item in raw:
         root_idxs = getattr(item, "root_idxs", None) or item.idxs
         if any(r is None for r in root_idxs):
@@ -240,7 +241,8 @@ def _to_group(
         if _is_grouped(layer):
             return None  # grouped convs need per-group-equal pruning; left alone
         members.append((layer, item.dep.pruning_fn in _OUT_FNS, torch.tensor(root_idxs, dtype=torch.long)))
-    return Group(name, module, raw[0].dep.handler, len(raw[0].idxs), scores.float(), members)
+        layer_idxs.append(torch.tensor(item.idxs, dtype=torch.long))
+    return Group(name, module, raw[0].dep.handler, len(raw[0].idxs), scores.float(), members, layer_idxs)
 
 
 def validate_names(model: nn.Module, request: PruneRequest) -> None:
@@ -478,9 +480,76 @@ def check_runs(model: nn.Module, example: torch.Tensor, expected: Any, layer: st
         raise SurgeryError(layer, f"the output shape changed from {expected} to {got}")
 
 
+# Norms that mix channels: removing a channel legitimately changes the others, so zeroing is no reference.
+_CHANNEL_MIXING = (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
+
+
+@torch.no_grad()
+def zeroed_reference(
+    model: nn.Module, groups: list[Group], plan: dict[str, torch.Tensor], probe: torch.Tensor
+) -> Any:
+    """The dense model's output with the planned channels zeroed instead of removed.
+
+    A correct surgery computes exactly this (a zero channel contributes nothing downstream), so comparing
+    it with the pruned model's output catches couplings the dependency graph missed (channels padded or
+    sliced in ``forward``) even when the pruned model still runs. None where no such reference exists.
+    """
+    if any(isinstance(m, _CHANNEL_MIXING) for m in model.modules()):
+        return None
+    saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    try:
+        for g in groups:
+            mask = plan.get(g.root)
+            if mask is None or not mask.any():
+                continue
+            for (layer, is_out, root_idx), idxs in zip(g.members, g.layer_idxs, strict=True):
+                if not is_out:
+                    continue
+                chans = idxs[mask[root_idx]]
+                tensors = [getattr(layer, "weight", None), getattr(layer, "bias", None)]
+                if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                    tensors.append(layer.running_mean)  # so the channel leaves BatchNorm as exactly 0
+                for t in tensors:
+                    if isinstance(t, torch.Tensor):
+                        saved.setdefault(id(t), (t, t.detach().clone()))
+                        t.data[chans] = 0
+        return model(probe)
+    finally:
+        for t, original in saved.values():
+            t.data.copy_(original)
+
+
+def _same_outputs(expected: Any, got: Any) -> bool:
+    if isinstance(expected, torch.Tensor):
+        if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+            return False
+        scale = float(expected.abs().max()) if expected.numel() else 0.0
+        return bool(torch.allclose(got.float(), expected.float(), rtol=1e-3, atol=1e-3 * scale + 1e-5))
+    if isinstance(expected, (list, tuple)):
+        return len(expected) == len(got) and all(
+            _same_outputs(e, g) for e, g in zip(expected, got, strict=True)
+        )
+    if isinstance(expected, dict):
+        return expected.keys() == got.keys() and all(_same_outputs(expected[k], got[k]) for k in expected)
+    return True
+
+
+def check_equivalent(model: nn.Module, probe: torch.Tensor, reference: Any, layer: str) -> None:
+    """The pruned model must compute what the dense model computes with the removed channels zeroed."""
+    if reference is None:
+        return
+    with torch.no_grad():
+        got = model(probe)
+    if not _same_outputs(reference, got):
+        raise SurgeryError(
+            layer, "the pruned model computes something else than the dense model without those channels"
+        )
+
+
 def _culprits(
     model: nn.Module,
     example: torch.Tensor,
+    probe: torch.Tensor,
     importance: ChannelImportance,
     request: PruneRequest,
     plan: dict[str, torch.Tensor],
@@ -495,8 +564,10 @@ def _culprits(
         try:
             DG, groups = collect_groups(model, example, importance, request)
             group = [g for g in groups if g.root == root]
+            reference = zeroed_reference(model, group, {root: mask}, probe)
             apply_plan(DG, group, {root: mask})
             check_runs(model, example, expected, root)
+            check_equivalent(model, probe, reference, root)
         except (SurgeryError, UsageError):
             bad.append(root)
         finally:
@@ -543,10 +614,13 @@ def _prune_planned(
         plan = plan_target(groups, costs, target, metric, request.round_to)
     before = module_shapes(model)
     macs_before, params_before = int(sum(costs.macs.values())), costs.total_params
+    probe = torch.randn(example.shape, generator=torch.Generator().manual_seed(0)).to(example)
+    reference = zeroed_reference(model, groups, plan, probe)
     state = snapshot(model)
     try:
         removed = apply_plan(DG, groups, plan)
         check_runs(model, example, expected, "the pruned model")
+        check_equivalent(model, probe, reference, "the pruned model")
         macs_after, params_after = count_macs(model, example), count_params(model)
         if metric is not None:  # the target is checked on the measured model, not on the plan's estimate
             reached = macs_after / macs_before if metric == "macs" else params_after / params_before
@@ -557,7 +631,7 @@ def _prune_planned(
                 )
     except SurgeryError as exc:
         restore(state)
-        bad = _culprits(model, example, importance, request, plan, expected) or [exc.layer]
+        bad = _culprits(model, example, probe, importance, request, plan, expected) or [exc.layer]
         raise UsageError(
             f"pruning {', '.join(bad)} breaks the model ({exc.reason}): its channels pass through an operation "
             f"the dependency graph does not see (padding, slicing or reshaping in forward). The model is "
