@@ -17,6 +17,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms.functional import pil_modes_mapping
 
 MAX_PIXELS = 100_000_000  # a larger image is a decompression bomb or not a training photo
 MAX_SIDE = 30_000
@@ -136,16 +137,10 @@ class ImageFiles(Dataset):
         _draft(img, math.ceil(w0 * r), math.ceil(h0 * r))
         img = _rgb(img)
         sx, sy = img.size[0] / w0, img.size[1] / h0
-        img = TF.resized_crop(
-            img,
-            round(top * sy),
-            round(left * sx),
-            max(1, round(ch * sy)),
-            max(1, round(cw * sx)),
-            [self.image_size, self.image_size],
-            interpolation=self._interp,
-            antialias=True,
-        )
+        # Pillow's resize takes a float box: the crop maps exactly onto the drafted pixels, where an
+        # integer crop (TF.resized_crop) would shift it by up to half a drafted pixel (4 full-size ones).
+        box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+        img = img.resize((self.image_size, self.image_size), pil_modes_mapping[self._interp], box=box)
         return TF.horizontal_flip(img) if flip else img
 
     @staticmethod
