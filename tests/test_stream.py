@@ -104,6 +104,9 @@ def test_eval_batch_size_follows_resolution():
 def test_small_uniform_images_over_the_memory_budget_stream(tmp_path, monkeypatch):
     root = make_image_tree(tmp_path / "small")
     assert load_data(str(root)).mode == "memory"
+    # a checkpoint's preprocess (or stream=True) rebuilds its pipeline in its mode
+    assert load_data(str(root), preprocess={"mode": "stream"}).mode == "stream"
+    assert load_data(str(root), stream=True).preprocess["crop_size"] == 224
     monkeypatch.setattr(data_mod, "available_memory", lambda: 1000)  # 15 images of 8x8x3 > 25% of 1000 bytes
     monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache2"))
     assert load_data(str(root)).mode == "stream"
@@ -386,7 +389,7 @@ def test_cifar_mini_archive_stays_in_memory_and_unchanged(mini_archive, tmp_path
     assert bundle.preprocess["resize_size"] == 32 and bundle.preprocess["mode"] == "memory"
     with tarfile.open(mini_archive) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith("train/airplane/0000.jpg"))
-        first = np.asarray(Image.open(tar.extractfile(member)).convert("RGB"))
+        first = np.array(Image.open(tar.extractfile(member)).convert("RGB"))
     assert torch.equal(bundle.train.images[0], torch.from_numpy(first).permute(2, 0, 1))
     loader = bundle.loader("train", 64, train=True, seed=0)
     assert isinstance(loader, BatchLoader)

@@ -148,6 +148,8 @@ def load_data(
     """
     pre = _check_preprocess(preprocess)
     image_size = _check_size(image_size, pre)
+    if stream is None and "mode" in pre:  # a checkpoint's pipeline is rebuilt the way it was trained
+        stream = pre["mode"] == "stream"
     if val_split is not None and not 0 < val_split < 1:
         raise UsageError(
             f"{arg('val_split')} must be a fraction between 0 and 1 (exclusive), got {val_split}"
@@ -191,11 +193,12 @@ def load_data(
 
 def _check_preprocess(preprocess: dict[str, Any] | None) -> dict[str, Any]:
     pre = dict(preprocess or {})
-    unknown = sorted(set(pre) - set(PREPROCESS_KEYS) - {"mode"})  # "mode" is what bundle.preprocess records
+    unknown = sorted(set(pre) - set(PREPROCESS_KEYS) - {"mode"})  # bundle.preprocess also records "mode"
     if unknown:
         raise UsageError(f"preprocess: unknown key(s) {unknown}; expected some of {list(PREPROCESS_KEYS)}")
-    pre.pop("mode", None)
     pre = {k: v for k, v in pre.items() if v is not None}
+    if pre.get("mode", "memory") not in ("memory", "stream"):
+        raise UsageError(f"preprocess: mode must be 'memory' or 'stream', got {pre['mode']!r}")
     if ("mean" in pre) != ("std" in pre):
         raise UsageError("preprocess: give both mean and std, or neither")
     for key in ("mean", "std"):
