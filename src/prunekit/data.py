@@ -846,12 +846,6 @@ def synthetic_data(
     )
 
 
-def _keep_per_class(split: Split, per_class: int) -> Split:
-    keep = torch.cat([torch.nonzero(split.labels == c).flatten()[:per_class] for c in split.labels.unique()])
-    keep = keep.sort().values
-    return Split(split.images[keep], split.labels[keep])
-
-
 def resize_images(images: torch.Tensor, size: int, chunk: int = 2048) -> torch.Tensor:
     """Resize uint8 images to ``size`` x ``size`` (antialiased bilinear), in chunks to bound memory."""
     out = [
