@@ -112,11 +112,16 @@ def test_hidden_files_are_ignored(image_tree, tmp_path):
     _assert_tree_bundle(bundle)
 
 
-def test_images_of_other_sizes_are_resized_to_the_first(image_tree):
+def test_images_of_other_sizes_stream_at_224_unless_memory_is_forced(image_tree):
     write_image(image_tree / "train" / "dog" / "9999.png", size=12, seed=99)
     bundle = load_data(str(image_tree))
-    assert tuple(bundle.train.images.shape) == (10, 3, 8, 8)
+    assert bundle.mode == "stream" and bundle.image_size == 224 and bundle.preprocess["resize_size"] == 256
     assert bundle.train.labels.bincount().tolist() == [3, 4, 3]
+    # forced into memory, stragglers are resized to the first image's size as before
+    forced = load_data(str(image_tree), stream=False)
+    assert forced.mode == "memory"
+    assert tuple(forced.train.images.shape) == (10, 3, 8, 8)
+    assert forced.train.labels.bincount().tolist() == [3, 4, 3]
 
 
 def _cifar_batch(n: int, seed: int) -> dict:
