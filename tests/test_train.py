@@ -131,7 +131,7 @@ def test_resume_after_an_epoch_boundary_interrupt(reference, tmp_path):
 
 
 def test_resume_without_a_checkpoint_is_a_usage_error(tmp_path):
-    with pytest.raises(UsageError, match="--resume"):
+    with pytest.raises(UsageError, match="^resume: no interrupted run"):
         api.train("resnet18", "synthetic", tmp_path / "empty", resume=True)
 
 

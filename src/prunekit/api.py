@@ -11,15 +11,17 @@ import torch
 from . import __version__
 from .checkpoint import description, load_checkpoint
 from .data import DataBundle, load_data
-from .errors import UsageError
+from .errors import UsageError, arg
 from .measure import count_macs, count_params, evaluate, latency, summary
 from .models import build_model, min_input_size
-from .train import STATE_FILE, FitResult, TrainConfig, eval_batch_size, fit
+from .train import STATE_FILE, FitResult, TrainConfig, fit
 
 __all__ = ["description"]  # re-exported: derived checkpoints in benchmarks inherit through it
 
 
-def model_meta(model_name: str, data: DataBundle, data_args: dict[str, Any]) -> dict[str, Any]:
+def model_meta(
+    model_name: str, data: DataBundle, data_args: dict[str, Any], weights: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """What a checkpoint must know about its model and data to be rebuilt and evaluated later."""
     return {
         "model": model_name,
@@ -28,6 +30,9 @@ def model_meta(model_name: str, data: DataBundle, data_args: dict[str, Any]) -> 
         "input_size": data.image_size,
         "mean": list(data.mean),
         "std": list(data.std),
+        "preprocess": data.preprocess,
+        "split": data.split_info,
+        "weights": weights,
         "data": data_args,
         "prunekit_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -43,64 +48,84 @@ def train(
     subset: int | None = None,
     image_size: int | None = None,
     resume: bool = False,
+    weights: str | None = None,
+    val_split: float | None = None,
 ) -> FitResult:
-    """Train a baseline ``model`` on ``data``; writes checkpoints, log and metrics under ``out``."""
+    """Train ``model`` on ``data`` (from ``weights`` when given: transfer learning); writes checkpoints, log
+    and metrics under ``out``."""
+    from .weights import build_with_weights
+
     out = Path(out)
     config = config or TrainConfig()
     config.validate()
-    ckpt = None
+    if image_size is not None and (
+        isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
+    ):
+        raise UsageError(f"{arg('image_size')} must be a positive number of pixels, got {image_size!r}")
     if resume:
         state = out / STATE_FILE
         if not state.exists():
             raise UsageError(
-                f"--resume: no interrupted run in {out} (no {STATE_FILE}); start it without --resume"
+                f"{arg('resume')}: no interrupted run in {out} (no {STATE_FILE}); start it without {arg('resume')}"
             )
         ckpt = load_checkpoint(state)
         config = TrainConfig.from_dict(ckpt.meta["train"]["config"])
-        data_args = ckpt.meta["data"]
-        model = ckpt.meta["model"]
-    else:
-        data_args = {"spec": data, "data_dir": data_dir, "subset": subset, "image_size": image_size}
-    bundle = load_data(
-        data_args["spec"],
-        data_dir=data_args.get("data_dir"),
-        subset=data_args.get("subset"),
-        image_size=data_args.get("image_size"),
-        seed=config.seed,
+        bundle = load_data_for(ckpt.meta)
+        return fit(ckpt.model, bundle, config, out, description(ckpt.meta), resume=ckpt)
+    data_args = {
+        "spec": data,
+        "data_dir": data_dir,
+        "subset": subset,
+        "image_size": image_size,
+        "val_split": val_split,
+    }
+    load = dict(
+        data_dir=data_dir, subset=subset, image_size=image_size, seed=config.seed, val_split=val_split
     )
+    bundle = load_data(data, **load)
+    torch.manual_seed(config.seed)
+    net, preprocess, record = build_with_weights(model, len(bundle.classes), weights)
+    if preprocess is not None:
+        # The weights' own input pipeline from now on; an explicit image size keeps only their statistics.
+        wanted = preprocess.to_dict()
+        if image_size is not None:
+            wanted = {k: wanted[k] for k in ("mean", "std", "interpolation")}
+        bundle = load_data(data, **load, preprocess=wanted)
     if bundle.image_size < min_input_size(model):
-        raise UsageError(f"{model} needs inputs of at least {min_input_size(model)} px; pass --image-size")
-    if ckpt is not None:
-        net, meta = ckpt.model, description(ckpt.meta)
-    else:
-        torch.manual_seed(config.seed)
-        net = build_model(model, len(bundle.classes))
-        meta = model_meta(model, bundle, data_args)
-    return fit(net, bundle, config, out, meta, resume=ckpt)
+        raise UsageError(
+            f"{model} needs inputs of at least {min_input_size(model)} px; pass {arg('image_size')}"
+        )
+    meta = model_meta(model, bundle, data_args, record)
+    return fit(net, bundle, config, out, meta)
 
 
 def load_data_for(
     meta: dict[str, Any], data: str | None = None, data_dir: str | None = None, subset: int | None = None
 ) -> DataBundle:
-    """The dataset a checkpoint was trained on (or ``data`` instead), at the checkpoint's input size."""
+    """The dataset a checkpoint was trained on (or ``data`` instead), with the checkpoint's input pipeline."""
     recorded = meta.get("data") or {}
     spec = data or recorded.get("spec")
     if spec is None:
-        raise UsageError("this checkpoint does not record its dataset; pass --data")
+        raise UsageError(f"this checkpoint does not record its dataset; pass {arg('data')}")
     try:
         bundle = load_data(
             spec,
             data_dir=data_dir or recorded.get("data_dir"),
             subset=subset if subset is not None else recorded.get("subset"),
             image_size=meta["input_size"],
+            val_split=recorded.get("val_split"),
+            seed=(meta.get("split") or {}).get("seed", 0),
+            preprocess=meta.get("preprocess"),
         )
     except UsageError as exc:
         if data:
             raise
-        raise UsageError(f"the checkpoint's dataset is not available here ({exc}); pass --data") from None
+        raise UsageError(
+            f"the checkpoint's dataset is not available here ({exc}); pass {arg('data')}"
+        ) from None
     if len(bundle.classes) != meta["num_classes"]:
         raise UsageError(
-            f"--data {spec} has {len(bundle.classes)} classes; the checkpoint has {meta['num_classes']}"
+            f"{arg('data')} {spec} has {len(bundle.classes)} classes; the checkpoint has {meta['num_classes']}"
         )
     # Normalize with the statistics the model was trained with, not the new data's.
     bundle.mean, bundle.std = tuple(meta["mean"]), tuple(meta["std"])
@@ -112,7 +137,7 @@ def evaluate_checkpoint(
     data: str | None = None,
     data_dir: str | None = None,
     subset: int | None = None,
-    batch_size: int = 500,
+    batch_size: int | None = None,
     measure_latency: bool = True,
 ) -> dict[str, Any]:
     """Accuracy (overall, per class), the torchinfo summary, MACs and CPU latency of a checkpoint."""
@@ -156,18 +181,14 @@ def calibration_batches(
 
     Noise reproduces the seed exactly: one ``torch.randn(128, 3, H, W)`` batch, with random labels.
     """
-    from .data import BatchLoader, Split
-
-    gen = torch.Generator().manual_seed(seed)
     size = meta["input_size"]
     if bundle is None:
+        gen = torch.Generator().manual_seed(seed)
         x = torch.randn(128, 3, size, size, generator=gen)
         return [(x, torch.randint(0, meta["num_classes"], (128,), generator=gen))]
     if images < 1:
-        raise UsageError(f"--calibration-images must be at least 1, got {images}")
-    pick = torch.randperm(len(bundle.train), generator=gen)[:images]
-    split = Split(bundle.train.images[pick], bundle.train.labels[pick])
-    return list(BatchLoader(split, batch_size, bundle.mean, bundle.std, train=False, channels_last=False))
+        raise UsageError(f"{arg('calibration_images')} must be at least 1, got {images}")
+    return bundle.sample_batches(images, batch_size, seed)
 
 
 def prune_checkpoint(
@@ -329,7 +350,7 @@ def finetune_checkpoint(
     trainable = trainable_filter(settings["freeze"], changed, classifier)
     teacher_model = load_checkpoint(settings["teacher"]).model if settings["teacher"] else None
     if not stages:
-        test = bundle.loader("test", eval_batch_size(bundle))
+        test = bundle.loader("test")
         stages["pruned"] = evaluate(model, test, num_classes=meta["num_classes"])["accuracy"]
         if recalibrate:
             batches = calibration_batches(meta, bundle, recalibration_images, seed=seed)

@@ -67,7 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_args(p)
     p.add_argument(
-        "--image-size", type=int, default=None, help="resize images to this size (default: as stored)"
+        "--weights",
+        default=None,
+        help="start from pretrained weights: a torchvision weight name (DEFAULT, IMAGENET1K_V1, ...), "
+        "'pretrained' for timm:NAME models, or a state-dict file (.safetensors, .pth, .pt)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="model input size (default: native for small uniform images such as CIFAR, else 224 or the "
+        "weights' own)",
+    )
+    p.add_argument(
+        "--val-split",
+        type=float,
+        default=None,
+        help="hold out this fraction of train/ when there is no test/",
     )
     p.add_argument("--out", type=Path, default=None, help="output directory (default: runs/<model>-baseline)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
@@ -77,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="accuracy, model summary and latency of a checkpoint")
     p.add_argument("checkpoint", type=Path)
     _add_data_args(p, required=False)
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 500 at 32 px, 64 at 224 px")
     p.add_argument("--no-latency", dest="latency", action="store_false", help="skip the latency measurement")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     p.set_defaults(func=cmd_eval)
@@ -180,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.add_argument("--subset", type=int)
     p.add_argument("--baseline", help="reuse this dense checkpoint instead of training one")
+    p.add_argument("--weights", help="train the baseline from these pretrained weights (see train --weights)")
+    p.add_argument("--image-size", type=int, help="model input size (see train --image-size)")
+    p.add_argument("--val-split", type=float, help="hold out this fraction of train/ when there is no test/")
     p.add_argument("--epochs", type=int, help="baseline training epochs")
     p.add_argument("--layer", dest="layers", action="append", help="default: layer2.0.conv1")
     p.add_argument("--ratio", type=float, help="default: 0.2")
@@ -249,6 +268,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         subset=args.subset,
         image_size=args.image_size,
         resume=args.resume,
+        weights=args.weights,
+        val_split=args.val_split,
     )
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one line per job, not per process
         console.print(f"test accuracy {result.test['accuracy']:.2%}; checkpoint {out / 'model.safetensors'}")

@@ -33,6 +33,9 @@ class RunConfig:
     data_dir: str | None = None
     subset: int | None = None
     baseline: str | None = None
+    weights: str | None = None
+    image_size: int | None = None
+    val_split: float | None = None
     epochs: int = TrainConfig.epochs
     layers: list[str] = field(default_factory=lambda: ["layer2.0.conv1"])
     ratio: float | None = 0.2
@@ -157,6 +160,9 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
             tcfg,
             data_dir=cfg.data_dir,
             subset=cfg.subset,
+            image_size=cfg.image_size,
+            weights=cfg.weights,
+            val_split=cfg.val_split,
             resume=(r.dir / "baseline" / "checkpoint.safetensors").exists(),
         )
         r.complete("baseline", {"checkpoint": str(baseline)})

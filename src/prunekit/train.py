@@ -231,7 +231,7 @@ def fit(
         loader = data.loader(
             "train", cfg.batch_size, train=True, seed=cfg.seed, channels_last=cfg.channels_last, **place
         )
-        test_loader = data.loader("test", eval_batch_size(data), channels_last=cfg.channels_last, **place)
+        test_loader = data.loader("test", channels_last=cfg.channels_last, **place)
         classes = data.classes
     else:
         loader = as_loader(data)
@@ -402,14 +402,6 @@ def fit(
         write_json(out_dir / "metrics.json", {"history": history, **metrics})
         model.to(device)
     return FitResult(model, history, final)
-
-
-def eval_batch_size(data: DataBundle) -> int:
-    """Evaluation batch size for the data's resolution (large images take smaller batches)."""
-    from . import data as data_module
-
-    rule = getattr(data_module, "eval_batch_size", None)
-    return rule(data.image_size) if rule else 500
 
 
 def _fresh_totals() -> dict[str, float]:
