@@ -58,18 +58,14 @@ def make_folder(dest: Path, train_per_class: int, test_per_class: int) -> Path:
 
 def tree_pss_mb(pid: int) -> float:
     """Proportional set size of a process and all its descendants (shared pages counted once), in MB."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
     total, stack = 0.0, [pid]
     while stack:
         p = stack.pop()
-        stack.extend(children.get(p, []))
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):  # children files are cheap: no scan of all of /proc
+                stack.extend(int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split())
+        except OSError:
+            pass
         try:
             for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
@@ -92,7 +88,7 @@ def run_train(data: Path, out: Path) -> dict:
     def sample() -> None:
         while not stop.is_set():
             peak[0] = max(peak[0], tree_pss_mb(proc.pid))
-            time.sleep(0.25)
+            time.sleep(1.0)  # the sampler must not steal time from the run it measures
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()

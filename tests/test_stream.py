@@ -227,7 +227,7 @@ def test_workers_use_one_thread_and_a_lower_priority(photos):
     files = load_data(str(photos), image_size=S).train
     probe = _Probe(**{k: getattr(files, k) for k in files.__dataclass_fields__})
     plan = _Plan()
-    plan.batches = [[(i, None)] for i in range(4)]
+    plan.order, plan.batch_size, plan.count = np.arange(4), 1, 4
     torch.set_num_threads(2)
     states = torch.cat([x for x, _ in make_dataloader(probe, plan, 2)])
     assert (states[:, 0] == 1).all()

@@ -195,16 +195,24 @@ def _init_worker(_worker_id: int) -> None:
 
 
 class _Plan:
-    """The batch sampler: the (index, seed) lists of the batches to load, set before each pass."""
+    """The batch sampler: yields the (index, seed) list of each batch to load, made on the fly from one int64
+    array of the pass's order, so the plan of an ImageNet epoch holds no per-image Python objects."""
 
     def __init__(self) -> None:
-        self.batches: list[list[tuple[int, int | None]]] = []
+        self.order = np.empty(0, dtype=np.int64)
+        self.batch_size, self.start, self.count = 1, 0, 0
+        self.seed, self.epoch, self.train = 0, 0, False
 
     def __iter__(self):
-        return iter(self.batches)
+        bs = self.batch_size
+        for b in range(self.start, self.count):
+            yield [
+                (i, sample_seed(self.seed, self.epoch, i) if self.train else None)
+                for i in self.order[b * bs : (b + 1) * bs].tolist()
+            ]
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return max(0, self.count - self.start)
 
 
 def make_dataloader(dataset: Dataset, plan: _Plan, num_workers: int) -> DataLoader:
@@ -265,15 +273,10 @@ class StreamLoader:
 
     def batches(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield batches from batch index ``start`` on; training drops the last partial batch."""
-        idx = self._order._indices().tolist()
-        bs, epoch = self.batch_size, self.epoch
-        self._plan.batches = [
-            [
-                (i, sample_seed(self.seed, epoch, i) if self.train else None)
-                for i in idx[b * bs : (b + 1) * bs]
-            ]
-            for b in range(start, len(self))
-        ]
+        plan = self._plan
+        plan.order = self._order._indices().numpy()
+        plan.batch_size, plan.start, plan.count = self.batch_size, start, len(self)
+        plan.seed, plan.epoch, plan.train = self.seed, self.epoch, self.train
         if self._loader is None:
             self._loader = make_dataloader(self.files, self._plan, self.num_workers)
         for images, labels in self._loader:

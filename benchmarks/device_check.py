@@ -1,13 +1,14 @@
-"""One short check of the CUDA path (run where a GPU is lent): in-memory pruning and fine-tuning on the GPU,
-``prunekit train`` from a local weights file on a streamed full-resolution folder, and GPU latency.
+"""One short check of a device's path (meant for CUDA where a GPU is lent; runs on CPU too): in-memory
+pruning and fine-tuning on the device, ``prunekit train`` from a local weights file on a streamed
+full-resolution folder with --val-split, and latency of the pruned against the dense model.
 
-    python benchmarks/cuda_check.py [OUT.json]
+    python benchmarks/device_check.py [--device cuda] [--out OUT.json]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,15 +39,23 @@ def photo_folder(root: Path, per_class: int = 24) -> Path:
 
 
 def main() -> None:
-    assert torch.cuda.is_available(), "no CUDA device"
-    out: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
-    dev = torch.device("cuda")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    dev = torch.device(args.device)
+    gpu = torch.cuda.get_device_name(0) if dev.type == "cuda" else None
+    out: dict = {"device": args.device, "gpu": gpu, "torch": torch.__version__}
 
     model = torchvision.models.resnet18(num_classes=10).to(dev)
     example = torch.randn(1, 3, 224, 224, device=dev)
     calib = [torch.randn(16, 3, 224, 224, device=dev) for _ in range(2)]
     report = prunekit.prune(model, example, target_macs=0.5, importance="activation", calibration=calib)
-    out["prune"] = {"macs_ratio": report.macs_ratio, "seconds": report.seconds, "device": str(next(model.parameters()).device)}
+    out["prune"] = {
+        "macs_ratio": report.macs_ratio,
+        "seconds": report.seconds,
+        "device": str(next(model.parameters()).device),
+    }
     prunekit.recalibrate_bn(model, calib)
 
     gen = torch.Generator().manual_seed(0)
@@ -55,7 +64,7 @@ def main() -> None:
     images[torch.arange(256), labels % 3] += 1 + labels[:, None, None] * 0.2
     loader = DataLoader(TensorDataset(images, labels), batch_size=32)
     start = time.perf_counter()
-    fit = prunekit.finetune(model, loader, val=loader, epochs=3, lr=0.05, device="cuda")
+    fit = prunekit.finetune(model, loader, val=loader, epochs=3, lr=0.05, device=args.device)
     out["finetune"] = {
         "accuracy": fit.test["accuracy"],
         "history": [h["train_loss"] for h in fit.history],
@@ -66,7 +75,7 @@ def main() -> None:
         tmp = Path(tmp)
         weights = tmp / "imagenet-like.pth"
         torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), weights)
-        cfg = TrainConfig(epochs=2, batch_size=16, lr=0.01, device="cuda")
+        cfg = TrainConfig(epochs=2, batch_size=16, lr=0.01, device=args.device)
         result = api.train(
             "resnet18", str(photo_folder(tmp / "photos")), tmp / "run", cfg, image_size=128,
             weights=str(weights), val_split=0.25,
@@ -84,8 +93,8 @@ def main() -> None:
     pruned_ms, dense_ms = latency([model, dense], 224, batch_size=64, device=dev)
     out["latency_batch64_ms"] = {"pruned": pruned_ms["median_ms"], "dense": dense_ms["median_ms"]}
     print(json.dumps(out, indent=2))
-    if len(sys.argv) > 1:
-        Path(sys.argv[1]).write_text(json.dumps(out, indent=2) + "\n")
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
