@@ -28,9 +28,14 @@ def machine() -> dict:
                 break
     except OSError:
         pass
+    try:
+        words = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        words = set()
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu,
+        "cpu_flags": sorted(words & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -132,9 +132,6 @@ def main() -> None:
     result.update(
         command=f"python benchmarks/fullres.py --per-class {args.per_class} --scale {args.scale}",
         machine=machine(),
-        cpu_flags=sorted(
-            set(Path("/proc/cpuinfo").read_text().split()) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
-        ),
         rows=result.get("rows", {}),
     )
 

@@ -108,3 +108,17 @@ def test_weights_errors_are_one_line(tmp_path, capsys):
 def test_python_weights_argument_names_the_argument():
     with pytest.raises(prunekit.errors.UsageError, match=r"^weights|weights "):
         build_with_weights("resnet18", 10, "NOT_A_WEIGHT")
+
+
+def test_run_pipeline_from_weights_on_photos(tmp_path, weights_file, capsys):
+    """`prunekit run` takes the same --weights / --val-split / --image-size as train, end to end."""
+    path, _ = weights_file
+    data = photos(tmp_path / "photos")
+    argv = ["run", "--data", data, "--weights", path, "--val-split", "0.25", "--image-size", "64"]
+    argv += ["--epochs", "1", "--target-macs", "0.5", "--recipe", "full", "--finetune-epochs", "1"]
+    argv += ["--runs-dir", tmp_path / "runs", "--name", "photos"]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    run_dir = tmp_path / "runs" / "photos"
+    meta = prunekit.load(run_dir / "finetune-1" / "model.safetensors").prunekit_meta
+    assert meta["weights"]["source"] == "file" and meta["preprocess"]["crop_size"] == 64
+    assert (run_dir / "report.md").is_file()
