@@ -395,3 +395,16 @@ def test_cifar_mini_archive_stays_in_memory_and_unchanged(mini_archive, tmp_path
     assert isinstance(loader, BatchLoader)
     reference = BatchLoader(bundle.train, 64, bundle.mean, bundle.std, train=True, seed=0)
     _assert_same(list(loader.batches())[:3], list(reference.batches())[:3])
+
+
+def test_a_truncated_jpeg_is_replaced_with_a_warning_not_a_crash(tree, capfd):
+    """The header indexes fine, the body does not decode: the epoch still completes, and says so."""
+    victim = sorted((tree / "train").rglob("*.jpg"))[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 3])  # a valid header, a cut-off body
+    bundle = load_data(str(tree), image_size=S)
+    loader = bundle.loader("train", 8, train=True, channels_last=False)
+    loader.num_workers = 0  # the warning is printed by the decoding process: keep it in this one
+    seen = sum(len(y) for _, y in loader)
+    assert seen == len(loader) * 8
+    assert f"skipped unreadable image {victim.relative_to(tree).as_posix()}" in capfd.readouterr().err

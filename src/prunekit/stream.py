@@ -6,6 +6,7 @@ import contextlib
 import io
 import math
 import os
+import sys
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -93,15 +94,31 @@ class ImageFiles(Dataset):
         return state
 
     def __getitem__(self, item: int | tuple[int, int | None]) -> tuple[torch.Tensor, int]:
-        """``item`` is an index, or (index, augmentation seed) as the loader passes it; uint8 [3, S, S]."""
+        """``item`` is an index, or (index, augmentation seed) as the loader passes it; uint8 [3, S, S].
+
+        A file whose header was fine at indexing but whose body does not decode (a truncated JPEG) is
+        replaced by the next readable one, with a warning, instead of ending a long run mid-epoch.
+        """
         index, aug_seed = item if isinstance(item, tuple) else (item, None)
+        for step in range(len(self)):
+            i = (index + step) % len(self)
+            try:
+                return self._decode(i, aug_seed), int(self.label_array[i])
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+                name = self.paths[i].decode()
+                print(
+                    f"warning: skipped unreadable image {name} ({exc}); using the next one", file=sys.stderr
+                )
+        raise RuntimeError(f"no image in {self.root} could be decoded")
+
+    def _decode(self, index: int, aug_seed: int | None) -> torch.Tensor:
         with self._open(index) as f, Image.open(f) as img:
             if self.train:
                 gen = torch.Generator().manual_seed(aug_seed if aug_seed is not None else index)
                 x = self._train_transform(img, gen)
             else:
                 x = self._eval_transform(img)
-        return TF.pil_to_tensor(x), int(self.label_array[index])
+        return TF.pil_to_tensor(x)
 
     def _open(self, index: int):
         name = self.paths[index].decode()
