@@ -9,6 +9,7 @@ result is then measured on the pruned model.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 from collections.abc import Callable
@@ -480,6 +481,17 @@ def check_runs(model: nn.Module, example: torch.Tensor, expected: Any, layer: st
         raise SurgeryError(layer, f"the output shape changed from {expected} to {got}")
 
 
+@contextlib.contextmanager
+def _full_precision():
+    """Disable TF32 on GPUs while comparing outputs: its 10-bit mantissa would blur the equivalence check."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 # Norms that mix channels: removing a channel legitimately changes the others, so zeroing is no reference.
 _CHANNEL_MIXING = (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
 
@@ -513,7 +525,8 @@ def zeroed_reference(
                     if isinstance(t, torch.Tensor):
                         saved.setdefault(id(t), (t, t.detach().clone()))
                         t.data[chans] = 0
-        return model(probe)
+        with _full_precision():
+            return model(probe)
     finally:
         for t, original in saved.values():
             t.data.copy_(original)
@@ -538,7 +551,7 @@ def check_equivalent(model: nn.Module, probe: torch.Tensor, reference: Any, laye
     """The pruned model must compute what the dense model computes with the removed channels zeroed."""
     if reference is None:
         return
-    with torch.no_grad():
+    with torch.no_grad(), _full_precision():
         got = model(probe)
     if not _same_outputs(reference, got):
         raise SurgeryError(
