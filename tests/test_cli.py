@@ -144,11 +144,13 @@ def test_models_lists_names(capsys):
     assert "resnet18" in names and "resnet18-cifar" in names and "mobilenet_v2" in names
 
 
-def test_argparse_rejects_a_bad_choice(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["train", "--data", "synthetic", "--optimizer", "rmsprop"])
-    assert exc.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err
+def test_argparse_rejects_a_bad_choice_in_one_line(capsys):
+    code, _, err = run_cli(capsys, ["train", "--data", "synthetic", "--optimizer", "rmsprop"])
+    assert code == EXIT_USAGE
+    assert err.strip().splitlines() == [
+        "error: --optimizer invalid choice: 'rmsprop' (choose from 'sgd', 'adam', 'adamw') "
+        "(see prunekit train --help)"
+    ]
 
 
 def test_error_message_is_one_line_even_when_long(capsys, tmp_path):

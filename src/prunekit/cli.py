@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from .console import console
 from .errors import UsageError, cli_arg_style
 from .finetuning import FREEZE_POLICIES, RECIPES
 from .importance import CRITERIA
+from .options import cli_type
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -27,20 +30,25 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument(
         "--data-dir", default=None, help="where --data cifar10 is downloaded (default: user cache)"
     )
-    p.add_argument("--subset", type=int, default=None, help="keep N training images per class")
+    p.add_argument("--subset", type=cli_type("subset"), default=None, help="keep N training images per class")
 
 
 def _add_train_args(p: argparse.ArgumentParser, defaults) -> None:
     g = p.add_argument_group("training recipe")
-    g.add_argument("--epochs", type=int, default=defaults.epochs)
-    g.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    g.add_argument("--epochs", type=cli_type("epochs"), default=defaults.epochs)
+    g.add_argument("--batch-size", type=cli_type("batch_size"), default=defaults.batch_size)
     g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=defaults.optimizer)
-    g.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
-    g.add_argument("--momentum", type=float, default=defaults.momentum)
-    g.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    g.add_argument("--lr", type=cli_type("lr"), default=defaults.lr, help="peak learning rate")
+    g.add_argument("--momentum", type=cli_type("momentum"), default=defaults.momentum)
+    g.add_argument("--weight-decay", type=cli_type("weight_decay"), default=defaults.weight_decay)
     g.add_argument("--schedule", choices=["cosine", "onecycle", "constant"], default=defaults.schedule)
-    g.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs, help="cosine schedule only")
-    g.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
+    g.add_argument(
+        "--warmup-epochs",
+        type=cli_type("warmup_epochs"),
+        default=defaults.warmup_epochs,
+        help="cosine schedule only",
+    )
+    g.add_argument("--label-smoothing", type=cli_type("label_smoothing"), default=defaults.label_smoothing)
     g.add_argument(
         "--no-bf16",
         dest="bf16",
@@ -48,14 +56,30 @@ def _add_train_args(p: argparse.ArgumentParser, defaults) -> None:
         help="train in fp32 (bf16 autocast is on where the CPU supports it)",
     )
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    g.add_argument("--seed", type=int, default=defaults.seed)
-    g.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--seed", type=cli_type("seed"), default=defaults.seed)
+    g.add_argument(
+        "--device", type=cli_type("device"), default=defaults.device, help="auto | cpu | cuda | cuda:N"
+    )
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one ``error:`` line (flag, problem, where to look) instead of a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        match = re.match(r"argument ([^:]+): (.*)", message)
+        if match:  # "argument --epochs: must be ..." -> "--epochs must be ..."
+            flag = match.group(1).split("/")[0]
+            message = f"{flag} {match.group(2)}"
+        console.print(
+            f"[bold red]error:[/] {message} (see {self.prog} --help)", highlight=False, soft_wrap=True
+        )
+        raise SystemExit(EXIT_USAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .train import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="prunekit", description=__doc__)
+    parser = Parser(prog="prunekit", description=__doc__)
     parser.add_argument("--version", action="version", version=f"prunekit {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -74,14 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--image-size",
-        type=int,
+        type=cli_type("image_size"),
         default=None,
         help="model input size (default: native for small uniform images such as CIFAR, else 224 or the "
         "weights' own)",
     )
     p.add_argument(
         "--val-split",
-        type=float,
+        type=cli_type("val_split"),
         default=None,
         help="hold out this fraction of train/ when there is no test/",
     )
@@ -93,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="accuracy, model summary and latency of a checkpoint")
     p.add_argument("checkpoint", type=Path)
     _add_data_args(p, required=False)
-    p.add_argument("--batch-size", type=int, default=None, help="default: 500 at 32 px, 64 at 224 px")
+    p.add_argument(
+        "--batch-size", type=cli_type("batch_size"), default=None, help="default: 500 at 32 px, 64 at 224 px"
+    )
     p.add_argument("--no-latency", dest="latency", action="store_false", help="skip the latency measurement")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     p.set_defaults(func=cmd_eval)
@@ -107,11 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="prune this conv (repeatable); default: every prunable layer",
     )
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--ratio", type=float, help="fraction of channels to remove from each pruned layer")
     what.add_argument(
-        "--target-macs", type=float, help="keep this fraction of the MACs (0.5 = half), globally"
+        "--ratio", type=cli_type("ratio"), help="fraction of channels to remove from each pruned layer"
     )
-    what.add_argument("--target-params", type=float, help="keep this fraction of the parameters, globally")
+    what.add_argument(
+        "--target-macs",
+        type=cli_type("target_macs"),
+        help="keep this fraction of the MACs (0.5 = half), globally",
+    )
+    what.add_argument(
+        "--target-params",
+        type=cli_type("target_params"),
+        help="keep this fraction of the parameters, globally",
+    )
     p.add_argument(
         "--importance",
         default=None,
@@ -124,11 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="data",
         help="score activations on training images (data) or on the seed's random noise",
     )
-    p.add_argument("--calibration-images", type=int, default=256)
+    p.add_argument("--calibration-images", type=cli_type("calibration_images"), default=256)
     p.add_argument("--ignore", action="append", default=[], help="never prune this layer (repeatable)")
-    p.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of N")
+    p.add_argument(
+        "--round-to", type=cli_type("round_to"), default=1, help="keep channel counts multiples of N"
+    )
     _add_data_args(p, required=False)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cli_type("seed"), default=0)
     p.add_argument(
         "--out",
         type=Path,
@@ -155,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="seed",
         help="seed: Adam lr 1e-4, 10 epochs, seed freezing; full: SGD cosine lr 0.01, everything trains",
     )
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--epochs", type=cli_type("epochs"), default=None)
+    p.add_argument("--lr", type=cli_type("lr"), default=None)
     p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=None)
     p.add_argument(
         "--freeze",
@@ -165,18 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="seed: train only pruned blocks (with their BatchNorms) and the classifier; none: all",
     )
     p.add_argument("--teacher", type=Path, default=None, help="distil from this (dense) checkpoint")
-    p.add_argument("--distill-temperature", type=float, default=None)
-    p.add_argument("--distill-weight", type=float, default=None)
+    p.add_argument("--distill-temperature", type=cli_type("distill_temperature"), default=None)
+    p.add_argument("--distill-weight", type=cli_type("distill_weight"), default=None)
     p.add_argument(
         "--no-recalibrate",
         dest="recalibrate",
         action="store_false",
         help="skip re-estimating BatchNorm statistics before fine-tuning",
     )
-    p.add_argument("--recalibration-images", type=int, default=2048)
+    p.add_argument("--recalibration-images", type=cli_type("recalibration_images"), default=2048)
     _add_data_args(p, required=False)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=cli_type("seed"), default=0)
+    p.add_argument("--device", type=cli_type("device"), default=None)
     p.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning in --out")
     p.set_defaults(func=cmd_finetune)
 
@@ -194,32 +230,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="default: resnet18")
     p.add_argument("--data", help="default: cifar10")
     p.add_argument("--data-dir")
-    p.add_argument("--subset", type=int)
+    p.add_argument("--subset", type=cli_type("subset"))
     p.add_argument("--baseline", help="reuse this dense checkpoint instead of training one")
     p.add_argument("--weights", help="train the baseline from these pretrained weights (see train --weights)")
-    p.add_argument("--image-size", type=int, help="model input size (see train --image-size)")
-    p.add_argument("--val-split", type=float, help="hold out this fraction of train/ when there is no test/")
-    p.add_argument("--epochs", type=int, help="baseline training epochs")
+    p.add_argument(
+        "--image-size", type=cli_type("image_size"), help="model input size (see train --image-size)"
+    )
+    p.add_argument(
+        "--val-split",
+        type=cli_type("val_split"),
+        help="hold out this fraction of train/ when there is no test/",
+    )
+    p.add_argument("--epochs", type=cli_type("epochs"), help="baseline training epochs")
     p.add_argument("--layer", dest="layers", action="append", help="default: layer2.0.conv1")
-    p.add_argument("--ratio", type=float, help="default: 0.2")
-    p.add_argument("--target-macs", type=float)
-    p.add_argument("--target-params", type=float)
+    p.add_argument("--ratio", type=cli_type("ratio"), help="default: 0.2")
+    p.add_argument("--target-macs", type=cli_type("target_macs"))
+    p.add_argument("--target-params", type=cli_type("target_params"))
     p.add_argument("--ignore", action="append")
-    p.add_argument("--round-to", type=int)
+    p.add_argument("--round-to", type=cli_type("round_to"))
     p.add_argument("--importance", choices=CRITERIA, help="default: activation with --layer, else l2")
     p.add_argument("--calibration", choices=["data", "random"])
-    p.add_argument("--calibration-images", type=int)
-    p.add_argument("--steps", type=int, help="reach the target in this many prune/fine-tune rounds")
+    p.add_argument("--calibration-images", type=cli_type("calibration_images"))
+    p.add_argument(
+        "--steps", type=cli_type("steps"), help="reach the target in this many prune/fine-tune rounds"
+    )
     p.add_argument("--recipe", choices=list(RECIPES), help="fine-tuning preset (default: seed)")
-    p.add_argument("--finetune-epochs", type=int)
-    p.add_argument("--finetune-lr", type=float)
+    p.add_argument("--finetune-epochs", type=cli_type("finetune_epochs"))
+    p.add_argument("--finetune-lr", type=cli_type("finetune_lr"))
     p.add_argument("--freeze", choices=FREEZE_POLICIES)
     p.add_argument("--distill", action="store_true", help="distil from the dense baseline while fine-tuning")
-    p.add_argument("--distill-temperature", type=float)
-    p.add_argument("--distill-weight", type=float)
+    p.add_argument("--distill-temperature", type=cli_type("distill_temperature"))
+    p.add_argument("--distill-weight", type=cli_type("distill_weight"))
     p.add_argument("--no-recalibrate", dest="recalibrate", action="store_false")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device")
+    p.add_argument("--seed", type=cli_type("seed"))
+    p.add_argument("--device", type=cli_type("device"))
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("models", help="list the model names --model accepts")
@@ -235,7 +279,10 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed usage and its one error line (or --help)
+        return int(exc.code or 0)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE

@@ -64,7 +64,9 @@ class RunConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise UsageError(f"unknown setting(s) in the config: {', '.join(unknown)}")
-        cfg = cls(**values)
+        from .options import validate
+
+        cfg = cls(**validate(values))
         if cfg.target_macs is not None or cfg.target_params is not None:
             # A target is global: the seed's single layer and ratio no longer apply unless named explicitly.
             if "layers" not in values:
@@ -126,6 +128,23 @@ class Run:
             f.write(message + "\n")
 
 
+def check_before_work(cfg: RunConfig) -> None:
+    """What would otherwise fail only after the baseline has trained: the data source, the model name and
+    the layers to prune, checked against the architecture (or the given baseline) before anything runs."""
+    from .checkpoint import read_meta
+    from .models import build_model
+    from .pruning import validate_names
+
+    if cfg.data not in ("cifar10", "synthetic") and not Path(cfg.data).expanduser().exists():
+        raise UsageError(f"--data {cfg.data}: no such file or directory")
+    if cfg.baseline:
+        meta = read_meta(cfg.baseline)
+        model = build_model(meta["model"], meta["num_classes"])
+    else:
+        model = build_model(cfg.model, 10)  # layer names do not depend on the class count
+    validate_names(model, cfg.prune_request(1))
+
+
 def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     """Run (or continue) the whole pipeline; returns the final metrics."""
     cfg.prune_request(1).validate()  # fail before any work
@@ -141,6 +160,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         value = getattr(cfg, key)
         if value is not None and value not in allowed:
             raise UsageError(f"--{key} must be one of {', '.join(allowed)}, got {value}")
+    check_before_work(cfg)
     r = Run(cfg)
     if r.dir.exists() and r.state["completed"] and not resume:
         raise UsageError(

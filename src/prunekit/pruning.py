@@ -58,17 +58,9 @@ class PruneRequest:
             raise UsageError(
                 f"{arg('layers')} takes a {arg('ratio')} (a target applies to the whole network)"
             )
-        for name, value in (
-            ("ratio", self.ratio),
-            ("target_macs", self.target_macs),
-            ("target_params", self.target_params),
-        ):
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-                raise UsageError(f"{arg(name)} must be a number between 0 and 1 (exclusive), got {value!r}")
-        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
-            raise UsageError(f"{arg('round_to')} must be a whole number of at least 1, got {self.round_to!r}")
+        from .options import validate
+
+        validate(vars(self), ("ratio", "target_macs", "target_params", "round_to", "layers", "ignore"))
 
 
 @dataclass

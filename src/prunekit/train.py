@@ -52,16 +52,11 @@ class TrainConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
     def validate(self) -> None:
-        if self.epochs < 1:
-            raise UsageError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.lr <= 0:
-            raise UsageError(f"--lr must be positive, got {self.lr}")
-        if self.optimizer not in ("sgd", "adam", "adamw"):
-            raise UsageError(f"--optimizer must be sgd, adam or adamw, got {self.optimizer}")
-        if self.schedule not in ("cosine", "onecycle", "constant"):
-            raise UsageError(f"--schedule must be cosine, onecycle or constant, got {self.schedule}")
+        """Every field checked through the one options table (type, range, finite)."""
+        from .options import validate
+
+        for key, value in validate(asdict(self)).items():
+            setattr(self, key, value)
 
 
 @dataclass

@@ -1,0 +1,187 @@
+"""Every user-settable option, declared once: its type, allowed values, check and help.
+
+The command-line parsers, the YAML config of ``prunekit run``, ``TrainConfig`` and the Python API all
+validate through this table, so a check cannot exist in one place and be missing in another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import UsageError, arg
+
+Check = Callable[[Any], str | None]  # returns what is wrong with a value, or None
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: ``kind`` is int, float, str, bool or list (of str); ``check`` refines the kind."""
+
+    name: str
+    kind: type
+    help: str = ""
+    choices: tuple[str, ...] | None = None
+    check: Check | None = None
+    nullable: bool = True  # None means "use the default"
+
+    def validate(self, value: Any) -> Any:
+        """``value`` if it is valid for this option (ints accepted for floats), else a UsageError."""
+        if value is None:
+            if self.nullable:
+                return None
+            raise UsageError(f"{arg(self.name)} needs a value")
+        if not _is_kind(value, self.kind):
+            raise UsageError(f"{arg(self.name)} must be {_KIND_NAMES[self.kind]}, got {value!r}")
+        if self.kind is list:
+            for item in value:
+                if not isinstance(item, str) or not item:
+                    raise UsageError(f"{arg(self.name)} must be a list of names, got {item!r} in it")
+        if self.choices is not None and value not in self.choices:
+            raise UsageError(f"{arg(self.name)} must be one of {', '.join(self.choices)}, got {value!r}")
+        problem = self.check(value) if self.check else None
+        if problem:
+            raise UsageError(f"{arg(self.name)} {problem}, got {value!r}")
+        return float(value) if self.kind is float else value
+
+
+_KIND_NAMES = {
+    int: "a whole number",
+    float: "a number",
+    str: "a string",
+    bool: "true or false",
+    list: "a list",
+}
+
+
+def _is_kind(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _finite(v: float) -> str | None:
+    return None if math.isfinite(v) else "must be a finite number"
+
+
+def at_least(low: float) -> Check:
+    return lambda v: _finite(v) or (None if v >= low else f"must be at least {low:g}")
+
+
+def positive(v: float) -> str | None:
+    return _finite(v) or (None if v > 0 else "must be positive")
+
+
+def fraction_open(v: float) -> str | None:
+    """Strictly between 0 and 1: a ratio of channels or of a budget."""
+    return _finite(v) or (None if 0 < v < 1 else "must be between 0 and 1 (exclusive)")
+
+
+def fraction_closed(v: float) -> str | None:
+    return _finite(v) or (None if 0 <= v <= 1 else "must be between 0 and 1")
+
+
+def fraction_below_one(v: float) -> str | None:
+    return _finite(v) or (None if 0 <= v < 1 else "must be at least 0 and below 1")
+
+
+def nonempty(v: str) -> str | None:
+    return None if v.strip() else "must not be empty"
+
+
+def device_name(v: str) -> str | None:
+    import torch
+
+    if v == "auto":
+        return None
+    try:
+        torch.device(v)
+    except (RuntimeError, ValueError):
+        return "must be auto, cpu, cuda or cuda:N"
+    return None
+
+
+# ---------------------------------------------------------------- the table
+
+_TABLE = [
+    Option("model", str, "torchvision name, resnet18-cifar, or timm:NAME", check=nonempty),
+    Option("data", str, "cifar10 | synthetic | PATH", check=nonempty),
+    Option("data_dir", str, "where --data cifar10 is downloaded", check=nonempty),
+    Option("subset", int, "keep N training images per class", check=at_least(1)),
+    Option(
+        "weights", str, "pretrained weights: a weight name, 'pretrained' (timm) or a file", check=nonempty
+    ),
+    Option("image_size", int, "model input size in pixels", check=at_least(8)),
+    Option("val_split", float, "fraction of train/ held out when there is no test/", check=fraction_open),
+    Option("epochs", int, "training epochs", check=at_least(1)),
+    Option("batch_size", int, "images per step", check=at_least(1)),
+    Option("optimizer", str, choices=("sgd", "adam", "adamw")),
+    Option("lr", float, "peak learning rate", check=positive),
+    Option("momentum", float, check=fraction_below_one),
+    Option("weight_decay", float, check=at_least(0)),
+    Option("schedule", str, choices=("cosine", "onecycle", "constant")),
+    Option("warmup_epochs", float, "cosine schedule only", check=at_least(0)),
+    Option("label_smoothing", float, check=fraction_below_one),
+    Option("bf16", bool),
+    Option("channels_last", bool),
+    Option("seed", int, check=at_least(0)),
+    Option("device", str, "auto | cpu | cuda | cuda:N", check=device_name),
+    Option("distill_temperature", float, check=positive),
+    Option("distill_weight", float, check=fraction_closed),
+    Option("layers", list, "prune these convs"),
+    Option("ignore", list, "never prune these layers"),
+    Option("ratio", float, "fraction of channels to remove from each pruned layer", check=fraction_open),
+    Option("target_macs", float, "keep this fraction of the MACs", check=fraction_open),
+    Option("target_params", float, "keep this fraction of the parameters", check=fraction_open),
+    Option("round_to", int, "keep channel counts multiples of N", check=at_least(1)),
+    Option("calibration", str, choices=("data", "random")),
+    Option("calibration_images", int, check=at_least(1)),
+    Option("recalibration_images", int, check=at_least(1)),
+    Option("steps", int, "prune/fine-tune rounds", check=at_least(1)),
+    Option("finetune_epochs", int, check=at_least(1)),
+    Option("finetune_lr", float, check=positive),
+    Option("recalibrate", bool),
+    Option("distill", bool),
+    Option("name", str, check=nonempty),
+    Option("runs_dir", str, check=nonempty),
+    Option("baseline", str, check=nonempty),
+    Option("recipe", str),
+    Option("freeze", str),
+    Option("importance", str),
+]
+OPTIONS: dict[str, Option] = {o.name: o for o in _TABLE}
+
+
+def validate(values: dict[str, Any], names: Iterable[str] | None = None) -> dict[str, Any]:
+    """Check every known option in ``values`` (or only ``names``); returns them with floats as float."""
+    checked = dict(values)
+    for key in names if names is not None else values:
+        if key in OPTIONS and key in values:
+            checked[key] = OPTIONS[key].validate(values[key])
+    return checked
+
+
+def cli_type(name: str) -> Callable[[str], Any]:
+    """An argparse ``type=`` that parses a flag's text and applies the option's check."""
+    option = OPTIONS[name]
+
+    def parse(text: str) -> Any:
+        try:
+            value = option.kind(text) if option.kind in (int, float) else text
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {_KIND_NAMES[option.kind]}, got {text!r}") from None
+        try:
+            return option.validate(value)
+        except UsageError as exc:  # argparse names the flag itself; keep only the reason
+            raise argparse.ArgumentTypeError(str(exc).split(" ", 1)[1]) from None
+
+    parse.__name__ = name  # argparse shows this in "invalid <name> value" messages
+    return parse
