@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +202,21 @@ def test_train_then_eval(capsys, tmp_path):
     assert results["accuracy"] == pytest.approx(metrics["test_accuracy"])
     assert f"{results['accuracy']:.2%}" in printed
     assert "latency" not in results
+
+
+def test_an_internal_error_is_one_line_with_the_traceback_in_a_log(capsys, monkeypatch, isolated_cache):
+    """A bug (not a user mistake) still prints one line, exit 1, and the traceback lands in a log file."""
+    from prunekit import api
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("division by zero deep inside")
+
+    monkeypatch.setattr(api, "evaluate_checkpoint", broken)
+    code, _, err = run_cli(capsys, ["eval", "whatever.safetensors"])
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "internal error" in lines[0] and "ZeroDivisionError" in lines[0], err
+    log = Path(lines[0].rsplit("traceback in ", 1)[1].rstrip(")"))
+    assert log.is_file() and log.is_relative_to(isolated_cache)
+    text = log.read_text()
+    assert "Traceback" in text and "division by zero deep inside" in text and "eval whatever" in text

@@ -18,6 +18,7 @@ from .options import cli_type
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_INTERNAL = 1
 
 
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -295,6 +296,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug of ours, not the user's: one line here, the traceback in a log
+        log = _write_crash_log(argv)
+        console.print(
+            f"[bold red]error:[/] internal error, please report it: {type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]} (traceback in {log})",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return EXIT_INTERNAL
+
+
+def _write_crash_log(argv: Sequence[str] | None) -> Path:
+    """Save the current exception's traceback with the command line; returns the log's path."""
+    import datetime as dt
+    import traceback
+
+    from .files import cache_dir
+
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = cache_dir() / "logs" / f"crash-{stamp}-{os.getpid()}.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            f"prunekit {' '.join(map(str, argv if argv is not None else sys.argv[1:]))}\n\n{traceback.format_exc()}"
+        )
+    except OSError:
+        path = Path("(could not write a log)")
+    return path
 
 
 # ---------------------------------------------------------------- commands
