@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from rich.markup import escape
+
 from .console import console
 from .errors import UsageError, cli_arg_style
 from .finetuning import FREEZE_POLICIES, RECIPES
@@ -181,6 +183,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None)
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("quantize", help="int8 post-training quantization in ONNX Runtime, measured")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="int8 .onnx (default: <checkpoint>-int8.onnx)")
+    p.add_argument(
+        "--calibration-images", type=cli_type("calibration_images"), default=512, help="training images"
+    )
+    p.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"], default="minmax")
+    p.add_argument(
+        "--keep-fp32", action="append", default=[], metavar="NODE", help="ONNX node kept in fp32 (repeatable)"
+    )
+    p.add_argument(
+        "--no-remedies",
+        dest="remedies",
+        action="store_false",
+        help="do not try remedies when int8 loses > 1 point",
+    )
+    p.add_argument(
+        "--threads", type=cli_type("threads"), default=None, help="ONNX Runtime threads (default: torch's)"
+    )
+    _add_data_args(p, required=False)
+    p.set_defaults(func=cmd_quantize)
+
     p = sub.add_parser("finetune", help="recalibrate BatchNorm and fine-tune a pruned checkpoint")
     p.add_argument("checkpoint", type=Path)
     p.add_argument(
@@ -291,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with cli_arg_style():
             return int(args.func(args) or 0)
     except UsageError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
@@ -300,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log = _write_crash_log(argv)
         console.print(
             f"[bold red]error:[/] internal error, please report it: {type(exc).__name__}: "
-            f"{' '.join(str(exc).split())[:300]} (traceback in {log})",
+            f"{escape(' '.join(str(exc).split())[:300])} (traceback in {log})",
             highlight=False,
             soft_wrap=True,
         )
@@ -405,6 +429,25 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = export_checkpoint(args.checkpoint, args.format, args.out)
     console.print(f"wrote {out}", highlight=False)
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from . import api
+    from .report import print_quantize
+
+    report = api.quantize_checkpoint(
+        args.checkpoint,
+        out=args.out,
+        calibration_images=args.calibration_images,
+        method=args.calibration_method,
+        keep_fp32=args.keep_fp32,
+        remedies=args.remedies,
+        data=args.data,
+        data_dir=args.data_dir,
+        threads=args.threads,
+    )
+    print_quantize(report)
     return 0
 
 

@@ -137,7 +137,8 @@ def summary(model: nn.Module, input_size: int) -> dict[str, Any]:
     }
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: converting the model to channels_last there would make its
+# parameters inference tensors, which later tracing (ONNX export) refuses
 def latency(
     model: nn.Module | Sequence[nn.Module],
     input_size: int,

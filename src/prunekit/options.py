@@ -145,6 +145,7 @@ _TABLE = [
     Option("calibration", str, choices=("data", "random")),
     Option("calibration_images", int, check=at_least(1)),
     Option("recalibration_images", int, check=at_least(1)),
+    Option("threads", int, "CPU threads", check=at_least(1)),
     Option("steps", int, "prune/fine-tune rounds", check=at_least(1)),
     Option("finetune_epochs", int, check=at_least(1)),
     Option("finetune_lr", float, check=positive),

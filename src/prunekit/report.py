@@ -27,14 +27,46 @@ def print_eval(results: dict[str, Any]) -> None:
         f"file {results['file_size_mb']:.2f} MB",
         highlight=False,
     )
-    for key, lat in results.get("latency", {}).items():
-        speed = results.get("speedup", {}).get(key)
-        extra = f"  speed-up {speed:.2f}x vs dense parent" if speed else ""
-        console.print(
-            f"latency {key}: {lat['median_ms']:.2f} ms median ({lat['images_per_s']:.0f} img/s, "
-            f"{lat['threads']} threads){extra}",
-            highlight=False,
+    for runtime, prefix in (("PyTorch eager", ""), ("ONNX Runtime", "ort_")):
+        for key, lat in results.get(f"{prefix}latency", {}).items():
+            speed = results.get(f"{prefix}speedup", {}).get(key)
+            extra = f"  speed-up {speed:.2f}x vs dense parent" if speed else ""
+            console.print(
+                f"latency {key} ({runtime}): {lat['median_ms']:.2f} ms median ({lat['images_per_s']:.0f} img/s, "
+                f"{lat['threads']} threads){extra}",
+                highlight=False,
+            )
+
+
+def print_quantize(report: dict[str, Any]) -> None:
+    """The deployment table of ``prunekit quantize``: accuracy, size and ONNX Runtime latency per stage."""
+    from rich.table import Table
+
+    rt = report["runtime"]
+    table = Table(title=f"ONNX Runtime ({rt['provider']}, {rt['threads']} threads)")
+    for col in ("model", "accuracy", "size on disk", "batch 1", "batch 64"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, row in report["rows"].items():
+        acc = "" if row["accuracy"] is None else f"{row['accuracy']:.2%}"
+        lat = row["latency"]
+        table.add_row(
+            name,
+            acc,
+            f"{row['size_mb']:.2f} MB",
+            f"{lat['batch1']['median_ms']:.2f} ms",
+            f"{lat['batch64']['median_ms']:.1f} ms",
         )
+    console.print(table)
+    for t in report["tries"]:
+        console.print(
+            f"  tried {t['name']}: {t['accuracy']:.2%} ({t['drop_points']:+.2f} points lost)", highlight=False
+        )
+    speed = report["speedup_vs_dense_fp32"]
+    console.print(
+        f"int8 model {report['int8_model']}: {speed['batch1']:.2f}x / {speed['batch64']:.2f}x faster than "
+        f"{'the dense' if 'dense_fp32' in report['rows'] else 'its own'} fp32 model at batch 1 / 64",
+        highlight=False,
+    )
 
 
 def seed_table(

@@ -1,0 +1,188 @@
+"""Where a model is deployed: ONNX export, ONNX Runtime sessions, latency and accuracy there, and static
+int8 post-training quantization with ONNX Runtime's own tooling (QDQ, per-channel weights)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .errors import UsageError, arg
+from .files import atomic_write
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+INPUT, OUTPUT = "images", "logits"
+
+
+def require_onnxruntime() -> Any:
+    """The ``onnxruntime`` module, or a one-line error saying how to install it."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+    except ImportError:
+        raise UsageError("ONNX Runtime is not installed: pip install 'prunekit[export]'") from None
+    return onnxruntime
+
+
+def write_onnx(model: nn.Module, input_size: int, path: str | Path, opset: int = 17) -> Path:
+    """Export ``model`` (normalized images [N, 3, H, W] -> logits) to ONNX with a dynamic batch axis."""
+    require_onnxruntime()
+    model = model.eval()
+    example = torch.randn(1, 3, input_size, input_size, device=next(model.parameters()).device)
+
+    def write(tmp: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (example,),
+                str(tmp),
+                input_names=[INPUT],
+                output_names=[OUTPUT],
+                dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+                opset_version=opset,
+                dynamo=False,
+            )
+
+    try:
+        return atomic_write(path, write)
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise UsageError(
+            f"{type(model).__name__} cannot be exported to ONNX ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def session(path: str | Path, threads: int) -> Any:
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads (set explicitly, so timings say how)."""
+    ort = require_onnxruntime()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # warnings about unused initializers are noise here
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_latency(
+    sessions: Sequence[Any], input_size: int, batch_size: int, warmup: int = 5, repeats: int = 30
+) -> list[dict[str, float]]:
+    """Median wall time of one ``run`` per session, the sessions timed in alternation on the same input."""
+    x = np.random.default_rng(0).standard_normal((batch_size, 3, input_size, input_size), dtype=np.float32)
+    for _ in range(warmup):
+        for s in sessions:
+            s.run(None, {INPUT: x})
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(repeats):
+        for s, bucket in zip(sessions, times, strict=True):
+            start = time.perf_counter()
+            s.run(None, {INPUT: x})
+            bucket.append(time.perf_counter() - start)
+    return [
+        {
+            "batch_size": batch_size,
+            "median_ms": statistics.median(t) * 1e3,
+            "min_ms": min(t) * 1e3,
+            "images_per_s": batch_size / statistics.median(t),
+            "repeats": repeats,
+            "threads": s.get_session_options().intra_op_num_threads,
+            "runtime": "onnxruntime",
+        }
+        for s, t in zip(sessions, times, strict=True)
+    ]
+
+
+def ort_accuracy(sess: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+    """Top-1 accuracy of an ONNX Runtime session over ``(images, labels)`` batches."""
+    correct = seen = 0
+    for x, y in batches:
+        logits = sess.run(None, {INPUT: x.contiguous().numpy().astype(np.float32)})[0]
+        correct += int((torch.from_numpy(logits).argmax(1) == y).sum())
+        seen += len(y)
+    return {"accuracy": correct / max(seen, 1), "images": seen}
+
+
+class _Calibration:
+    """ONNX Runtime's calibration data reader over normalized training batches."""
+
+    def __init__(self, batches: Sequence[torch.Tensor]):
+        self.batches = [b.contiguous().numpy().astype(np.float32) for b in batches]
+        self.index = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.index >= len(self.batches):
+            return None
+        self.index += 1
+        return {INPUT: self.batches[self.index - 1]}
+
+    def rewind(self) -> None:
+        self.index = 0
+
+
+def quantize_int8(
+    fp32_path: str | Path,
+    out: str | Path,
+    calibration: Sequence[torch.Tensor],
+    method: str = "minmax",
+    exclude: Sequence[str] = (),
+) -> Path:
+    """Static int8 quantization (QDQ, per-channel int8 weights, uint8 activations: the fast x86 pairing),
+    calibrated on ``calibration`` batches; ``exclude`` keeps those ONNX nodes in fp32."""
+    require_onnxruntime()
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if method not in CALIBRATION_METHODS:
+        raise UsageError(
+            f"{arg('calibration_method')} must be one of {', '.join(CALIBRATION_METHODS)}, got {method}"
+        )
+    if not calibration:
+        raise UsageError(
+            f"{arg('calibration_images')}: no calibration batch; give at least one batch of images"
+        )
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
+
+    def write(tmp: Path) -> None:
+        prepared = tmp.with_name(tmp.name + ".pre.onnx")
+        try:
+            # Shape inference and graph folding first, as ONNX Runtime's quantization guide recommends.
+            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantize_static(
+                    str(prepared),
+                    str(tmp),
+                    _Calibration(calibration),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=methods[method],
+                    nodes_to_exclude=list(exclude),
+                )
+        finally:
+            prepared.unlink(missing_ok=True)
+            for extra in tmp.parent.glob("augmented_model*.onnx"):  # the calibrator's scratch model
+                extra.unlink(missing_ok=True)
+
+    return atomic_write(out, write)
+
+
+def conv_nodes(path: str | Path) -> list[str]:
+    """Names of the Conv and Gemm nodes of an ONNX model, in graph order (candidates to keep in fp32)."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    return [n.name for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]

@@ -1,0 +1,112 @@
+"""Deployment: latency in ONNX Runtime, static int8 quantization of a pruned model, and its bad inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PYTHON, subprocess_env
+from prunekit import api
+from prunekit.cli import EXIT_USAGE, main
+from prunekit.pruning import PruneRequest
+from prunekit.train import TrainConfig
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def pruned_ckpt(tmp_path_factory) -> Path:
+    """A resnet18 trained briefly on synthetic data, then pruned 2x (so it has a dense parent)."""
+    root = tmp_path_factory.mktemp("deploy")
+    api.train("resnet18", "synthetic", root / "dense", TrainConfig(epochs=2, batch_size=32, lr=0.05))
+    out = root / "pruned.safetensors"
+    api.prune_checkpoint(
+        root / "dense" / "model.safetensors", PruneRequest(target_macs=0.5), importance="l2", out=out
+    )
+    return out
+
+
+def test_quantize_writes_a_stock_onnx_int8_model_that_agrees_with_fp32(pruned_ckpt, tmp_path, capsys):
+    out = tmp_path / "model-int8.onnx"
+    code = main(
+        ["quantize", str(pruned_ckpt), "--out", str(out), "--calibration-images", "128", "--threads", "1"]
+    )
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert list(report["rows"]) == ["dense_fp32", "fp32", "int8"]
+    for row in report["rows"].values():
+        assert row["size_mb"] > 0 and row["latency"]["batch1"]["median_ms"] > 0
+        assert row["latency"]["batch64"]["threads"] == 1
+    assert report["rows"]["int8"]["size_mb"] < report["rows"]["fp32"]["size_mb"] / 2  # int8 weights
+    assert report["runtime"] == {"name": "onnxruntime", "provider": "CPUExecutionProvider", "threads": 1}
+
+    # A fresh process with a stock ONNX Runtime session: int8 and the PyTorch model agree on top-1.
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    np.save(tmp_path / "x.npy", x.numpy())
+    script = (
+        "import numpy as np, onnxruntime as ort, sys\n"
+        f"s = ort.InferenceSession({str(out)!r}, providers=['CPUExecutionProvider'])\n"
+        f"y = s.run(None, {{'images': np.load({str(tmp_path / 'x.npy')!r})}})[0]\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, y)\n"
+        "print(sorted({n.op_type for n in __import__('onnx').load(sys.argv[1]).graph.node}))\n"
+    )
+    run = subprocess.run(
+        [PYTHON, "-c", script, str(out)], capture_output=True, text=True, env=subprocess_env()
+    )
+    assert run.returncode == 0, run.stderr
+    assert "QuantizeLinear" in run.stdout and "DequantizeLinear" in run.stdout
+    with torch.no_grad():
+        expected = api.load_checkpoint(pruned_ckpt).model(x).argmax(1)
+    got = torch.from_numpy(np.load(tmp_path / "y.npy")).argmax(1)
+    assert (got == expected).float().mean() >= 0.9
+
+
+def test_eval_reports_onnxruntime_latency_against_the_dense_parent(
+    pruned_ckpt, tmp_path, capsys, monkeypatch
+):
+    import functools
+
+    from prunekit import deploy
+
+    monkeypatch.setattr(deploy, "ort_latency", functools.partial(deploy.ort_latency, warmup=1, repeats=3))
+    monkeypatch.setattr(api, "latency", functools.partial(api.latency, warmup=1, repeats=3))
+    assert main(["eval", str(pruned_ckpt), "--json", str(tmp_path / "e.json")]) == 0
+    results = json.loads((tmp_path / "e.json").read_text())
+    assert set(results["ort_speedup"]) == {"batch1", "batch64"}
+    assert results["ort_latency"]["batch1"]["runtime"] == "onnxruntime"
+    assert "ONNX Runtime" in capsys.readouterr().err
+
+
+def test_too_few_calibration_images_is_one_line_and_writes_nothing(pruned_ckpt, tmp_path, capsys):
+    out = tmp_path / "q.onnx"
+    code = main(["quantize", str(pruned_ckpt), "--out", str(out), "--calibration-images", "8"])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE and "fewer than one batch" in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_export_extra_is_one_line(pruned_ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    code = main(["quantize", str(pruned_ckpt), "--out", str(tmp_path / "q.onnx")])
+    err = capsys.readouterr().err
+    assert (
+        code == EXIT_USAGE and "pip install 'prunekit[export]'" in err and len(err.strip().splitlines()) == 1
+    )
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_model_whose_export_fails_is_one_line(pruned_ckpt, tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("Unsupported: an operator ONNX has no opset for")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    code = main(["quantize", str(pruned_ckpt), "--out", str(tmp_path / "q.onnx")])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE and "cannot be exported to ONNX" in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
