@@ -110,3 +110,28 @@ def test_a_model_whose_export_fails_is_one_line(pruned_ckpt, tmp_path, capsys, m
     err = capsys.readouterr().err
     assert code == EXIT_USAGE and "cannot be exported to ONNX" in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())
+
+
+def test_run_with_quantize_reports_every_stage_against_latency(tmp_path, capsys, monkeypatch):
+    import functools
+
+    from prunekit import deploy
+
+    monkeypatch.setattr(deploy, "ort_latency", functools.partial(deploy.ort_latency, warmup=1, repeats=3))
+    monkeypatch.setattr(api, "latency", functools.partial(api.latency, warmup=1, repeats=3))
+    argv = ["run", "--data", "synthetic", "--epochs", "1", "--target-macs", "0.5", "--recipe", "full"]
+    argv += ["--finetune-epochs", "1", "--quantize", "--runs-dir", str(tmp_path), "--name", "q"]
+    assert main(argv) == 0, capsys.readouterr().err
+    run_dir = tmp_path / "q"
+    stages = json.loads((run_dir / "metrics.json").read_text())["stages"]
+    assert [s["stage"] for s in stages] == [
+        "dense fp32",
+        "pruned fp32 (before fine-tuning)",
+        "pruned + fine-tuned fp32",
+        "pruned + fine-tuned int8",
+    ]
+    assert all(s["latency"]["ort"]["batch64"]["median_ms"] > 0 for s in stages)
+    report = (run_dir / "report.md").read_text()
+    assert "| pruned + fine-tuned int8 |" in report and "tradeoff.png" in report
+    assert (run_dir / "tradeoff.png").stat().st_size > 1000
+    assert (run_dir / "model-int8.onnx").is_file()

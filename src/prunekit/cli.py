@@ -287,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-temperature", type=cli_type("distill_temperature"))
     p.add_argument("--distill-weight", type=cli_type("distill_weight"))
     p.add_argument("--no-recalibrate", dest="recalibrate", action="store_false")
+    p.add_argument(
+        "--quantize", action="store_true", help="add an int8 ONNX Runtime stage (see prunekit quantize)"
+    )
+    p.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"])
     p.add_argument("--seed", type=cli_type("seed"))
     p.add_argument("--device", type=cli_type("device"))
     p.set_defaults(func=cmd_run)

@@ -151,6 +151,8 @@ _TABLE = [
     Option("finetune_lr", float, check=positive),
     Option("recalibrate", bool),
     Option("distill", bool),
+    Option("quantize", bool),
+    Option("calibration_method", str, choices=("minmax", "entropy", "percentile")),
     Option("name", str, check=nonempty),
     Option("runs_dir", str, check=nonempty),
     Option("baseline", str, check=nonempty),

@@ -55,6 +55,8 @@ class RunConfig:
     distill_temperature: float | None = None
     distill_weight: float | None = None
     recalibrate: bool = True
+    quantize: bool = False
+    calibration_method: str = "minmax"
     seed: int = 0
     device: str = "auto"
 
@@ -155,6 +157,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         "freeze": FREEZE_POLICIES,
         "importance": CRITERIA,
         "calibration": ("data", "random"),
+        "calibration_method": ("minmax", "entropy", "percentile"),
     }
     for key, allowed in choices.items():  # a config file bypasses argparse's choices
         value = getattr(cfg, key)
@@ -256,6 +259,16 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
                 "final": {k: v for k, v in final.items() if k not in strip},
             },
         )
+    if cfg.quantize and not r.done("quantize"):
+        r.log("int8 quantization in ONNX Runtime")
+        report = api.quantize_checkpoint(
+            current,
+            out=r.dir / "model-int8.onnx",
+            method=cfg.calibration_method,
+            data=cfg.data,
+            seed=cfg.seed,
+        )
+        r.complete("quantize", report)
     from .report import write_run_report
 
     metrics = write_run_report(r.dir, asdict(cfg), r.state["results"])

@@ -186,6 +186,78 @@ def plot_curves(curves: dict[str, list[dict[str, Any]]], path: Path) -> Path | N
     return path
 
 
+def tradeoff_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Accuracy and measured latency of each stage of a run: dense, pruned, fine-tuned, int8."""
+    dense, final = results["evaluate"]["dense"], results["evaluate"]["final"]
+    rounds = sorted(k for k in results if k.startswith("finetune-"))
+    pruned_acc = results[rounds[0]]["accuracy"].get("pruned") if rounds else None
+    # The dense figures are the parent timed beside the pruned model when available (one comparison).
+    dense_lat = {"ort": final.get("ort_parent_latency") or dense.get("ort_latency"),
+                 "torch": final.get("parent_latency") or dense.get("latency")}  # fmt: skip
+    final_lat = {"ort": final.get("ort_latency"), "torch": final.get("latency")}
+    rows = [
+        {"stage": "dense fp32", "accuracy": dense["accuracy"], "latency": dense_lat},
+        {"stage": "pruned fp32 (before fine-tuning)", "accuracy": pruned_acc, "latency": final_lat},
+        {"stage": "pruned + fine-tuned fp32", "accuracy": final["accuracy"], "latency": final_lat},
+    ]
+    if "quantize" in results:
+        int8 = results["quantize"]["rows"]["int8"]
+        rows.append(
+            {
+                "stage": "pruned + fine-tuned int8",
+                "accuracy": int8["accuracy"],
+                "latency": {"ort": int8["latency"]},
+            }
+        )
+    return rows
+
+
+def _pct(value: float | None) -> str:
+    return "" if value is None else f"{value:.2%}"
+
+
+def _ms(row: dict[str, Any], runtime: str, key: str) -> str:
+    lat = (row["latency"].get(runtime) or {}).get(key)
+    return f"{lat['median_ms']:.2f} ms" if lat else ""
+
+
+def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """Accuracy against ONNX Runtime latency at batch 64 (PyTorch where ORT is absent), one point a stage."""
+    points = []
+    for row in rows:
+        runtime = "ort" if (row["latency"].get("ort") or {}).get("batch64") else "torch"
+        lat = (row["latency"].get(runtime) or {}).get("batch64")
+        if lat and row["accuracy"] is not None:
+            points.append((row["stage"], lat["median_ms"], row["accuracy"] * 100, runtime))
+    if len(points) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .files import atomic_write
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, ms, acc, runtime in points:
+        ax.scatter(ms, acc, s=50)
+        ax.annotate(
+            f"{name} ({'ORT' if runtime == 'ort' else 'PyTorch'})",
+            (ms, acc),
+            textcoords="offset points",
+            xytext=(6, 4),
+            fontsize=8,
+        )
+    ax.set_xlabel("latency at batch 64 (ms, lower is better)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("accuracy against measured latency")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
+    plt.close(fig)
+    return path
+
+
 def write_run_report(run_dir: Path, config: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
     """``report.md``, ``metrics.json`` and PNG plots for a finished ``prunekit run``."""
     import json
@@ -206,9 +278,11 @@ def write_run_report(run_dir: Path, config: dict[str, Any], results: dict[str, A
         curves["baseline"] = json.loads(baseline_metrics.read_text())["history"]
     for stage in rounds:
         curves[stage] = results[stage]["history"]
+    stages = tradeoff_rows(results)
     charts = {
         "channels": plot_channels(_channel_changes(results), run_dir / "channels.png"),
         "curves": plot_curves(curves, run_dir / "curves.png"),
+        "tradeoff": plot_tradeoff(stages, run_dir / "tradeoff.png"),
     }
     metrics = {
         "accuracy": accuracy,
@@ -220,6 +294,7 @@ def write_run_report(run_dir: Path, config: dict[str, Any], results: dict[str, A
         },
         "macs_reduction": dense["macs"] / final["macs"],
         "params_reduction": dense["params"] / final["params"],
+        "stages": stages,
     }
     write_json(run_dir / "metrics.json", metrics)
 
@@ -268,6 +343,24 @@ def write_run_report(run_dir: Path, config: dict[str, Any], results: dict[str, A
         *[f"| {k} | {v:.2%} |" for k, v in accuracy.items()],
         "",
     ]
+    if stages:
+        lines += [
+            "## Accuracy against measured latency, every stage",
+            "",
+            "Latency in ONNX Runtime (CPU execution provider, threads as recorded) and in PyTorch eager mode, median "
+            "of repeated runs; each model timed in alternation with the others it is compared with.",
+            "",
+            "| stage | accuracy | ORT batch 1 | ORT batch 64 | PyTorch batch 1 | PyTorch batch 64 |",
+            "|---|---:|---:|---:|---:|---:|",
+            *[
+                f"| {s['stage']} | {_pct(s['accuracy'])} | {_ms(s, 'ort', 'batch1')} | {_ms(s, 'ort', 'batch64')} | "
+                f"{_ms(s, 'torch', 'batch1')} | {_ms(s, 'torch', 'batch64')} |"
+                for s in stages
+            ],
+            "",
+        ]
+        if charts["tradeoff"]:
+            lines += ["![accuracy against latency](tradeoff.png)", ""]
     if charts["channels"]:
         lines += ["## Channels per pruned layer", "", "![channels](channels.png)", ""]
     if charts["curves"]:
