@@ -248,6 +248,7 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> Path | None:
             xytext=(6, 4),
             fontsize=8,
         )
+    ax.margins(x=0.45, y=0.1)  # room for the labels right of each point
     ax.set_xlabel("latency at batch 64 (ms, lower is better)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("accuracy against measured latency")

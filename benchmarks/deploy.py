@@ -1,0 +1,71 @@
+"""Pruning plus int8, measured where it is deployed: the CIFAR-10 ResNet-18 pruned 2x and fine-tuned, then
+quantized to int8 with ONNX Runtime; accuracy, size on disk and ONNX Runtime latency (batch 1 and 64) for
+dense fp32 -> pruned fp32 -> pruned int8, timed in one run.
+
+    python benchmarks/deploy.py [--epochs 10] [--finetune-epochs 3]
+
+Stages are skipped when their output exists under runs/deploy/ (delete it to start over), so an
+interrupted run continues; the latency and quantization step runs last and is the one to rerun alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from common import FULL_ARCHIVE, ROOT, require, save
+from prunekit import api, load
+from prunekit.pruning import PruneRequest
+from prunekit.train import TrainConfig
+
+RUN = ROOT / "runs" / "deploy"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=10, help="baseline training epochs")
+    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--calibration-images", type=int, default=512)
+    args = parser.parse_args()
+    data = str(require(FULL_ARCHIVE))
+    dense = RUN / "baseline" / "model.safetensors"
+    if not dense.exists():
+        resume = (RUN / "baseline" / "checkpoint.safetensors").exists()
+        api.train("resnet18", data, RUN / "baseline", TrainConfig(epochs=args.epochs), resume=resume)
+    pruned = RUN / "pruned.safetensors"
+    if not pruned.exists():
+        api.prune_checkpoint(dense, PruneRequest(target_macs=0.5), importance="l2", out=pruned)
+    finetuned = RUN / "finetune" / "model.safetensors"
+    if not finetuned.exists():
+        resume = (RUN / "finetune" / "checkpoint.safetensors").exists()
+        api.finetune_checkpoint(
+            pruned, RUN / "finetune", recipe_name="full", epochs=args.finetune_epochs, resume=resume
+        )
+    report = api.quantize_checkpoint(
+        finetuned,
+        out=RUN / "model-int8.onnx",
+        calibration_images=args.calibration_images,
+        threads=torch.get_num_threads(),
+    )
+    report["pytorch_fp32_accuracy"] = {
+        "dense": load(dense).prunekit_meta["metrics"]["test_accuracy"],
+        "pruned_finetuned": load(finetuned).prunekit_meta["metrics"]["test_accuracy"],
+    }
+    report["command"] = (
+        f"python benchmarks/deploy.py --epochs {args.epochs} --finetune-epochs {args.finetune_epochs} "
+        f"--calibration-images {args.calibration_images}"
+    )
+    save("deploy", report)
+    rows = report["rows"]
+    for name, row in rows.items():
+        lat = row["latency"]
+        acc = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.2%}"
+        print(
+            f"{name:12s} {acc:>8s} {row['size_mb']:7.2f} MB  {lat['batch1']['median_ms']:7.3f} ms  {lat['batch64']['median_ms']:8.2f} ms"
+        )
+    print("int8 vs dense fp32 speed-up:", report["speedup_vs_dense_fp32"])
+
+
+if __name__ == "__main__":
+    main()
