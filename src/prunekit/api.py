@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +67,21 @@ def check_normalization(meta: dict[str, Any], path: str | Path) -> None:
             )
 
 
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def run_outputs(out: Path) -> list[Path]:
     return [out / name for name in RUN_FILES]
 
 
 def claim_run_dir(out: Path, inputs: list[Any], resume: bool, overwrite: bool) -> None:
-    """Refuse a run directory that would destroy an input, or that holds a run we neither resume nor replace."""
+    """Refuse a run directory that would destroy an input, or that holds a run we neither resume nor replace.
+
+    Under torchrun only rank 0 judges (the others would see rank 0's first files).
+    """
+    if not _is_main_process():
+        return
     clean_stale_temps(out)
     check_outputs(inputs, run_outputs(out), overwrite=True)
     held = [p.name for p in run_outputs(out) if p.exists()]
@@ -84,6 +94,8 @@ def claim_run_dir(out: Path, inputs: list[Any], resume: bool, overwrite: bool) -
 
 def clear_run_dir(out: Path) -> None:
     """Remove a replaced run's outputs first, so a new run never sits half-done beside the old model."""
+    if not _is_main_process():
+        return
     for p in run_outputs(out):
         p.unlink(missing_ok=True)
 

@@ -164,6 +164,9 @@ class DirectoryLock:
 
     def __enter__(self) -> DirectoryLock:
         self._key = self.directory.resolve()
+        if int(os.environ.get("RANK", "0")) != 0:
+            self._key = None  # torchrun: rank 0 holds the lock for the whole job
+            return self
         if self._key in self._held:
             self._held[self._key] += 1
             return self
@@ -178,7 +181,8 @@ class DirectoryLock:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        assert self._key is not None
+        if self._key is None:
+            return
         self._held[self._key] -= 1
         if self._held[self._key] > 0:
             return
