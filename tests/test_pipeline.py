@@ -222,11 +222,11 @@ def test_an_interrupted_finetune_resumes_to_the_same_weights(tmp_path, capsys, m
     assert code == 0, err
     baseline = runs / "whole" / "baseline" / MODEL_FILE
 
-    stop_at = 5 + 2  # epoch 2, batch 2
+    signal_at = 5 + 2  # epoch 2, batch 2: a real SIGINT; that step completes, then fit saves and stops
 
     def interrupt(step: int) -> None:
-        if step == stop_at:
-            raise KeyboardInterrupt
+        if step == signal_at:
+            os.kill(os.getpid(), signal.SIGINT)
 
     def with_hook(hook):
         def fit_with_hook(model, data, cfg, out_dir, *args, **kwargs):
@@ -243,14 +243,14 @@ def test_an_interrupted_finetune_resumes_to_the_same_weights(tmp_path, capsys, m
     cut = runs / "cut"
     assert read_state(cut)["completed"] == ["prune-1"]
     saved = load_checkpoint(cut / "finetune-1" / STATE_FILE).meta["train_state"]
-    assert (saved["epoch"], saved["batch"]) == (1, 2)
+    assert (saved["epoch"], saved["batch"]) == (1, 3)
 
     steps: list[int] = []
     with monkeypatch.context() as m:
         m.setattr(api, "fit", with_hook(steps.append))
         code, err = run_cli(capsys, "run", "--resume", cut)
     assert code == 0, err
-    assert steps == [7, 8, 9]  # it continued where it stopped, not from the start
+    assert steps == [8, 9]  # it continued after the signalled step, not from the start
     assert read_state(cut)["completed"] == ["prune-1", "finetune-1", "evaluate"]
     whole = load_checkpoint(runs / "whole" / "finetune-1" / MODEL_FILE)
     resumed = load_checkpoint(cut / "finetune-1" / MODEL_FILE)

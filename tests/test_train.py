@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -32,9 +34,21 @@ def run_train(out: Path, **overrides):
 
 
 def interrupt_at(step: int):
+    """A step hook raising KeyboardInterrupt before ``step`` does any work (as user code might)."""
+
     def hook(global_step: int) -> None:
         if global_step == step:
             raise KeyboardInterrupt
+
+    return hook
+
+
+def sigint_at(step: int):
+    """A step hook sending this process a real SIGINT as ``step`` starts; fit stops after that step."""
+
+    def hook(global_step: int) -> None:
+        if global_step == step:
+            os.kill(os.getpid(), signal.SIGINT)
 
     return hook
 
@@ -87,17 +101,18 @@ def test_same_seed_gives_identical_weights(reference, tmp_path):
     assert [h["train_loss"] for h in second.history] == [h["train_loss"] for h in first.history]
 
 
-def test_resume_after_a_mid_epoch_interrupt_matches_an_uninterrupted_run(reference, tmp_path, monkeypatch):
+def test_resume_after_a_mid_epoch_sigint_matches_an_uninterrupted_run(reference, tmp_path, monkeypatch):
+    # (tests/test_faults.py sends SIGINT at random moments to a `prunekit train` process.)
     _, uninterrupted = reference
     out = tmp_path / "interrupted"
-    stop = STEPS_PER_EPOCH + 2  # epoch 2, batch 2
+    signalled = STEPS_PER_EPOCH + 2  # epoch 2, batch 2: that step still completes
     with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
-        m.setattr(api, "fit", functools.partial(fit, on_step=interrupt_at(stop)))
+        m.setattr(api, "fit", functools.partial(fit, on_step=sigint_at(signalled)))
         run_train(out)
     assert not (out / MODEL_FILE).exists()
     state = load_checkpoint(out / STATE_FILE)
     assert state.meta["train_state"]["epoch"] == 1
-    assert state.meta["train_state"]["batch"] == 2
+    assert state.meta["train_state"]["batch"] == 3
     assert len(state.meta["history"]) == 1
 
     resumed = api.train("resnet18", "synthetic", out, resume=True)
@@ -108,7 +123,7 @@ def test_resume_after_a_mid_epoch_interrupt_matches_an_uninterrupted_run(referen
     assert (out / MODEL_FILE).is_file()
 
 
-def test_resume_after_an_epoch_boundary_interrupt(reference, tmp_path):
+def test_resume_through_fit_after_a_step_hook_raises_keyboard_interrupt(reference, tmp_path):
     _, uninterrupted = reference
     out = tmp_path / "boundary"
     cfg = small_config()
@@ -138,11 +153,11 @@ def test_resume_without_a_checkpoint_is_a_usage_error(tmp_path):
 @pytest.mark.parametrize(
     ("field", "value", "flag"),
     [
-        ("epochs", 0, "--epochs"),
-        ("batch_size", 0, "--batch-size"),
-        ("lr", -1.0, "--lr"),
-        ("optimizer", "rmsprop", "--optimizer"),
-        ("schedule", "step", "--schedule"),
+        ("epochs", 0, "^epochs"),
+        ("batch_size", 0, "^batch_size"),
+        ("lr", -1.0, "^lr"),
+        ("optimizer", "rmsprop", "^optimizer"),
+        ("schedule", "step", "^schedule"),
     ],
 )
 def test_config_validation(field, value, flag):

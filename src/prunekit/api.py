@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import datetime as _dt
+import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import __version__
-from .checkpoint import description, load_checkpoint
+from .checkpoint import Checkpoint, description, load_checkpoint
 from .data import DataBundle, load_data
 from .errors import UsageError, arg
+from .files import DirectoryLock, check_outputs, clean_stale_temps
 from .measure import count_macs, count_params, evaluate, latency, summary
 from .models import build_model, min_input_size
-from .train import STATE_FILE, FitResult, TrainConfig, fit
+from .train import MODEL_FILE, STATE_FILE, FitResult, TrainConfig, check_finite, fit
+
+RUN_FILES = (STATE_FILE, MODEL_FILE, "metrics.json", "train_log.txt")  # what fit writes in its out_dir
 
 __all__ = ["description"]  # re-exported: derived checkpoints in benchmarks inherit through it
 
@@ -39,6 +44,62 @@ def model_meta(
     }
 
 
+def load(path: str | Path) -> Checkpoint:
+    """``load_checkpoint`` that also refuses a checkpoint whose recorded normalization would divide by 0."""
+    ckpt = load_checkpoint(path)
+    check_normalization(ckpt.meta, path)
+    return ckpt
+
+
+def check_normalization(meta: dict[str, Any], path: str | Path) -> None:
+    """A recorded mean must be finite and a recorded std finite and non-zero, else every input is NaN/inf."""
+    for key, ok in (("mean", lambda v: math.isfinite(v)), ("std", lambda v: math.isfinite(v) and v != 0)):
+        values = meta.get(key)
+        if values is None:
+            continue
+        good = isinstance(values, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and ok(v) for v in values
+        )
+        if not good:
+            what = "zero or non-finite" if key == "std" else "non-finite"
+            raise UsageError(
+                f"{path}: corrupt checkpoint: its recorded normalization {key} {values} has a {what} entry"
+            )
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def run_outputs(out: Path) -> list[Path]:
+    return [out / name for name in RUN_FILES]
+
+
+def claim_run_dir(out: Path, inputs: list[Any], resume: bool, overwrite: bool) -> None:
+    """Refuse a run directory that would destroy an input, or that holds a run we neither resume nor replace.
+
+    Under torchrun only rank 0 judges (the others would see rank 0's first files).
+    """
+    if not _is_main_process():
+        return
+    clean_stale_temps(out)
+    check_outputs(inputs, run_outputs(out), overwrite=True)
+    held = [p.name for p in run_outputs(out) if p.exists()]
+    if held and not (resume or overwrite):
+        raise UsageError(
+            f"{out} already holds a training run ({', '.join(held)}); continue it with {arg('resume')} "
+            f"or replace it with {arg('overwrite')}"
+        )
+
+
+def clear_run_dir(out: Path) -> None:
+    """Remove a replaced run's outputs first, so a new run never sits half-done beside the old model."""
+    if not _is_main_process():
+        return
+    for p in run_outputs(out):
+        p.unlink(missing_ok=True)
+
+
 def train(
     model: str,
     data: str,
@@ -50,11 +111,11 @@ def train(
     resume: bool = False,
     weights: str | None = None,
     val_split: float | None = None,
+    overwrite: bool = False,
 ) -> FitResult:
     """Train ``model`` on ``data`` (from ``weights`` when given: transfer learning); writes checkpoints, log
-    and metrics under ``out``."""
-    from .weights import build_with_weights
-
+    and metrics under ``out``, which is locked against other processes meanwhile. A directory holding a run
+    is refused unless ``resume`` (continue it) or ``overwrite`` (replace it)."""
     out = Path(out)
     config = config or TrainConfig()
     config.validate()
@@ -62,16 +123,39 @@ def train(
         isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
     ):
         raise UsageError(f"{arg('image_size')} must be a positive number of pixels, got {image_size!r}")
-    if resume:
-        state = out / STATE_FILE
-        if not state.exists():
-            raise UsageError(
-                f"{arg('resume')}: no interrupted run in {out} (no {STATE_FILE}); start it without {arg('resume')}"
-            )
-        ckpt = load_checkpoint(state)
-        config = TrainConfig.from_dict(ckpt.meta["train"]["config"])
-        bundle = load_data_for(ckpt.meta)
-        return fit(ckpt.model, bundle, config, out, description(ckpt.meta), resume=ckpt)
+    weights_file = Path(weights) if weights and Path(weights).is_file() else None
+    with DirectoryLock(out):
+        claim_run_dir(out, [weights_file], resume, overwrite)
+        if resume:
+            return _resume_training(out)
+        return _train_fresh(model, data, out, config, data_dir, subset, image_size, weights, val_split)
+
+
+def _resume_training(out: Path) -> FitResult:
+    state = out / STATE_FILE
+    if not state.exists():
+        raise UsageError(
+            f"{arg('resume')}: no interrupted run in {out} (no {STATE_FILE}); start it without {arg('resume')}"
+        )
+    ckpt = load(state)
+    config = TrainConfig.from_dict(ckpt.meta["train"]["config"])
+    bundle = load_data_for(ckpt.meta)
+    return fit(ckpt.model, bundle, config, out, description(ckpt.meta), resume=ckpt)
+
+
+def _train_fresh(
+    model: str,
+    data: str,
+    out: Path,
+    config: TrainConfig,
+    data_dir: str | None,
+    subset: int | None,
+    image_size: int | None,
+    weights: str | None,
+    val_split: float | None,
+) -> FitResult:
+    from .weights import build_with_weights
+
     data_args = {
         "spec": data,
         "data_dir": data_dir,
@@ -96,6 +180,7 @@ def train(
             f"{model} needs inputs of at least {min_input_size(model)} px; pass {arg('image_size')}"
         )
     meta = model_meta(model, bundle, data_args, record)
+    clear_run_dir(out)
     return fit(net, bundle, config, out, meta)
 
 
@@ -139,9 +224,14 @@ def evaluate_checkpoint(
     subset: int | None = None,
     batch_size: int | None = None,
     measure_latency: bool = True,
+    out: str | Path | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Accuracy (overall, per class), the torchinfo summary, MACs and CPU latency of a checkpoint."""
-    ckpt = load_checkpoint(path)
+    """Accuracy (overall, per class), the torchinfo summary, MACs and CPU latency of a checkpoint; also
+    written to the JSON file ``out`` when given (refused if it exists, unless ``overwrite``)."""
+    if out is not None:
+        check_outputs([path], [out], overwrite)
+    ckpt = load(path)
     meta = ckpt.meta
     bundle = load_data_for(meta, data, data_dir, subset)
     model = ckpt.model
@@ -171,6 +261,11 @@ def evaluate_checkpoint(
         else:
             results["latency"] = {f"batch{b}": latency(model, size, batch_size=b) for b in (1, 64)}
         results.update(onnxruntime_latency(model, meta))
+    if out is not None:
+        from .files import write_json
+
+        with DirectoryLock(Path(out).parent):
+            write_json(out, {k: v for k, v in results.items() if k != "summary_table"})
     return results
 
 
@@ -367,12 +462,11 @@ def prune_checkpoint(
     calibration_images: int = 256,
     out: str | Path | None = None,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Prune a checkpoint as ``request`` (a ``PruneRequest``) says; write the pruned checkpoint and its report."""
-    from .checkpoint import save_checkpoint
-    from .core import default_importance, prune
-    from .files import write_json
-    from .importance import NEEDS_CALIBRATION
+    """Prune a checkpoint as ``request`` (a ``PruneRequest``) says; write the pruned checkpoint and its report
+    (``out`` with a ``.json`` suffix). Outputs that exist are refused unless ``overwrite``."""
+    from .core import default_importance
 
     request.validate()
     importance = importance or default_importance(request.layers)
@@ -380,9 +474,38 @@ def prune_checkpoint(
         raise UsageError(f"--calibration must be 'data' or 'random', got {calibration}")
     if importance == "taylor" and calibration == "random":
         raise UsageError("--importance taylor needs labelled images; drop --calibration random")
-    ckpt = load_checkpoint(path)
-    meta, model = ckpt.meta, ckpt.model
     out = Path(out) if out else Path(path).with_name(Path(path).stem + "-pruned.safetensors")
+    report_file = report_path(out)
+    check_outputs([path], [out, report_file], overwrite)
+    with DirectoryLock(out.parent):
+        clean_stale_temps(out.parent)
+        return _prune(path, request, importance, data, data_dir, calibration, calibration_images, out, seed)
+
+
+def report_path(out: Path) -> Path:
+    """Where prune's JSON report goes: beside the checkpoint, never onto it (``--out p.json``)."""
+    report = out.with_suffix(".json")
+    return out.with_name(out.stem + ".report.json") if report == out else report
+
+
+def _prune(
+    path: str | Path,
+    request: Any,
+    importance: str,
+    data: str | None,
+    data_dir: str | None,
+    calibration: str,
+    calibration_images: int,
+    out: Path,
+    seed: int,
+) -> dict[str, Any]:
+    from .checkpoint import save_checkpoint
+    from .core import prune
+    from .files import write_json
+    from .importance import NEEDS_CALIBRATION
+
+    ckpt = load(path)
+    meta, model = ckpt.meta, ckpt.model
     batches = None
     if importance in NEEDS_CALIBRATION:
         bundle = None if calibration == "random" else load_data_for(meta, data, data_dir)
@@ -449,8 +572,9 @@ def prune_checkpoint(
             },
         ],
     )
+    check_finite(model, f"the pruned model ({out})")
     save_checkpoint(out, model, new_meta)
-    write_json(out.with_suffix(".json"), report)
+    write_json(report_path(out), report)
     report["tables"] = {"before": before["table"], "after": after["table"]}
     return report
 
@@ -474,20 +598,84 @@ def finetune_checkpoint(
     seed: int = 0,
     device: str | None = None,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Recalibrate BatchNorm, then fine-tune a pruned checkpoint; returns accuracy at each stage."""
+    """Recalibrate BatchNorm, then fine-tune a pruned checkpoint; returns accuracy at each stage.
+
+    ``out`` (a directory) is locked meanwhile; one holding a run is refused unless ``resume`` or ``overwrite``.
+    """
+    from .finetuning import recipe
+
+    out = Path(out)
+    if not (resume and (out / STATE_FILE).exists()):
+        cfg, _ = recipe(
+            recipe_name,
+            epochs=epochs,
+            lr=lr,
+            optimizer=optimizer,
+            distill_temperature=distill_temperature,
+            distill_weight=distill_weight,
+            seed=seed,
+            device=device,
+        )
+        cfg.validate()  # before the BatchNorm recalibration and evaluations
+    with DirectoryLock(out):
+        claim_run_dir(out, [path, teacher], resume, overwrite)
+        if not (resume and (out / STATE_FILE).exists()):
+            clear_run_dir(out)
+        return _finetune(
+            path,
+            out,
+            recipe_name,
+            epochs,
+            lr,
+            optimizer,
+            freeze,
+            teacher,
+            distill_temperature,
+            distill_weight,
+            recalibrate,
+            recalibration_images,
+            data,
+            data_dir,
+            subset,
+            seed,
+            device,
+            resume,
+        )
+
+
+def _finetune(
+    path: str | Path,
+    out: Path,
+    recipe_name: str,
+    epochs: int | None,
+    lr: float | None,
+    optimizer: str | None,
+    freeze: str | None,
+    teacher: str | Path | None,
+    distill_temperature: float | None,
+    distill_weight: float | None,
+    recalibrate: bool,
+    recalibration_images: int,
+    data: str | None,
+    data_dir: str | None,
+    subset: int | None,
+    seed: int,
+    device: str | None,
+    resume: bool,
+) -> dict[str, Any]:
     from .finetuning import recalibrate_batchnorm, recipe, trainable_filter
     from .pruning import output_layer
 
-    out = Path(out)
     state = out / STATE_FILE
     if resume and state.exists():
-        ckpt = load_checkpoint(state)
+        ckpt = load(state)
         cfg = TrainConfig.from_dict(ckpt.meta["train"]["config"])
         stages = dict(ckpt.meta["finetune"]["accuracy"])
         settings = ckpt.meta["finetune"]
     else:
-        ckpt = load_checkpoint(path)
+        ckpt = load(path)
         cfg, policy = recipe(
             recipe_name,
             epochs=epochs,
@@ -514,7 +702,7 @@ def finetune_checkpoint(
     classifier = output_layer(model, example)
     changed = [name for record in meta.get("pruning", []) for name in record.get("changed_layers", [])]
     trainable = trainable_filter(settings["freeze"], changed, classifier)
-    teacher_model = load_checkpoint(settings["teacher"]).model if settings["teacher"] else None
+    teacher_model = load(settings["teacher"]).model if settings["teacher"] else None
     if not stages:
         test = bundle.loader("test")
         stages["pruned"] = evaluate(model, test, num_classes=meta["num_classes"])["accuracy"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import sys
@@ -79,6 +80,10 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+def _add_overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true", help=f"replace {what} if it exists (default: refuse)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train import TrainConfig
 
@@ -114,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, default=None, help="output directory (default: runs/<model>-baseline)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    _add_overwrite_arg(p, "the run in --out")
     _add_train_args(p, TrainConfig())
     p.set_defaults(func=cmd_train)
 
@@ -125,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-latency", dest="latency", action="store_false", help="skip the latency measurement")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    _add_overwrite_arg(p, "the --json file")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("prune", help="remove channels from a trained checkpoint")
@@ -175,12 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="pruned checkpoint (default: <checkpoint>-pruned"
         ".safetensors); a JSON report is written beside it",
     )
+    _add_overwrite_arg(p, "the pruned checkpoint and its report")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
     p.add_argument("--out", type=Path, default=None)
+    _add_overwrite_arg(p, "--out")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("quantize", help="int8 post-training quantization in ONNX Runtime, measured")
@@ -239,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=cli_type("seed"), default=0)
     p.add_argument("--device", type=cli_type("device"), default=None)
     p.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning in --out")
+    _add_overwrite_arg(p, "the run in --out")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser(
@@ -324,7 +334,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         return EXIT_INTERRUPTED
-    except Exception as exc:  # a bug of ours, not the user's: one line here, the traceback in a log
+    except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRORS:
+            # A full disk or a read-only folder is the user's to fix: one line naming the path, no traceback.
+            where = f"{exc.filename}: " if exc.filename else ""
+            console.print(
+                f"[bold red]error:[/] cannot write {escape(where)}{exc.strerror}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            return EXIT_USAGE
+        # A bug of ours, not the user's: one line here, the traceback in a log.
         log = _write_crash_log(argv)
         console.print(
             f"[bold red]error:[/] internal error, please report it: {type(exc).__name__}: "
@@ -354,6 +374,9 @@ def _write_crash_log(argv: Sequence[str] | None) -> Path:
     return path
 
 
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -374,6 +397,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         weights=args.weights,
         val_split=args.val_split,
+        overwrite=args.overwrite,
     )
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one line per job, not per process
         console.print(f"test accuracy {result.test['accuracy']:.2%}; checkpoint {out / 'model.safetensors'}")
@@ -391,12 +415,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         subset=args.subset,
         batch_size=args.batch_size,
         measure_latency=args.latency,
+        out=args.json,
+        overwrite=args.overwrite,
     )
     print_eval(results)
-    if args.json:
-        from .files import write_json
-
-        write_json(args.json, {k: v for k, v in results.items() if k != "summary_table"})
     return 0
 
 
@@ -423,6 +445,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         calibration_images=args.calibration_images,
         out=args.out,
         seed=args.seed,
+        overwrite=args.overwrite,
     )
     print_prune(report)
     return 0
@@ -431,7 +454,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.format, args.out)
+    out = export_checkpoint(args.checkpoint, args.format, args.out, overwrite=args.overwrite)
     console.print(f"wrote {out}", highlight=False)
     return 0
 
@@ -478,6 +501,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         resume=args.resume,
+        overwrite=args.overwrite,
     )
     for stage, acc in result["accuracy"].items():
         console.print(f"{stage:>13}: {acc:.2%}", highlight=False)

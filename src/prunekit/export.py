@@ -7,23 +7,36 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint
 from .errors import UsageError
-from .files import atomic_write
+from .files import DirectoryLock, atomic_write, check_outputs, clean_stale_temps
 
 FORMATS = ("onnx", "torchscript")
 
 
-def export_checkpoint(path: str | Path, fmt: str, out: str | Path | None = None, opset: int = 17) -> Path:
-    """Write ``path``'s model as ONNX or TorchScript; the input is normalized images [N, 3, H, W]."""
+def export_checkpoint(
+    path: str | Path, fmt: str, out: str | Path | None = None, opset: int = 17, overwrite: bool = False
+) -> Path:
+    """Write ``path``'s model as ONNX or TorchScript; the input is normalized images [N, 3, H, W].
+
+    Never onto ``path`` itself; an existing ``out`` is refused unless ``overwrite``.
+    """
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt}")
-    ckpt = load_checkpoint(path)
+    suffix = ".onnx" if fmt == "onnx" else ".pt"
+    out = Path(out) if out else Path(path).with_suffix(suffix)
+    check_outputs([path], [out], overwrite)
+    with DirectoryLock(out.parent):
+        clean_stale_temps(out.parent)
+        return _export(path, fmt, out, opset)
+
+
+def _export(path: str | Path, fmt: str, out: Path, opset: int) -> Path:
+    from .api import load
+
+    ckpt = load(path)
     model = ckpt.model.eval()
     size = ckpt.meta["input_size"]
     example = torch.randn(1, 3, size, size)
-    suffix = ".onnx" if fmt == "onnx" else ".pt"
-    out = Path(out) if out else Path(path).with_suffix(suffix)
     if fmt == "onnx":
         try:
             import onnx  # noqa: F401

@@ -12,7 +12,7 @@ import yaml
 from . import api
 from .console import info
 from .errors import UsageError
-from .files import write_json, write_text
+from .files import DirectoryLock, check_outputs, clean_stale_temps, write_json, write_text
 from .finetuning import FREEZE_POLICIES, RECIPES
 from .importance import CRITERIA
 from .pruning import PruneRequest
@@ -164,11 +164,21 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         if value is not None and value not in allowed:
             raise UsageError(f"--{key} must be one of {', '.join(allowed)}, got {value}")
     check_before_work(cfg)
+    with DirectoryLock(Path(cfg.runs_dir) / cfg.name):  # one process per run directory
+        return _run_locked(cfg, resume)
+
+
+def _run_locked(cfg: RunConfig, resume: bool) -> dict[str, Any]:
     r = Run(cfg)
     if r.dir.exists() and r.state["completed"] and not resume:
         raise UsageError(
             f"{r.dir} already holds a run; continue it with --resume {r.dir} or pick another --name"
         )
+    clean_stale_temps(r.dir)
+    # A reused baseline must not be one of the files this run (re)writes.
+    outputs = [r.dir / f"pruned-{s}.safetensors" for s in range(1, cfg.steps + 1)]
+    outputs += [r.dir / f"finetune-{s}" / MODEL_FILE for s in range(1, cfg.steps + 1)]
+    check_outputs([cfg.baseline], outputs, overwrite=True)
     r.dir.mkdir(parents=True, exist_ok=True)
     write_text(r.dir / CONFIG_FILE, yaml.safe_dump(asdict(cfg), sort_keys=False))
 
@@ -187,6 +197,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
             weights=cfg.weights,
             val_split=cfg.val_split,
             resume=(r.dir / "baseline" / "checkpoint.safetensors").exists(),
+            overwrite=True,  # the run directory is ours: a stage cut short is redone
         )
         r.complete("baseline", {"checkpoint": str(baseline)})
     if not baseline.exists():
@@ -207,6 +218,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
                 calibration_images=cfg.calibration_images,
                 out=pruned,
                 seed=cfg.seed,
+                overwrite=True,
             )
             r.complete(
                 f"prune-{step}",
@@ -243,6 +255,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
                 seed=cfg.seed,
                 device=cfg.device,
                 resume=(ft_dir / "checkpoint.safetensors").exists(),
+                overwrite=True,
             )
             r.complete(f"finetune-{step}", result)
         current = ft_dir / MODEL_FILE

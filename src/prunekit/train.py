@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
@@ -19,7 +22,7 @@ from .checkpoint import Checkpoint, save_checkpoint
 from .console import info, progress_bar
 from .data import DataBundle
 from .errors import UsageError, arg
-from .files import write_json
+from .files import DirectoryLock, clean_stale_temps, write_json, write_text
 from .measure import autocast, bf16_supported, evaluate
 
 STATE_FILE = "checkpoint.safetensors"  # training state after every epoch (and on interrupt)
@@ -57,6 +60,56 @@ class TrainConfig:
 
         for key, value in validate(asdict(self)).items():
             setattr(self, key, value)
+
+
+class TrainingDiverged(UsageError):
+    """The loss or the weights became NaN/inf; nothing of the broken state was saved."""
+
+
+def non_finite_tensor(model: nn.Module) -> str | None:
+    """The name of the first parameter or buffer holding NaN or inf, else None."""
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def check_finite(model: nn.Module, what: str) -> None:
+    """Refuse to go on (and to write ``what``) when the model holds NaN or inf."""
+    bad = non_finite_tensor(model)
+    if bad is not None:
+        raise TrainingDiverged(
+            f"{what}: the model holds NaN/inf values (first in {bad}); nothing was written"
+        )
+
+
+class StopOnSignal:
+    """While active, SIGINT and SIGTERM only set ``requested``; the loop stops at its next step boundary.
+
+    Only the main thread can install handlers; elsewhere this is inert (signals keep their handlers).
+    Further signals while stopping are ignored, so a second Ctrl-C cannot cut the final save in half.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested is None:
+            self.requested = signum
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 @dataclass
@@ -198,8 +251,32 @@ def fit(
     without, nothing is written. ``test`` (batches) is evaluated after each epoch when ``data`` is not a
     bundle. ``trainable(name)`` selects the parameters to train (all when None); ``teacher`` adds
     distillation; ``resume`` continues from a saved training state; ``on_step(global_step)`` is a test hook.
+    Ctrl-C (SIGINT) or SIGTERM stops at the next step boundary, saves the exact state, then raises
+    ``KeyboardInterrupt``; ``resume`` from that state ends bitwise equal to an uninterrupted run.
     """
     cfg.validate()
+    main = int(os.environ.get("RANK", "0")) == 0
+    lock = DirectoryLock(out_dir) if out_dir is not None and main else contextlib.nullcontext()
+    with lock, StopOnSignal() as stop:
+        if out_dir is not None and main:
+            clean_stale_temps(out_dir)
+        return _fit(model, data, cfg, out_dir, meta, teacher, trainable, resume, on_step, test, classes, stop)
+
+
+def _fit(
+    model: nn.Module,
+    data: DataBundle | Iterable,
+    cfg: TrainConfig,
+    out_dir: str | Path | None,
+    meta: dict[str, Any] | None,
+    teacher: nn.Module | None,
+    trainable: Callable[[str], bool] | None,
+    resume: Checkpoint | None,
+    on_step: Callable[[int], None] | None,
+    test: Iterable | None,
+    classes: list[str] | None,
+    stop: StopOnSignal,
+) -> FitResult:
     out_dir = Path(out_dir) if out_dir is not None else None
     meta = meta or {}
     device = resolve_device(cfg.device)
@@ -259,6 +336,7 @@ def fit(
     def save(epoch: int, batch: int, running: dict[str, float]) -> None:
         if not dist_info.is_main or out_dir is None:
             return
+        check_finite(model, f"training diverged by epoch {epoch + 1}, batch {batch}; lower {arg('lr')}")
         train_meta = {
             **meta,
             "train": {"config": asdict(cfg)},
@@ -284,6 +362,7 @@ def fit(
     log = (out_dir / "train_log.txt") if dist_info.is_main and out_dir is not None else None
     if log:
         out_dir.mkdir(parents=True, exist_ok=True)
+        write_text(log, _log_text(history))  # the log is the history: no lines repeated after a resume
     epoch = start_epoch
     with progress_bar(transient=False) as bar:
         for epoch in range(start_epoch, cfg.epochs):
@@ -319,6 +398,7 @@ def fit(
                                 soft = teacher(x).float()
                             kd = distillation_loss(logits.float(), soft, cfg.distill_temperature)
                             loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kd
+                    _check_loss(loss, epoch, batch, steps_per_epoch, cfg)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -338,16 +418,15 @@ def fit(
                         and (batch + 1) % max(1, steps_per_epoch // 10) == 0
                     ):
                         info(f"epoch {epoch + 1}/{cfg.epochs} step {batch + 1}/{steps_per_epoch}: {status}")
+                    if _stop_requested(stop, dist_info, device):
+                        raise KeyboardInterrupt  # at a step boundary: the state below is exact
             except KeyboardInterrupt:
                 running["seconds"] += time.perf_counter() - tick
                 save(epoch, next_batch, running)
-                if dist_info.is_main and out_dir is not None:
-                    info(
-                        f"\ninterrupted: saved {out_dir / STATE_FILE} at epoch {epoch + 1}, batch {next_batch}; "
-                        f"continue with --resume"
-                    )
+                _say_interrupted(dist_info, out_dir, epoch, next_batch)
                 raise
             running["seconds"] += time.perf_counter() - tick
+            # A signal during evaluation only sets the flag: the epoch's record is whole before anything is saved.
             test = evaluate_test(use_bf16)  # per-epoch check at training precision
             seen = running["seen"] * dist_info.world_size
             record = {
@@ -368,22 +447,20 @@ def fit(
                 f"{tested}{record['images_per_s']:.0f} img/s",
             )
             if log:
-                with open(log, "a") as f:
-                    f.write(
-                        " ".join(
-                            f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-                        )
-                        + "\n"
-                    )
+                write_text(log, _log_text(history))
                 if not bar.console.is_terminal:
                     info(
                         f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f} "
                         f"{tested}({record['images_per_s']:.0f} img/s)"
                     )
             save(epoch + 1, 0, _fresh_totals())
+            if _stop_requested(stop, dist_info, device):
+                _say_interrupted(dist_info, out_dir, epoch + 1, 0)
+                raise KeyboardInterrupt
 
     final = evaluate_test(False) or {}  # the reported figure, in fp32
     if dist_info.is_main and out_dir is not None:
+        check_finite(model, f"the trained model ({out_dir / MODEL_FILE})")
         names = classes or [str(i) for i in range(len(final.get("per_class", [])))]
         metrics = {
             "test_accuracy": final.get("accuracy"),
@@ -396,7 +473,47 @@ def fit(
         save_checkpoint(out_dir / MODEL_FILE, model.to("cpu"), final_meta)
         write_json(out_dir / "metrics.json", {"history": history, **metrics})
         model.to(device)
+    if _stop_requested(stop, dist_info, device):
+        raise KeyboardInterrupt  # arrived during the final evaluation or save: both are complete
     return FitResult(model, history, final)
+
+
+def _check_loss(loss: torch.Tensor, epoch: int, batch: int, steps_per_epoch: int, cfg: TrainConfig) -> None:
+    """Stop before a NaN/inf loss reaches the weights; the last checkpoint on disk stays the good one."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise TrainingDiverged(
+            f"training diverged at epoch {epoch + 1}, step {batch + 1}/{steps_per_epoch}: the loss is {value}; "
+            f"lower {arg('lr')} (it is {cfg.lr:g}); nothing of the diverged state was saved"
+        )
+
+
+def _stop_requested(stop: StopOnSignal, dist_info: Distributed, device: torch.device) -> bool:
+    """Whether a signal asked to stop; in a torchrun job, whether any rank was asked, so all stop together."""
+    wanted = stop.requested is not None
+    if dist_info.world_size > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if wanted else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        wanted = bool(flag.item())
+    return wanted
+
+
+def _say_interrupted(dist_info: Distributed, out_dir: Path | None, epoch: int, batch: int) -> None:
+    if dist_info.is_main and out_dir is not None:
+        info(
+            f"\ninterrupted: saved {out_dir / STATE_FILE} at epoch {epoch + 1}, batch {batch}; "
+            f"continue with {arg('resume')}"
+        )
+
+
+def _log_text(history: list[dict[str, Any]]) -> str:
+    """``train_log.txt``: one line per finished epoch."""
+    return "".join(
+        " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()) + "\n"
+        for record in history
+    )
 
 
 def _fresh_totals() -> dict[str, float]:
