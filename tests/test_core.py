@@ -158,7 +158,7 @@ def test_pruned_model_equals_dense_model_with_channels_zeroed():
     "kwargs, message",
     [
         ({"target_macs": 0.001}, "target_macs 0.001 cannot be reached"),
-        ({"target_macs": 1.5}, "target_macs must be a number between 0 and 1"),
+        ({"target_macs": 1.5}, "target_macs must be between 0 and 1"),
         ({"ratio": 0.3, "target_macs": 0.5}, "exactly one of ratio, target_macs, target_params"),
         ({"layers": ["conv9"], "ratio": 0.3}, r"layers conv9: no such layer. Did you mean conv"),
         ({"layers": ["bn1"], "ratio": 0.3}, "layers bn1 is a BatchNorm2d, not a prunable conv"),
@@ -166,7 +166,7 @@ def test_pruned_model_equals_dense_model_with_channels_zeroed():
         ({"layers": ["conv1"], "ratio": 0.3}, "needs calibration"),  # activation, the default for layers
         ({"ratio": 0.3, "importance": "taylor", "calibration": [torch.randn(2, 3, 16, 16)]}, "labelled"),
         ({"ratio": 0.3, "importance": "nope"}, "unknown importance criterion"),
-        ({"ratio": 0.3, "round_to": 0}, "round_to must be a whole number"),
+        ({"ratio": 0.3, "round_to": 0}, "round_to must be at least 1"),
     ],
 )
 def test_refused_request_leaves_model_exactly_as_it_was(kwargs, message):

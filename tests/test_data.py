@@ -195,7 +195,7 @@ def test_subset_keeps_n_train_images_per_class(image_tree):
 
 @pytest.mark.parametrize("bad", [0, -3])
 def test_subset_must_be_positive(bad):
-    with pytest.raises(UsageError, match="--subset"):
+    with pytest.raises(UsageError, match="^subset must be a positive number"):
         load_data("synthetic", subset=bad)
 
 

@@ -153,11 +153,11 @@ def test_resume_without_a_checkpoint_is_a_usage_error(tmp_path):
 @pytest.mark.parametrize(
     ("field", "value", "flag"),
     [
-        ("epochs", 0, "^epochs"),
-        ("batch_size", 0, "^batch_size"),
-        ("lr", -1.0, "^lr"),
-        ("optimizer", "rmsprop", "^optimizer"),
-        ("schedule", "step", "^schedule"),
+        ("epochs", 0, "--epochs"),
+        ("batch_size", 0, "--batch-size"),
+        ("lr", -1.0, "--lr"),
+        ("optimizer", "rmsprop", "--optimizer"),
+        ("schedule", "step", "--schedule"),
     ],
 )
 def test_config_validation(field, value, flag):

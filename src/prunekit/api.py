@@ -471,9 +471,11 @@ def prune_checkpoint(
     request.validate()
     importance = importance or default_importance(request.layers)
     if calibration not in ("data", "random"):
-        raise UsageError(f"--calibration must be 'data' or 'random', got {calibration}")
+        raise UsageError(f"{arg('calibration')} must be 'data' or 'random', got {calibration}")
     if importance == "taylor" and calibration == "random":
-        raise UsageError("--importance taylor needs labelled images; drop --calibration random")
+        raise UsageError(
+            f"{arg('importance')} taylor needs labelled images; drop {arg('calibration')} random"
+        )
     out = Path(out) if out else Path(path).with_name(Path(path).stem + "-pruned.safetensors")
     report_file = report_path(out)
     check_outputs([path], [out, report_file], overwrite)

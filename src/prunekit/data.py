@@ -163,7 +163,7 @@ def load_data(
         probe = _probe(source)
         if probe["test_name"] is None and val_split is None and not probe["cifar"]:
             raise UsageError(
-                f"--data {source.name}: found {_join(probe['root'], 'train')}/ but no test/ or val/ split beside "
+                f"{arg('data')} {source.name}: found {_join(probe['root'], 'train')}/ but no test/ or val/ split beside "
                 f"it; pass {arg('val_split')} 0.1 to hold out 10% of train/ for evaluation, or add "
                 "test/<class>/* (or val/<class>/*)"
             )
@@ -178,7 +178,7 @@ def load_data(
     bundle.split_info = _split_validation(bundle, val_split, seed)
     if subset is not None:
         if subset < 1:
-            raise UsageError(f"--subset must be a positive number of images per class, got {subset}")
+            raise UsageError(f"{arg('subset')} must be a positive number of images per class, got {subset}")
         bundle.train = bundle.train.subset(_first_per_class(bundle.train.labels, subset))
     if bundle.mode == "memory":
         _resize_in_memory(bundle, image_size, pre.get("resize_size"))
@@ -388,7 +388,7 @@ def _cifar10_download(root: Path) -> _Source:
 def _local_source(path: Path) -> _Source:
     if not path.exists():
         raise UsageError(
-            f"--data {path}: no such file or directory. Expected 'cifar10', 'synthetic', an image-folder tree, "
+            f"{arg('data')} {path}: no such file or directory. Expected 'cifar10', 'synthetic', an image-folder tree, "
             "a .tar.gz/.zip of one, or CIFAR-10's cifar-10-python.tar.gz / cifar-10-batches-py."
         )
     if path.is_dir():
@@ -413,13 +413,13 @@ def _local_source(path: Path) -> _Source:
     try:
         is_tar = tarfile.is_tarfile(path)
     except (EOFError, OSError) as exc:  # a truncated .tar.gz fails inside is_tarfile
-        raise UsageError(f"--data {path}: the archive is damaged or truncated ({exc})") from None
+        raise UsageError(f"{arg('data')} {path}: the archive is damaged or truncated ({exc})") from None
     if is_tar:
         return _Source(key, str(path), lambda: _decode_tar(path), "tar", path)
     if zipfile.is_zipfile(path):
         return _Source(key, str(path), lambda: _decode_zip(path), "zip", path)
     raise UsageError(
-        f"--data {path}: not a directory, .tar.gz or .zip archive (could not open it as an archive)"
+        f"{arg('data')} {path}: not a directory, .tar.gz or .zip archive (could not open it as an archive)"
     )
 
 
@@ -489,7 +489,9 @@ def _listing(source: _Source) -> tuple[set[str], list[str], list | None]:
                         else:
                             sample[slot] = size
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise UsageError(f"--data {source.path}: the archive is damaged or truncated ({exc})") from None
+        raise UsageError(
+            f"{arg('data')} {source.path}: the archive is damaged or truncated ({exc})"
+        ) from None
     return dirs, names, sample
 
 
@@ -569,7 +571,7 @@ def _stream_index(source: _Source, root: Path, kind: str, dirs: set[str], names:
         for label, cls in enumerate(classes):
             if not np.any((split == sp) & (labels == label)):
                 prefix = _join(tree_root, name, cls) + "/"
-                raise UsageError(f"--data {origin}: class folder {prefix} has no readable images")
+                raise UsageError(f"{arg('data')} {origin}: class folder {prefix} has no readable images")
     index = {
         "paths": paths,
         "labels": labels,
@@ -613,7 +615,9 @@ def _extract(source: _Source) -> Path:
         raise
     except (tarfile.TarError, EOFError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UsageError(f"--data {source.path}: the archive is damaged or truncated ({exc})") from None
+        raise UsageError(
+            f"{arg('data')} {source.path}: the archive is damaged or truncated ({exc})"
+        ) from None
     return final
 
 
@@ -626,7 +630,7 @@ def _decode_tar(path: Path) -> DataBundle:
             files = {n: _tar_reader(tar, m) for m, n in members if m.isfile()}
             return _decode_tree(path, dirs, files)
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise UsageError(f"--data {path}: the archive is damaged or truncated ({exc})") from None
+        raise UsageError(f"{arg('data')} {path}: the archive is damaged or truncated ({exc})") from None
 
 
 def _decode_zip(path: Path) -> DataBundle:
@@ -637,7 +641,7 @@ def _decode_zip(path: Path) -> DataBundle:
             files = {n: (lambda n=n: zf.read(n)) for n in names if not n.endswith("/")}
             return _decode_tree(path, dirs, files)
     except (zipfile.BadZipFile, OSError) as exc:
-        raise UsageError(f"--data {path}: the archive is damaged or truncated ({exc})") from None
+        raise UsageError(f"{arg('data')} {path}: the archive is damaged or truncated ({exc})") from None
 
 
 def _member_name(name: str) -> str:
@@ -687,7 +691,7 @@ def _decode_tree(origin: Path, dirs: set[str], files: dict[str, Callable[[], byt
                     labels.append(label)
                     decoded += 1
                 if decoded == 0:
-                    raise UsageError(f"--data {origin}: class folder {prefix} has no readable images")
+                    raise UsageError(f"{arg('data')} {origin}: class folder {prefix} has no readable images")
             splits.append(
                 Split(
                     torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
@@ -718,11 +722,11 @@ def _decode_cifar_batches(origin: Path, prefix: str, files: dict[str, Callable[[
     def read(name: str) -> dict:
         key = prefix + name
         if key not in files:
-            raise UsageError(f"--data {origin}: CIFAR-10 batch {key} is missing")
+            raise UsageError(f"{arg('data')} {origin}: CIFAR-10 batch {key} is missing")
         try:
             return pickle.loads(files[key](), encoding="latin1")
         except Exception as exc:
-            raise UsageError(f"--data {origin}: CIFAR-10 batch {key} is unreadable ({exc})") from None
+            raise UsageError(f"{arg('data')} {origin}: CIFAR-10 batch {key} is unreadable ({exc})") from None
 
     train = [read(f"data_batch_{i}") for i in range(1, 6)]
     test = read("test_batch")
@@ -750,11 +754,11 @@ def _layout(origin: Path, dirs: set[str], names: list[str]) -> tuple[str, str | 
             only_train = sorted(set(train_classes) - set(test_classes))
             only_test = sorted(set(test_classes) - set(train_classes))
             raise UsageError(
-                f"--data {origin}: the classes of train/ and {test_name}/ differ "
+                f"{arg('data')} {origin}: the classes of train/ and {test_name}/ differ "
                 f"(only in train: {only_train or 'none'}; only in {test_name}: {only_test or 'none'})"
             )
     if not train_classes:
-        raise UsageError(f"--data {origin}: {_join(root, 'train')}/ has no class folders")
+        raise UsageError(f"{arg('data')} {origin}: {_join(root, 'train')}/ has no class folders")
     return root, test_name, train_classes
 
 
@@ -779,7 +783,7 @@ def _find_root(origin: Path, dirs: set[str]) -> str:
     )
     if not candidates:
         raise UsageError(
-            f"--data {origin}: no train/ folder found; expected train/<class>/* and test/<class>/* "
+            f"{arg('data')} {origin}: no train/ folder found; expected train/<class>/* and test/<class>/* "
             "(or val/<class>/*)"
         )
     return candidates[0]

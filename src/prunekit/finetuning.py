@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
-from .errors import UsageError
+from .errors import UsageError, arg
 from .train import TrainConfig
 
 FREEZE_POLICIES = ("seed", "none")
@@ -62,7 +62,7 @@ def trainable_filter(
     if policy == "none":
         return None
     if policy != "seed":
-        raise UsageError(f"--freeze must be one of {', '.join(FREEZE_POLICIES)}, got {policy}")
+        raise UsageError(f"{arg('freeze')} must be one of {', '.join(FREEZE_POLICIES)}, got {policy}")
     blocks = pruned_blocks(changed_layers)
     prefixes = tuple(f"{b}." for b in blocks if b) + (f"{classifier}.",)
     top_level = {
