@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +83,10 @@ def meta_for(name: str, size: int) -> dict[str, Any]:
     }
 
 
-def reload_in_fresh_process(ckpt: Path, io_file: Path, timeout: float) -> str:
+def reload_in_fresh_process(ckpt: Path, io_file: Path, timeout: float, env: dict | None = None) -> str:
     """Load ``ckpt`` in a new interpreter and compare its output on the saved input: 'ok' or the reason."""
     cmd = [sys.executable, __file__, "--reload-check", str(ckpt), str(io_file)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     if proc.returncode == 0 and lines and lines[-1] == "ok":
         return "ok"
@@ -132,8 +133,11 @@ def onnx_check(ckpt: Path, x, expected) -> tuple[str, float | None]:
     return ("ok" if diff < ONNX_TOLERANCE else f"ONNX Runtime differs by {diff:.2g} (relative)"), diff
 
 
-def run_steps(name: str, row: dict[str, Any], emit, timeout: float) -> None:
-    """The steps for one model, recording each outcome in ``row`` (``emit`` saves it after each step)."""
+def run_steps(
+    name: str, row: dict[str, Any], emit: Callable[[], None], timeout: float, env: dict | None = None
+) -> None:
+    """The steps for one model, recording each outcome in ``row`` (``emit`` saves it after each step);
+    ``env`` is the environment of the fresh process that reloads the checkpoint."""
     import torch
     from safetensors.torch import save_file
 
@@ -171,7 +175,7 @@ def run_steps(name: str, row: dict[str, Any], emit, timeout: float) -> None:
         try:
             save_checkpoint(ckpt, model, meta_for(name, size))
             save_file({"x": x, "y": y.contiguous()}, str(Path(tmp) / "io.safetensors"))
-            row["reload"] = reload_in_fresh_process(ckpt, Path(tmp) / "io.safetensors", timeout)
+            row["reload"] = reload_in_fresh_process(ckpt, Path(tmp) / "io.safetensors", timeout, env)
         except Exception as exc:
             row["reload"] = one_line(exc)
         emit()

@@ -318,6 +318,26 @@ def validate_names(model: nn.Module, request: PruneRequest) -> None:
             )
 
 
+@contextlib.contextmanager
+def _tolerant_reshapes():
+    """torch-pruning divides by a reshape's inferred channel count, which is 0 after a channel shuffle
+    (ShuffleNet); such a reshape keeps its default one-to-one mapping instead of aborting the whole graph.
+    Groups coupled wrongly through it are caught by the equivalence check after surgery."""
+    from torch_pruning.dependency import index_mapping
+
+    original = index_mapping.update_reshape_index_mapping
+
+    def guarded(graph, node):
+        with contextlib.suppress(ZeroDivisionError):  # raised before any mapping is assigned
+            original(graph, node)
+
+    index_mapping.update_reshape_index_mapping = guarded
+    try:
+        yield
+    finally:
+        index_mapping.update_reshape_index_mapping = original
+
+
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     """torch-pruning's dependency graph; its failures become one-line errors instead of tracebacks."""
     try:
@@ -377,13 +397,7 @@ def collect_groups(
             groups.append(group)
         return DG, groups
     ignored = [resolve_layer(model, n) for n in default_ignored(model, example) + request.ignore]
-    try:
-        raws = list(DG.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]))
-    except Exception as exc:
-        raise UsageError(
-            f"torch-pruning cannot group the channels of {type(model).__name__} ({type(exc).__name__}: {exc})"
-        ) from None
-    for raw in raws:
+    for raw in all_groups(model, DG, ignored, names):
         module = raw[0].dep.target.module
         group = _to_group(DG, names[module], module, raw, importance)
         if group is not None:
@@ -391,6 +405,42 @@ def collect_groups(
     if not groups:
         raise UsageError("nothing in this model can be pruned with these settings")
     return DG, groups
+
+
+def all_groups(
+    model: nn.Module, DG: tp.DependencyGraph, ignored: list[nn.Module], names: dict[nn.Module, str]
+) -> list:
+    """Every group rooted at a conv/linear that touches no ignored layer (torch-pruning's ``get_all_groups``,
+    one root at a time: a root torch-pruning cannot follow is left alone instead of failing the model).
+
+    When no root can be followed, the UsageError names the model and the first layer that failed.
+    """
+    ignored = [*ignored, *DG.IGNORED_LAYERS_IN_TRACING]
+    visited: set[nn.Module] = set()
+    groups, failure = [], None
+    for module in list(DG.module2node):
+        if module in ignored or module in visited or not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        pruner = DG.get_pruner_of_module(module)
+        channels = pruner.get_out_channels(module) if pruner is not None else None
+        if channels is None:
+            continue
+        try:
+            raw = DG.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
+        except Exception as exc:
+            failure = failure or (
+                f"torch-pruning cannot follow the channels of {type(model).__name__} at layer "
+                f"{names.get(module, '?')} ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+                f"the model is unchanged"
+            )
+            continue
+        outs = {item.dep.target.module for item in raw if DG.is_out_channel_pruning_fn(item.dep.handler)}
+        visited |= outs
+        if not outs & set(ignored):
+            groups.append(raw)
+    if not groups and failure:
+        raise UsageError(failure)
+    return groups
 
 
 def _round_removal(channels: int, remove: int, round_to: int) -> int:
@@ -664,7 +714,8 @@ def prune_model(
     was_training = model.training
     model.eval()
     try:
-        return _prune_planned(model, request, importance, example)
+        with _tolerant_reshapes():  # torch-pruning re-maps reshapes on every group query, not only once
+            return _prune_planned(model, request, importance, example)
     finally:
         model.train(was_training)
 
@@ -706,7 +757,8 @@ def _prune_planned(
         restore(state)
         bad = _culprits(model, example, probe, importance, request, plan, expected) or [exc.layer]
         raise UsageError(
-            f"pruning {', '.join(bad)} breaks the model ({exc.reason}): its channels pass through an operation "
+            f"pruning {', '.join(bad)} breaks the {type(model).__name__} model ({exc.reason}): its channels pass "
+            f"through an operation "
             f"the dependency graph does not see (padding, slicing or reshaping in forward). The model is "
             f"unchanged; leave {'it' if len(bad) == 1 else 'them'} out with {arg_values('ignore', bad)}"
         ) from None
