@@ -280,13 +280,21 @@ def save_results(path: Path, results: dict[str, Any]) -> None:
     path.with_suffix(".md").write_text(markdown(results))
 
 
+SLOW_FAMILIES = ("swin", "vit_", "maxvit")  # 224 px transformers: last, so one stall delays nothing else
+
+
+def sweep_order(names: list[str]) -> list[str]:
+    """The CNNs first, the slow transformers last; alphabetical within each."""
+    return sorted(names, key=lambda n: (n.startswith(SLOW_FAMILIES), n))
+
+
 def sweep(names: list[str], path: Path, timeout: float) -> None:
-    results = load_results(path)
-    results["machine"] = machine()
-    results["timeout_s"] = timeout
-    for name in names:
+    machine_info = machine()
+    for name in sweep_order(names):
         print(f"{name} ...", flush=True)
         row = run_model(name, timeout)
+        results = load_results(path)  # re-read: another sweep (--only) may have landed rows meanwhile
+        results.update(machine=machine_info, timeout_s=timeout)
         results["rows"][name] = row
         save_results(path, results)
         print("  " + ", ".join(f"{s}={row.get(s)}" for s in STEPS), flush=True)

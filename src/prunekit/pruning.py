@@ -757,10 +757,10 @@ def _prune_planned(
         restore(state)
         bad = _culprits(model, example, probe, importance, request, plan, expected) or [exc.layer]
         raise UsageError(
-            f"pruning {', '.join(bad)} breaks the {type(model).__name__} model ({exc.reason}): its channels pass "
-            f"through an operation "
-            f"the dependency graph does not see (padding, slicing or reshaping in forward). The model is "
-            f"unchanged; leave {'it' if len(bad) == 1 else 'them'} out with {arg_values('ignore', bad)}"
+            f"pruning {', '.join(bad)} breaks the model ({exc.reason}): its channels pass through an operation "
+            f"the dependency graph does not see (padding, slicing or reshaping in forward). The "
+            f"{type(model).__name__} model is unchanged; leave {'it' if len(bad) == 1 else 'them'} out with "
+            f"{arg_values('ignore', bad)}"
         ) from None
     except BaseException:
         restore(state)
