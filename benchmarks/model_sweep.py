@@ -72,6 +72,17 @@ def train_step(model, size: int) -> None:
     model.eval()
 
 
+def grouped_convs(model) -> dict[str, tuple[int, int, int]]:
+    """(in, out, groups) of each grouped conv that is not depthwise."""
+    import torch.nn as nn
+
+    return {
+        n: (m.in_channels, m.out_channels, m.groups)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels
+    }
+
+
 def meta_for(name: str, size: int) -> dict[str, Any]:
     return {
         "model": name,
@@ -157,8 +168,12 @@ def run_steps(
         row["train"] = one_line(exc)
     emit()
     example = torch.randn(1, 3, size, size)
+    grouped = grouped_convs(model)
     try:
         report = prunekit.prune(model, example, target_macs=0.5)
+        if grouped:  # how many grouped convs (1 < groups < channels) lost channels, groups kept
+            after = grouped_convs(model)
+            row["grouped_pruned"] = f"{sum(after[n] != grouped[n] for n in grouped)}/{len(grouped)}"
         row.update(
             prune="ok", macs_ratio=round(report.macs_ratio, 4), params_ratio=round(report.params_ratio, 4)
         )
@@ -257,8 +272,8 @@ def markdown(results: dict[str, Any]) -> str:
         + ", ".join(f"{s} {n}/{len(rows)}" for s, n in counts.items())
         + ".",
         "",
-        "| model | input | train step | prune 0.5 (MACs ratio) | reload | ONNX | reason | s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | input | train step | prune 0.5 (MACs ratio) | grouped convs pruned | reload | ONNX | reason | s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name in sorted(rows):
         r = rows[name]
@@ -266,7 +281,8 @@ def markdown(results: dict[str, Any]) -> str:
         prune = f"ok ({r['macs_ratio']:.3f})" if r.get("prune") == "ok" else marks["prune"]
         reasons = [f"{s}: {r[s]}" for s in STEPS if s in r and r[s] != "ok"]
         lines.append(
-            f"| {name} | {_cell(r.get('input_size'))} | {marks['train']} | {prune} | {marks['reload']} | "
+            f"| {name} | {_cell(r.get('input_size'))} | {marks['train']} | {prune} | {_cell(r.get('grouped_pruned'))} | "
+            f"{marks['reload']} | "
             f"{marks['onnx']} | {_cell('; '.join(reasons))} | {_cell(r.get('seconds'))} |"
         )
     return "\n".join(lines) + "\n"
