@@ -244,6 +244,7 @@ def run_model(name: str, timeout: float) -> dict[str, Any]:
     if pending is not None:
         if crashed is None:
             row[pending] = f"timeout: over {timeout:.0f} s in total"
+            row["seconds"] = timeout
         else:
             tail = (err.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
             row[pending] = f"worker died (exit {proc.returncode}): {tail[:200]}"
