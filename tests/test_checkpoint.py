@@ -296,3 +296,21 @@ def test_top_level_load_is_the_safe_loader(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(loaded(x), model(x))
     assert loaded.prunekit_meta["model"] == "resnet18"
+
+
+def test_mnasnet_reloads_with_its_state_dict_versions(tmp_path):
+    """MNASNet's layers refuse a state dict without per-module versions ("version should be set to 1 or 2
+    instead of None"); they are recorded on save and handed back on load."""
+    torch.manual_seed(0)
+    model = _trained_looking(build_model("mnasnet0_5", 10))
+    path = save_checkpoint(tmp_path / "mnasnet.safetensors", model, _meta("mnasnet0_5"))
+    assert read_meta(path)["state_versions"][""] == 2
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(path).model(x), model(x))
+    legacy = read_meta(path)  # written before versions were recorded: the built model's versions apply
+    del legacy["state_versions"]
+    old = tmp_path / "legacy.safetensors"
+    save_file(load_file(str(path)), str(old), metadata={"prunekit": json.dumps(legacy)})
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(old).model(x), model(x))

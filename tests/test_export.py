@@ -100,3 +100,26 @@ def test_export_rejects_unknown_format(capsys, pruned_ckpt):
         main(["export", str(pruned_ckpt), "--format", "tflite"])
     assert exc.value.code == EXIT_USAGE
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_onnx_falls_back_to_the_dynamo_exporter(tmp_path):
+    """AlexNet at 64 px pools a 1x1 map to 6x6, which the TorchScript exporter refuses; the result still
+    runs in ONNX Runtime with the same outputs at another batch size."""
+    import onnxruntime as ort
+
+    from prunekit.export import export_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("alexnet", 10).eval()
+    path = save_checkpoint(
+        tmp_path / "alexnet.safetensors", model, {"model": "alexnet", "num_classes": 10, "input_size": 64}
+    )
+    out = export_checkpoint(path, "onnx")
+    x = torch.randn(3, 3, 64, 64)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[
+        0
+    ]
+    with torch.no_grad():
+        expected = model(x)
+    assert got.shape == (3, 10)
+    assert float((torch.from_numpy(got) - expected).abs().max()) <= 1e-4 * float(expected.abs().max()) + 1e-6

@@ -7,6 +7,7 @@ rebuilt from its torchvision name plus those shapes, and its weights then load w
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,22 +20,11 @@ from safetensors.torch import save_file
 from .errors import UsageError
 from .files import atomic_write
 from .models import build_model
+from .schema import CUSTOM_PREFIX, SHAPE_ATTRS, validate
 
 FORMAT = "prunekit-checkpoint"
 FORMAT_VERSION = 1
-SHAPE_ATTRS = (
-    "in_channels",
-    "out_channels",
-    "groups",
-    "in_features",
-    "out_features",
-    "num_features",
-    "normalized_shape",
-    "num_channels",
-    "num_groups",
-)
 MODEL_PREFIX = "model."
-CUSTOM_PREFIX = "custom:"  # a model of the user's own class, recorded as custom:<module>.<qualname>
 OPTIM_PREFIX = "optim."
 
 
@@ -67,8 +57,15 @@ def save_checkpoint(
 ) -> Path:
     """Write ``model`` (and optionally optimizer state and extra tensors) atomically to ``path``."""
     model = _unwrap(model)
-    tensors = {MODEL_PREFIX + k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {**meta, "format": FORMAT, "format_version": FORMAT_VERSION, "shapes": module_shapes(model)}
+    state = model.state_dict()
+    tensors = {MODEL_PREFIX + k: v.detach().cpu().contiguous() for k, v in state.items()}
+    meta = {
+        **meta,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "shapes": module_shapes(model),
+        "state_versions": state_versions(state),
+    }
     if optimizer is not None:
         optim_tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
         tensors.update(optim_tensors)
@@ -80,7 +77,7 @@ def save_checkpoint(
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    """The checkpoint's metadata alone, without loading weights."""
+    """The checkpoint's metadata alone (validated against the tensors' shapes), without loading weights."""
     with _open(path) as f:
         return _meta_of(f, path)
 
@@ -94,6 +91,7 @@ def description(meta: dict[str, Any]) -> dict[str, Any]:
         "optimizer",
         "metrics",
         "shapes",
+        "state_versions",
         "format",
         "format_version",
     )
@@ -121,7 +119,8 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> Checkpo
             raise UsageError(f"{path}: not a prunekit checkpoint (metadata lacks num_classes)")
         model = build_model(name, meta["num_classes"])
     state = {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
-    apply_shapes(model, meta.get("shapes", {}), state)
+    apply_shapes(model, meta.get("shapes") or {}, state)
+    state = with_versions(state, meta.get("state_versions"), model)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -136,6 +135,27 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> Checkpo
         )
     extra = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
     return Checkpoint(model, meta, optim, extra)
+
+
+def state_versions(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Each module's state-dict version (``state_dict()._metadata``), which some layers check on load."""
+    recorded = getattr(state, "_metadata", None) or {}
+    return {name: m["version"] for name, m in recorded.items() if isinstance(m.get("version"), int)}
+
+
+def with_versions(
+    state: dict[str, torch.Tensor], versions: dict[str, int] | None, model: nn.Module
+) -> OrderedDict[str, torch.Tensor]:
+    """``state`` carrying per-module versions: the recorded ones, else those of the freshly built model.
+
+    ``load_state_dict`` hands each module its version; without it, layers such as MNASNet's refuse to load.
+    """
+    state = OrderedDict(state)
+    if versions is None:  # a checkpoint written before versions were recorded: the current layout's
+        state._metadata = getattr(model.state_dict(), "_metadata", OrderedDict())  # type: ignore[attr-defined]
+    else:
+        state._metadata = OrderedDict((k, {"version": v}) for k, v in versions.items())  # type: ignore[attr-defined]
+    return state
 
 
 def apply_shapes(model: nn.Module, shapes: dict[str, dict[str, Any]], state: dict[str, torch.Tensor]) -> None:
@@ -182,14 +202,20 @@ def _meta_of(f, path: str | Path) -> dict[str, Any]:
         raise UsageError(f"{path}: a safetensors file, but not a prunekit checkpoint (no prunekit metadata)")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise UsageError(f"{path}: corrupt prunekit metadata ({exc})") from None
+    if not isinstance(meta, dict):
+        raise UsageError(f"{path}: corrupt prunekit metadata (a JSON {type(meta).__name__}, not an object)")
     if meta.get("format") != FORMAT or not isinstance(meta.get("model"), str):
         raise UsageError(f"{path}: not a prunekit checkpoint (metadata lacks the model description)")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise UsageError(
-            f"{path}: written by a newer prunekit (format {meta['format_version']}); upgrade prunekit"
-        )
+    version = meta.get("format_version", 0)
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise UsageError(f"{path}: written by a newer prunekit (format {version}); upgrade prunekit")
+    names = list(f.keys())  # a safe_open handle is not iterable
+    shapes = {
+        k[len(MODEL_PREFIX) :]: tuple(f.get_slice(k).get_shape()) for k in names if k.startswith(MODEL_PREFIX)
+    }
+    validate(meta, path, shapes)
     return meta
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from pathlib import Path
 
@@ -44,18 +46,7 @@ def _export(path: str | Path, fmt: str, out: Path, opset: int) -> Path:
             raise UsageError("ONNX export needs the onnx package: pip install 'prunekit[export]'") from None
 
         def write(tmp: Path) -> None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    model,
-                    (example,),
-                    str(tmp),
-                    input_names=["images"],
-                    output_names=["logits"],
-                    dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-                    opset_version=opset,
-                    dynamo=False,
-                )
+            export_onnx(model, example, tmp, opset)
     else:
 
         def write(tmp: Path) -> None:
@@ -64,3 +55,35 @@ def _export(path: str | Path, fmt: str, out: Path, opset: int) -> Path:
                 torch.jit.save(torch.jit.trace(model, example), str(tmp))
 
     return atomic_write(out, write)
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    """ONNX with a dynamic batch: TorchScript-based export, else the dynamo exporter.
+
+    The TorchScript exporter lacks some operations at small input sizes (adaptive pooling to a size that
+    does not divide the input, as in AlexNet below 224 px); the dynamo exporter has them.
+    """
+    names = {"input_names": ["images"], "output_names": ["logits"]}
+    axes = {"images": {0: "batch"}, "logits": {0: "batch"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                model, (example,), str(path), dynamic_axes=axes, opset_version=opset, dynamo=False, **names
+            )
+            return
+        except Exception as exc:
+            first = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # the dynamo exporter reports progress on stdout
+                torch.onnx.export(
+                    model,
+                    (example,),
+                    str(path),
+                    dynamic_axes=axes,
+                    opset_version=max(opset, 18),
+                    dynamo=True,
+                    **names,
+                )
+        except Exception:
+            raise UsageError(f"cannot export {type(model).__name__} to ONNX ({first})") from None

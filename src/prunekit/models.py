@@ -73,5 +73,11 @@ def build_timm_model(arch: str, num_classes: int) -> nn.Module:
 
 
 def min_input_size(name: str) -> int:
-    """The smallest input a model's stem accepts (most torchvision CNNs run at 32x32)."""
+    """The smallest input a model's stem accepts (most torchvision CNNs run at 32x32).
+
+    Vision transformers with a fixed position embedding (ViT) or a fixed window grid (MaxViT) take only
+    the 224 px they were defined for; Inception's stem needs 75 px.
+    """
+    if name.startswith(("vit_", "maxvit")):
+        return 224
     return 75 if name.startswith("inception") else 32

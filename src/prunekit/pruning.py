@@ -74,6 +74,9 @@ class Group:
     scores: torch.Tensor
     members: list[tuple[nn.Module, bool, torch.Tensor]]  # (layer, out-channel side?, root index per channel)
     layer_idxs: list[torch.Tensor] = field(default_factory=list)  # each member's own channel indices
+    # Where the channels pass through a grouped conv: the removal unit of each root channel. A unit holds
+    # one channel per conv group at the same position, so removing whole units keeps every group equal.
+    units: torch.Tensor | None = None
 
 
 @dataclass
@@ -125,6 +128,10 @@ class LayerCosts:
         macs = float(sum(self.macs.values()))
         params = float(self.total_params)
         for layer in set(out_rm) | set(in_rm):
+            if isinstance(layer, nn.Parameter):  # a bare parameter (a layer scale, a class token)
+                removed_here = out_rm.get(layer, 0.0) + in_rm.get(layer, 0.0)
+                params -= removed_here * layer.numel() / max(layer.shape)  # pruned along its longest dim
+                continue
             fo, fi = _fractions(layer, out_rm.get(layer, 0.0), in_rm.get(layer, 0.0))
             if _is_depthwise(layer):  # torch-pruning shrinks a depthwise conv's ins and outs together
                 fo = fi = min(fo, fi)
@@ -230,12 +237,65 @@ def _to_group(
         root_idxs = getattr(item, "root_idxs", None) or item.idxs
         if any(r is None for r in root_idxs):
             return None
-        layer = item.dep.layer
-        if _is_grouped(layer):
-            return None  # grouped convs need per-group-equal pruning; left alone
-        members.append((layer, item.dep.pruning_fn in _OUT_FNS, torch.tensor(root_idxs, dtype=torch.long)))
+        members.append(
+            (item.dep.layer, item.dep.pruning_fn in _OUT_FNS, torch.tensor(root_idxs, dtype=torch.long))
+        )
         layer_idxs.append(torch.tensor(item.idxs, dtype=torch.long))
-    return Group(name, module, raw[0].dep.handler, len(raw[0].idxs), scores.float(), members, layer_idxs)
+    channels = len(raw[0].idxs)
+    group = Group(name, module, raw[0].dep.handler, channels, scores.float(), members, layer_idxs)
+    if any(_is_grouped(layer) for layer, _, _ in members):
+        group.units = group_units(group)
+        if group.units is None:
+            return None  # the grouped conv's groups cannot all lose the same channels here: left alone
+    return group
+
+
+def group_units(group: Group) -> torch.Tensor | None:
+    """Unit id per root channel, so that removing whole units removes the same positions from every group
+    of each grouped conv the channels pass through; None when no split into equal units exists."""
+    parent = list(range(group.channels))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for (layer, is_out, root_idx), idxs in zip(group.members, group.layer_idxs, strict=True):
+        if not _is_grouped(layer):
+            continue
+        width = (layer.out_channels if is_out else layer.in_channels) // layer.groups
+        if len(idxs) != width * layer.groups:
+            return None  # only part of the conv's channels are in this group
+        first: dict[int, int] = {}
+        for r, c in zip(root_idx.tolist(), idxs.tolist(), strict=True):
+            position = c % width  # the same position in every conv group shares a unit
+            if position in first:
+                parent[find(r)] = find(first[position])
+            else:
+                first[position] = r
+    roots = torch.tensor([find(i) for i in range(group.channels)])
+    _, units = torch.unique(roots, return_inverse=True)
+    sizes = torch.bincount(units)
+    if int(sizes.max()) != int(sizes.min()):
+        return None
+    return units
+
+
+def lowest_channels(group: Group, n: int) -> torch.Tensor:
+    """A mask of the ``n`` lowest-scored channels; in a grouped group, of whole units (rounded down to them)."""
+    if group.units is None:
+        return _lowest(group.scores, n)
+    count = int(group.units.max()) + 1
+    size = group.channels // count
+    unit_scores = torch.zeros(count).index_add_(0, group.units, group.scores) / size
+    take = min(n // size, count - 1)  # whole units only, and one always stays
+    return _lowest(unit_scores, take)[group.units]
+
+
+def unit_size(group: Group) -> int:
+    """Channels removed together: 1, or the number of conv groups the channels pass through."""
+    return 1 if group.units is None else group.channels // (int(group.units.max()) + 1)
 
 
 def validate_names(model: nn.Module, request: PruneRequest) -> None:
@@ -248,6 +308,26 @@ def validate_names(model: nn.Module, request: PruneRequest) -> None:
             raise UsageError(
                 f"{arg('layers')} {name} is a {type(module).__name__}, not a prunable conv; name a Conv2d"
             )
+
+
+@contextlib.contextmanager
+def _tolerant_reshapes():
+    """torch-pruning divides by a reshape's inferred channel count, which is 0 after a channel shuffle
+    (ShuffleNet); such a reshape keeps its default one-to-one mapping instead of aborting the whole graph.
+    Groups coupled wrongly through it are caught by the equivalence check after surgery."""
+    from torch_pruning.dependency import index_mapping
+
+    original = index_mapping.update_reshape_index_mapping
+
+    def guarded(graph, node):
+        with contextlib.suppress(ZeroDivisionError):  # raised before any mapping is assigned
+            original(graph, node)
+
+    index_mapping.update_reshape_index_mapping = guarded
+    try:
+        yield
+    finally:
+        index_mapping.update_reshape_index_mapping = original
 
 
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
@@ -309,13 +389,7 @@ def collect_groups(
             groups.append(group)
         return DG, groups
     ignored = [resolve_layer(model, n) for n in default_ignored(model, example) + request.ignore]
-    try:
-        raws = list(DG.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]))
-    except Exception as exc:
-        raise UsageError(
-            f"torch-pruning cannot group the channels of {type(model).__name__} ({type(exc).__name__}: {exc})"
-        ) from None
-    for raw in raws:
+    for raw in all_groups(model, DG, ignored, names):
         module = raw[0].dep.target.module
         group = _to_group(DG, names[module], module, raw, importance)
         if group is not None:
@@ -323,6 +397,42 @@ def collect_groups(
     if not groups:
         raise UsageError("nothing in this model can be pruned with these settings")
     return DG, groups
+
+
+def all_groups(
+    model: nn.Module, DG: tp.DependencyGraph, ignored: list[nn.Module], names: dict[nn.Module, str]
+) -> list:
+    """Every group rooted at a conv/linear that touches no ignored layer (torch-pruning's ``get_all_groups``,
+    one root at a time: a root torch-pruning cannot follow is left alone instead of failing the model).
+
+    When no root can be followed, the UsageError names the model and the first layer that failed.
+    """
+    ignored = [*ignored, *DG.IGNORED_LAYERS_IN_TRACING]
+    visited: set[nn.Module] = set()
+    groups, failure = [], None
+    for module in list(DG.module2node):
+        if module in ignored or module in visited or not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        pruner = DG.get_pruner_of_module(module)
+        channels = pruner.get_out_channels(module) if pruner is not None else None
+        if channels is None:
+            continue
+        try:
+            raw = DG.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
+        except Exception as exc:
+            failure = failure or (
+                f"torch-pruning cannot follow the channels of {type(model).__name__} at layer "
+                f"{names.get(module, '?')} ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+                f"the model is unchanged"
+            )
+            continue
+        outs = {item.dep.target.module for item in raw if DG.is_out_channel_pruning_fn(item.dep.handler)}
+        visited |= outs
+        if not outs & set(ignored):
+            groups.append(raw)
+    if not groups and failure:
+        raise UsageError(failure)
+    return groups
 
 
 def _round_removal(channels: int, remove: int, round_to: int) -> int:
@@ -351,7 +461,7 @@ def plan_ratio(groups: list[Group], ratio: float, round_to: int) -> dict[str, to
                 f"{arg('ratio')} {ratio} with {arg('round_to')} {round_to} would remove every one of the "
                 f"{g.channels} channels of {g.root}; use a smaller ratio or {arg('round_to')}"
             )
-        plan[g.root] = _lowest(g.scores, n)
+        plan[g.root] = lowest_channels(g, n)
     return plan
 
 
@@ -366,11 +476,11 @@ def plan_target(
     def plan_at(threshold: float) -> dict[str, torch.Tensor]:
         plan = {}
         for g in groups:
-            limit = g.channels - max(round_to, math.ceil(MIN_KEEP_FRACTION * g.channels), 1)
-            n = min(int((normalized[g.root] < threshold).sum()), max(limit, 0))
-            n = _round_removal(g.channels, n, round_to)
-            n = min(n, max(limit, 0))
-            plan[g.root] = _lowest(g.scores, n)
+            keep = max(round_to, math.ceil(MIN_KEEP_FRACTION * g.channels), unit_size(g), 1)
+            limit = max(g.channels - keep, 0)
+            n = min(int((normalized[g.root] < threshold).sum()), limit)
+            n = min(_round_removal(g.channels, n, round_to), limit)
+            plan[g.root] = lowest_channels(g, n)
         return plan
 
     def value(plan) -> float:
@@ -596,7 +706,8 @@ def prune_model(
     was_training = model.training
     model.eval()
     try:
-        return _prune_planned(model, request, importance, example)
+        with _tolerant_reshapes():  # torch-pruning re-maps reshapes on every group query, not only once
+            return _prune_planned(model, request, importance, example)
     finally:
         model.train(was_training)
 
@@ -639,8 +750,9 @@ def _prune_planned(
         bad = _culprits(model, example, probe, importance, request, plan, expected) or [exc.layer]
         raise UsageError(
             f"pruning {', '.join(bad)} breaks the model ({exc.reason}): its channels pass through an operation "
-            f"the dependency graph does not see (padding, slicing or reshaping in forward). The model is "
-            f"unchanged; leave {'it' if len(bad) == 1 else 'them'} out with {arg_values('ignore', bad)}"
+            f"the dependency graph does not see (padding, slicing or reshaping in forward). The "
+            f"{type(model).__name__} model is unchanged; leave {'it' if len(bad) == 1 else 'them'} out with "
+            f"{arg_values('ignore', bad)}"
         ) from None
     except BaseException:
         restore(state)
