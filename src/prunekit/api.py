@@ -213,7 +213,8 @@ def load_data_for(
             f"{arg('data')} {spec} has {len(bundle.classes)} classes; the checkpoint has {meta['num_classes']}"
         )
     # Normalize with the statistics the model was trained with, not the new data's.
-    bundle.mean, bundle.std = tuple(meta["mean"]), tuple(meta["std"])
+    if meta.get("mean") and meta.get("std"):
+        bundle.mean, bundle.std = tuple(meta["mean"]), tuple(meta["std"])
     return bundle
 
 
