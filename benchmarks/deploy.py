@@ -27,26 +27,35 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10, help="baseline training epochs")
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--calibration-images", type=int, default=512)
+    parser.add_argument(
+        "--round-to",
+        type=int,
+        default=16,
+        help="keep channel counts multiples of N (1: as the threshold leaves them)",
+    )
     args = parser.parse_args()
+    tag = "" if args.round_to == 1 else f"-round{args.round_to}"
     data = str(require(FULL_ARCHIVE))
     dense = RUN / "baseline" / "model.safetensors"
     if not dense.exists():
         resume = (RUN / "baseline" / "checkpoint.safetensors").exists()
         api.train("resnet18", data, RUN / "baseline", TrainConfig(epochs=args.epochs), resume=resume)
-    pruned = RUN / "pruned.safetensors"
+    pruned = RUN / f"pruned{tag}.safetensors"
     if not pruned.exists():
-        api.prune_checkpoint(dense, PruneRequest(target_macs=0.5), importance="l2", out=pruned)
-    finetuned = RUN / "finetune" / "model.safetensors"
+        request = PruneRequest(target_macs=0.5, round_to=args.round_to)
+        api.prune_checkpoint(dense, request, importance="l2", out=pruned)
+    finetuned = RUN / f"finetune{tag}" / "model.safetensors"
     if not finetuned.exists():
-        resume = (RUN / "finetune" / "checkpoint.safetensors").exists()
+        resume = (RUN / f"finetune{tag}" / "checkpoint.safetensors").exists()
         api.finetune_checkpoint(
-            pruned, RUN / "finetune", recipe_name="full", epochs=args.finetune_epochs, resume=resume
+            pruned, RUN / f"finetune{tag}", recipe_name="full", epochs=args.finetune_epochs, resume=resume
         )
     report = api.quantize_checkpoint(
         finetuned,
-        out=RUN / "model-int8.onnx",
+        out=RUN / f"model{tag}-int8.onnx",
         calibration_images=args.calibration_images,
         threads=torch.get_num_threads(),
+        overwrite=True,
     )
     report["pytorch_fp32_accuracy"] = {
         "dense": load(dense).prunekit_meta["metrics"]["test_accuracy"],
@@ -54,9 +63,10 @@ def main() -> None:
     }
     report["command"] = (
         f"python benchmarks/deploy.py --epochs {args.epochs} --finetune-epochs {args.finetune_epochs} "
-        f"--calibration-images {args.calibration_images}"
+        f"--calibration-images {args.calibration_images} --round-to {args.round_to}"
     )
-    save("deploy", report)
+    report["round_to"] = args.round_to
+    save("deploy" if args.round_to != 1 else "deploy-round1", report)
     rows = report["rows"]
     for name, row in rows.items():
         lat = row["latency"]

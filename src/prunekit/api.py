@@ -317,6 +317,7 @@ def quantize_checkpoint(
     data_dir: str | None = None,
     threads: int | None = None,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Static int8 quantization of a checkpoint in ONNX Runtime, calibrated on training images; measures
     dense fp32 -> model fp32 -> model int8 (accuracy, size on disk, ORT latency at batch 1 and 64).
@@ -324,20 +325,11 @@ def quantize_checkpoint(
     When int8 loses more than 1 point, the standard remedies are tried and measured (4x the calibration
     images, the other calibration methods, the first and last layers kept in fp32); the best one is kept.
     """
-    import shutil
-    import tempfile
 
     from .deploy import (
         CALIBRATION_METHODS,
-        conv_nodes,
-        ort_accuracy,
-        ort_latency,
-        quantize_int8,
         require_onnxruntime,
-        session,
-        write_onnx,
     )
-    from .files import write_json
 
     require_onnxruntime()
     if method not in CALIBRATION_METHODS:
@@ -357,6 +349,41 @@ def quantize_checkpoint(
     out = Path(out) if out else Path(path).with_name(Path(path).stem + "-int8.onnx")
     if out.suffix != ".onnx":
         raise UsageError(f"{arg('out')} {out}: an int8 model is written as .onnx")
+    check_outputs([path], [out, out.with_suffix(".json")], overwrite)
+    with DirectoryLock(out.parent):
+        return _quantize(
+            path,
+            out,
+            meta,
+            model,
+            calibration_images,
+            method,
+            keep_fp32,
+            remedies,
+            data,
+            data_dir,
+            threads,
+            seed,
+        )
+
+
+def _quantize(
+    path, out, meta, model, calibration_images, method, keep_fp32, remedies, data, data_dir, threads, seed
+) -> dict[str, Any]:
+    import shutil
+    import tempfile
+
+    from .deploy import (
+        CALIBRATION_METHODS,
+        conv_nodes,
+        ort_accuracy,
+        ort_latency,
+        quantize_int8,
+        session,
+        write_onnx,
+    )
+    from .files import write_json
+
     bundle = load_data_for(meta, data, data_dir)
     batch = 32
     available = min(calibration_images, len(bundle.train))

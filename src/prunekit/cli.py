@@ -473,6 +473,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         data=args.data,
         data_dir=args.data_dir,
         threads=args.threads,
+        overwrite=args.overwrite,
     )
     print_quantize(report)
     return 0
