@@ -96,9 +96,7 @@ def test_export_of_a_missing_checkpoint_fails_cleanly(capsys, tmp_path):
 
 
 def test_export_rejects_unknown_format(capsys, pruned_ckpt):
-    with pytest.raises(SystemExit) as exc:
-        main(["export", str(pruned_ckpt), "--format", "tflite"])
-    assert exc.value.code == EXIT_USAGE
+    assert main(["export", str(pruned_ckpt), "--format", "tflite"]) == EXIT_USAGE
     assert "invalid choice" in capsys.readouterr().err
 
 

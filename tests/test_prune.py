@@ -552,13 +552,12 @@ def test_prune_bad_checkpoint(capsys, tmp_path, request, which):
 def test_prune_needs_exactly_one_amount(capsys, tmp_path, dense_ckpt, args):
     target = tmp_path / "out" / "pruned.safetensors"
     target.parent.mkdir()
-    with pytest.raises(SystemExit) as exc:
-        main(["prune", str(dense_ckpt), "--importance", "l1", *args, "--out", str(target)])
-    assert exc.value.code == EXIT_USAGE
+    code = main(["prune", str(dense_ckpt), "--importance", "l1", *args, "--out", str(target)])
+    assert code == EXIT_USAGE
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert len([line for line in err.splitlines() if "error:" in line]) == 1, err
-    assert "--ratio" in err and "--target-macs" in err
+    assert "--target-macs" in err or "--ratio" in err
     assert not list(target.parent.iterdir())
 
 
@@ -610,8 +609,10 @@ def test_eval_pruned_checkpoint_latency_and_speedup(capsys, tmp_path, dense_ckpt
     json_path = tmp_path / "eval.json"
     code, _, err = run_cli(capsys, ["eval", pruned, "--data", "synthetic", "--json", json_path])
     assert code == 0, err
-    assert re.search(r"latency batch1: [\d.]+ ms median .*speed-up [\d.]+x vs dense parent", err), err
-    assert re.search(r"latency batch64: [\d.]+ ms median .*speed-up [\d.]+x vs dense parent", err), err
+    for runtime in ("PyTorch eager", "ONNX Runtime"):
+        for key in ("batch1", "batch64"):
+            pattern = rf"latency {key} \({runtime}\): [\d.]+ ms median .*speed-up [\d.]+x vs dense parent"
+            assert re.search(pattern, err), err
     saved = json.loads(json_path.read_text())
     assert set(saved["speedup"]) == {"batch1", "batch64"}
 

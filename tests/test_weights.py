@@ -142,7 +142,9 @@ def test_googlenet_input_transform_moves_into_preprocessing_and_survives_a_check
         ours = model.eval()(norm(pre.mean, pre.std))
         theirs = reference(norm(IMAGENET_MEAN, IMAGENET_STD))
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
-    save_checkpoint(tmp_path / "g.safetensors", model, {"model": "googlenet", "num_classes": 1000})
+    save_checkpoint(
+        tmp_path / "g.safetensors", model, {"model": "googlenet", "num_classes": 1000, "input_size": 224}
+    )
     with torch.no_grad():
         reloaded = load_checkpoint(tmp_path / "g.safetensors").model(norm(pre.mean, pre.std))
     assert torch.equal(reloaded, ours)
@@ -299,7 +301,9 @@ def test_timm_checkpoint_round_trip(timm, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)
-    save_checkpoint(tmp_path / "t.safetensors", model, {"model": "timm:resnet18", "num_classes": 10})
+    save_checkpoint(
+        tmp_path / "t.safetensors", model, {"model": "timm:resnet18", "num_classes": 10, "input_size": 32}
+    )
     with torch.no_grad():
         assert torch.equal(load_checkpoint(tmp_path / "t.safetensors").model(x), expected)
 

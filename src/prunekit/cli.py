@@ -211,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads", type=cli_type("threads"), default=None, help="ONNX Runtime threads (default: torch's)"
     )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     _add_data_args(p, required=False)
     p.set_defaults(func=cmd_quantize)
 
