@@ -289,3 +289,15 @@ def test_two_rounds_reach_the_macs_target(tmp_path, capsys):
     )
     assert "target MACs 0.7" in (run_dir / "report.md").read_text()
     assert load_checkpoint(run_dir / "finetune-2" / MODEL_FILE).meta["parent"]["macs"] == dense
+
+
+def test_run_ratio_without_layer_means_what_prune_means():
+    """`prunekit run --ratio R` prunes every layer, as `prunekit prune --ratio R` does; the seed's layer and
+    ratio stay the defaults when neither is given."""
+    from prunekit.pipeline import RunConfig
+
+    assert RunConfig.from_dict({}).prune_request(1).layers == ["layer2.0.conv1"]
+    network_wide = RunConfig.from_dict({"ratio": 0.3}).prune_request(1)
+    assert network_wide.layers == [] and network_wide.ratio == pytest.approx(0.3)
+    named = RunConfig.from_dict({"ratio": 0.3, "layers": ["layer3.0.conv1"]}).prune_request(1)
+    assert named.layers == ["layer3.0.conv1"]

@@ -279,7 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--epochs", type=cli_type("epochs"), help="baseline training epochs")
     p.add_argument("--layer", dest="layers", action="append", help="default: layer2.0.conv1")
-    p.add_argument("--ratio", type=cli_type("ratio"), help="default: 0.2")
+    p.add_argument(
+        "--ratio",
+        type=cli_type("ratio"),
+        help="with --layer: per named layer (default: layer2.0.conv1 by 0.2); alone: every prunable layer, as in prune",
+    )
     p.add_argument("--target-macs", type=cli_type("target_macs"))
     p.add_argument("--target-params", type=cli_type("target_params"))
     p.add_argument("--ignore", action="append")

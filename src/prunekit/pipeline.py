@@ -75,6 +75,9 @@ class RunConfig:
                 cfg.layers = []
             if "ratio" not in values:
                 cfg.ratio = None
+        elif "ratio" in values and "layers" not in values:
+            # As in `prunekit prune`: a ratio without --layer applies to every prunable layer.
+            cfg.layers = []
         return cfg
 
     def prune_request(self, step: int) -> PruneRequest:
