@@ -763,3 +763,48 @@ def _finetune(
             p.numel() for n, p in model.named_parameters() if trainable is None or trainable(n)
         ),
     }
+
+
+def sensitivity_checkpoint(
+    path: str | Path,
+    out: str | Path | None = None,
+    ratios: tuple[float, ...] | None = None,
+    images: int = 1000,
+    calibration_images: int = 512,
+    importance: str = "l2",
+    data: str | None = None,
+    data_dir: str | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Sensitivity scan of a checkpoint on held-out training images; writes ``out`` (JSON) and a PNG beside it."""
+    from .files import write_json
+    from .sensitivity import RATIOS, plot, scan
+
+    ratios = tuple(ratios or RATIOS)
+    for name, value in (("images", images), ("calibration_images", calibration_images)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{arg(name)} must be a positive whole number, got {value!r}")
+    out = Path(out) if out else Path(path).with_name(Path(path).stem + "-sensitivity.json")
+    check_outputs([path], [out, out.with_suffix(".png")], overwrite)
+    ckpt = load_checkpoint(path)
+    meta = ckpt.meta
+    bundle = load_data_for(meta, data, data_dir)
+    if images + calibration_images > len(bundle.train):
+        raise UsageError(
+            f"{arg('images')} + {arg('calibration_images')} = {images + calibration_images} training images, "
+            f"but the training split holds {len(bundle.train)}"
+        )
+    # One seeded draw of training images: the first ones are held out for scoring, the rest recalibrate BN.
+    batches = bundle.sample_batches(images + calibration_images, 250, seed)
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    held_out = [(x[i : min(i + 250, images)], y[i : min(i + 250, images)]) for i in range(0, images, 250)]
+    calibration = [x[i : i + 256] for i in range(images, images + calibration_images, 256)]
+    size = meta["input_size"]
+    with DirectoryLock(out.parent):
+        result = scan(ckpt.model, torch.zeros(1, 3, size, size), held_out, calibration, ratios, importance)
+        result["checkpoint"] = str(path)
+        write_json(out, result)
+        plot(result, out.with_suffix(".png"))
+    return result

@@ -192,6 +192,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite_arg(p, "--out")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser(
+        "sensitivity", help="accuracy of each group pruned alone at several ratios (held-out train)"
+    )
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument(
+        "--out", type=Path, default=None, help="JSON (default: <checkpoint>-sensitivity.json); PNG beside"
+    )
+    p.add_argument("--ratios", default="0.1,0.3,0.5,0.7,0.9", help="comma-separated fractions of channels")
+    p.add_argument(
+        "--images", type=cli_type("calibration_images"), default=1000, help="held-out training images"
+    )
+    p.add_argument("--calibration-images", type=cli_type("calibration_images"), default=512)
+    p.add_argument("--importance", choices=CRITERIA, default="l2")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _add_data_args(p, required=False)
+    p.add_argument("--seed", type=cli_type("seed"), default=0)
+    p.set_defaults(func=cmd_sensitivity)
+
     p = sub.add_parser("quantize", help="int8 post-training quantization in ONNX Runtime, measured")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--out", type=Path, default=None, help="int8 .onnx (default: <checkpoint>-int8.onnx)")
@@ -461,6 +479,35 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = export_checkpoint(args.checkpoint, args.format, args.out, overwrite=args.overwrite)
     console.print(f"wrote {out}", highlight=False)
+    return 0
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from . import api
+
+    try:
+        ratios = tuple(float(r) for r in args.ratios.split(","))
+    except ValueError:
+        raise UsageError(f"--ratios must be comma-separated numbers, got {args.ratios!r}") from None
+    result = api.sensitivity_checkpoint(
+        args.checkpoint,
+        out=args.out,
+        ratios=ratios,
+        images=args.images,
+        calibration_images=args.calibration_images,
+        importance=args.importance,
+        data=args.data,
+        data_dir=args.data_dir,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    dense = result["dense_accuracy"]
+    for name, row in result["groups"].items():
+        if "skipped" in row:
+            console.print(f"{name:28s} skipped: {row['skipped']}", highlight=False)
+            continue
+        drops = "  ".join(f"{(dense - a) * 100:+6.2f}" for a in row["accuracy"])
+        console.print(f"{name:28s} points lost at {args.ratios}: {drops}", highlight=False)
     return 0
 
 
