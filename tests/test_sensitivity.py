@@ -73,3 +73,121 @@ def test_cli_refusals_are_one_line_and_write_nothing(trained, tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == EXIT_USAGE and message in err and len(err.strip().splitlines()) == 1, err
     assert not list(tmp_path.iterdir())
+
+
+def _resnet18():
+    from prunekit.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("resnet18", 10).eval()
+
+
+R18_X = torch.zeros(1, 3, 32, 32)
+
+
+def _fake_scan(model) -> dict:
+    """A scan in which layer4 costs nothing and layer2 a lot: what sensitivity allocation must follow."""
+    roots = prunable_roots(model, R18_X)
+    ratios = [0.1, 0.3, 0.5, 0.7, 0.9]
+
+    def acc(root: str, r: float) -> float:
+        cost = 0.0 if root.startswith("layer4") else 30.0 if root.startswith("layer2") else 3.0
+        return 0.9 - cost * r / 100
+
+    return {
+        "dense_accuracy": 0.9,
+        "ratios": ratios,
+        "groups": {root: {"accuracy": [acc(root, r) for r in ratios]} for root in roots},
+    }
+
+
+@pytest.mark.parametrize("allocation", ["global", "uniform", "sensitivity"])
+@pytest.mark.parametrize("target", [0.5, 0.33])
+def test_each_allocation_meets_its_budget(allocation, target):
+    from prunekit import prune
+    from prunekit.measure import count_macs
+
+    model = _resnet18()
+    dense = count_macs(model, R18_X)
+    scan_result = _fake_scan(model) if allocation == "sensitivity" else None
+    report = prune(model, R18_X, target_macs=target, allocation=allocation, sensitivity=scan_result)
+    assert count_macs(model, R18_X) / dense == pytest.approx(target, rel=0.02)
+    assert report.request["allocation"] == allocation and "sensitivity" not in report.request
+
+
+def test_sensitivity_allocation_follows_the_curves_and_uniform_is_one_ratio():
+    from prunekit import prune
+
+    model = _resnet18()
+    prune(model, R18_X, target_macs=0.5, allocation="sensitivity", sensitivity=_fake_scan(model))
+    kept = {
+        n: m.out_channels for n, m in model.named_modules() if n.endswith("conv1") and n.startswith("layer")
+    }
+    assert kept["layer2.0.conv1"] / 128 > kept["layer4.0.conv1"] / 512  # the costly group keeps more
+    uniform = _resnet18()
+    prune(uniform, R18_X, target_macs=0.5, allocation="uniform")
+    fractions = {
+        round(m.out_channels / c, 1)
+        for n, m, c in (
+            (n, m, {"layer2": 128, "layer3": 256, "layer4": 512}[n[:6]])
+            for n, m in uniform.named_modules()
+            if n[:6] in ("layer2", "layer3", "layer4") and n.endswith("conv1")
+        )
+    }
+    assert len(fractions) == 1  # one ratio everywhere
+
+
+def test_allocation_refusals():
+    from prunekit import prune
+
+    with pytest.raises(api.UsageError, match="^allocation must be one of"):
+        prune(_resnet18(), R18_X, target_macs=0.5, allocation="greedy")
+    with pytest.raises(api.UsageError, match="needs a sensitivity scan"):
+        prune(_resnet18(), R18_X, target_macs=0.5, allocation="sensitivity")
+    with pytest.raises(api.UsageError, match="spreads a target"):
+        prune(
+            _resnet18(), R18_X, ratio=0.3, allocation="sensitivity", sensitivity={"groups": {}, "ratios": []}
+        )
+
+
+def test_prune_and_run_take_the_same_allocation_flag(trained, tmp_path, capsys):
+    scan_file = tmp_path / "scan.json"
+    assert (
+        main(
+            [
+                "sensitivity",
+                str(trained),
+                "--out",
+                str(scan_file),
+                "--ratios",
+                "0.3,0.7",
+                "--images",
+                "200",
+                "--calibration-images",
+                "128",
+            ]
+        )
+        == 0
+    )
+    out = tmp_path / "p.safetensors"
+    argv = [
+        "prune",
+        str(trained),
+        "--target-macs",
+        "0.5",
+        "--allocation",
+        "sensitivity",
+        "--sensitivity",
+        str(scan_file),
+    ]
+    assert main([*argv, "--out", str(out)]) == 0, capsys.readouterr().err
+    record = api.load_checkpoint(out).meta["pruning"][-1]
+    assert record["request"]["allocation"] == "sensitivity" and record["macs"]["ratio"] == pytest.approx(
+        0.5, rel=0.02
+    )
+    from prunekit.pipeline import RunConfig
+
+    assert (
+        RunConfig.from_dict({"target_macs": 0.5, "allocation": "uniform"}).prune_request(1).allocation
+        == "uniform"
+    )

@@ -541,10 +541,17 @@ def _prune(
         bundle = None if calibration == "random" else load_data_for(meta, data, data_dir)
         batches = calibration_batches(meta, bundle, calibration_images, seed=seed)
     size = meta["input_size"]
+    if request.allocation == "sensitivity" and request.sensitivity is None:
+        from .sensitivity import scan
+
+        held_out, recal = scan_batches(load_data_for(meta, data, data_dir), 1000, 512, seed)
+        request.sensitivity = scan(model, torch.zeros(1, 3, size, size), held_out, recal)
     before = summary(model, size)
     result = prune(
         model,
         torch.zeros(1, 3, size, size),
+        allocation=request.allocation,
+        sensitivity=request.sensitivity,
         layers=request.layers,
         ratio=request.ratio,
         target_macs=request.target_macs,
@@ -565,7 +572,7 @@ def _prune(
         "calibration_images": calibration_images
         if calibration == "data" and importance in NEEDS_CALIBRATION
         else None,
-        "request": {k: v for k, v in vars(request).items()},
+        "request": {k: v for k, v in vars(request).items() if k != "sensitivity"},
         "before": {k: v for k, v in before.items() if k != "table"},
         "after": {k: v for k, v in after.items() if k != "table"},
         "macs": {
@@ -765,6 +772,19 @@ def _finetune(
     }
 
 
+def scan_batches(
+    bundle: DataBundle, images: int, calibration_images: int, seed: int
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
+    """One seeded draw of training images (never the test set): the first ``images`` score the scan, the
+    next ``calibration_images`` recalibrate BatchNorm."""
+    batches = bundle.sample_batches(images + calibration_images, 250, seed)
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    held_out = [(x[i : min(i + 250, images)], y[i : min(i + 250, images)]) for i in range(0, images, 250)]
+    calibration = [x[i : i + 256] for i in range(images, images + calibration_images, 256)]
+    return held_out, calibration
+
+
 def sensitivity_checkpoint(
     path: str | Path,
     out: str | Path | None = None,
@@ -795,12 +815,7 @@ def sensitivity_checkpoint(
             f"{arg('images')} + {arg('calibration_images')} = {images + calibration_images} training images, "
             f"but the training split holds {len(bundle.train)}"
         )
-    # One seeded draw of training images: the first ones are held out for scoring, the rest recalibrate BN.
-    batches = bundle.sample_batches(images + calibration_images, 250, seed)
-    x = torch.cat([b[0] for b in batches])
-    y = torch.cat([b[1] for b in batches])
-    held_out = [(x[i : min(i + 250, images)], y[i : min(i + 250, images)]) for i in range(0, images, 250)]
-    calibration = [x[i : i + 256] for i in range(images, images + calibration_images, 256)]
+    held_out, calibration = scan_batches(bundle, images, calibration_images, seed)
     size = meta["input_size"]
     with DirectoryLock(out.parent):
         result = scan(ckpt.model, torch.zeros(1, 3, size, size), held_out, calibration, ratios, importance)

@@ -173,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--round-to", type=cli_type("round_to"), default=1, help="keep channel counts multiples of N"
     )
+    p.add_argument(
+        "--allocation",
+        choices=["global", "uniform", "sensitivity"],
+        default="global",
+        help="how a target is spread across layers: one importance threshold, one ratio, or equal predicted loss",
+    )
+    p.add_argument(
+        "--sensitivity", type=Path, default=None, help="a `prunekit sensitivity` JSON (default: scan now)"
+    )
     _add_data_args(p, required=False)
     p.add_argument("--seed", type=cli_type("seed"), default=0)
     p.add_argument(
@@ -306,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-params", type=cli_type("target_params"))
     p.add_argument("--ignore", action="append")
     p.add_argument("--round-to", type=cli_type("round_to"))
+    p.add_argument(
+        "--allocation", choices=["global", "uniform", "sensitivity"], help="see prune --allocation"
+    )
     p.add_argument("--importance", choices=CRITERIA, help="default: activation with --layer, else l2")
     p.add_argument("--calibration", choices=["data", "random"])
     p.add_argument("--calibration-images", type=cli_type("calibration_images"))
@@ -457,6 +469,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         target_params=args.target_params,
         ignore=args.ignore,
         round_to=args.round_to,
+        allocation=args.allocation,
+        sensitivity=_read_json(args.sensitivity) if args.sensitivity else None,
     )
     report = api.prune_checkpoint(
         args.checkpoint,
@@ -472,6 +486,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
     )
     print_prune(report)
     return 0
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: cannot read it as JSON ({exc})") from None
+    if not isinstance(value, dict) or "groups" not in value or "ratios" not in value:
+        raise UsageError(f"{path}: not a `prunekit sensitivity` result")
+    return value
 
 
 def cmd_export(args: argparse.Namespace) -> int:

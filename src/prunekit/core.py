@@ -70,6 +70,8 @@ def prune(
     calibration: Iterable | torch.Tensor | None = None,
     ignore: Sequence[str] | None = None,
     round_to: int = 1,
+    allocation: str = "global",
+    sensitivity: dict[str, Any] | None = None,
     seed: int = 0,
 ) -> PruneReport:
     """Remove whole channels from ``model`` in place; return what was removed and the measured cost.
@@ -79,6 +81,9 @@ def prune(
     layer). ``calibration`` is an iterable of input batches (or ``(inputs, labels)`` pairs) for the
     data-driven criteria (``activation``, ``activation-post``, ``taylor``). The request is validated and
     planned before the model changes; a refused request leaves the model exactly as it was.
+    ``allocation`` spreads a target across layers: ``global`` (one importance threshold), ``uniform`` (one
+    ratio) or ``sensitivity`` (equal predicted loss, from ``sensitivity``: the result of
+    ``prunekit.sensitivity.scan``).
     """
     request = PruneRequest(
         layers=_names(layers, "layers"),
@@ -87,6 +92,8 @@ def prune(
         target_params=target_params,
         ignore=_names(ignore, "ignore"),
         round_to=round_to,
+        allocation=allocation,
+        sensitivity=sensitivity,
     )
     request.validate()
     if not isinstance(model, nn.Module):
@@ -114,7 +121,7 @@ def prune(
             p.grad = None
     return PruneReport(
         importance=label,
-        request={k: v for k, v in vars(request).items()},
+        request={k: v for k, v in vars(request).items() if k != "sensitivity"},
         macs_before=result.macs_before,
         macs_after=result.macs_after,
         params_before=result.params_before,

@@ -142,6 +142,12 @@ _TABLE = [
     Option("target_macs", float, "keep this fraction of the MACs", check=fraction_open),
     Option("target_params", float, "keep this fraction of the parameters", check=fraction_open),
     Option("round_to", int, "keep channel counts multiples of N", check=at_least(1)),
+    Option(
+        "allocation",
+        str,
+        "how a target is spread across layers",
+        choices=("global", "uniform", "sensitivity"),
+    ),
     Option("calibration", str, choices=("data", "random")),
     Option("calibration_images", int, check=at_least(1)),
     Option("recalibration_images", int, check=at_least(1)),

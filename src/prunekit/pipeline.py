@@ -43,6 +43,7 @@ class RunConfig:
     target_params: float | None = None
     ignore: list[str] = field(default_factory=list)
     round_to: int = 1
+    allocation: str = "global"
     importance: str | None = None  # activation for named layers, l2 for network-wide targets
     calibration: str = "data"
     calibration_images: int = 256
@@ -95,6 +96,7 @@ class RunConfig:
             target_params=share(self.target_params),
             ignore=list(self.ignore),
             round_to=self.round_to,
+            allocation=self.allocation,
         )
 
 

@@ -47,6 +47,8 @@ class PruneRequest:
     target_params: float | None = None
     ignore: list[str] = field(default_factory=list)
     round_to: int = 1
+    allocation: str = "global"  # how a target is spread across groups (see plan_target)
+    sensitivity: dict[str, Any] | None = None  # a sensitivity scan, for allocation "sensitivity"
 
     def validate(self) -> None:
         modes = [self.ratio is not None, self.target_macs is not None, self.target_params is not None]
@@ -60,7 +62,14 @@ class PruneRequest:
             )
         from .options import validate
 
-        validate(vars(self), ("ratio", "target_macs", "target_params", "round_to", "layers", "ignore"))
+        validate(
+            vars(self),
+            ("ratio", "target_macs", "target_params", "round_to", "layers", "ignore", "allocation"),
+        )
+        if self.allocation == "sensitivity" and self.ratio is not None:
+            raise UsageError(
+                f"{arg('allocation')} sensitivity spreads a target; give {arg('target_macs')} or {arg('target_params')}"
+            )
 
 
 @dataclass
@@ -465,41 +474,75 @@ def plan_ratio(groups: list[Group], ratio: float, round_to: int) -> dict[str, to
     return plan
 
 
-def plan_target(
-    groups: list[Group], costs: LayerCosts, target: float, metric: str, round_to: int
-) -> dict[str, torch.Tensor]:
-    """Global pruning: one threshold on normalized scores, found by bisection so the metric meets the target."""
-    dense_macs, dense_params = costs.priced(groups, {})
-    goal = target * (dense_macs if metric == "macs" else dense_params)
-    normalized = {g.root: g.scores / g.scores.abs().mean().clamp_min(1e-12) for g in groups}
+ALLOCATIONS = ("global", "uniform", "sensitivity")
 
-    def plan_at(threshold: float) -> dict[str, torch.Tensor]:
-        plan = {}
-        for g in groups:
-            keep = max(round_to, math.ceil(MIN_KEEP_FRACTION * g.channels), unit_size(g), 1)
-            limit = max(g.channels - keep, 0)
-            n = min(int((normalized[g.root] < threshold).sum()), limit)
-            n = min(_round_removal(g.channels, n, round_to), limit)
-            plan[g.root] = lowest_channels(g, n)
-        return plan
+
+def plan_target(
+    groups: list[Group],
+    costs: LayerCosts,
+    target: float,
+    metric: str,
+    round_to: int,
+    allocation: str = "global",
+    sensitivity: dict[str, Any] | None = None,
+) -> dict[str, torch.Tensor]:
+    """A plan whose priced metric meets ``target``, channels spread across groups by ``allocation``:
+
+    - ``global``: one threshold on normalized importance scores, network-wide;
+    - ``uniform``: one ratio for every group (Torch-Pruning's README recipe);
+    - ``sensitivity``: every group pruned as far as its measured sensitivity curve predicts a loss of at most
+      one common budget, so no group is pushed past the accuracy the others give up.
+
+    Each has one knob, monotone in what it removes, found by bisection on the analytic price.
+    """
+    dense_macs, dense_params = costs.priced(groups, {})
+    base = dense_macs if metric == "macs" else dense_params
+    goal = target * base
+
+    def limit(g: Group) -> int:
+        keep = max(round_to, math.ceil(MIN_KEEP_FRACTION * g.channels), unit_size(g), 1)
+        return max(g.channels - keep, 0)
+
+    def plan_removing(counts: dict[str, int]) -> dict[str, torch.Tensor]:
+        return {
+            g.root: lowest_channels(
+                g, min(_round_removal(g.channels, min(counts[g.root], limit(g)), round_to), limit(g))
+            )
+            for g in groups
+        }
+
+    if allocation == "global":
+        normalized = {g.root: g.scores / g.scores.abs().mean().clamp_min(1e-12) for g in groups}
+        knob = lambda t: plan_removing({g.root: int((normalized[g.root] < t).sum()) for g in groups})
+        lo = min(float(s.min()) for s in normalized.values()) - 1
+        hi = max(float(s.max()) for s in normalized.values()) + 1
+    elif allocation == "uniform":
+        knob = lambda r: plan_removing({g.root: int(g.channels * r) for g in groups})
+        lo, hi = 0.0, 1.0
+    elif allocation == "sensitivity":
+        curves = _loss_curves(groups, sensitivity)
+        knob = lambda budget: plan_removing(
+            {g.root: int(g.channels * curves[g.root](budget)) for g in groups}
+        )
+        lo, hi = -1.0, 101.0  # points of accuracy
+    else:
+        raise UsageError(f"{arg('allocation')} must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
 
     def value(plan) -> float:
         macs, params = costs.priced(groups, plan)
         return macs if metric == "macs" else params
 
-    lo = min(float(s.min()) for s in normalized.values()) - 1
-    hi = max(float(s.max()) for s in normalized.values()) + 1
-    smallest = value(plan_at(hi))
+    smallest = value(knob(hi))
     if smallest > goal * (1 + TOLERANCE):
-        base = dense_macs if metric == "macs" else dense_params
         raise UsageError(
-            f"{arg('target_' + metric)} {target} cannot be reached: pruning every prunable layer to its minimum "
-            f"({MIN_KEEP_FRACTION:.0%} of channels) leaves {smallest / base:.3f} of the dense {metric}"
+            f"{arg('target_' + metric)} {target} cannot be reached with {allocation} allocation: pruning every "
+            f"prunable layer to its minimum ({MIN_KEEP_FRACTION:.0%} of channels) leaves {smallest / base:.3f} "
+            f"of the dense {metric}"
         )
-    best = plan_at(hi)
+    best = knob(hi)
     for _ in range(60):
         mid = (lo + hi) / 2
-        plan = plan_at(mid)
+        plan = knob(mid)
         v = value(plan)
         if abs(v - goal) <= TOLERANCE * goal:
             return plan
@@ -508,6 +551,41 @@ def plan_target(
         else:
             hi, best = mid, plan
     return best
+
+
+def _loss_curves(
+    groups: list[Group], sensitivity: dict[str, Any] | None
+) -> dict[str, Callable[[float], float]]:
+    """For each group, the largest ratio whose measured accuracy loss (points, made non-decreasing) stays
+    within a budget, interpolated between the scanned ratios; groups the scan lacks are not pruned."""
+    if not sensitivity or "groups" not in sensitivity:
+        raise UsageError(f"{arg('allocation')} sensitivity needs a sensitivity scan (prunekit sensitivity)")
+    ratios = [0.0, *sensitivity["ratios"]]
+    dense = sensitivity["dense_accuracy"]
+    curves = {}
+    for g in groups:
+        row = sensitivity["groups"].get(g.root)
+        if not row or "accuracy" not in row:
+            curves[g.root] = lambda budget: 0.0
+            continue
+        losses, worst = [0.0], 0.0
+        for ratio, acc in zip(sensitivity["ratios"], row["accuracy"], strict=True):
+            # Non-decreasing, plus a tiny slope: flat or noisy curves still give a continuous knob.
+            worst = max(worst, (dense - acc) * 100)
+            losses.append(worst + 0.01 * ratio)
+
+        def ratio_within(budget: float, losses=losses) -> float:
+            if budget < 0:
+                return 0.0
+            for i in range(1, len(ratios)):
+                if losses[i] > budget:  # interpolate inside the segment that crosses the budget
+                    span = losses[i] - losses[i - 1]
+                    frac = (budget - losses[i - 1]) / span if span > 0 else 0.0
+                    return ratios[i - 1] + frac * (ratios[i] - ratios[i - 1])
+            return ratios[-1]
+
+        curves[g.root] = ratio_within
+    return curves
 
 
 def apply_plan(DG: tp.DependencyGraph, groups: list[Group], plan: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -727,7 +805,9 @@ def _prune_planned(
     else:
         metric = "macs" if request.target_macs is not None else "params"
         target = request.target_macs if metric == "macs" else request.target_params
-        plan = plan_target(groups, costs, target, metric, request.round_to)
+        plan = plan_target(
+            groups, costs, target, metric, request.round_to, request.allocation, request.sensitivity
+        )
     before = module_shapes(model)
     macs_before, params_before = int(sum(costs.macs.values())), costs.total_params
     probe = torch.randn(example.shape, generator=torch.Generator().manual_seed(0)).to(example)
