@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .checkpoint import Checkpoint, description, load_checkpoint
+from .checkpoint import description, load_checkpoint
 from .data import DataBundle, load_data
 from .errors import UsageError, arg
 from .files import DirectoryLock, check_outputs, clean_stale_temps
@@ -42,29 +41,6 @@ def model_meta(
         "prunekit_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def load(path: str | Path) -> Checkpoint:
-    """``load_checkpoint`` that also refuses a checkpoint whose recorded normalization would divide by 0."""
-    ckpt = load_checkpoint(path)
-    check_normalization(ckpt.meta, path)
-    return ckpt
-
-
-def check_normalization(meta: dict[str, Any], path: str | Path) -> None:
-    """A recorded mean must be finite and a recorded std finite and non-zero, else every input is NaN/inf."""
-    for key, ok in (("mean", lambda v: math.isfinite(v)), ("std", lambda v: math.isfinite(v) and v != 0)):
-        values = meta.get(key)
-        if values is None:
-            continue
-        good = isinstance(values, list) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and ok(v) for v in values
-        )
-        if not good:
-            what = "zero or non-finite" if key == "std" else "non-finite"
-            raise UsageError(
-                f"{path}: corrupt checkpoint: its recorded normalization {key} {values} has a {what} entry"
-            )
 
 
 def _is_main_process() -> bool:
@@ -137,7 +113,7 @@ def _resume_training(out: Path) -> FitResult:
         raise UsageError(
             f"{arg('resume')}: no interrupted run in {out} (no {STATE_FILE}); start it without {arg('resume')}"
         )
-    ckpt = load(state)
+    ckpt = load_checkpoint(state)
     config = TrainConfig.from_dict(ckpt.meta["train"]["config"])
     bundle = load_data_for(ckpt.meta)
     return fit(ckpt.model, bundle, config, out, description(ckpt.meta), resume=ckpt)
@@ -232,7 +208,7 @@ def evaluate_checkpoint(
     written to the JSON file ``out`` when given (refused if it exists, unless ``overwrite``)."""
     if out is not None:
         check_outputs([path], [out], overwrite)
-    ckpt = load(path)
+    ckpt = load_checkpoint(path)
     meta = ckpt.meta
     bundle = load_data_for(meta, data, data_dir, subset)
     model = ckpt.model
@@ -534,7 +510,7 @@ def _prune(
     from .files import write_json
     from .importance import NEEDS_CALIBRATION
 
-    ckpt = load(path)
+    ckpt = load_checkpoint(path)
     meta, model = ckpt.meta, ckpt.model
     batches = None
     if importance in NEEDS_CALIBRATION:
@@ -707,12 +683,12 @@ def _finetune(
 
     state = out / STATE_FILE
     if resume and state.exists():
-        ckpt = load(state)
+        ckpt = load_checkpoint(state)
         cfg = TrainConfig.from_dict(ckpt.meta["train"]["config"])
         stages = dict(ckpt.meta["finetune"]["accuracy"])
         settings = ckpt.meta["finetune"]
     else:
-        ckpt = load(path)
+        ckpt = load_checkpoint(path)
         cfg, policy = recipe(
             recipe_name,
             epochs=epochs,
@@ -739,7 +715,7 @@ def _finetune(
     classifier = output_layer(model, example)
     changed = [name for record in meta.get("pruning", []) for name in record.get("changed_layers", [])]
     trainable = trainable_filter(settings["freeze"], changed, classifier)
-    teacher_model = load(settings["teacher"]).model if settings["teacher"] else None
+    teacher_model = load_checkpoint(settings["teacher"]).model if settings["teacher"] else None
     if not stages:
         test = bundle.loader("test")
         stages["pruned"] = evaluate(model, test, num_classes=meta["num_classes"])["accuracy"]
