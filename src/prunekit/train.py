@@ -398,11 +398,11 @@ def _fit(
                                 soft = teacher(x).float()
                             kd = distillation_loss(logits.float(), soft, cfg.distill_temperature)
                             loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kd
-                    _check_loss(loss, epoch, batch, steps_per_epoch, cfg)
+                    loss_value = _checked_loss(loss, epoch, batch, steps_per_epoch, cfg)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-                    running["loss"] += float(loss.detach()) * len(y)
+                    running["loss"] += loss_value * len(y)
                     running["correct"] += float((logits.argmax(1) == y).sum())
                     running["seen"] += len(y)
                     next_batch = batch + 1
@@ -478,14 +478,18 @@ def _fit(
     return FitResult(model, history, final)
 
 
-def _check_loss(loss: torch.Tensor, epoch: int, batch: int, steps_per_epoch: int, cfg: TrainConfig) -> None:
-    """Stop before a NaN/inf loss reaches the weights; the last checkpoint on disk stays the good one."""
+def _checked_loss(
+    loss: torch.Tensor, epoch: int, batch: int, steps_per_epoch: int, cfg: TrainConfig
+) -> float:
+    """The loss as a number (read once per step: on a GPU each read waits for the device); stops before a
+    NaN/inf loss reaches the weights, so the last checkpoint on disk stays the good one."""
     value = float(loss.detach())
     if not math.isfinite(value):
         raise TrainingDiverged(
             f"training diverged at epoch {epoch + 1}, step {batch + 1}/{steps_per_epoch}: the loss is {value}; "
             f"lower {arg('lr')} (it is {cfg.lr:g}); nothing of the diverged state was saved"
         )
+    return value
 
 
 def _stop_requested(stop: StopOnSignal, dist_info: Distributed, device: torch.device) -> bool:
