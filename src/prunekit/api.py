@@ -237,7 +237,7 @@ def evaluate_checkpoint(
             results["speedup"] = {k: v[1]["median_ms"] / v[0]["median_ms"] for k, v in pairs.items()}
         else:
             results["latency"] = {f"batch{b}": latency(model, size, batch_size=b) for b in (1, 64)}
-        results.update(onnxruntime_latency(model, meta))
+        results.update(onnxruntime_latency(model, meta, dense))
     if out is not None:
         from .files import write_json
 
@@ -253,17 +253,18 @@ def _dense_parent(meta: dict[str, Any]) -> torch.nn.Module | None:
 
 
 def onnxruntime_latency(
-    model: torch.nn.Module, meta: dict[str, Any], threads: int | None = None
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    dense: torch.nn.Module | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Latency in ONNX Runtime (CPU), at batch 1 and 64, against the dense parent when there is one; empty
-    when ONNX Runtime is not installed."""
+    """Latency in ONNX Runtime (CPU), at batch 1 and 64, against ``dense`` (the parent's architecture) when
+    given; empty when ONNX Runtime is not installed."""
     import tempfile
 
-    from .deploy import ort_latency, session, write_onnx
+    from .deploy import ort_latency, require_onnxruntime, session, write_onnx
 
     try:
-        from .deploy import require_onnxruntime
-
         require_onnxruntime()
     except UsageError:
         return {}
@@ -271,7 +272,6 @@ def onnxruntime_latency(
     size = meta["input_size"]
     with tempfile.TemporaryDirectory() as tmp:
         sessions = [session(write_onnx(model, size, Path(tmp) / "model.onnx"), threads)]
-        dense = _dense_parent(meta)
         if dense is not None:
             sessions.append(session(write_onnx(dense, size, Path(tmp) / "dense.onnx"), threads))
         pairs = {f"batch{b}": ort_latency(sessions, size, batch_size=b) for b in (1, 64)}
