@@ -620,76 +620,9 @@ def finetune_checkpoint(
     from .finetuning import recipe
 
     out = Path(out)
+    planned = None  # (config, freezing policy) of a fresh run; a resumed one reads its own from the state
     if not (resume and (out / STATE_FILE).exists()):
-        cfg, _ = recipe(
-            recipe_name,
-            epochs=epochs,
-            lr=lr,
-            optimizer=optimizer,
-            distill_temperature=distill_temperature,
-            distill_weight=distill_weight,
-            seed=seed,
-            device=device,
-        )
-        cfg.validate()  # before the BatchNorm recalibration and evaluations
-    with DirectoryLock(out):
-        claim_run_dir(out, [path, teacher], resume, overwrite)
-        if not (resume and (out / STATE_FILE).exists()):
-            clear_run_dir(out)
-        return _finetune(
-            path,
-            out,
-            recipe_name,
-            epochs,
-            lr,
-            optimizer,
-            freeze,
-            teacher,
-            distill_temperature,
-            distill_weight,
-            recalibrate,
-            recalibration_images,
-            data,
-            data_dir,
-            subset,
-            seed,
-            device,
-            resume,
-        )
-
-
-def _finetune(
-    path: str | Path,
-    out: Path,
-    recipe_name: str,
-    epochs: int | None,
-    lr: float | None,
-    optimizer: str | None,
-    freeze: str | None,
-    teacher: str | Path | None,
-    distill_temperature: float | None,
-    distill_weight: float | None,
-    recalibrate: bool,
-    recalibration_images: int,
-    data: str | None,
-    data_dir: str | None,
-    subset: int | None,
-    seed: int,
-    device: str | None,
-    resume: bool,
-) -> dict[str, Any]:
-    from .finetuning import recalibrate_batchnorm, recipe, trainable_filter
-    from .pruning import output_layer
-
-    state = out / STATE_FILE
-    if resume and state.exists():
-        ckpt = load_checkpoint(state)
-        cfg = TrainConfig.from_dict(ckpt.meta["train"]["config"])
-        stages = dict(ckpt.meta["finetune"]["accuracy"])
-        settings = ckpt.meta["finetune"]
-    else:
-        ckpt = load_checkpoint(path)
-        cfg, policy = recipe(
+        planned = recipe(
             recipe_name,
             epochs=epochs,
             lr=lr,
@@ -700,6 +633,50 @@ def _finetune(
             seed=seed,
             device=device,
         )
+        planned[0].validate()  # before the BatchNorm recalibration and evaluations
+    with DirectoryLock(out):
+        claim_run_dir(out, [path, teacher], resume, overwrite)
+        if planned is not None:
+            clear_run_dir(out)
+        return _finetune(
+            path,
+            out,
+            recipe_name,
+            planned,
+            teacher,
+            recalibrate,
+            recalibration_images,
+            data,
+            data_dir,
+            subset,
+            seed,
+        )
+
+
+def _finetune(
+    path: str | Path,
+    out: Path,
+    recipe_name: str,
+    planned: tuple[TrainConfig, str] | None,
+    teacher: str | Path | None,
+    recalibrate: bool,
+    recalibration_images: int,
+    data: str | None,
+    data_dir: str | None,
+    subset: int | None,
+    seed: int,
+) -> dict[str, Any]:
+    from .finetuning import recalibrate_batchnorm, trainable_filter
+    from .pruning import output_layer
+
+    if planned is None:
+        ckpt = load_checkpoint(out / STATE_FILE)
+        cfg = TrainConfig.from_dict(ckpt.meta["train"]["config"])
+        stages = dict(ckpt.meta["finetune"]["accuracy"])
+        settings = ckpt.meta["finetune"]
+    else:
+        ckpt = load_checkpoint(path)
+        cfg, policy = planned
         stages = {}
         settings = {
             "recipe": recipe_name,
@@ -734,7 +711,7 @@ def _finetune(
         base_meta,
         teacher=teacher_model,
         trainable=trainable,
-        resume=ckpt if resume and state.exists() else None,
+        resume=ckpt if planned is None else None,
     )
     stages["finetuned"] = result.test["accuracy"]
     return {
