@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from . import __version__
 from .checkpoint import description, load_checkpoint
 from .data import DataBundle, load_data
 from .errors import UsageError, arg
-from .files import DirectoryLock, check_outputs, clean_stale_temps
+from .files import DirectoryLock, check_outputs, clean_stale_temps, is_main_process
 from .measure import count_macs, count_params, evaluate, latency, summary
 from .models import build_model, min_input_size
 from .train import MODEL_FILE, STATE_FILE, FitResult, TrainConfig, check_finite, fit
@@ -43,10 +42,6 @@ def model_meta(
     }
 
 
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def run_outputs(out: Path) -> list[Path]:
     return [out / name for name in RUN_FILES]
 
@@ -56,7 +51,7 @@ def claim_run_dir(out: Path, inputs: list[Any], resume: bool, overwrite: bool) -
 
     Under torchrun only rank 0 judges (the others would see rank 0's first files).
     """
-    if not _is_main_process():
+    if not is_main_process():
         return
     clean_stale_temps(out)
     check_outputs(inputs, run_outputs(out), overwrite=True)
@@ -70,7 +65,7 @@ def claim_run_dir(out: Path, inputs: list[Any], resume: bool, overwrite: bool) -
 
 def clear_run_dir(out: Path) -> None:
     """Remove a replaced run's outputs first, so a new run never sits half-done beside the old model."""
-    if not _is_main_process():
+    if not is_main_process():
         return
     for p in run_outputs(out):
         p.unlink(missing_ok=True)

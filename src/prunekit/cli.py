@@ -434,7 +434,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         val_split=args.val_split,
         overwrite=args.overwrite,
     )
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one line per job, not per process
+    from .files import is_main_process
+
+    if is_main_process():  # under torchrun: one line per job, not per process
         console.print(f"test accuracy {result.test['accuracy']:.2%}; checkpoint {out / 'model.safetensors'}")
     return 0
 

@@ -164,7 +164,7 @@ class DirectoryLock:
 
     def __enter__(self) -> DirectoryLock:
         self._key = self.directory.resolve()
-        if int(os.environ.get("RANK", "0")) != 0:
+        if not is_main_process():
             self._key = None  # torchrun: rank 0 holds the lock for the whole job
             return self
         if self._key in self._held:
@@ -248,6 +248,11 @@ def _read_holder(fd: int) -> str:
     except OSError:
         text = ""
     return text or "pid unknown"
+
+
+def is_main_process() -> bool:
+    """False in the non-zero ranks of a torchrun job, which leave writing and locking to rank 0."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def cache_dir() -> Path:

@@ -22,7 +22,7 @@ from .checkpoint import Checkpoint, save_checkpoint
 from .console import info, progress_bar
 from .data import DataBundle
 from .errors import UsageError, arg
-from .files import DirectoryLock, clean_stale_temps, write_json, write_text
+from .files import DirectoryLock, clean_stale_temps, is_main_process, write_json, write_text
 from .measure import autocast, bf16_supported, evaluate
 
 STATE_FILE = "checkpoint.safetensors"  # training state after every epoch (and on interrupt)
@@ -255,7 +255,7 @@ def fit(
     ``KeyboardInterrupt``; ``resume`` from that state ends bitwise equal to an uninterrupted run.
     """
     cfg.validate()
-    main = int(os.environ.get("RANK", "0")) == 0
+    main = is_main_process()
     lock = DirectoryLock(out_dir) if out_dir is not None and main else contextlib.nullcontext()
     with lock, StopOnSignal() as stop:
         if out_dir is not None and main:
