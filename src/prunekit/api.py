@@ -507,15 +507,17 @@ def _prune(
 
     ckpt = load_checkpoint(path)
     meta, model = ckpt.meta, ckpt.model
+    scores_on_data = importance in NEEDS_CALIBRATION and calibration == "data"
+    scans = request.allocation == "sensitivity" and request.sensitivity is None
+    bundle = load_data_for(meta, data, data_dir) if scores_on_data or scans else None  # loaded once for both
     batches = None
     if importance in NEEDS_CALIBRATION:
-        bundle = None if calibration == "random" else load_data_for(meta, data, data_dir)
-        batches = calibration_batches(meta, bundle, calibration_images, seed=seed)
+        batches = calibration_batches(meta, bundle if scores_on_data else None, calibration_images, seed=seed)
     size = meta["input_size"]
-    if request.allocation == "sensitivity" and request.sensitivity is None:
+    if scans:
         from .sensitivity import scan
 
-        held_out, recal = scan_batches(load_data_for(meta, data, data_dir), 1000, 512, seed)
+        held_out, recal = scan_batches(bundle, 1000, 512, seed)
         request.sensitivity = scan(model, torch.zeros(1, 3, size, size), held_out, recal)
     before = summary(model, size)
     result = prune(
