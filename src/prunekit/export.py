@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import load_checkpoint
 from .errors import UsageError
 from .files import DirectoryLock, atomic_write, check_outputs, clean_stale_temps
 
@@ -33,9 +34,7 @@ def export_checkpoint(
 
 
 def _export(path: str | Path, fmt: str, out: Path, opset: int) -> Path:
-    from .api import load
-
-    ckpt = load(path)
+    ckpt = load_checkpoint(path)
     model = ckpt.model.eval()
     size = ckpt.meta["input_size"]
     example = torch.randn(1, 3, size, size)
