@@ -19,8 +19,10 @@ from prunekit.data import (
     CIFAR10_CLASSES,
     BatchLoader,
     Split,
+    channel_stats,
     load_data,
     random_crop_flip,
+    resize_images,
     synthetic_data,
 )
 from prunekit.errors import UsageError
@@ -437,3 +439,20 @@ def test_synthetic_data_shapes():
     bundle = synthetic_data(num_classes=3, train_per_class=5, test_per_class=2, size=16)
     assert tuple(bundle.train.images.shape) == (15, 3, 16, 16)
     assert bundle.test.labels.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_an_in_memory_resize_that_would_not_fit_is_refused_before_allocating():
+    """Found by the command-line fuzz test: --image-size 1_000 on in-memory data once took 24 GB and was
+    killed. Chunks are now bounded in bytes, and a size whose held images would not fit is refused."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(UsageError, match=r"^image_size 20000: this dataset is held in memory"):
+        load_data("synthetic", image_size=20000)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB: nothing was allocated
+
+
+def test_resize_and_statistics_chunks_do_not_change_the_result():
+    images = synthetic_data(train_per_class=8).train.images
+    assert torch.equal(resize_images(images, 48, chunk=3), resize_images(images, 48))
+    assert channel_stats(images, chunk=5) == channel_stats(images)

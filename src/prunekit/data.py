@@ -36,6 +36,7 @@ INDEX_VERSION = "1"
 SMALL_SIDE = 64  # uniform images up to this side are held in memory at their native size
 STREAM_SIZE = 224  # the default input size of streamed (large or mixed-size) images
 MEMORY_FRACTION = 0.25  # hold decoded data in memory only up to this share of the available RAM
+CHUNK_BYTES = 256 << 20  # float working memory of one chunk when resizing or measuring held images
 HEADER_SAMPLE = 32  # image headers read to decide between memory and streaming
 PREPROCESS_KEYS = ("crop_size", "resize_size", "mean", "std", "interpolation")
 
@@ -293,6 +294,13 @@ def _first_per_class(labels: torch.Tensor, per_class: int) -> torch.Tensor:
 def _resize_in_memory(bundle: DataBundle, image_size: int | None, resize_size: int | None) -> None:
     """Resize held images to ``image_size``; with a ``resize_size``, test images get resize + centre crop."""
     size = image_size or bundle.image_size
+    held = (len(bundle.train) + len(bundle.test)) * 3 * max(size, resize_size or 0) ** 2
+    if size != bundle.image_size and held > MEMORY_FRACTION * available_memory():
+        raise UsageError(
+            f"{arg('image_size')} {size}: this dataset is held in memory, and {len(bundle.train) + len(bundle.test)} "
+            f"images of {size}x{size} would take {held / 1e9:.1f} GB, over a quarter of the free memory; use a "
+            "smaller size, or an image folder, which streams from disk"
+        )
     if size != bundle.image_size:
         bundle.train = Split(resize_images(bundle.train.images, size), bundle.train.labels)
     if resize_size and resize_size != size:
@@ -850,8 +858,15 @@ def synthetic_data(
     )
 
 
-def resize_images(images: torch.Tensor, size: int, chunk: int = 2048) -> torch.Tensor:
+def _chunk_rows(images: torch.Tensor, pixels: int, value_bytes: int, most: int) -> int:
+    """Images per chunk so one chunk's float copy stays within ``CHUNK_BYTES`` (and at most ``most``)."""
+    return max(1, min(most, CHUNK_BYTES // (images.shape[1] * pixels * value_bytes)))
+
+
+def resize_images(images: torch.Tensor, size: int, chunk: int | None = None) -> torch.Tensor:
     """Resize uint8 images to ``size`` x ``size`` (antialiased bilinear), in chunks to bound memory."""
+    pixels = max(images.shape[-1] * images.shape[-2], size * size)
+    chunk = chunk or _chunk_rows(images, pixels, 4, most=2048)
     out = [
         F.interpolate(
             images[i : i + chunk].float(),
@@ -868,8 +883,11 @@ def resize_images(images: torch.Tensor, size: int, chunk: int = 2048) -> torch.T
     return torch.cat(out)
 
 
-def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(
+    images: torch.Tensor, chunk: int | None = None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images, scaled to [0, 1]."""
+    chunk = chunk or _chunk_rows(images, images.shape[-1] * images.shape[-2], 8, most=4096)
     total = torch.zeros(3, dtype=torch.float64)
     sq = torch.zeros(3, dtype=torch.float64)
     for i in range(0, len(images), chunk):
