@@ -57,3 +57,45 @@ def save(name: str, result: dict) -> Path:
     path.write_text(json.dumps({"machine": machine(), **result}, indent=2) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def torch_pruning_uniform(baseline: Path, target: float, out: Path) -> dict:
+    """Torch-Pruning's README recipe: local L2 group magnitude, one ratio for all layers (bisected until the MACs
+    meet ``target``), the classifier ignored; the pruned checkpoint is written to ``out``."""
+    import copy
+
+    import torch_pruning as tp
+
+    from prunekit.checkpoint import load_checkpoint, save_checkpoint
+    from prunekit.measure import count_macs
+
+    ckpt = load_checkpoint(baseline)
+    size = ckpt.meta["input_size"]
+    example = torch.randn(1, 3, size, size)
+    dense_macs = count_macs(ckpt.model, size)
+
+    def pruned(ratio: float) -> torch.nn.Module:
+        model = copy.deepcopy(ckpt.model)
+        pruner = tp.pruner.BasePruner(
+            model,
+            example,
+            importance=tp.importance.GroupMagnitudeImportance(p=2),
+            pruning_ratio=ratio,
+            ignored_layers=[model.fc],
+        )
+        pruner.step()
+        return model
+
+    lo, hi = 0.0, 0.95
+    for _ in range(12):  # bisection on the uniform ratio until the MACs meet the target
+        mid = (lo + hi) / 2
+        if count_macs(pruned(mid), size) > target * dense_macs:
+            lo = mid
+        else:
+            hi = mid
+    model = pruned(hi)
+    meta = {k: v for k, v in ckpt.meta.items() if k not in ("train", "history", "metrics")}
+    meta["parent"] = {"checkpoint": str(baseline), "model": ckpt.meta["model"]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out, model, meta)
+    return {"ratio": hi, "macs_ratio": count_macs(model, size) / dense_macs}

@@ -8,18 +8,12 @@ and epochs. All runs reuse one trained baseline.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
 
-import torch
-import torch_pruning as tp
-
-from common import FULL_ARCHIVE, ROOT, require, save
+from common import FULL_ARCHIVE, ROOT, require, save, torch_pruning_uniform
 from prunekit import api
-from prunekit.checkpoint import load_checkpoint, save_checkpoint
-from prunekit.measure import count_macs
 from prunekit.pipeline import RunConfig, run
 
 RUNS = {
@@ -33,36 +27,8 @@ RUNS = {
 
 
 def torch_pruning_reference(baseline: Path, data: str, epochs: int, target: float, out: Path) -> dict:
-    """Torch-Pruning's README recipe: local L2 group magnitude, one ratio for all layers, full fine-tuning."""
-    ckpt = load_checkpoint(baseline)
-    size = ckpt.meta["input_size"]
-    example = torch.randn(1, 3, size, size)
-    dense_macs = count_macs(ckpt.model, size)
-
-    def pruned(ratio: float) -> torch.nn.Module:
-        model = copy.deepcopy(ckpt.model)
-        pruner = tp.pruner.BasePruner(
-            model,
-            example,
-            importance=tp.importance.GroupMagnitudeImportance(p=2),
-            pruning_ratio=ratio,
-            ignored_layers=[model.fc],
-        )
-        pruner.step()
-        return model
-
-    lo, hi = 0.0, 0.95
-    for _ in range(12):  # bisection on the uniform ratio until the MACs meet the target
-        mid = (lo + hi) / 2
-        if count_macs(pruned(mid), size) > target * dense_macs:
-            lo = mid
-        else:
-            hi = mid
-    model = pruned(hi)
-    meta = {k: v for k, v in ckpt.meta.items() if k not in ("train", "history", "metrics")}
-    meta["parent"] = {"checkpoint": str(baseline), "model": ckpt.meta["model"]}
-    out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out / "pruned.safetensors", model, meta)
+    """Torch-Pruning's README recipe at ``target`` MACs, then plain full fine-tuning for ``epochs``."""
+    pruned = torch_pruning_uniform(baseline, target, out / "pruned.safetensors")
     result = api.finetune_checkpoint(
         out / "pruned.safetensors",
         out / "finetune",
@@ -73,8 +39,7 @@ def torch_pruning_reference(baseline: Path, data: str, epochs: int, target: floa
     )
     final = api.evaluate_checkpoint(out / "finetune" / "model.safetensors", data=data)
     return {
-        "ratio": hi,
-        "macs_ratio": count_macs(model, size) / dense_macs,
+        **pruned,
         "accuracy": result["accuracy"],
         "final_accuracy": final["accuracy"],
         "speedup": final.get("speedup"),

@@ -1,0 +1,269 @@
+"""Allocation strategies against Torch-Pruning's recipe and a dense control, every row fine-tuned alike.
+
+    python benchmarks/allocation.py BASELINE [--seeds 0,1] [--only global-2x,...] [--commit]
+    python benchmarks/allocation.py BASELINE --measure     # latency of every finished row, then table + plot
+
+Each row prunes the baseline (or, for ``dense-control``, leaves it whole), then fine-tunes it with one recipe
+(``full``, ``--epochs`` epochs, no BatchNorm recalibration, the fine-tuning seed varied). Rows are resumable:
+each finished row is appended to ``results/allocation.json`` (and committed with ``--commit``), an interrupted
+one resumes its fine-tuning. Latency is measured in a separate pass, on a quiet machine, dense and pruned
+timed in alternation. The latency-targeted rows ask for the measured latency of the ``global`` rows, so they
+run after ``--measure`` has timed those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from common import FULL_ARCHIVE, RESULTS, ROOT, machine, require, torch_pruning_uniform
+from prunekit import api
+from prunekit.checkpoint import load_checkpoint
+from prunekit.measure import count_macs, count_params, latency
+from prunekit.pruning import PruneRequest
+
+TARGETS = {"2x": 0.5, "3x": 1 / 3}
+ROWS = [
+    "dense-control",
+    *(f"{kind}-{t}" for t in TARGETS for kind in ("torch-pruning", "global", "uniform", "sensitivity")),
+    *(f"latency-{t}" for t in TARGETS),
+]
+LATENCY_BATCH = 64
+RESULT = RESULTS / "allocation.json"
+
+
+def load_results(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"rows": {}, "latency": {}}
+
+
+def save_results(path: Path, results: dict, commit: str | None) -> None:
+    results["machine"] = machine()
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    if commit:  # only this file: whatever else is staged stays out of the commit
+        subprocess.run(["git", "commit", "-q", "-m", commit, "--", str(path)], cwd=ROOT, check=False)
+
+
+def latency_target(results: dict, target: str) -> float | None:
+    """The measured batch-64 latency of the MACs-targeted ``global`` row, as a fraction of the dense model's."""
+    measured = [v for k, v in results["latency"].items() if k.startswith(f"global-{target}/")]
+    if not measured:
+        return None
+    return statistics.median(m[f"batch{LATENCY_BATCH}"]["ratio"] for m in measured)
+
+
+def prune_row(row: str, baseline: Path, out: Path, results: dict, data: str) -> dict | None:
+    """Write ``out`` (the pruned checkpoint) for ``row``; returns what the pruning reported, with its wall time."""
+    kind, target = row.rsplit("-", 1)
+    start = time.perf_counter()
+    if kind == "torch-pruning":
+        info = torch_pruning_uniform(baseline, TARGETS[target], out)
+    else:
+        if kind == "latency":
+            fraction = latency_target(results, target)
+            if fraction is None:
+                print(f"{row}: skipped until --measure has timed global-{target}", flush=True)
+                return None
+            request = PruneRequest(target_latency=fraction, latency_batch=LATENCY_BATCH)
+        else:
+            request = PruneRequest(target_macs=TARGETS[target], allocation=kind)
+        report = api.prune_checkpoint(baseline, request, data=data, out=out, overwrite=True)
+        info = {"request": report["request"], "macs_ratio": report["macs"]["ratio"]}
+    return {**info, "prune_s": time.perf_counter() - start}
+
+
+def run_row(row: str, seed: int, args: argparse.Namespace, results: dict) -> dict | None:
+    out = Path(args.runs_dir) / row / f"seed{seed}"
+    pruned = out / "pruned.safetensors"
+    info_file = out / "pruned.info.json"
+    if row == "dense-control":
+        source, info = args.baseline, {"prune_s": 0.0}
+    elif info_file.exists():  # pruned before an interruption: the fine-tuning resumes below
+        source, info = pruned, json.loads(info_file.read_text())
+    else:
+        info = prune_row(row, args.baseline, pruned, results, args.data)
+        if info is None:
+            return None
+        info_file.write_text(json.dumps(info, indent=1))
+        source = pruned
+    finetune = out / "finetune"
+    start = time.perf_counter()
+    result = api.finetune_checkpoint(
+        source,
+        finetune,
+        recipe_name="full",
+        epochs=args.epochs,
+        recalibrate=False,
+        data=args.data,
+        seed=seed,
+        resume=(finetune / "checkpoint.safetensors").exists(),
+        overwrite=not (finetune / "checkpoint.safetensors").exists(),
+    )
+    model = load_checkpoint(finetune / "model.safetensors").model
+    dense = load_checkpoint(args.baseline).model
+    size = 32
+    return {
+        "row": row,
+        "seed": seed,
+        **info,
+        "accuracy": result["accuracy"]["finetuned"],
+        "accuracy_before_finetuning": result["accuracy"]["pruned"],
+        "macs": count_macs(model, size),
+        "params": count_params(model),
+        "macs_ratio": count_macs(model, size) / count_macs(dense, size),
+        "params_ratio": count_params(model) / count_params(dense),
+        "finetune_s": time.perf_counter() - start,
+        "checkpoint": str(finetune / "model.safetensors"),
+        "date": machine()["date"],
+    }
+
+
+def measure(results: dict, baseline: Path, repeats: int, redo: bool) -> None:
+    """Batch-1 and batch-64 latency of every finished row, each timed in alternation with the dense parent."""
+    dense = load_checkpoint(baseline).model
+    for key, row in results["rows"].items():
+        if key in results["latency"] and not redo:
+            continue
+        model = load_checkpoint(row["checkpoint"]).model
+        entry = {}
+        for batch in (1, LATENCY_BATCH):
+            d, p = latency([dense, model], 32, batch_size=batch, repeats=repeats)
+            entry[f"batch{batch}"] = {
+                "dense_ms": d["median_ms"],
+                "pruned_ms": p["median_ms"],
+                "ratio": p["median_ms"] / d["median_ms"],
+                "speedup": d["median_ms"] / p["median_ms"],
+                "threads": p["threads"],
+                "repeats": repeats,
+            }
+        results["latency"][key] = entry
+        print(key, {b: round(v["speedup"], 3) for b, v in entry.items()}, flush=True)
+
+
+def table(results: dict) -> str:
+    """Markdown: one line per row, mean and spread over seeds."""
+    by_row: dict[str, list[str]] = {}
+    for key in results["rows"]:
+        by_row.setdefault(key.split("/")[0], []).append(key)
+    control = [results["rows"][k]["accuracy"] for k in by_row.get("dense-control", [])]
+    ref = statistics.mean(control) if control else None
+    lines = [
+        "| row | seeds | accuracy % (each seed) | vs dense control | MACs | params | speed-up b1 | speed-up b64 "
+        "| pruning s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in ROWS:
+        keys = by_row.get(row)
+        if not keys:
+            continue
+        rows = [results["rows"][k] for k in keys]
+        accs = [r["accuracy"] * 100 for r in rows]
+        lat = [results["latency"][k] for k in keys if k in results["latency"]]
+
+        def speed(batch: str, lat=lat) -> str:
+            return f"{statistics.median(m[batch]['speedup'] for m in lat):.2f}x" if lat else "-"
+
+        delta = f"{statistics.mean(accs) - ref * 100:+.2f}" if ref is not None else "-"
+        lines.append(
+            f"| {row} | {len(rows)} | {statistics.mean(accs):.2f} ({', '.join(f'{a:.2f}' for a in accs)}) "
+            f"| {delta} | {statistics.mean(r['macs_ratio'] for r in rows):.3f} "
+            f"| {statistics.mean(r['params_ratio'] for r in rows):.3f} | {speed('batch1')} "
+            f"| {speed(f'batch{LATENCY_BATCH}')} | {statistics.mean(r['prune_s'] for r in rows):.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """Accuracy against measured batch-64 latency, every row and seed, with the Pareto front drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = []
+    for key, row in results["rows"].items():
+        if key in results["latency"]:
+            ms = results["latency"][key][f"batch{LATENCY_BATCH}"]["pruned_ms"]
+            points.append((ms, row["accuracy"] * 100, key.split("/")[0]))
+    if not points:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(p[2] for p in points):
+        xs = [p[0] for p in points if p[2] == name]
+        ys = [p[1] for p in points if p[2] == name]
+        ax.scatter(xs, ys, label=name, s=28)
+    front, best = [], -1.0
+    for ms, acc, _ in sorted(points):
+        if acc > best:
+            front.append((ms, acc))
+            best = acc
+    ax.plot(*zip(*front, strict=True), "k--", lw=0.8, label="Pareto front")
+    ax.set_xlabel(
+        f"measured latency at batch {LATENCY_BATCH}, ms (PyTorch, {torch.get_num_threads()} threads)"
+    )
+    ax.set_ylabel("CIFAR-10 test accuracy, %")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("baseline", type=Path)
+    parser.add_argument("--data", default=str(FULL_ARCHIVE))
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--only", default=",".join(ROWS))
+    parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "allocation"))
+    parser.add_argument("--measure", action="store_true", help="time the finished rows; write table and plot")
+    parser.add_argument("--remeasure", action="store_true", help="with --measure: time rows timed before too")
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--commit", action="store_true", help="git-commit the results file after each row")
+    parser.add_argument("--results", type=Path, default=RESULT)
+    args = parser.parse_args()
+    if args.data == str(FULL_ARCHIVE):
+        require(FULL_ARCHIVE)
+    results = load_results(args.results)
+    results["commands"] = sorted(
+        set(results.get("commands", []))
+        | {
+            f"python benchmarks/allocation.py {args.baseline}",
+            f"python benchmarks/allocation.py {args.baseline} --measure",
+        }
+    )
+    results["recipe"] = {"finetune": "full", "epochs": args.epochs, "recalibrate": False}
+    baseline = load_checkpoint(args.baseline).meta.get("metrics", {})
+    results["baseline"] = {"checkpoint": str(args.baseline), "accuracy": baseline.get("test_accuracy")}
+    if args.measure:
+        measure(results, args.baseline, args.repeats, args.remeasure)
+        args.results.with_suffix(".md").write_text(table(results))
+        plot(results, args.results.with_suffix(".png"))
+        save_results(args.results, results, "bench: allocation latency" if args.commit else None)
+        print(table(results))
+        return
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for row in [r for r in ROWS if r in args.only.split(",")]:
+            key = f"{row}/seed{seed}"
+            if key in results["rows"]:
+                continue
+            print(f"== {key}", flush=True)
+            entry = run_row(row, seed, args, results)
+            if entry is None:
+                continue
+            results = {
+                **load_results(args.results),
+                **{k: v for k, v in results.items() if k not in ("rows", "latency")},
+            }
+            results["rows"][key] = entry
+            save_results(args.results, results, f"bench: allocation row {key}" if args.commit else None)
+            print(json.dumps({key: entry["accuracy"]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
