@@ -529,6 +529,9 @@ def _prune(
         ratio=request.ratio,
         target_macs=request.target_macs,
         target_params=request.target_params,
+        target_latency=request.target_latency,
+        latency_batch=request.latency_batch,
+        latency_runtime=request.latency_runtime,
         ignore=request.ignore,
         round_to=request.round_to,
         importance=importance,
@@ -560,6 +563,7 @@ def _prune(
         },
         "removed_channels": result.removed,
         "changed_layers": result.changed_layers,
+        "latency": result.latency,
     }
     parent = meta.get("parent") or {
         "checkpoint": str(path),

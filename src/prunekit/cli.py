@@ -156,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=cli_type("target_params"),
         help="keep this fraction of the parameters, globally",
     )
+    what.add_argument(
+        "--target-latency",
+        type=cli_type("target_latency"),
+        help="keep this fraction of the dense model's latency, measured on this machine "
+        "(per-layer latency tables, cached; the pruned model is timed to check)",
+    )
+    _add_latency_args(p)
     p.add_argument(
         "--importance",
         default=None,
@@ -313,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--target-macs", type=cli_type("target_macs"))
     p.add_argument("--target-params", type=cli_type("target_params"))
+    p.add_argument("--target-latency", type=cli_type("target_latency"), help="see prune --target-latency")
+    _add_latency_args(p, defaults=False)
     p.add_argument("--ignore", action="append")
     p.add_argument("--round-to", type=cli_type("round_to"))
     p.add_argument(
@@ -459,6 +468,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_latency_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """--latency-batch and --latency-runtime; ``defaults`` False leaves them to the parser (run's config)."""
+    p.add_argument(
+        "--latency-batch",
+        type=cli_type("latency_batch"),
+        help="batch size --target-latency is measured at (default 64)",
+        **({"default": 64} if defaults else {}),
+    )
+    p.add_argument(
+        "--latency-runtime",
+        choices=["pytorch", "onnxruntime"],
+        help="where --target-latency is measured (default pytorch; onnxruntime needs prunekit[export])",
+        **({"default": "pytorch"} if defaults else {}),
+    )
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from . import api
     from .pruning import PruneRequest
@@ -469,6 +494,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         ratio=args.ratio,
         target_macs=args.target_macs,
         target_params=args.target_params,
+        target_latency=args.target_latency,
+        latency_batch=args.latency_batch,
+        latency_runtime=args.latency_runtime,
         ignore=args.ignore,
         round_to=args.round_to,
         allocation=args.allocation,

@@ -32,6 +32,7 @@ class PruneReport:
     removed: dict[str, int]
     changed_layers: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    latency: dict[str, Any] | None = None  # for a latency target: runtime, batch, measured dense and pruned
 
     @property
     def macs_ratio(self) -> float:
@@ -45,11 +46,18 @@ class PruneReport:
         return {**asdict(self), "macs_ratio": self.macs_ratio, "params_ratio": self.params_ratio}
 
     def __str__(self) -> str:
-        return (
+        text = (
             f"pruned {sum(self.removed.values())} channels in {len(self.removed)} groups ({self.importance}): "
             f"MACs {self.macs_before:,} -> {self.macs_after:,} ({1 / self.macs_ratio:.2f}x fewer), "
             f"params {self.params_before:,} -> {self.params_after:,} ({1 / self.params_ratio:.2f}x fewer)"
         )
+        if self.latency:
+            last = self.latency["attempts"][-1]
+            text += (
+                f", latency {last['dense_ms']:.2f} -> {last['pruned_ms']:.2f} ms ({1 / last['measured']:.2f}x "
+                f"faster, {self.latency['runtime']}, batch {self.latency['batch']}, measured)"
+            )
+        return text
 
 
 def default_importance(layers: Sequence[str]) -> str:
@@ -64,6 +72,9 @@ def prune(
     *,
     target_macs: float | None = None,
     target_params: float | None = None,
+    target_latency: float | None = None,
+    latency_batch: int = 64,
+    latency_runtime: str = "pytorch",
     ratio: float | None = None,
     layers: Sequence[str] | None = None,
     importance: str | ChannelImportance | None = None,
@@ -83,13 +94,18 @@ def prune(
     planned before the model changes; a refused request leaves the model exactly as it was.
     ``allocation`` spreads a target across layers: ``global`` (one importance threshold), ``uniform`` (one
     ratio) or ``sensitivity`` (equal predicted loss, from ``sensitivity``: the result of
-    ``prunekit.sensitivity.scan``).
+    ``prunekit.sensitivity.scan``). ``target_latency`` keeps that fraction of the dense model's latency,
+    measured on this machine at ``latency_batch`` in ``latency_runtime`` (``pytorch`` or ``onnxruntime``):
+    planned from per-layer latency tables (cached) and checked by timing the pruned model.
     """
     request = PruneRequest(
         layers=_names(layers, "layers"),
         ratio=ratio,
         target_macs=target_macs,
         target_params=target_params,
+        target_latency=target_latency,
+        latency_batch=latency_batch,
+        latency_runtime=latency_runtime,
         ignore=_names(ignore, "ignore"),
         round_to=round_to,
         allocation=allocation,
@@ -129,6 +145,7 @@ def prune(
         removed=result.removed,
         changed_layers=result.changed_layers,
         seconds=time.perf_counter() - start,
+        latency=result.latency,
     )
 
 

@@ -31,11 +31,13 @@ def require_onnxruntime() -> Any:
     return onnxruntime
 
 
-def write_onnx(model: nn.Module, input_size: int, path: str | Path, opset: int = 17) -> Path:
-    """Export ``model`` (normalized images [N, 3, H, W] -> logits) to ONNX with a dynamic batch axis."""
+def write_onnx(model: nn.Module, input_size: int | torch.Tensor, path: str | Path, opset: int = 17) -> Path:
+    """Export ``model`` (normalized images [N, 3, H, W] -> logits) to ONNX with a dynamic batch axis; the
+    input is a square of side ``input_size`` or shaped like an example tensor."""
     require_onnxruntime()
     model = model.eval()
-    example = torch.randn(1, 3, input_size, input_size, device=next(model.parameters()).device)
+    shape = (1, 3, input_size, input_size) if isinstance(input_size, int) else (1, *input_size.shape[1:])
+    example = torch.randn(shape, device=next(model.parameters()).device)
 
     def write(tmp: Path) -> None:
         with warnings.catch_warnings():

@@ -141,6 +141,16 @@ _TABLE = [
     Option("ratio", float, "fraction of channels to remove from each pruned layer", check=fraction_open),
     Option("target_macs", float, "keep this fraction of the MACs", check=fraction_open),
     Option("target_params", float, "keep this fraction of the parameters", check=fraction_open),
+    Option(
+        "target_latency",
+        float,
+        "keep this fraction of the dense model's latency, measured on this device",
+        check=fraction_open,
+    ),
+    Option("latency_batch", int, "batch size the latency target is measured at", check=at_least(1)),
+    Option(
+        "latency_runtime", str, "where the latency target is measured", choices=("pytorch", "onnxruntime")
+    ),
     Option("round_to", int, "keep channel counts multiples of N", check=at_least(1)),
     Option(
         "allocation",

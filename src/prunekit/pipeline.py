@@ -41,6 +41,9 @@ class RunConfig:
     ratio: float | None = 0.2
     target_macs: float | None = None
     target_params: float | None = None
+    target_latency: float | None = None
+    latency_batch: int = 64
+    latency_runtime: str = "pytorch"
     ignore: list[str] = field(default_factory=list)
     round_to: int = 1
     allocation: str = "global"
@@ -70,7 +73,7 @@ class RunConfig:
         from .options import validate
 
         cfg = cls(**validate(values))
-        if cfg.target_macs is not None or cfg.target_params is not None:
+        if any(t is not None for t in (cfg.target_macs, cfg.target_params, cfg.target_latency)):
             # A target is global: the seed's single layer and ratio no longer apply unless named explicitly.
             if "layers" not in values:
                 cfg.layers = []
@@ -94,6 +97,9 @@ class RunConfig:
             ratio=ratio,
             target_macs=share(self.target_macs),
             target_params=share(self.target_params),
+            target_latency=share(self.target_latency),
+            latency_batch=self.latency_batch,
+            latency_runtime=self.latency_runtime,
             ignore=list(self.ignore),
             round_to=self.round_to,
             allocation=self.allocation,

@@ -45,16 +45,25 @@ class PruneRequest:
     ratio: float | None = None
     target_macs: float | None = None
     target_params: float | None = None
+    target_latency: float | None = None  # fraction of the dense model's latency measured on this device
+    latency_batch: int = 64
+    latency_runtime: str = "pytorch"
     ignore: list[str] = field(default_factory=list)
     round_to: int = 1
     allocation: str = "global"  # how a target is spread across groups (see plan_target)
     sensitivity: dict[str, Any] | None = None  # a sensitivity scan, for allocation "sensitivity"
 
     def validate(self) -> None:
-        modes = [self.ratio is not None, self.target_macs is not None, self.target_params is not None]
+        modes = [
+            self.ratio is not None,
+            self.target_macs is not None,
+            self.target_params is not None,
+            self.target_latency is not None,
+        ]
         if sum(modes) != 1:
             raise UsageError(
-                f"give exactly one of {arg('ratio')}, {arg('target_macs')}, {arg('target_params')}"
+                f"give exactly one of {arg('ratio')}, {arg('target_macs')}, {arg('target_params')}, "
+                f"{arg('target_latency')}"
             )
         if self.layers and self.ratio is None:
             raise UsageError(
@@ -64,11 +73,23 @@ class PruneRequest:
 
         validate(
             vars(self),
-            ("ratio", "target_macs", "target_params", "round_to", "layers", "ignore", "allocation"),
+            (
+                "ratio",
+                "target_macs",
+                "target_params",
+                "target_latency",
+                "latency_batch",
+                "latency_runtime",
+                "round_to",
+                "layers",
+                "ignore",
+                "allocation",
+            ),
         )
         if self.allocation == "sensitivity" and self.ratio is not None:
             raise UsageError(
-                f"{arg('allocation')} sensitivity spreads a target; give {arg('target_macs')} or {arg('target_params')}"
+                f"{arg('allocation')} sensitivity spreads a target; give {arg('target_macs')}, "
+                f"{arg('target_params')} or {arg('target_latency')}"
             )
 
 
@@ -97,6 +118,7 @@ class PruneResult:
     macs_after: int
     params_before: int
     params_after: int
+    latency: dict[str, Any] | None = None  # what a latency target measured
 
 
 class LayerCosts:
@@ -511,22 +533,8 @@ def plan_target(
             for g in groups
         }
 
-    if allocation == "global":
-        normalized = {g.root: g.scores / g.scores.abs().mean().clamp_min(1e-12) for g in groups}
-        knob = lambda t: plan_removing({g.root: int((normalized[g.root] < t).sum()) for g in groups})
-        lo = min(float(s.min()) for s in normalized.values()) - 1
-        hi = max(float(s.max()) for s in normalized.values()) + 1
-    elif allocation == "uniform":
-        knob = lambda r: plan_removing({g.root: int(g.channels * r) for g in groups})
-        lo, hi = 0.0, 1.0
-    elif allocation == "sensitivity":
-        curves = _loss_curves(groups, sensitivity)
-        knob = lambda budget: plan_removing(
-            {g.root: int(g.channels * curves[g.root](budget)) for g in groups}
-        )
-        lo, hi = -1.0, 101.0  # points of accuracy
-    else:
-        raise UsageError(f"{arg('allocation')} must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+    counts, lo, hi = allocation_knob(groups, allocation, sensitivity)
+    knob = lambda x: plan_removing(counts(x))
 
     def value(plan) -> float:
         macs, params = costs.priced(groups, plan)
@@ -551,6 +559,25 @@ def plan_target(
         else:
             hi, best = mid, plan
     return best
+
+
+def allocation_knob(
+    groups: list[Group], allocation: str, sensitivity: dict[str, Any] | None
+) -> tuple[Callable[[float], dict[str, int]], float, float]:
+    """``allocation`` as one knob: (channels to remove per group at a knob value, lowest, highest value),
+    monotone in what it removes, so any budget is met by bisection on the knob."""
+    if allocation == "global":
+        normalized = {g.root: g.scores / g.scores.abs().mean().clamp_min(1e-12) for g in groups}
+        lo = min(float(s.min()) for s in normalized.values()) - 1
+        hi = max(float(s.max()) for s in normalized.values()) + 1
+        return lambda t: {g.root: int((normalized[g.root] < t).sum()) for g in groups}, lo, hi
+    if allocation == "uniform":
+        return lambda r: {g.root: int(g.channels * r) for g in groups}, 0.0, 1.0
+    if allocation == "sensitivity":
+        curves = _loss_curves(groups, sensitivity)
+        # the knob is a budget in points of accuracy
+        return lambda budget: {g.root: int(g.channels * curves[g.root](budget)) for g in groups}, -1.0, 101.0
+    raise UsageError(f"{arg('allocation')} must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
 
 
 def _loss_curves(
@@ -798,18 +825,64 @@ def _prune_planned(
     with torch.no_grad():
         expected = _output_shapes(model(example))
     costs = LayerCosts(model, example)
-    DG, groups = collect_groups(model, example, importance, request)
-    if request.ratio is not None:
-        plan = plan_ratio(groups, request.ratio, request.round_to)
-        metric, target = None, None
-    else:
-        metric = "macs" if request.target_macs is not None else "params"
-        target = request.target_macs if metric == "macs" else request.target_params
-        plan = plan_target(
-            groups, costs, target, metric, request.round_to, request.allocation, request.sensitivity
-        )
     before = module_shapes(model)
     macs_before, params_before = int(sum(costs.macs.values())), costs.total_params
+    latency = None
+    if request.target_latency is not None:
+        removed, latency = _prune_to_latency(model, request, importance, example, expected)
+    else:
+        DG, groups = collect_groups(model, example, importance, request)
+        if request.ratio is not None:
+            plan = plan_ratio(groups, request.ratio, request.round_to)
+        else:
+            metric = "macs" if request.target_macs is not None else "params"
+            target = request.target_macs if metric == "macs" else request.target_params
+            plan = plan_target(
+                groups, costs, target, metric, request.round_to, request.allocation, request.sensitivity
+            )
+        removed, state = _surgery(model, request, importance, example, expected, DG, groups, plan)
+        if request.ratio is None:  # the target is checked on the measured model, not on the plan's estimate
+            reached = (
+                count_macs(model, example) / macs_before
+                if metric == "macs"
+                else count_params(model) / params_before
+            )
+            if abs(reached - target) > TOLERANCE * target:
+                restore(state)
+                raise UsageError(
+                    f"{arg('target_' + metric)} {target}: the closest prunekit got is {reached:.3f} (channel "
+                    f"steps are too coarse here); try a nearby target or {arg('round_to')} 1"
+                )
+    after = module_shapes(model)
+    changed = [
+        {"layer": name, **{k: [before[name][k], v] for k, v in attrs.items() if before[name].get(k) != v}}
+        for name, attrs in after.items()
+        if name in before and attrs != before[name]
+    ]
+    return PruneResult(
+        model=model,
+        removed=removed,
+        changed_layers=changed,
+        macs_before=macs_before,
+        macs_after=count_macs(model, example),
+        params_before=params_before,
+        params_after=count_params(model),
+        latency=latency,
+    )
+
+
+def _surgery(
+    model: nn.Module,
+    request: PruneRequest,
+    importance: ChannelImportance,
+    example: torch.Tensor,
+    expected: Any,
+    DG: tp.DependencyGraph,
+    groups: list[Group],
+    plan: dict[str, torch.Tensor],
+) -> tuple[dict[str, int], list]:
+    """Apply ``plan`` and check the model still runs and computes the dense model minus those channels;
+    returns (channels removed per group, the snapshot that undoes it). A broken model is restored first."""
     probe = torch.randn(example.shape, generator=torch.Generator().manual_seed(0)).to(example)
     reference = zeroed_reference(model, groups, plan, probe)
     state = snapshot(model)
@@ -817,14 +890,6 @@ def _prune_planned(
         removed = apply_plan(DG, groups, plan)
         check_runs(model, example, expected, "the pruned model")
         check_equivalent(model, probe, reference, "the pruned model")
-        macs_after, params_after = count_macs(model, example), count_params(model)
-        if metric is not None:  # the target is checked on the measured model, not on the plan's estimate
-            reached = macs_after / macs_before if metric == "macs" else params_after / params_before
-            if abs(reached - target) > TOLERANCE * target:
-                raise UsageError(
-                    f"{arg('target_' + metric)} {target}: the closest prunekit got is {reached:.3f} (channel "
-                    f"steps are too coarse here); try a nearby target or {arg('round_to')} 1"
-                )
     except SurgeryError as exc:
         restore(state)
         bad = _culprits(model, example, probe, importance, request, plan, expected) or [exc.layer]
@@ -837,18 +902,85 @@ def _prune_planned(
     except BaseException:
         restore(state)
         raise
-    after = module_shapes(model)
-    changed = [
-        {"layer": name, **{k: [before[name][k], v] for k, v in attrs.items() if before[name].get(k) != v}}
-        for name, attrs in after.items()
-        if name in before and attrs != before[name]
-    ]
-    return PruneResult(
-        model=model,
-        removed=removed,
-        changed_layers=changed,
-        macs_before=macs_before,
-        macs_after=macs_after,
-        params_before=params_before,
-        params_after=params_after,
+    return removed, state
+
+
+def _prune_to_latency(
+    model: nn.Module,
+    request: PruneRequest,
+    importance: ChannelImportance,
+    example: torch.Tensor,
+    expected: Any,
+) -> tuple[dict[str, int], dict[str, Any]]:
+    """Plan from the latency table, prune, and time the result against the dense model, until the measured
+    latency lands within LATENCY_TOLERANCE of the target. The table's prediction is only a guide: the goal
+    handed to the planner is re-aimed by each measurement, then bisected between a plan measured too fast and
+    one measured too slow. The model is restored between tries and when no plan lands."""
+    import copy
+
+    from .latency_plan import (
+        ATTEMPTS,
+        LATENCY_TOLERANCE,
+        LatencyPlanner,
+        describe,
+        missed,
+        unreachable,
     )
+
+    target = request.target_latency
+    dense = copy.deepcopy(model)
+    DG, groups = collect_groups(model, example, importance, request)
+    planner = LatencyPlanner(
+        model,
+        example,
+        groups,
+        request.latency_runtime,
+        request.latency_batch,
+        torch.get_num_threads(),
+        round_to=request.round_to,
+        min_keep=MIN_KEEP_FRACTION,
+    )
+    smallest = planner.smallest()
+    if smallest > target * (1 + LATENCY_TOLERANCE):
+        raise unreachable(target, smallest, request.latency_runtime, request.latency_batch)
+    goal, too_fast, too_slow = target, None, None  # goals whose plans measured below / above the target
+    measured_plans: dict[tuple, float] = {}
+    attempts: list[dict[str, Any]] = []
+    for _ in range(4 * ATTEMPTS):  # most tries re-find a plan already measured and cost nothing
+        plan, keep, predicted = planner.plan(goal, request.allocation, request.sensitivity)
+        key = tuple(sorted(keep.items()))
+        measured = measured_plans.get(key)
+        if measured is None:
+            if len(attempts) == ATTEMPTS:
+                break
+            if attempts:  # the restored modules get a fresh graph and scores
+                DG, groups = collect_groups(model, example, importance, request)
+                planner.groups = groups
+                plan, keep, predicted = planner.plan(goal, request.allocation, request.sensitivity)
+            removed, state = _surgery(model, request, importance, example, expected, DG, groups, plan)
+            dense_ms, pruned_ms = planner.measure([dense, model])
+            measured = measured_plans[key] = pruned_ms / dense_ms
+            attempts.append(
+                {
+                    "goal": goal,
+                    "predicted": predicted,
+                    "dense_ms": dense_ms,
+                    "pruned_ms": pruned_ms,
+                    "measured": measured,
+                }
+            )
+            if abs(measured - target) <= LATENCY_TOLERANCE * target:
+                info = describe(planner, attempts)
+                return removed, {**info, "target": target, "measured": measured, "kept": keep}
+            restore(state)
+        if measured < target:
+            too_fast = goal if too_fast is None else max(too_fast, goal)
+        else:
+            too_slow = goal if too_slow is None else min(too_slow, goal)
+        if too_fast is not None and too_slow is not None:
+            if too_slow - too_fast < 1e-4:
+                break  # two neighbouring plans straddle the target: none lies between them
+            goal = (too_fast + too_slow) / 2
+        else:  # the table's error is assumed to scale: aim the prediction where the measurement should land
+            goal = min(max(goal * target / measured, smallest), 1.0)
+    raise missed(target, [a["measured"] for a in attempts], request.latency_runtime, request.latency_batch)

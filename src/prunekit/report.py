@@ -117,6 +117,15 @@ def print_prune(report: dict[str, Any]) -> None:
     for row in layer_rows(report["changed_layers"]):
         layers.add_row(*row)
     console.print(layers)
+    if report.get("latency"):
+        lat = report["latency"]
+        last = lat["attempts"][-1]
+        console.print(
+            f"latency at batch {lat['batch']} in {lat['runtime']} ({lat['threads']} threads), measured: "
+            f"{last['dense_ms']:.2f} -> {last['pruned_ms']:.2f} ms ({last['measured']:.3f} of dense, target "
+            f"{lat['target']}; {len(lat['attempts'])} plan(s))",
+            highlight=False,
+        )
     console.print(f"wrote {report['pruned_checkpoint']}", highlight=False)
 
 
@@ -324,6 +333,9 @@ def write_run_report(run_dir: Path, config: dict[str, Any], results: dict[str, A
             if config["target_macs"]
             else f"target params {config['target_params']}"
             if config["target_params"]
+            else f"target latency {config['target_latency']} ({config['latency_runtime']}, batch "
+            f"{config['latency_batch']})"
+            if config.get("target_latency")
             else f"ratio {config['ratio']}"
         )
         + f", importance `{config['importance'] or results['prune-1'].get('importance')}`, {config['steps']} round(s); fine-tuning recipe `{config['recipe']}`"
