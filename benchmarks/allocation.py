@@ -33,6 +33,8 @@ ROWS = [
     "dense-control",
     *(f"{kind}-{t}" for t in TARGETS for kind in ("torch-pruning", "global", "uniform", "sensitivity")),
     *(f"latency-{t}" for t in TARGETS),
+    # "+stem": the input conv pruned too (prunekit protects it by default; Torch-Pruning's recipe does not)
+    *(f"global+stem-{t}" for t in TARGETS),
 ]
 LATENCY_BATCH = 64
 RESULT = RESULTS / "allocation.json"
@@ -71,7 +73,10 @@ def prune_row(row: str, baseline: Path, out: Path, results: dict, data: str) -> 
                 return None
             request = PruneRequest(target_latency=fraction, latency_batch=LATENCY_BATCH)
         else:
-            request = PruneRequest(target_macs=TARGETS[target], allocation=kind)
+            allocation, _, stem = kind.partition("+")
+            request = PruneRequest(
+                target_macs=TARGETS[target], allocation=allocation, prune_input_conv=stem == "stem"
+            )
         report = api.prune_checkpoint(baseline, request, data=data, out=out, overwrite=True)
         info = {"request": report["request"], "macs_ratio": report["macs"]["ratio"]}
     return {**info, "prune_s": time.perf_counter() - start}

@@ -166,7 +166,7 @@ class VGGish(nn.Module):
         widths = [3, 32, 64, 64, 96, 96]
         self.convs = nn.ModuleList(
             nn.Conv2d(a, b, 3, stride=2 if i == 3 else 1, padding=1, bias=False)
-            for i, (a, b) in enumerate(zip(widths, widths[1:]))
+            for i, (a, b) in enumerate(zip(widths, widths[1:], strict=False))
         )
         self.bns = nn.ModuleList(nn.BatchNorm2d(b) for b in widths[1:])
         self.head = nn.Linear(widths[-1], 10)

@@ -191,3 +191,22 @@ def test_prune_and_run_take_the_same_allocation_flag(trained, tmp_path, capsys):
         RunConfig.from_dict({"target_macs": 0.5, "allocation": "uniform"}).prune_request(1).allocation
         == "uniform"
     )
+
+
+def test_the_input_conv_is_protected_unless_asked():
+    from prunekit import prune
+
+    protected, free = _resnet18(), _resnet18()
+    prune(protected, R18_X, target_macs=0.5)
+    report = prune(free, R18_X, target_macs=0.5, prune_input_conv=True)
+    assert protected.conv1.out_channels == 64 and protected.layer1[0].conv2.out_channels == 64
+    assert free.conv1.out_channels < 64  # ... and the residual stream of layer1 it feeds shrinks with it
+    assert free.layer1[0].conv2.out_channels == free.layer1[1].conv2.out_channels == free.conv1.out_channels
+    assert report.macs_ratio == pytest.approx(0.5, rel=0.02) and free(R18_X).shape == (1, 10)
+    assert _run_request({"target_macs": 0.5, "prune_input_conv": True}).prune_input_conv
+
+
+def _run_request(values: dict):
+    from prunekit.pipeline import RunConfig
+
+    return RunConfig.from_dict(values).prune_request(1)

@@ -525,6 +525,7 @@ def _prune(
         torch.zeros(1, 3, size, size),
         allocation=request.allocation,
         sensitivity=request.sensitivity,
+        prune_input_conv=request.prune_input_conv,
         layers=request.layers,
         ratio=request.ratio,
         target_macs=request.target_macs,

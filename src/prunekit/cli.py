@@ -178,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-images", type=cli_type("calibration_images"), default=256)
     p.add_argument("--ignore", action="append", default=[], help="never prune this layer (repeatable)")
     p.add_argument(
+        "--prune-input-conv",
+        action="store_true",
+        help="let a target or ratio prune the input conv's output channels (protected by default)",
+    )
+    p.add_argument(
         "--round-to", type=cli_type("round_to"), default=1, help="keep channel counts multiples of N"
     )
     p.add_argument(
@@ -323,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-latency", type=cli_type("target_latency"), help="see prune --target-latency")
     _add_latency_args(p, defaults=False)
     p.add_argument("--ignore", action="append")
+    p.add_argument("--prune-input-conv", action="store_true", help="see prune --prune-input-conv")
     p.add_argument("--round-to", type=cli_type("round_to"))
     p.add_argument(
         "--allocation", choices=["global", "uniform", "sensitivity"], help="see prune --allocation"
@@ -501,6 +507,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         round_to=args.round_to,
         allocation=args.allocation,
         sensitivity=_read_json(args.sensitivity) if args.sensitivity else None,
+        prune_input_conv=args.prune_input_conv,
     )
     report = api.prune_checkpoint(
         args.checkpoint,

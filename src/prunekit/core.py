@@ -83,6 +83,7 @@ def prune(
     round_to: int = 1,
     allocation: str = "global",
     sensitivity: dict[str, Any] | None = None,
+    prune_input_conv: bool = False,
     seed: int = 0,
 ) -> PruneReport:
     """Remove whole channels from ``model`` in place; return what was removed and the measured cost.
@@ -94,7 +95,8 @@ def prune(
     planned before the model changes; a refused request leaves the model exactly as it was.
     ``allocation`` spreads a target across layers: ``global`` (one importance threshold), ``uniform`` (one
     ratio) or ``sensitivity`` (equal predicted loss, from ``sensitivity``: the result of
-    ``prunekit.sensitivity.scan``). ``target_latency`` keeps that fraction of the dense model's latency,
+    ``prunekit.sensitivity.scan``). The input conv and the output layer are protected unless named;
+    ``prune_input_conv`` lets a target or ratio prune the input conv's outputs too. ``target_latency`` keeps that fraction of the dense model's latency,
     measured on this machine at ``latency_batch`` in ``latency_runtime`` (``pytorch`` or ``onnxruntime``):
     planned from per-layer latency tables (cached) and checked by timing the pruned model.
     """
@@ -110,6 +112,7 @@ def prune(
         round_to=round_to,
         allocation=allocation,
         sensitivity=sensitivity,
+        prune_input_conv=prune_input_conv,
     )
     request.validate()
     if not isinstance(model, nn.Module):

@@ -45,6 +45,7 @@ class RunConfig:
     latency_batch: int = 64
     latency_runtime: str = "pytorch"
     ignore: list[str] = field(default_factory=list)
+    prune_input_conv: bool = False
     round_to: int = 1
     allocation: str = "global"
     importance: str | None = None  # activation for named layers, l2 for network-wide targets
@@ -103,6 +104,7 @@ class RunConfig:
             ignore=list(self.ignore),
             round_to=self.round_to,
             allocation=self.allocation,
+            prune_input_conv=self.prune_input_conv,
         )
 
 

@@ -49,6 +49,7 @@ class PruneRequest:
     latency_batch: int = 64
     latency_runtime: str = "pytorch"
     ignore: list[str] = field(default_factory=list)
+    prune_input_conv: bool = False  # the input conv (and what is coupled to it) is protected by default
     round_to: int = 1
     allocation: str = "global"  # how a target is spread across groups (see plan_target)
     sensitivity: dict[str, Any] | None = None  # a sensitivity scan, for allocation "sensitivity"
@@ -84,6 +85,7 @@ class PruneRequest:
                 "layers",
                 "ignore",
                 "allocation",
+                "prune_input_conv",
             ),
         )
         if self.allocation == "sensitivity" and self.ratio is not None:
@@ -235,11 +237,14 @@ def output_layer(model: nn.Module, example: torch.Tensor) -> str:
     return names[module if module is not None else order[-1]]
 
 
-def default_ignored(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """The input conv and the output layer: never pruned unless named."""
+def default_ignored(model: nn.Module, example: torch.Tensor, input_conv: bool = True) -> list[str]:
+    """The output layer, and (``input_conv``) the input conv: never pruned unless named.
+
+    Protecting the input conv keeps every channel coupled to its output whole: in a ResNet, the residual
+    stream of the whole first stage."""
     first = forward_order(model, example)[0]
     last = output_layer(model, example)
-    return [first] if first == last else [first, last]
+    return [first, last] if input_conv and first != last else [last]
 
 
 def resolve_layer(model: nn.Module, name: str, option: str = "layers") -> nn.Module:
@@ -419,7 +424,8 @@ def collect_groups(
                 )
             groups.append(group)
         return DG, groups
-    ignored = [resolve_layer(model, n) for n in default_ignored(model, example) + request.ignore]
+    protected = default_ignored(model, example, input_conv=not request.prune_input_conv)
+    ignored = [resolve_layer(model, n) for n in protected + request.ignore]
     for raw in all_groups(model, DG, ignored, names):
         module = raw[0].dep.target.module
         group = _to_group(DG, names[module], module, raw, importance)
