@@ -4,7 +4,6 @@ int8 post-training quantization with ONNX Runtime's own tooling (QDQ, per-channe
 from __future__ import annotations
 
 import statistics
-import time
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch.nn as nn
 
 from .errors import UsageError, arg
 from .files import atomic_write
+from .measure import alternate_in_blocks
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 INPUT, OUTPUT = "images", "logits"
@@ -77,17 +77,9 @@ def session(path: str | Path, threads: int) -> Any:
 def ort_latency(
     sessions: Sequence[Any], input_size: int, batch_size: int, warmup: int = 5, repeats: int = 30
 ) -> list[dict[str, float]]:
-    """Median wall time of one ``run`` per session, the sessions timed in alternation on the same input."""
+    """Median wall time of one ``run`` per session, the sessions timed in alternating blocks on one input."""
     x = np.random.default_rng(0).standard_normal((batch_size, 3, input_size, input_size), dtype=np.float32)
-    for _ in range(warmup):
-        for s in sessions:
-            s.run(None, {INPUT: x})
-    times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(repeats):
-        for s, bucket in zip(sessions, times, strict=True):
-            start = time.perf_counter()
-            s.run(None, {INPUT: x})
-            bucket.append(time.perf_counter() - start)
+    times = alternate_in_blocks([lambda s=s: s.run(None, {INPUT: x}) for s in sessions], repeats, warmup)
     return [
         {
             "batch_size": batch_size,

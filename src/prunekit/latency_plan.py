@@ -13,7 +13,6 @@ import copy
 import math
 import statistics
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch.nn as nn
 
 from .errors import UsageError, arg
 from .latency_table import LatencyTable, LayerSpec, build_table, layer_specs
+from .measure import alternate_in_blocks
 
 LATENCY_TOLERANCE = 0.05  # the pruned model's measured latency must land within 5 % of the target
 ATTEMPTS = 6  # pruned models timed at most, each plan re-aimed by what the previous ones measured
@@ -186,9 +186,9 @@ def time_models(
             return _time_onnxruntime(models, example, batch, threads, repeats)
         x = torch.randn(batch, *example.shape[1:]).contiguous(memory_format=torch.channels_last)
         copies = [copy.deepcopy(m).eval().to(memory_format=torch.channels_last) for m in models]
-        runs = [lambda m=m: m(x) for m in copies]
         with torch.no_grad():
-            return _alternate(runs, repeats)
+            times = alternate_in_blocks([lambda m=m: m(x) for m in copies], repeats, warmup=3, block=1)
+        return [statistics.median(t) * 1e3 for t in times]
     finally:
         torch.set_num_threads(previous)
 
@@ -206,20 +206,8 @@ def _time_onnxruntime(
             session(write_onnx(copy.deepcopy(m), example, Path(tmp) / f"m{i}.onnx"), threads)
             for i, m in enumerate(models)
         ]
-        return _alternate([lambda s=s: s.run(None, {INPUT: x}) for s in sessions], repeats)
-
-
-def _alternate(runs: list, repeats: int, warmup: int = 3) -> list[float]:
-    for _ in range(warmup):
-        for run in runs:
-            run()
-    times: list[list[float]] = [[] for _ in runs]
-    for _ in range(repeats):
-        for run, bucket in zip(runs, times, strict=True):
-            start = time.perf_counter()
-            run()
-            bucket.append(time.perf_counter() - start)
-    return [statistics.median(t) * 1e3 for t in times]
+        times = alternate_in_blocks([lambda s=s: s.run(None, {INPUT: x}) for s in sessions], repeats)
+        return [statistics.median(t) * 1e3 for t in times]
 
 
 def unreachable(target: float, smallest: float, runtime: str, batch: int) -> UsageError:
