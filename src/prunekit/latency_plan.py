@@ -21,8 +21,9 @@ import torch
 import torch.nn as nn
 
 from .errors import UsageError, arg
-from .latency_table import LatencyTable, LayerSpec, build_table, layer_specs
+from .latency_table import LatencyTable, LayerSpec, build_table, grid, layer_specs
 from .measure import alternate_in_blocks
+from .pruning import allocation_knob, lowest_channels, unit_size
 
 LATENCY_TOLERANCE = 0.05  # the pruned model's measured latency must land within 5 % of the target
 ATTEMPTS = 6  # pruned models timed at most, each plan re-aimed by what the previous ones measured
@@ -36,7 +37,7 @@ class Touch:
 
 
 class LatencyPlanner:
-    """Predicts a plan's latency from the table and finds the plan that keeps the most importance in a budget."""
+    """Predicts a plan's latency from the table, and finds the least pruning an allocation needs to meet a budget."""
 
     def __init__(
         self,
@@ -50,8 +51,6 @@ class LatencyPlanner:
         min_keep: float = 0.05,
         progress: bool = True,
     ):
-        from .pruning import unit_size
-
         self.example, self.runtime, self.batch, self.threads = example, runtime, batch, threads
         self.specs = layer_specs(model, example)
         self.groups = groups
@@ -106,9 +105,6 @@ class LatencyPlanner:
 
     def _fast_counts(self, group, round_to: int, min_keep: float) -> list[int]:
         """Counts of the group no larger count beats in measured time (ascending; the full count last)."""
-        from .latency_table import grid
-        from .pruning import unit_size
-
         unit = unit_size(group)
         floor = max(math.ceil(min_keep * group.channels), unit, round_to, 1)
         counts = [
@@ -145,8 +141,6 @@ class LatencyPlanner:
         """(plan, kept counts, predicted fraction): the least pruning ``allocation`` spreads (see
         ``pruning.allocation_knob``) with predicted latency <= ``goal``, every group's count snapped up to its
         next fast count (which the table says costs no time). The knob is found by bisection."""
-        from .pruning import allocation_knob, lowest_channels
-
         counts, lo, hi = allocation_knob(self.groups, allocation, sensitivity)
 
         def keep_at(x: float) -> dict[str, int]:
@@ -184,10 +178,14 @@ def time_models(
     try:
         if runtime == "onnxruntime":
             return _time_onnxruntime(models, example, batch, threads, repeats)
-        x = torch.randn(batch, *example.shape[1:]).contiguous(memory_format=torch.channels_last)
+        x = torch.randn(batch, *example.shape[1:], device=example.device)
+        x = x.contiguous(memory_format=torch.channels_last)
         copies = [copy.deepcopy(m).eval().to(memory_format=torch.channels_last) for m in models]
+        sync = torch.cuda.synchronize if example.device.type == "cuda" else (lambda: None)
         with torch.no_grad():
-            times = alternate_in_blocks([lambda m=m: m(x) for m in copies], repeats, warmup=3, block=1)
+            times = alternate_in_blocks(
+                [lambda m=m: (m(x), sync()) for m in copies], repeats, warmup=3, block=1
+            )
         return [statistics.median(t) * 1e3 for t in times]
     finally:
         torch.set_num_threads(previous)
