@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -20,14 +19,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def machine() -> dict:
     """What the numbers were measured on."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from prunekit.measure import cpu_name
+
+    cpu = cpu_name()
     try:
         words = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:

@@ -207,7 +207,7 @@ def trained(tmp_path_factory):
 def test_cli_refuses_an_unreachable_target_with_exit_2_and_writes_nothing(trained, tmp_path, capsys):
     out = tmp_path / "p.safetensors"
     code = main(
-        ["prune", str(trained), "--target-latency", "0.01", "--latency-batch", "8", "--out", str(out)]
+        ["prune", str(trained), "--target-latency", "0.01", "--latency-batch", "1", "--out", str(out)]
     )
     err = capsys.readouterr().err
     assert code == EXIT_USAGE

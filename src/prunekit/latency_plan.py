@@ -65,7 +65,9 @@ class LatencyPlanner:
             self.touches[g.root] = touches
             for t in touches:
                 needed.append((self.specs[t.layer], "out" if t.is_out else "in", unit_size(g)))
-        self.table: LatencyTable = build_table(needed, runtime, batch, threads, progress=progress)
+        self.table: LatencyTable = build_table(
+            needed, runtime, batch, threads, progress=progress, device=str(example.device)
+        )
         self.dense_ms = self.measure([model])[0]
         self.layer_dense = {m: self.table.entries[s.key]["full"] for m, s in self.specs.items()}
         self.activations = {

@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import math
-import platform
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from .console import progress_bar
 from .errors import UsageError, arg
 from .files import cache_dir, write_json
+from .measure import cpu_name, forward_with_hooks
 
 RUNTIMES = ("pytorch", "onnxruntime")
 GRID_POINTS = 64  # candidate counts per side: every channel for 64, every 8th for 512
@@ -91,18 +91,7 @@ def layer_specs(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, Laye
                 "linear", module.in_features, module.out_features, bias=module.bias is not None
             )
 
-    handles = [
-        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
-    ]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, example, hook)
     return specs
 
 
@@ -112,43 +101,40 @@ def grid(channels: int, unit: int = 1, points: int = GRID_POINTS) -> list[int]:
     return sorted({channels, *range(channels - step, 0, -step)})
 
 
-def device_description(runtime: str, threads: int) -> dict[str, Any]:
-    """What a latency figure depends on besides the model: CPU (or GPU), runtime version, threads."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+def device_description(runtime: str, threads: int, device: str = "cpu") -> dict[str, Any]:
+    """What a latency figure depends on besides the model: the processor, runtime version, threads."""
+    processor = torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_name()
     version = torch.__version__
     if runtime == "onnxruntime":
         from .deploy import require_onnxruntime
 
         version = require_onnxruntime().__version__
-    return {"cpu": cpu, "runtime": runtime, "version": version, "threads": threads}
+    return {"processor": processor, "runtime": runtime, "version": version, "threads": threads}
 
 
 class LayerTimer:
     """Times one layer of a given spec in a runtime, alone, on random input of its shape."""
 
-    def __init__(self, runtime: str, batch: int, threads: int):
+    def __init__(self, runtime: str, batch: int, threads: int, device: str = "cpu"):
         if runtime not in RUNTIMES:
             raise UsageError(
                 f"{arg('latency_runtime')} must be one of {', '.join(RUNTIMES)}, got {runtime!r}"
             )
         self.runtime, self.batch, self.threads = runtime, batch, threads
+        self.device = torch.device(device if runtime == "pytorch" else "cpu")  # ONNX Runtime: CPU provider
+        self.sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         self.inputs: dict[tuple, Any] = {}
 
     def __call__(self, spec: LayerSpec, min_seconds: float = 0.01, max_repeats: int = 20) -> float:
         """Fastest of several runs, in milliseconds (the minimum is the figure least disturbed by load)."""
         run = self._pytorch(spec) if self.runtime == "pytorch" else self._onnxruntime(spec)
         run()  # warm-up: first calls allocate and pick kernels
+        self.sync()
         best, spent, repeats = math.inf, 0.0, 0
         while repeats < 5 or (spent < min_seconds and repeats < max_repeats):
             start = time.perf_counter()
             run()
+            self.sync()
             elapsed = time.perf_counter() - start
             best, spent, repeats = min(best, elapsed), spent + elapsed, repeats + 1
         return best * 1e3
@@ -162,17 +148,17 @@ class LayerTimer:
         shape = self._input_shape(spec)
         x = self.inputs.get(shape)
         if x is None:
-            x = torch.randn(shape)
+            x = torch.randn(shape, device=self.device)
             if spec.kind == "conv":  # the layout prunekit times whole models in
                 x = x.contiguous(memory_format=torch.channels_last)
             self.inputs = {shape: x}  # one input at a time: a table's worth would not fit for large models
-        bias = torch.zeros(spec.out_channels) if spec.bias else None
+        bias = torch.zeros(spec.out_channels, device=self.device) if spec.bias else None
         if spec.kind == "linear":
-            w = torch.zeros(spec.out_channels, spec.in_channels)
+            w = torch.zeros(spec.out_channels, spec.in_channels, device=self.device)
             return lambda: F.linear(x, w, bias)
-        w = torch.zeros(spec.out_channels, spec.in_channels // spec.groups, *spec.kernel).contiguous(
-            memory_format=torch.channels_last
-        )
+        w = torch.zeros(
+            spec.out_channels, spec.in_channels // spec.groups, *spec.kernel, device=self.device
+        ).contiguous(memory_format=torch.channels_last)
 
         def conv():
             with torch.no_grad():
@@ -311,18 +297,19 @@ def build_table(
     threads: int,
     cache: bool = True,
     progress: bool = True,
+    device: str = "cpu",
 ) -> LatencyTable:
     """Measure (or read from the cache) every ``(spec, side, unit)``: side ``"full"`` times the layer whole,
     ``"out"``/``"in"`` time it at each candidate count of that side, in steps of ``unit`` channels."""
-    device = device_description(runtime, threads)
-    path = table_path(device, batch, needed)
+    description = device_description(runtime, threads, device if runtime == "pytorch" else "cpu")
+    path = table_path(description, batch, needed)
     if cache and path.exists():
         try:
             return LatencyTable.load(path)
         except (OSError, ValueError, KeyError, TypeError):
             pass  # a damaged cache entry is measured again
-    timer = LayerTimer(runtime, batch, threads)
-    table = LatencyTable(device, batch)
+    timer = LayerTimer(runtime, batch, threads, device)
+    table = LatencyTable(description, batch)
     jobs = sorted(set(needed), key=lambda job: (job[0].key, job[1]))
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -19,6 +19,20 @@ def autocast(device: torch.device | str, enabled: bool):
     return torch.autocast(device_type, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def bf16_supported() -> bool:
     """True where the CPU has native bf16 (AVX512-BF16 or AMX), the only case where it speeds training up."""
     try:
@@ -89,6 +103,22 @@ def layer_macs(module: nn.Module, output: torch.Tensor) -> int:
 
 
 @torch.no_grad()
+def forward_with_hooks(model: nn.Module, inputs: torch.Tensor, hook: Any) -> Any:
+    """One eval-mode, gradient-free forward pass with ``hook(module, inputs, output)`` on every conv and
+    linear layer; returns the output. The model's mode is restored and the hooks removed afterwards."""
+    handles = [
+        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        return model(inputs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+
 def count_macs(model: nn.Module, inputs: int | torch.Tensor) -> int:
     """Conv and linear multiply-accumulates per image (the figure MACs targets refer to).
 
@@ -100,19 +130,9 @@ def count_macs(model: nn.Module, inputs: int | torch.Tensor) -> int:
         nonlocal total
         total += layer_macs(module, output)
 
-    handles = [
-        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
-    ]
-    was_training = model.training
-    model.eval()
-    try:
-        if isinstance(inputs, int):
-            inputs = torch.zeros(1, 3, inputs, inputs, device=next(model.parameters()).device)
-        model(inputs)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    if isinstance(inputs, int):
+        inputs = torch.zeros(1, 3, inputs, inputs, device=next(model.parameters()).device)
+    forward_with_hooks(model, inputs, hook)
     return total
 
 

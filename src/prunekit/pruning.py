@@ -23,7 +23,7 @@ from torch_pruning.pruner import function
 
 from .errors import UsageError, arg, arg_values
 from .importance import ChannelImportance
-from .measure import count_macs, count_params, layer_macs
+from .measure import count_macs, count_params, forward_with_hooks, layer_macs
 
 TOLERANCE = 0.02  # a target is met when the measured figure is within 2 % of it
 MIN_KEEP_FRACTION = 0.05  # global targets never shrink a group below 5 % of its channels
@@ -134,16 +134,7 @@ class LayerCosts:
             self.order.append(module)
             self.macs[module] = layer_macs(module, output)
 
-        handles = [
-            m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
-        ]
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            model(example)
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+        forward_with_hooks(model, example, hook)
         self.total_params = count_params(model)
 
     def priced(self, groups: list[Group], removed: dict[str, torch.Tensor]) -> tuple[float, float]:
@@ -203,7 +194,6 @@ def forward_order(model: nn.Module, example: torch.Tensor) -> list[str]:
     return [names[m] for m in LayerCosts(model, example).order]
 
 
-@torch.no_grad()
 def output_layer(model: nn.Module, example: torch.Tensor) -> str:
     """The conv/linear whose output the model returns (its channels are classes): found by tracing, not guessed.
 
@@ -218,17 +208,7 @@ def output_layer(model: nn.Module, example: torch.Tensor) -> str:
         if isinstance(output, torch.Tensor):
             outputs[id(output)] = module
 
-    handles = [
-        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
-    ]
-    was_training = model.training
-    model.eval()
-    try:
-        out = model(example)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    out = forward_with_hooks(model, example, hook)
     if not order:
         raise UsageError(f"{type(model).__name__} has no Conv2d or Linear layer to prune")
     names = {m: n for n, m in model.named_modules()}
