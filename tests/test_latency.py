@@ -57,7 +57,7 @@ def blocky_ms(spec: latency_table.LayerSpec) -> float:
     block = lambda c: math.ceil(c / 8) * 8
     pixels = spec.output_hw[0] * spec.output_hw[1]
     return (
-        1e-4 * block(spec.in_channels) * block(spec.out_channels) * spec.kernel[0] * spec.kernel[1] * pixels
+        1e-6 * block(spec.in_channels) * block(spec.out_channels) * spec.kernel[0] * spec.kernel[1] * pixels
     )
 
 
@@ -234,3 +234,14 @@ def test_run_and_prune_mean_the_same_by_the_latency_flags():
     assert request.layers == [] and request.ratio is None
     with pytest.raises(api.UsageError, match="latency_runtime"):
         RunConfig.from_dict({"target_latency": 0.5, "latency_runtime": "tensorrt"})
+
+
+def test_slow_layers_get_fewer_candidates_so_tables_stay_affordable(monkeypatch):
+    """A layer taking 300 ms (a large image at a large batch) is timed at 8 counts per side, not 64."""
+    monkeypatch.setattr(
+        LayerTimer, "__call__", lambda self, spec, **kw: 300.0 if spec.out_channels > 40 else 0.5
+    )
+    specs = list(layer_specs(convnet(), X).values())
+    table = build_table([(specs[1], "out", 1), (specs[2], "out", 1)], "pytorch", 4, 1, progress=False)
+    assert len(table.entries[specs[1].key]["out"]) == 8  # conv1: 48 outputs, slow
+    assert len(table.entries[specs[2].key]["out"]) == 32  # conv2: 32 outputs, fast: every count

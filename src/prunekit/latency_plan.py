@@ -109,8 +109,15 @@ class LatencyPlanner:
         """Counts of the group no larger count beats in measured time (ascending; the full count last)."""
         unit = unit_size(group)
         floor = max(math.ceil(min_keep * group.channels), unit, round_to, 1)
+        measured = set()  # the counts the table timed for the group's own channels
+        for t in self.touches[group.root]:
+            spec = self.specs[t.layer]
+            if t.is_out and spec.out_channels == group.channels:
+                measured |= set(self.table.entries[spec.key].get("out", {}))
         counts = [
-            k for k in grid(group.channels, unit) if k >= floor and (k % round_to == 0 or k == group.channels)
+            k
+            for k in sorted(measured or grid(group.channels, unit))
+            if k >= floor and (k % round_to == 0 or k == group.channels)
         ]
         ms = {k: self._group_ms(group, k) for k in counts}
         fast, best = [], math.inf

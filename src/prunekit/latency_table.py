@@ -30,7 +30,8 @@ from .files import cache_dir, write_json
 from .measure import cpu_name, forward_with_hooks
 
 RUNTIMES = ("pytorch", "onnxruntime")
-GRID_POINTS = 64  # candidate counts per side: every channel for 64, every 8th for 512
+GRID_POINTS = 64  # candidate counts per side at most: every channel for 64, every 8th for 512
+SIDE_BUDGET_MS = 4000  # fewer candidates for slow layers (large images, large batches): ~4 s per side
 TABLE_VERSION = 1
 
 
@@ -101,6 +102,11 @@ def grid(channels: int, unit: int = 1, points: int = GRID_POINTS) -> list[int]:
     return sorted({channels, *range(channels - step, 0, -step)})
 
 
+def side_points(full_ms: float) -> int:
+    """Candidate counts to time on one side of a layer that takes ``full_ms`` whole (each timed ~6 times)."""
+    return max(8, min(GRID_POINTS, int(SIDE_BUDGET_MS / max(full_ms * 6, 1e-3))))
+
+
 def device_description(runtime: str, threads: int, device: str = "cpu") -> dict[str, Any]:
     """What a latency figure depends on besides the model: the processor, runtime version, threads."""
     processor = torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_name()
@@ -131,7 +137,7 @@ class LayerTimer:
         run()  # warm-up: first calls allocate and pick kernels
         self.sync()
         best, spent, repeats = math.inf, 0.0, 0
-        while repeats < 5 or (spent < min_seconds and repeats < max_repeats):
+        while repeats < 3 or (spent < min_seconds and repeats < max_repeats):
             start = time.perf_counter()
             run()
             self.sync()
@@ -321,14 +327,16 @@ def build_table(
                 entry = table.entries.setdefault(spec.key, {})
                 if "full" not in entry:
                     entry["full"] = timer(spec)
+                points = side_points(entry["full"])
                 if side == "out" or (side == "in" and spec.depthwise):
                     entry["out"] = {
                         k: timer(spec.resized(k if spec.depthwise else spec.in_channels, k))
-                        for k in grid(spec.out_channels, unit)
+                        for k in grid(spec.out_channels, unit, points)
                     }
                 elif side == "in":
                     entry["in"] = {
-                        k: timer(spec.resized(k, spec.out_channels)) for k in grid(spec.in_channels, unit)
+                        k: timer(spec.resized(k, spec.out_channels))
+                        for k in grid(spec.in_channels, unit, points)
                     }
                 # Each side timed the whole layer again: keep the least disturbed figure everywhere, since
                 # every other count of the side is priced relative to it.
