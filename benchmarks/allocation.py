@@ -48,6 +48,7 @@ def save_results(path: Path, results: dict, commit: str | None) -> None:
     results["machine"] = machine()
     path.write_text(json.dumps(results, indent=2) + "\n")
     if commit:  # only this file: whatever else is staged stays out of the commit
+        subprocess.run(["git", "add", "--", str(path)], cwd=ROOT, check=False)
         subprocess.run(["git", "commit", "-q", "-m", commit, "--", str(path)], cwd=ROOT, check=False)
 
 
