@@ -7,8 +7,8 @@ Each row prunes the baseline (or, for ``dense-control``, leaves it whole), then 
 (``full``, ``--epochs`` epochs, no BatchNorm recalibration, the fine-tuning seed varied). Rows are resumable:
 each finished row is appended to ``results/allocation.json`` (and committed with ``--commit``), an interrupted
 one resumes its fine-tuning. Latency is measured in a separate pass, on a quiet machine, dense and pruned
-timed in alternation. The latency-targeted rows ask for the measured latency of the ``global`` rows, so they
-run after ``--measure`` has timed those.
+timed in alternation. The latency-targeted rows ask for the measured latency of the ``sensitivity`` rows (same
+allocation, a MACs budget), so they run after ``--measure`` has timed those.
 """
 
 from __future__ import annotations
@@ -52,9 +52,14 @@ def save_results(path: Path, results: dict, commit: str | None) -> None:
         subprocess.run(["git", "commit", "-q", "-m", commit, "--", str(path)], cwd=ROOT, check=False)
 
 
+LATENCY_ALLOCATION = "sensitivity"  # the command line's default for targets: latency rows use it too
+
+
 def latency_target(results: dict, target: str) -> float | None:
-    """The measured batch-64 latency of the MACs-targeted ``global`` row, as a fraction of the dense model's."""
-    measured = [v for k, v in results["latency"].items() if k.startswith(f"global-{target}/")]
+    """The measured batch-64 latency of the MACs-targeted row of the same allocation, as a fraction of the
+    dense model's: the latency-targeted row asks for exactly that latency."""
+    prefix = f"{LATENCY_ALLOCATION}-{target}/"
+    measured = [v for k, v in results["latency"].items() if k.startswith(prefix)]
     if not measured:
         return None
     return statistics.median(m[f"batch{LATENCY_BATCH}"]["ratio"] for m in measured)
@@ -70,9 +75,11 @@ def prune_row(row: str, baseline: Path, out: Path, results: dict, data: str) -> 
         if kind == "latency":
             fraction = latency_target(results, target)
             if fraction is None:
-                print(f"{row}: skipped until --measure has timed global-{target}", flush=True)
+                print(f"{row}: skipped until --measure has timed {LATENCY_ALLOCATION}-{target}", flush=True)
                 return None
-            request = PruneRequest(target_latency=fraction, latency_batch=LATENCY_BATCH)
+            request = PruneRequest(
+                target_latency=fraction, latency_batch=LATENCY_BATCH, allocation=LATENCY_ALLOCATION
+            )
         else:
             allocation, _, stem = kind.partition("+")
             request = PruneRequest(
