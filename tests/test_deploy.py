@@ -120,6 +120,7 @@ def test_run_with_quantize_reports_every_stage_against_latency(tmp_path, capsys,
     monkeypatch.setattr(deploy, "ort_latency", functools.partial(deploy.ort_latency, warmup=1, repeats=3))
     monkeypatch.setattr(api, "latency", functools.partial(api.latency, warmup=1, repeats=3))
     argv = ["run", "--data", "synthetic", "--epochs", "1", "--target-macs", "0.5", "--recipe", "full"]
+    argv += ["--allocation", "global"]
     argv += ["--finetune-epochs", "1", "--quantize", "--runs-dir", str(tmp_path), "--name", "q"]
     assert main(argv) == 0, capsys.readouterr().err
     run_dir = tmp_path / "q"

@@ -206,9 +206,17 @@ def trained(tmp_path_factory):
 
 def test_cli_refuses_an_unreachable_target_with_exit_2_and_writes_nothing(trained, tmp_path, capsys):
     out = tmp_path / "p.safetensors"
-    code = main(
-        ["prune", str(trained), "--target-latency", "0.01", "--latency-batch", "1", "--out", str(out)]
-    )
+    argv = [
+        "prune",
+        str(trained),
+        "--target-latency",
+        "0.01",
+        "--latency-batch",
+        "1",
+        "--allocation",
+        "global",
+    ]
+    code = main([*argv, "--out", str(out)])
     err = capsys.readouterr().err
     assert code == EXIT_USAGE
     assert err.startswith("error: --target-latency 0.01 cannot be reached") and err.count("\n") == 1
@@ -218,7 +226,17 @@ def test_cli_refuses_an_unreachable_target_with_exit_2_and_writes_nothing(traine
 
 def test_cli_latency_target_writes_what_it_measured(trained, tmp_path, capsys, blocky_device):
     out = tmp_path / "p.safetensors"
-    argv = ["prune", str(trained), "--target-latency", "0.5", "--latency-batch", "8", "--out", str(out)]
+    argv = [
+        "prune",
+        str(trained),
+        "--target-latency",
+        "0.5",
+        "--latency-batch",
+        "8",
+        "--allocation",
+        "global",
+    ]
+    argv += ["--out", str(out)]
     assert main(argv) == 0, capsys.readouterr().err
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["latency"]["measured"] == pytest.approx(0.5, rel=0.05)

@@ -264,7 +264,17 @@ def test_an_interrupted_finetune_resumes_to_the_same_weights(tmp_path, capsys, m
 
 def test_two_rounds_reach_the_macs_target(tmp_path, capsys):
     runs = tmp_path / "runs"
-    argv = [*SYNTHETIC, "--finetune-epochs", "2", "--steps", "2", "--target-macs", "0.7"]
+    argv = [
+        *SYNTHETIC,
+        "--finetune-epochs",
+        "2",
+        "--steps",
+        "2",
+        "--target-macs",
+        "0.7",
+        "--allocation",
+        "global",
+    ]
     code, err = run_cli(capsys, "run", *argv, "--name", "steps", "--runs-dir", runs)
     assert code == 0, err
     run_dir = runs / "steps"

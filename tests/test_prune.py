@@ -33,6 +33,9 @@ RESNET18_CONVS = [
     *[f"layer{i}.0.downsample.0" for i in range(2, 5)],
 ]
 
+# Half the MACs by the global rule: for tests that compare with in-memory pruning or do not test allocation.
+GLOBAL_HALF = ["prune", "--target-macs", "0.5", "--importance", "l1", "--allocation", "global"]
+
 
 def squash(text: str) -> str:
     return re.sub(r"\s+", "", text)
@@ -357,9 +360,7 @@ def test_target_macs_half_and_exact_round_trip(tmp_path, name):
 def test_prune_cli_then_reload_in_fresh_process(tmp_path, dense_ckpt):
     """The CLI's pruned checkpoint equals the in-memory pruned model, bit for bit, in another process."""
     out = tmp_path / "half.safetensors"
-    assert (
-        main(["prune", str(dense_ckpt), "--target-macs", "0.5", "--importance", "l1", "--out", str(out)]) == 0
-    )
+    assert main([*GLOBAL_HALF, str(dense_ckpt), "--out", str(out)]) == 0
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["macs"]["ratio"] == pytest.approx(0.5, rel=0.02)
 
@@ -501,7 +502,10 @@ ERROR_CASES = {
     "layer-ratio-1.5": (["--layer", "layer2.0.conv1", "--ratio", "1.5"], ["--ratio", "1.5"]),
     "round-to-everything": (["--ratio", "0.5", "--round-to", "512"], ["--round-to 512", "every"]),
     "round-to-zero": (["--ratio", "0.5", "--round-to", "0"], ["--round-to"]),
-    "unreachable-target": (["--target-macs", "0.001"], ["--target-macs 0.001", "cannot be reached"]),
+    "unreachable-target": (
+        ["--target-macs", "0.001", "--allocation", "global"],
+        ["--target-macs 0.001", "cannot be reached"],
+    ),
     "target-1": (["--target-params", "1"], ["--target-params"]),
     "ignore-unknown": (
         ["--ratio", "0.2", "--ignore", "layer9.conv1"],
@@ -586,10 +590,7 @@ def fast_latency(monkeypatch):
 
 def test_eval_pruned_checkpoint_latency_and_speedup(capsys, tmp_path, dense_ckpt, fast_latency):
     pruned = tmp_path / "pruned.safetensors"
-    assert (
-        main(["prune", str(dense_ckpt), "--target-macs", "0.5", "--importance", "l1", "--out", str(pruned)])
-        == 0
-    )
+    assert main([*GLOBAL_HALF, str(dense_ckpt), "--out", str(pruned)]) == 0
     capsys.readouterr()
 
     results = api.evaluate_checkpoint(pruned, data="synthetic")

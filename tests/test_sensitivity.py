@@ -210,3 +210,19 @@ def _run_request(values: dict):
     from prunekit.pipeline import RunConfig
 
     return RunConfig.from_dict(values).prune_request(1)
+
+
+def test_the_command_line_defaults_to_sensitivity_for_targets(trained, tmp_path, monkeypatch):
+    """The benchmark's winner is the commands' default for a target; a ratio keeps the global rule."""
+    seen = []
+    monkeypatch.setattr(api, "prune_checkpoint", lambda path, request, **kw: seen.append(request) or {})
+    monkeypatch.setattr("prunekit.report.print_prune", lambda report: None)
+    main(["prune", str(trained), "--target-macs", "0.5", "--out", str(tmp_path / "a.safetensors")])
+    main(["prune", str(trained), "--ratio", "0.3", "--out", str(tmp_path / "b.safetensors")])
+    main(["prune", str(trained), "--target-macs", "0.5", "--allocation", "uniform"])
+    assert [r.allocation for r in seen] == ["sensitivity", "global", "uniform"]
+    assert _run_request({"target_macs": 0.5}).allocation == "sensitivity"
+    assert _run_request({"ratio": 0.3}).allocation == _run_request({}).allocation == "global"
+    from prunekit.pruning import PruneRequest
+
+    assert PruneRequest(target_macs=0.5).allocation == "global"  # Python has no data to scan

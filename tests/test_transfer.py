@@ -60,7 +60,8 @@ def test_train_from_a_weights_file_on_a_train_only_photo_folder(tmp_path, weight
 
     # Later commands rebuild the same input pipeline from the checkpoint alone.
     pruned = tmp_path / "pruned.safetensors"
-    assert main(["prune", str(out / "model.safetensors"), "--target-macs", "0.5", "--out", str(pruned)]) == 0
+    argv = ["prune", str(out / "model.safetensors"), "--target-macs", "0.5", "--allocation", "global"]
+    assert main([*argv, "--out", str(pruned)]) == 0
     assert main(["eval", str(pruned), "--no-latency", "--json", str(tmp_path / "eval.json")]) == 0
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["test_images"] == 4  # the recorded held-out split, not the whole folder
@@ -116,6 +117,7 @@ def test_run_pipeline_from_weights_on_photos(tmp_path, weights_file, capsys):
     data = photos(tmp_path / "photos")
     argv = ["run", "--data", data, "--weights", path, "--val-split", "0.25", "--image-size", "64"]
     argv += ["--epochs", "1", "--target-macs", "0.5", "--recipe", "full", "--finetune-epochs", "1"]
+    argv += ["--allocation", "global"]
     argv += ["--runs-dir", tmp_path / "runs", "--name", "photos"]
     assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
     run_dir = tmp_path / "runs" / "photos"

@@ -188,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allocation",
         choices=["global", "uniform", "sensitivity"],
-        default="global",
-        help="how a target is spread across layers: one importance threshold, one ratio, or equal predicted loss",
+        default=None,
+        help="how a target is spread across layers: one importance threshold, one ratio, or equal predicted "
+        "loss from a sensitivity scan (default: sensitivity, scanned on training images first)",
     )
     p.add_argument(
         "--sensitivity", type=Path, default=None, help="a `prunekit sensitivity` JSON (default: scan now)"
@@ -492,7 +493,7 @@ def _add_latency_args(p: argparse.ArgumentParser, defaults: bool = True) -> None
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from . import api
-    from .pruning import PruneRequest
+    from .pruning import PruneRequest, command_line_allocation
     from .report import print_prune
 
     request = PruneRequest(
@@ -505,7 +506,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         latency_runtime=args.latency_runtime,
         ignore=args.ignore,
         round_to=args.round_to,
-        allocation=args.allocation,
+        allocation=command_line_allocation(args.allocation, args.ratio),
         sensitivity=_read_json(args.sensitivity) if args.sensitivity else None,
         prune_input_conv=args.prune_input_conv,
     )

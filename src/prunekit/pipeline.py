@@ -15,7 +15,7 @@ from .errors import UsageError
 from .files import DirectoryLock, check_outputs, clean_stale_temps, write_json, write_text
 from .finetuning import FREEZE_POLICIES, RECIPES
 from .importance import CRITERIA
-from .pruning import PruneRequest
+from .pruning import PruneRequest, command_line_allocation
 from .train import MODEL_FILE, TrainConfig
 
 CONFIG_FILE = "config.yaml"
@@ -47,7 +47,7 @@ class RunConfig:
     ignore: list[str] = field(default_factory=list)
     prune_input_conv: bool = False
     round_to: int = 1
-    allocation: str = "global"
+    allocation: str | None = None  # sensitivity for a target, as `prunekit prune` (command_line_allocation)
     importance: str | None = None  # activation for named layers, l2 for network-wide targets
     calibration: str = "data"
     calibration_images: int = 256
@@ -103,7 +103,7 @@ class RunConfig:
             latency_runtime=self.latency_runtime,
             ignore=list(self.ignore),
             round_to=self.round_to,
-            allocation=self.allocation,
+            allocation=command_line_allocation(self.allocation, ratio),
             prune_input_conv=self.prune_input_conv,
         )
 

@@ -485,6 +485,15 @@ def plan_ratio(groups: list[Group], ratio: float, round_to: int) -> dict[str, to
 ALLOCATIONS = ("global", "uniform", "sensitivity")
 
 
+def command_line_allocation(allocation: str | None, ratio: float | None) -> str:
+    """The command line's default allocation: ``sensitivity`` for a target (it kept the most accuracy in
+    benchmarks/results/allocation.json; its scan needs the training images the commands have), ``global``
+    for a ratio. The Python API, which has no data to scan, defaults to ``global``."""
+    if allocation is not None:
+        return allocation
+    return "global" if ratio is not None else "sensitivity"
+
+
 def plan_target(
     groups: list[Group],
     costs: LayerCosts,
