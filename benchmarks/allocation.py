@@ -87,6 +87,8 @@ def prune_row(row: str, baseline: Path, out: Path, results: dict, data: str) -> 
             )
         report = api.prune_checkpoint(baseline, request, data=data, out=out, overwrite=True)
         info = {"request": report["request"], "macs_ratio": report["macs"]["ratio"]}
+        if report.get("latency"):  # what the latency target measured: plans tried, fast counts per group
+            info["latency_target"] = report["latency"]
     return {**info, "prune_s": time.perf_counter() - start}
 
 
