@@ -33,8 +33,16 @@ def main() -> None:
         default=16,
         help="keep channel counts multiples of N (1: as the threshold leaves them)",
     )
+    parser.add_argument(
+        "--allocation",
+        default="sensitivity",
+        choices=["global", "uniform", "sensitivity"],
+        help="how the 2x is spread across layers (default: the command line's, sensitivity)",
+    )
     args = parser.parse_args()
-    tag = "" if args.round_to == 1 else f"-round{args.round_to}"
+    tag = ("" if args.round_to == 1 else f"-round{args.round_to}") + (
+        "" if args.allocation == "global" else f"-{args.allocation}"
+    )
     data = str(require(FULL_ARCHIVE))
     dense = RUN / "baseline" / "model.safetensors"
     if not dense.exists():
@@ -42,7 +50,7 @@ def main() -> None:
         api.train("resnet18", data, RUN / "baseline", TrainConfig(epochs=args.epochs), resume=resume)
     pruned = RUN / f"pruned{tag}.safetensors"
     if not pruned.exists():
-        request = PruneRequest(target_macs=0.5, round_to=args.round_to)
+        request = PruneRequest(target_macs=0.5, round_to=args.round_to, allocation=args.allocation)
         api.prune_checkpoint(dense, request, importance="l2", out=pruned)
     finetuned = RUN / f"finetune{tag}" / "model.safetensors"
     if not finetuned.exists():
@@ -63,10 +71,11 @@ def main() -> None:
     }
     report["command"] = (
         f"python benchmarks/deploy.py --epochs {args.epochs} --finetune-epochs {args.finetune_epochs} "
-        f"--calibration-images {args.calibration_images} --round-to {args.round_to}"
+        f"--calibration-images {args.calibration_images} --round-to {args.round_to} --allocation {args.allocation}"
     )
-    report["round_to"] = args.round_to
-    save("deploy" if args.round_to != 1 else "deploy-round1", report)
+    report["round_to"], report["allocation"] = args.round_to, args.allocation
+    name = "deploy" if args.round_to != 1 else "deploy-round1"
+    save(name if args.allocation == "sensitivity" else f"{name}-{args.allocation}", report)
     rows = report["rows"]
     for name, row in rows.items():
         lat = row["latency"]
