@@ -1,4 +1,5 @@
-"""Where int8 gains in ONNX Runtime: the deploy benchmark's dense and pruned fp32 models, quantized in QDQ
+"""Where int8 gains in ONNX Runtime: the deploy benchmark's dense model and its global-allocation pruned model
+(`deploy.py --allocation global`), quantized in QDQ
 (prunekit's format) and QOperator form and with signed activations, all timed in alternating blocks.
 
     python benchmarks/int8_formats.py      # after benchmarks/deploy.py (reads runs/deploy/)
