@@ -2,7 +2,7 @@
 (`deploy.py --allocation global`), quantized in QDQ
 (prunekit's format) and QOperator form and with signed activations, all timed in alternating blocks.
 
-    python benchmarks/int8_formats.py      # after benchmarks/deploy.py (reads runs/deploy/)
+    python benchmarks/int8_formats.py      # after benchmarks/deploy.py --allocation global (reads runs/deploy/)
 
 Calibration uses random images: this measures speed only, not accuracy.
 """
