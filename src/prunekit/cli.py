@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["global", "uniform", "sensitivity"],
         default=None,
         help="how a target is spread across layers: one importance threshold, one ratio, or equal predicted "
-        "loss from a sensitivity scan (default: sensitivity, scanned on training images first)",
+        "loss from a sensitivity scan (default for a target: sensitivity, scanned on training images first)",
     )
     p.add_argument(
         "--sensitivity", type=Path, default=None, help="a `prunekit sensitivity` JSON (default: scan now)"
