@@ -14,11 +14,11 @@ import torch
 import torch.nn as nn
 
 from .errors import UsageError, arg
+from .export import INPUT, export_onnx
 from .files import atomic_write
 from .measure import alternate_in_blocks
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-INPUT, OUTPUT = "images", "logits"
 
 
 def require_onnxruntime() -> Any:
@@ -39,22 +39,8 @@ def write_onnx(model: nn.Module, input_size: int | torch.Tensor, path: str | Pat
     shape = (1, 3, input_size, input_size) if isinstance(input_size, int) else (1, *input_size.shape[1:])
     example = torch.randn(shape, device=next(model.parameters()).device)
 
-    def write(tmp: Path) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                (example,),
-                str(tmp),
-                input_names=[INPUT],
-                output_names=[OUTPUT],
-                dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
-                opset_version=opset,
-                dynamo=False,
-            )
-
     try:
-        return atomic_write(path, write)
+        return atomic_write(path, lambda tmp: export_onnx(model, example, tmp, opset))
     except UsageError:
         raise
     except Exception as exc:

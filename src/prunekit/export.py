@@ -13,6 +13,7 @@ from .checkpoint import load_checkpoint
 from .errors import UsageError
 from .files import DirectoryLock, atomic_write, check_outputs, clean_stale_temps
 
+INPUT, OUTPUT = "images", "logits"  # the exported graph's tensor names
 FORMATS = ("onnx", "torchscript")
 
 
@@ -62,8 +63,8 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset
     The TorchScript exporter lacks some operations at small input sizes (adaptive pooling to a size that
     does not divide the input, as in AlexNet below 224 px); the dynamo exporter has them.
     """
-    names = {"input_names": ["images"], "output_names": ["logits"]}
-    axes = {"images": {0: "batch"}, "logits": {0: "batch"}}
+    names = {"input_names": [INPUT], "output_names": [OUTPUT]}
+    axes = {INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -85,4 +86,4 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset
                     **names,
                 )
         except Exception:
-            raise UsageError(f"cannot export {type(model).__name__} to ONNX ({first})") from None
+            raise UsageError(f"{type(model).__name__} cannot be exported to ONNX ({first})") from None
