@@ -193,7 +193,7 @@ def time_models(
         sync = torch.cuda.synchronize if example.device.type == "cuda" else (lambda: None)
         with torch.no_grad():
             times = alternate_in_blocks(
-                [lambda m=m: (m(x), sync()) for m in copies], repeats, warmup=3, block=1
+                [lambda m=m: (m(x), sync()) for m in copies], repeats, warmup=3, block=1, settle=0
             )
         return [statistics.median(t) * 1e3 for t in times]
     finally:

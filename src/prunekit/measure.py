@@ -182,17 +182,8 @@ def latency(
         if channels_last:
             m.to(memory_format=torch.channels_last)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        for m in models:
-            m(x)
-    sync()
-    times: list[list[float]] = [[] for _ in models]
-    for _ in range(repeats):
-        for m, bucket in zip(models, times, strict=True):
-            start = time.perf_counter()
-            m(x)
-            sync()
-            bucket.append(time.perf_counter() - start)
+    runs = [lambda m=m: (m(x), sync()) for m in models]
+    times = alternate_in_blocks(runs, repeats, warmup, block=1, settle=0)  # one pool: call by call
     results = [
         {
             "batch_size": batch_size,
@@ -208,18 +199,20 @@ def latency(
 
 
 def alternate_in_blocks(
-    runs: Sequence[Any], repeats: int, warmup: int = 5, block: int = 10
+    runs: Sequence[Any], repeats: int, warmup: int = 5, block: int = 10, settle: int | None = None
 ) -> list[list[float]]:
-    """Seconds per call of each ``run``, timed in alternating blocks of ``block`` calls.
+    """Seconds per call of each ``run``, timed in alternating blocks of ``block`` calls, each block after
+    ``settle`` untimed calls (default: half the warm-up, at least 2); the first after ``warmup`` calls.
 
     Each ONNX Runtime session has its own thread pool, whose threads spin for a while after a run: timed
     call by call in alternation, one session's spinning threads steal the cores from the next (the dense
     ResNet-18 measured 22.5 ms at batch 64 that way, 11.5 ms alone). Blocks start with calls that are not
     timed, by which time the other pools have gone to sleep; alternating blocks still spread a change in
-    machine load over every session.
+    machine load over every session. Runs sharing one thread pool (PyTorch) need neither: ``block=1,
+    settle=0`` alternates them call by call.
     """
     times: list[list[float]] = [[] for _ in runs]
-    settle = max(2, warmup // 2)
+    settle = max(2, warmup // 2) if settle is None else settle
     first = True
     while min(len(t) for t in times) < repeats:
         for run, bucket in zip(runs, times, strict=True):
