@@ -515,9 +515,9 @@ def _prune(
         batches = calibration_batches(meta, bundle if scores_on_data else None, calibration_images, seed=seed)
     size = meta["input_size"]
     if scans:
-        from .sensitivity import scan
+        from .sensitivity import SCAN_CALIBRATION_IMAGES, SCAN_IMAGES, scan
 
-        held_out, recal = scan_batches(bundle, 1000, 512, seed)
+        held_out, recal = scan_batches(bundle, SCAN_IMAGES, SCAN_CALIBRATION_IMAGES, seed)
         request.sensitivity = scan(model, torch.zeros(1, 3, size, size), held_out, recal)
     before = summary(model, size)
     result = prune(
@@ -744,19 +744,22 @@ def sensitivity_checkpoint(
     path: str | Path,
     out: str | Path | None = None,
     ratios: tuple[float, ...] | None = None,
-    images: int = 1000,
-    calibration_images: int = 512,
+    images: int | None = None,
+    calibration_images: int | None = None,
     importance: str = "l2",
     data: str | None = None,
     data_dir: str | None = None,
     seed: int = 0,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Sensitivity scan of a checkpoint on held-out training images; writes ``out`` (JSON) and a PNG beside it."""
+    """Sensitivity scan of a checkpoint on held-out training images; writes ``out`` (JSON) and a PNG beside it.
+    ``images`` and ``calibration_images`` default to ``SCAN_IMAGES`` and ``SCAN_CALIBRATION_IMAGES``."""
     from .files import write_json
-    from .sensitivity import RATIOS, plot, scan
+    from .sensitivity import RATIOS, SCAN_CALIBRATION_IMAGES, SCAN_IMAGES, plot, scan
 
     ratios = tuple(ratios or RATIOS)
+    images = SCAN_IMAGES if images is None else images
+    calibration_images = SCAN_CALIBRATION_IMAGES if calibration_images is None else calibration_images
     for name, value in (("images", images), ("calibration_images", calibration_images)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UsageError(f"{arg(name)} must be a positive whole number, got {value!r}")

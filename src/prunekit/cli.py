@@ -223,9 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ratios", default="0.1,0.3,0.5,0.7,0.9", help="comma-separated fractions of channels")
     p.add_argument(
-        "--images", type=cli_type("calibration_images"), default=1000, help="held-out training images"
+        "--images", type=cli_type("calibration_images"), help="held-out training images (default 1000)"
     )
-    p.add_argument("--calibration-images", type=cli_type("calibration_images"), default=512)
+    p.add_argument(
+        "--calibration-images",
+        type=cli_type("calibration_images"),
+        help="training images that recalibrate BatchNorm (default 512)",
+    )
     p.add_argument("--importance", choices=CRITERIA, default="l2")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_data_args(p, required=False)

@@ -307,14 +307,14 @@ def build_table(
 ) -> LatencyTable:
     """Measure (or read from the cache) every ``(spec, side, unit)``: side ``"full"`` times the layer whole,
     ``"out"``/``"in"`` time it at each candidate count of that side, in steps of ``unit`` channels."""
-    description = device_description(runtime, threads, device if runtime == "pytorch" else "cpu")
+    timer = LayerTimer(runtime, batch, threads, device)
+    description = device_description(runtime, threads, str(timer.device))
     path = table_path(description, batch, needed)
     if cache and path.exists():
         try:
             return LatencyTable.load(path)
         except (OSError, ValueError, KeyError, TypeError):
             pass  # a damaged cache entry is measured again
-    timer = LayerTimer(runtime, batch, threads, device)
     table = LatencyTable(description, batch)
     jobs = sorted(set(needed), key=lambda job: (job[0].key, job[1]))
     previous = torch.get_num_threads()

@@ -948,10 +948,9 @@ def _prune_to_latency(
         if measured is None:
             if len(attempts) == ATTEMPTS:
                 break
-            if attempts:  # the restored modules get a fresh graph and scores
+            if attempts:  # the restored modules get a fresh graph (same scores: the plan stands)
                 DG, groups = collect_groups(model, example, importance, request)
                 planner.groups = groups
-                plan, keep, predicted = planner.plan(goal, request.allocation, request.sensitivity)
             removed, state = _surgery(model, request, importance, example, expected, DG, groups, plan)
             dense_ms, pruned_ms = planner.measure([dense, model])
             measured = measured_plans[key] = pruned_ms / dense_ms

@@ -22,6 +22,7 @@ from .measure import evaluate
 from .pruning import LayerCosts, PruneRequest, SurgeryError, collect_groups, prune_model
 
 RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)
+SCAN_IMAGES, SCAN_CALIBRATION_IMAGES = 1000, 512  # training images that score / recalibrate a scan
 
 
 def prunable_roots(model: nn.Module, example: torch.Tensor, importance: str = "l2") -> list[str]:
