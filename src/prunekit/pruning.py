@@ -761,6 +761,25 @@ def check_equivalent(model: nn.Module, probe: torch.Tensor, reference: Any, laye
         )
 
 
+def _apply_checked(
+    model: nn.Module,
+    DG: tp.DependencyGraph,
+    groups: list[Group],
+    plan: dict[str, torch.Tensor],
+    example: torch.Tensor,
+    expected: Any,
+    probe: torch.Tensor,
+    label: str,
+) -> dict[str, int]:
+    """Apply ``plan``; a SurgeryError (naming ``label``) unless the model still runs with the dense model's
+    output shapes and computes what the dense model computes with those channels zeroed."""
+    reference = zeroed_reference(model, groups, plan, probe)
+    removed = apply_plan(DG, groups, plan)
+    check_runs(model, example, expected, label)
+    check_equivalent(model, probe, reference, label)
+    return removed
+
+
 def _culprits(
     model: nn.Module,
     example: torch.Tensor,
@@ -779,10 +798,7 @@ def _culprits(
         try:
             DG, groups = collect_groups(model, example, importance, request)
             group = [g for g in groups if g.root == root]
-            reference = zeroed_reference(model, group, {root: mask}, probe)
-            apply_plan(DG, group, {root: mask})
-            check_runs(model, example, expected, root)
-            check_equivalent(model, probe, reference, root)
+            _apply_checked(model, DG, group, {root: mask}, example, expected, probe, root)
         except (SurgeryError, UsageError):
             bad.append(root)
         finally:
@@ -879,12 +895,9 @@ def _surgery(
     """Apply ``plan`` and check the model still runs and computes the dense model minus those channels;
     returns (channels removed per group, the snapshot that undoes it). A broken model is restored first."""
     probe = torch.randn(example.shape, generator=torch.Generator().manual_seed(0)).to(example)
-    reference = zeroed_reference(model, groups, plan, probe)
     state = snapshot(model)
     try:
-        removed = apply_plan(DG, groups, plan)
-        check_runs(model, example, expected, "the pruned model")
-        check_equivalent(model, probe, reference, "the pruned model")
+        removed = _apply_checked(model, DG, groups, plan, example, expected, probe, "the pruned model")
     except SurgeryError as exc:
         restore(state)
         bad = _culprits(model, example, probe, importance, request, plan, expected) or [exc.layer]
