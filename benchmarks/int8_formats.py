@@ -19,7 +19,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from common import ROOT, require, save
 from prunekit.checkpoint import load_checkpoint
-from prunekit.deploy import _Calibration, ort_latency, session, write_onnx
+from prunekit.deploy import _Calibration, ort_latency, write_onnx
 
 RUN = ROOT / "runs" / "deploy"
 
@@ -56,10 +56,9 @@ def main() -> None:
                 calibrate_method=CalibrationMethod.MinMax,
             )
     threads = torch.get_num_threads()
-    sessions = [session(path, threads) for path in models.values()]
     results = {}
     for batch in (1, 64):
-        for name, timing in zip(models, ort_latency(sessions, 32, batch, repeats=30), strict=True):
+        for name, timing in zip(models, ort_latency(list(models.values()), 32, batch, threads), strict=True):
             results.setdefault(name, {})[f"batch{batch}"] = timing
     for name, row in results.items():
         print(f"{name:34s} {row['batch1']['median_ms']:7.3f} ms  {row['batch64']['median_ms']:7.2f} ms")

@@ -138,15 +138,22 @@ def test_run_with_quantize_reports_every_stage_against_latency(tmp_path, capsys,
     assert (run_dir / "model-int8.onnx").is_file()
 
 
-def test_onnxruntime_sessions_timed_together_do_not_slow_each_other(tmp_path):
-    """ONNX Runtime's pool threads spin after a run; timed call by call in alternation, one session's spinning
-    threads slowed the other about 2x on two cores. Timed in blocks, the pair measures what each does alone."""
-    from prunekit.deploy import ort_latency, session, write_onnx
+def test_onnxruntime_models_timed_together_measure_what_each_does_alone(tmp_path):
+    """A session's pool threads outlive its runs. Sessions kept open and timed call by call slowed each other
+    about 2x; timed in blocks, still one of a dense/pruned pair came out 1.5-2.4x slower than alone at batch 1
+    in 3 runs of 4. Timed with only one session open at a time, each measures what it does alone."""
+    from prunekit import prune
+    from prunekit.deploy import ort_latency, write_onnx
     from prunekit.models import build_model
 
     torch.manual_seed(0)
-    model = build_model("resnet18", 10).eval()
-    sessions = [session(write_onnx(model, 32, tmp_path / f"m{i}.onnx"), 2) for i in range(2)]
-    alone = ort_latency(sessions[:1], 32, 16, repeats=30)[0]["median_ms"]
-    together = ort_latency(sessions, 32, 16, repeats=30)[0]["median_ms"]
-    assert together < 1.3 * alone, (together, alone)
+    dense, pruned = build_model("resnet18", 10).eval(), build_model("resnet18", 10).eval()
+    prune(pruned, torch.randn(1, 3, 32, 32), target_macs=0.5, round_to=16)
+    paths = [
+        write_onnx(m, 32, tmp_path / f"{name}.onnx") for name, m in (("dense", dense), ("pruned", pruned))
+    ]
+    alone = [ort_latency([p], 32, 1, threads=2, repeats=60)[0]["median_ms"] for p in paths]
+    for _ in range(2):
+        together = [r["median_ms"] for r in ort_latency(paths, 32, 1, threads=2, repeats=60)]
+        for name, t, a in zip(("dense", "pruned"), together, alone, strict=True):
+            assert t < 1.3 * a, (name, t, a)

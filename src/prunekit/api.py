@@ -257,7 +257,7 @@ def onnxruntime_latency(
     given; empty when ONNX Runtime is not installed."""
     import tempfile
 
-    from .deploy import ort_latency, require_onnxruntime, session, write_onnx
+    from .deploy import ort_latency, require_onnxruntime, write_onnx
 
     try:
         require_onnxruntime()
@@ -266,10 +266,10 @@ def onnxruntime_latency(
     threads = threads or torch.get_num_threads()
     size = meta["input_size"]
     with tempfile.TemporaryDirectory() as tmp:
-        sessions = [session(write_onnx(model, size, Path(tmp) / "model.onnx"), threads)]
+        paths = [write_onnx(model, size, Path(tmp) / "model.onnx")]
         if dense is not None:
-            sessions.append(session(write_onnx(dense, size, Path(tmp) / "dense.onnx"), threads))
-        pairs = {f"batch{b}": ort_latency(sessions, size, batch_size=b) for b in (1, 64)}
+            paths.append(write_onnx(dense, size, Path(tmp) / "dense.onnx"))
+        pairs = {f"batch{b}": ort_latency(paths, size, b, threads) for b in (1, 64)}
     results: dict[str, Any] = {"ort_latency": {k: v[0] for k, v in pairs.items()}}
     if dense is not None:
         results["ort_parent_latency"] = {k: v[1] for k, v in pairs.items()}
@@ -393,11 +393,11 @@ def _quantize(
             attempt("first and last layers in fp32", calibration_images, method, [nodes[0], nodes[-1]])
         best = max(tries, key=lambda t: t["accuracy"])
         shutil.copyfile(best["file"], tmp / "best.onnx")
-        sessions = [session(tmp / "best.onnx", threads), session(fp32, threads)]
+        paths = [tmp / "best.onnx", fp32]
         dense = _dense_parent(meta)
         if dense is not None:
-            sessions.append(session(write_onnx(dense, size, tmp / "dense.onnx"), threads))
-        timing = {f"batch{b}": ort_latency(sessions, size, batch_size=b) for b in (1, 64)}
+            paths.append(write_onnx(dense, size, tmp / "dense.onnx"))
+        timing = {f"batch{b}": ort_latency(paths, size, b, threads) for b in (1, 64)}
         sizes = {"int8": (tmp / "best.onnx").stat().st_size, "fp32": fp32.stat().st_size}
         if dense is not None:
             sizes["dense_fp32"] = (tmp / "dense.onnx").stat().st_size

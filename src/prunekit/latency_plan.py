@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from .errors import UsageError, arg
 from .latency_table import LatencyTable, LayerSpec, build_table, grid, layer_specs
-from .measure import alternate_in_blocks
+from .measure import alternate
 from .pruning import allocation_knob, lowest_channels, unit_size
 
 LATENCY_TOLERANCE = 0.05  # the pruned model's measured latency must land within 5 % of the target
@@ -192,9 +192,7 @@ def time_models(
         copies = [copy.deepcopy(m).eval().to(memory_format=torch.channels_last) for m in models]
         sync = torch.cuda.synchronize if example.device.type == "cuda" else (lambda: None)
         with torch.no_grad():
-            times = alternate_in_blocks(
-                [lambda m=m: (m(x), sync()) for m in copies], repeats, warmup=3, block=1, settle=0
-            )
+            times = alternate([lambda m=m: (m(x), sync()) for m in copies], repeats, warmup=3)
         return [statistics.median(t) * 1e3 for t in times]
     finally:
         torch.set_num_threads(previous)
@@ -205,16 +203,14 @@ def _time_onnxruntime(
 ) -> list[float]:
     import numpy as np
 
-    from .deploy import INPUT, session, write_onnx
+    from .deploy import ort_times, write_onnx
 
     x = np.random.default_rng(0).standard_normal((batch, *example.shape[1:]), dtype=np.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        sessions = [
-            session(write_onnx(copy.deepcopy(m), example, Path(tmp) / f"m{i}.onnx"), threads)
-            for i, m in enumerate(models)
+        paths = [
+            write_onnx(copy.deepcopy(m), example, Path(tmp) / f"m{i}.onnx") for i, m in enumerate(models)
         ]
-        times = alternate_in_blocks([lambda s=s: s.run(None, {INPUT: x}) for s in sessions], repeats)
-        return [statistics.median(t) * 1e3 for t in times]
+        return [statistics.median(t) * 1e3 for t in ort_times(paths, x, threads, repeats)]
 
 
 def unreachable(target: float, smallest: float, runtime: str, batch: int) -> UsageError:

@@ -183,44 +183,34 @@ def latency(
             m.to(memory_format=torch.channels_last)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     runs = [lambda m=m: (m(x), sync()) for m in models]
-    times = alternate_in_blocks(runs, repeats, warmup, block=1, settle=0)  # one pool: call by call
-    results = [
-        {
-            "batch_size": batch_size,
-            "median_ms": statistics.median(t) * 1e3,
-            "min_ms": min(t) * 1e3,
-            "images_per_s": batch_size / statistics.median(t),
-            "repeats": repeats,
-            "threads": torch.get_num_threads(),
-        }
-        for t in times
-    ]
+    results = [timing_row(t, batch_size, torch.get_num_threads()) for t in alternate(runs, repeats, warmup)]
     return results if isinstance(model, (list, tuple)) else results[0]
 
 
-def alternate_in_blocks(
-    runs: Sequence[Any], repeats: int, warmup: int = 5, block: int = 10, settle: int | None = None
-) -> list[list[float]]:
-    """Seconds per call of each ``run``, timed in alternating blocks of ``block`` calls, each block after
-    ``settle`` untimed calls (default: half the warm-up, at least 2); the first after ``warmup`` calls.
-
-    Each ONNX Runtime session has its own thread pool, whose threads spin for a while after a run: timed
-    call by call in alternation, one session's spinning threads steal the cores from the next (the dense
-    ResNet-18 measured 22.5 ms at batch 64 that way, 11.5 ms alone). Blocks start with calls that are not
-    timed, by which time the other pools have gone to sleep; alternating blocks still spread a change in
-    machine load over every session. Runs sharing one thread pool (PyTorch) need neither: ``block=1,
-    settle=0`` alternates them call by call.
-    """
+def alternate(runs: Sequence[Any], repeats: int, warmup: int = 5) -> list[list[float]]:
+    """Seconds per call of each ``run``, timed call by call in alternation after ``warmup`` calls each, so a
+    change in machine load hits every run the same. For runs sharing one thread pool (PyTorch); ONNX Runtime
+    sessions each have their own and are timed one at a time (``deploy.ort_times``)."""
     times: list[list[float]] = [[] for _ in runs]
-    settle = max(2, warmup // 2) if settle is None else settle
-    first = True
-    while min(len(t) for t in times) < repeats:
+    for run in runs:
+        for _ in range(warmup):
+            run()
+    for _ in range(repeats):
         for run, bucket in zip(runs, times, strict=True):
-            for _ in range(warmup if first else settle):
-                run()
-            for _ in range(min(block, repeats - len(bucket))):
-                start = time.perf_counter()
-                run()
-                bucket.append(time.perf_counter() - start)
-        first = False
+            start = time.perf_counter()
+            run()
+            bucket.append(time.perf_counter() - start)
     return times
+
+
+def timing_row(seconds: Sequence[float], batch_size: int, threads: int) -> dict[str, Any]:
+    """The latency record of one model: median and fastest call in ms, throughput, and how it was timed."""
+    median = statistics.median(seconds)
+    return {
+        "batch_size": batch_size,
+        "median_ms": median * 1e3,
+        "min_ms": min(seconds) * 1e3,
+        "images_per_s": batch_size / median,
+        "repeats": len(seconds),
+        "threads": threads,
+    }
