@@ -17,7 +17,7 @@ from .console import console
 from .errors import UsageError, cli_arg_style
 from .finetuning import FREEZE_POLICIES, RECIPES
 from .importance import CRITERIA
-from .options import cli_type
+from .options import choices, cli_type
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -41,11 +41,11 @@ def _add_train_args(p: argparse.ArgumentParser, defaults) -> None:
     g = p.add_argument_group("training recipe")
     g.add_argument("--epochs", type=cli_type("epochs"), default=defaults.epochs)
     g.add_argument("--batch-size", type=cli_type("batch_size"), default=defaults.batch_size)
-    g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=defaults.optimizer)
+    g.add_argument("--optimizer", choices=choices("optimizer"), default=defaults.optimizer)
     g.add_argument("--lr", type=cli_type("lr"), default=defaults.lr, help="peak learning rate")
     g.add_argument("--momentum", type=cli_type("momentum"), default=defaults.momentum)
     g.add_argument("--weight-decay", type=cli_type("weight_decay"), default=defaults.weight_decay)
-    g.add_argument("--schedule", choices=["cosine", "onecycle", "constant"], default=defaults.schedule)
+    g.add_argument("--schedule", choices=choices("schedule"), default=defaults.schedule)
     g.add_argument(
         "--warmup-epochs",
         type=cli_type("warmup_epochs"),
@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--calibration",
-        choices=["data", "random"],
+        choices=choices("calibration"),
         default="data",
         help="score activations on training images (data) or on the seed's random noise",
     )
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--allocation",
-        choices=["global", "uniform", "sensitivity"],
+        choices=choices("allocation"),
         default=None,
         help="how a target is spread across layers: one importance threshold, one ratio, or equal predicted "
         "loss from a sensitivity scan (default for a target: sensitivity, scanned on training images first)",
@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--calibration-images", type=cli_type("calibration_images"), default=512, help="training images"
     )
-    p.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"], default="minmax")
+    p.add_argument("--calibration-method", choices=choices("calibration_method"), default="minmax")
     p.add_argument(
         "--keep-fp32", action="append", default=[], metavar="NODE", help="ONNX node kept in fp32 (repeatable)"
     )
@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--epochs", type=cli_type("epochs"), default=None)
     p.add_argument("--lr", type=cli_type("lr"), default=None)
-    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=None)
+    p.add_argument("--optimizer", choices=choices("optimizer"), default=None)
     p.add_argument(
         "--freeze",
         choices=FREEZE_POLICIES,
@@ -335,11 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore", action="append")
     p.add_argument("--prune-input-conv", action="store_true", help="see prune --prune-input-conv")
     p.add_argument("--round-to", type=cli_type("round_to"))
-    p.add_argument(
-        "--allocation", choices=["global", "uniform", "sensitivity"], help="see prune --allocation"
-    )
+    p.add_argument("--allocation", choices=choices("allocation"), help="see prune --allocation")
     p.add_argument("--importance", choices=CRITERIA, help="default: activation with --layer, else l2")
-    p.add_argument("--calibration", choices=["data", "random"])
+    p.add_argument("--calibration", choices=choices("calibration"))
     p.add_argument("--calibration-images", type=cli_type("calibration_images"))
     p.add_argument(
         "--steps", type=cli_type("steps"), help="reach the target in this many prune/fine-tune rounds"
@@ -355,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quantize", action="store_true", help="add an int8 ONNX Runtime stage (see prunekit quantize)"
     )
-    p.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"])
+    p.add_argument("--calibration-method", choices=choices("calibration_method"))
     p.add_argument("--seed", type=cli_type("seed"))
     p.add_argument("--device", type=cli_type("device"))
     p.set_defaults(func=cmd_run)
@@ -481,17 +479,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _add_latency_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     """--latency-batch and --latency-runtime; ``defaults`` False leaves them to the parser (run's config)."""
+    from .pruning import PruneRequest
+
+    batch, runtime = PruneRequest.latency_batch, PruneRequest.latency_runtime
     p.add_argument(
         "--latency-batch",
         type=cli_type("latency_batch"),
-        help="batch size --target-latency is measured at (default 64)",
-        **({"default": 64} if defaults else {}),
+        help=f"batch size --target-latency is measured at (default {batch})",
+        **({"default": batch} if defaults else {}),
     )
     p.add_argument(
         "--latency-runtime",
-        choices=["pytorch", "onnxruntime"],
-        help="where --target-latency is measured (default pytorch; onnxruntime needs prunekit[export])",
-        **({"default": "pytorch"} if defaults else {}),
+        choices=choices("latency_runtime"),
+        help=f"where --target-latency is measured (default {runtime}; onnxruntime needs prunekit[export])",
+        **({"default": runtime} if defaults else {}),
     )
 
 

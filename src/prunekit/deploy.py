@@ -17,8 +17,9 @@ from .errors import UsageError, arg
 from .export import INPUT, export_onnx
 from .files import atomic_write
 from .measure import timing_row
+from .options import choices
 
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+CALIBRATION_METHODS = choices("calibration_method")
 
 
 def require_onnxruntime() -> Any:

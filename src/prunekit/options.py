@@ -189,6 +189,13 @@ def validate(values: dict[str, Any], names: Iterable[str] | None = None) -> dict
     return checked
 
 
+def choices(name: str) -> tuple[str, ...]:
+    """The values an option allows (for argparse's ``choices=`` and for checks outside this table)."""
+    allowed = OPTIONS[name].choices
+    assert allowed is not None, f"option {name} declares no choices"
+    return allowed
+
+
 def cli_type(name: str) -> Callable[[str], Any]:
     """An argparse ``type=`` that parses a flag's text and applies the option's check."""
     option = OPTIONS[name]

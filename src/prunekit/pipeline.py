@@ -15,6 +15,7 @@ from .errors import UsageError
 from .files import DirectoryLock, check_outputs, clean_stale_temps, write_json, write_text
 from .finetuning import FREEZE_POLICIES, RECIPES
 from .importance import CRITERIA
+from .options import choices as option_choices
 from .pruning import PruneRequest, command_line_allocation
 from .train import MODEL_FILE, TrainConfig
 
@@ -42,8 +43,8 @@ class RunConfig:
     target_macs: float | None = None
     target_params: float | None = None
     target_latency: float | None = None
-    latency_batch: int = 64
-    latency_runtime: str = "pytorch"
+    latency_batch: int = PruneRequest.latency_batch
+    latency_runtime: str = PruneRequest.latency_runtime
     ignore: list[str] = field(default_factory=list)
     prune_input_conv: bool = False
     round_to: int = 1
@@ -169,8 +170,8 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         "recipe": RECIPES,
         "freeze": FREEZE_POLICIES,
         "importance": CRITERIA,
-        "calibration": ("data", "random"),
-        "calibration_method": ("minmax", "entropy", "percentile"),
+        "calibration": option_choices("calibration"),
+        "calibration_method": option_choices("calibration_method"),
     }
     for key, allowed in choices.items():  # a config file bypasses argparse's choices
         value = getattr(cfg, key)
