@@ -13,10 +13,12 @@ import prunekit
 from conftest import PYTHON, subprocess_env
 from prunekit.checkpoint import save_checkpoint
 from prunekit.errors import UsageError
+from prunekit.groups import collect_groups
 from prunekit.importance import make_importance
 from prunekit.measure import count_macs, count_params
 from prunekit.models import build_model
-from prunekit.pruning import LayerCosts, PruneRequest, collect_groups, plan_target
+from prunekit.planning import LayerCosts, plan_target
+from prunekit.pruning import PruneRequest
 
 
 class GroupedNet(nn.Module):

@@ -107,8 +107,9 @@ def test_onnxruntime_table_times_layers_in_onnxruntime():
 
 def test_fast_counts_are_the_measured_fast_ones(blocky_device):
     model = convnet()
+    from prunekit.groups import collect_groups
     from prunekit.importance import make_importance
-    from prunekit.pruning import PruneRequest, collect_groups
+    from prunekit.pruning import PruneRequest
 
     _, groups = collect_groups(model, X, make_importance("l2", 0), PruneRequest(target_latency=0.5))
     planner = latency_plan.LatencyPlanner(model, X, groups, "pytorch", 4, 1, progress=False)

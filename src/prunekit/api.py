@@ -669,7 +669,7 @@ def _finetune(
     seed: int,
 ) -> dict[str, Any]:
     from .finetuning import recalibrate_batchnorm, trainable_filter
-    from .pruning import output_layer
+    from .groups import output_layer
 
     if planned is None:
         ckpt = load_checkpoint(out / STATE_FILE)

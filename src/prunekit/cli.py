@@ -498,7 +498,8 @@ def _add_latency_args(p: argparse.ArgumentParser, defaults: bool = True) -> None
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from . import api
-    from .pruning import PruneRequest, command_line_allocation
+    from .planning import command_line_allocation
+    from .pruning import PruneRequest
     from .report import print_prune
 
     request = PruneRequest(

@@ -15,8 +15,9 @@ import torch
 import torch.nn as nn
 
 from .errors import UsageError, arg
+from .groups import validate_names
 from .importance import NEEDS_CALIBRATION, ChannelImportance, accumulate_gradients, make_importance
-from .pruning import PruneRequest, prune_model, validate_names
+from .pruning import PruneRequest, prune_model
 
 
 @dataclass

@@ -21,9 +21,10 @@ import torch
 import torch.nn as nn
 
 from .errors import UsageError, arg
+from .groups import lowest_channels, unit_size
 from .latency_table import LatencyTable, LayerSpec, build_table, grid, layer_specs
 from .measure import alternate
-from .pruning import allocation_knob, lowest_channels, unit_size
+from .planning import allocation_knob
 
 LATENCY_TOLERANCE = 0.05  # the pruned model's measured latency must land within 5 % of the target
 ATTEMPTS = 6  # pruned models timed at most, each plan re-aimed by what the previous ones measured
@@ -148,7 +149,7 @@ class LatencyPlanner:
         self, goal: float, allocation: str = "global", sensitivity: dict[str, Any] | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, int], float]:
         """(plan, kept counts, predicted fraction): the least pruning ``allocation`` spreads (see
-        ``pruning.allocation_knob``) with predicted latency <= ``goal``, every group's count snapped up to its
+        ``planning.allocation_knob``) with predicted latency <= ``goal``, every group's count snapped up to its
         next fast count (which the table says costs no time). The knob is found by bisection."""
         counts, lo, hi = allocation_knob(self.groups, allocation, sensitivity)
 

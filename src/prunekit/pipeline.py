@@ -16,7 +16,8 @@ from .files import DirectoryLock, check_outputs, clean_stale_temps, write_json, 
 from .finetuning import FREEZE_POLICIES, RECIPES
 from .importance import CRITERIA
 from .options import choices as option_choices
-from .pruning import PruneRequest, command_line_allocation
+from .planning import command_line_allocation
+from .pruning import PruneRequest
 from .train import MODEL_FILE, TrainConfig
 
 CONFIG_FILE = "config.yaml"
@@ -148,8 +149,8 @@ def check_before_work(cfg: RunConfig) -> None:
     """What would otherwise fail only after the baseline has trained: the data source, the model name and
     the layers to prune, checked against the architecture (or the given baseline) before anything runs."""
     from .checkpoint import read_meta
+    from .groups import validate_names
     from .models import build_model
-    from .pruning import validate_names
 
     if cfg.data not in ("cifar10", "synthetic") and not Path(cfg.data).expanduser().exists():
         raise UsageError(f"--data {cfg.data}: no such file or directory")

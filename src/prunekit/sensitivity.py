@@ -17,9 +17,12 @@ import torch.nn as nn
 from .console import progress_bar
 from .errors import UsageError
 from .finetuning import recalibrate_batchnorm
+from .groups import collect_groups
 from .importance import make_importance
 from .measure import evaluate
-from .pruning import LayerCosts, PruneRequest, SurgeryError, collect_groups, prune_model
+from .planning import LayerCosts
+from .pruning import PruneRequest, prune_model
+from .surgery import SurgeryError
 
 RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)
 SCAN_IMAGES, SCAN_CALIBRATION_IMAGES = 1000, 512  # training images that score / recalibrate a scan

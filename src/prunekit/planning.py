@@ -1,0 +1,229 @@
+"""Plans: how many channels each group loses. A ratio removes the same share everywhere; a MACs or params
+target is priced analytically from per-layer costs, so the allocation's knob is found by bisection without
+trial surgery (the result is measured on the pruned model afterwards, in ``pruning.py``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .errors import UsageError, arg
+from .groups import Group, is_depthwise, lowest_channels, unit_size
+from .measure import count_params, forward_with_hooks, layer_macs
+
+TOLERANCE = 0.02  # a target is met when the measured figure is within 2 % of it
+
+
+MIN_KEEP_FRACTION = 0.05  # global targets never shrink a group below 5 % of its channels
+
+
+class LayerCosts:
+    """Per-layer MACs and parameters of the dense model, to price a plan without doing the surgery."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor):
+        self.macs: dict[nn.Module, int] = {}
+        self.order: list[nn.Module] = []
+
+        def hook(module, inputs, output):
+            self.order.append(module)
+            self.macs[module] = layer_macs(module, output)
+
+        forward_with_hooks(model, example, hook)
+        self.total_params = count_params(model)
+
+    def priced(self, groups: list[Group], removed: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """(MACs, params) after removing ``removed[root]`` (a bool mask over root channels) from each group."""
+        out_rm: dict[nn.Module, float] = {}
+        in_rm: dict[nn.Module, float] = {}
+        for g in groups:
+            mask = removed.get(g.root)
+            if mask is None or not mask.any():
+                continue
+            for layer, is_out, root_idx in g.members:
+                n = float(mask[root_idx].sum())
+                bucket = out_rm if is_out else in_rm
+                bucket[layer] = bucket.get(layer, 0.0) + n
+        macs = float(sum(self.macs.values()))
+        params = float(self.total_params)
+        for layer in set(out_rm) | set(in_rm):
+            if isinstance(layer, nn.Parameter):  # a bare parameter (a layer scale, a class token)
+                removed_here = out_rm.get(layer, 0.0) + in_rm.get(layer, 0.0)
+                params -= removed_here * layer.numel() / max(layer.shape)  # pruned along its longest dim
+                continue
+            fo, fi = _fractions(layer, out_rm.get(layer, 0.0), in_rm.get(layer, 0.0))
+            if is_depthwise(layer):  # torch-pruning shrinks a depthwise conv's ins and outs together
+                fo = fi = min(fo, fi)
+            scale = fo if is_depthwise(layer) else fo * fi
+            if layer in self.macs:
+                macs -= self.macs[layer] * (1 - scale)
+            for name, p in layer.named_parameters(recurse=False):
+                kept = scale if (name == "weight" and p.dim() > 1) else fo
+                params -= p.numel() * (1 - kept)
+        return macs, params
+
+
+def _fractions(layer: nn.Module, out_removed: float, in_removed: float) -> tuple[float, float]:
+    out_ch = (
+        getattr(layer, "out_channels", None)
+        or getattr(layer, "out_features", None)
+        or getattr(layer, "num_features", None)
+        or getattr(layer, "num_channels", None)
+        or 1
+    )
+    in_ch = getattr(layer, "in_channels", None) or getattr(layer, "in_features", None) or 1
+    return 1 - out_removed / out_ch, 1 - in_removed / in_ch
+
+
+def round_removal(channels: int, remove: int, round_to: int) -> int:
+    """Channels to remove so the kept count is a multiple of ``round_to`` (nearest, not zero if possible)."""
+    if round_to <= 1:
+        return remove
+    keep = channels - remove
+    keep = int(round(keep / round_to)) * round_to
+    return channels - min(keep, channels)
+
+
+def plan_ratio(groups: list[Group], ratio: float, round_to: int) -> dict[str, torch.Tensor]:
+    """Remove ``int(C * ratio)`` lowest-scored channels from every group (the seed's rounding)."""
+    plan = {}
+    for g in groups:
+        n = round_removal(g.channels, int(g.channels * ratio), round_to)
+        if n >= g.channels:
+            raise UsageError(
+                f"{arg('ratio')} {ratio} with {arg('round_to')} {round_to} would remove every one of the "
+                f"{g.channels} channels of {g.root}; use a smaller ratio or {arg('round_to')}"
+            )
+        plan[g.root] = lowest_channels(g, n)
+    return plan
+
+
+ALLOCATIONS = ("global", "uniform", "sensitivity")
+
+
+def command_line_allocation(allocation: str | None, ratio: float | None) -> str:
+    """The command line's default allocation: ``sensitivity`` for a target (it kept the most accuracy in
+    benchmarks/results/allocation.json; its scan needs the training images the commands have), ``global``
+    for a ratio. The Python API, which has no data to scan, defaults to ``global``."""
+    if allocation is not None:
+        return allocation
+    return "global" if ratio is not None else "sensitivity"
+
+
+def plan_target(
+    groups: list[Group],
+    costs: LayerCosts,
+    target: float,
+    metric: str,
+    round_to: int,
+    allocation: str = "global",
+    sensitivity: dict[str, Any] | None = None,
+) -> dict[str, torch.Tensor]:
+    """A plan whose priced metric meets ``target``, channels spread across groups by ``allocation``:
+
+    - ``global``: one threshold on normalized importance scores, network-wide;
+    - ``uniform``: one ratio for every group (Torch-Pruning's README recipe);
+    - ``sensitivity``: every group pruned as far as its measured sensitivity curve predicts a loss of at most
+      one common budget, so no group is pushed past the accuracy the others give up.
+
+    Each has one knob, monotone in what it removes, found by bisection on the analytic price.
+    """
+    dense_macs, dense_params = costs.priced(groups, {})
+    base = dense_macs if metric == "macs" else dense_params
+    goal = target * base
+
+    def limit(g: Group) -> int:
+        keep = max(round_to, math.ceil(MIN_KEEP_FRACTION * g.channels), unit_size(g), 1)
+        return max(g.channels - keep, 0)
+
+    def plan_removing(counts: dict[str, int]) -> dict[str, torch.Tensor]:
+        return {
+            g.root: lowest_channels(
+                g, min(round_removal(g.channels, min(counts[g.root], limit(g)), round_to), limit(g))
+            )
+            for g in groups
+        }
+
+    counts, lo, hi = allocation_knob(groups, allocation, sensitivity)
+    knob = lambda x: plan_removing(counts(x))
+
+    def value(plan) -> float:
+        macs, params = costs.priced(groups, plan)
+        return macs if metric == "macs" else params
+
+    smallest = value(knob(hi))
+    if smallest > goal * (1 + TOLERANCE):
+        raise UsageError(
+            f"{arg('target_' + metric)} {target} cannot be reached with {allocation} allocation: pruning every "
+            f"prunable layer to its minimum ({MIN_KEEP_FRACTION:.0%} of channels) leaves {smallest / base:.3f} "
+            f"of the dense {metric}"
+        )
+    best = knob(hi)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        plan = knob(mid)
+        v = value(plan)
+        if abs(v - goal) <= TOLERANCE * goal:
+            return plan
+        if v > goal:
+            lo = mid
+        else:
+            hi, best = mid, plan
+    return best
+
+
+def allocation_knob(
+    groups: list[Group], allocation: str, sensitivity: dict[str, Any] | None
+) -> tuple[Callable[[float], dict[str, int]], float, float]:
+    """``allocation`` as one knob: (channels to remove per group at a knob value, lowest, highest value),
+    monotone in what it removes, so any budget is met by bisection on the knob."""
+    if allocation == "global":
+        normalized = {g.root: g.scores / g.scores.abs().mean().clamp_min(1e-12) for g in groups}
+        lo = min(float(s.min()) for s in normalized.values()) - 1
+        hi = max(float(s.max()) for s in normalized.values()) + 1
+        return lambda t: {g.root: int((normalized[g.root] < t).sum()) for g in groups}, lo, hi
+    if allocation == "uniform":
+        return lambda r: {g.root: int(g.channels * r) for g in groups}, 0.0, 1.0
+    if allocation == "sensitivity":
+        curves = _loss_curves(groups, sensitivity)
+        # the knob is a budget in points of accuracy
+        return lambda budget: {g.root: int(g.channels * curves[g.root](budget)) for g in groups}, -1.0, 101.0
+    raise UsageError(f"{arg('allocation')} must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+
+
+def _loss_curves(
+    groups: list[Group], sensitivity: dict[str, Any] | None
+) -> dict[str, Callable[[float], float]]:
+    """For each group, the largest ratio whose measured accuracy loss (points, made non-decreasing) stays
+    within a budget, interpolated between the scanned ratios; groups the scan lacks are not pruned."""
+    if not sensitivity or "groups" not in sensitivity:
+        raise UsageError(f"{arg('allocation')} sensitivity needs a sensitivity scan (prunekit sensitivity)")
+    ratios = [0.0, *sensitivity["ratios"]]
+    dense = sensitivity["dense_accuracy"]
+    curves = {}
+    for g in groups:
+        row = sensitivity["groups"].get(g.root)
+        if not row or "accuracy" not in row:
+            curves[g.root] = lambda budget: 0.0
+            continue
+        losses, worst = [0.0], 0.0
+        for ratio, acc in zip(sensitivity["ratios"], row["accuracy"], strict=True):
+            # Non-decreasing, plus a tiny slope: flat or noisy curves still give a continuous knob.
+            worst = max(worst, (dense - acc) * 100)
+            losses.append(worst + 0.01 * ratio)
+
+        def ratio_within(budget: float, losses=losses) -> float:
+            if budget < 0:
+                return 0.0
+            for i in range(1, len(ratios)):
+                if losses[i] > budget:  # interpolate inside the segment that crosses the budget
+                    span = losses[i] - losses[i - 1]
+                    frac = (budget - losses[i - 1]) / span if span > 0 else 0.0
+                    return ratios[i - 1] + frac * (ratios[i] - ratios[i - 1])
+            return ratios[-1]
+
+        curves[g.root] = ratio_within
+    return curves
