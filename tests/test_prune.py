@@ -622,3 +622,22 @@ def test_eval_dense_checkpoint_has_no_speedup(dense_ckpt, fast_latency):
     results = api.evaluate_checkpoint(dense_ckpt, data="synthetic")
     assert set(results["latency"]) == {"batch1", "batch64"}
     assert "speedup" not in results
+
+
+def test_output_layer_is_found_by_identity_not_by_a_reused_id():
+    """SqueezeNet returns a flattened tensor, no layer's own output. Found by ``id``, that tensor often took the
+    id of a freed earlier output (features.10.expand3x3 in 83 passes of 200), which left the classifier
+    unprotected and let pruning shrink the class count. The allocator is stirred between passes here."""
+    import torchvision
+
+    from prunekit.groups import output_layer
+
+    torch.manual_seed(0)
+    model = torchvision.models.squeezenet1_0(num_classes=10).eval()
+    found, junk = set(), []
+    for i in range(60):
+        junk.append([torch.empty(0) for _ in range(i % 7)])
+        if i % 3 == 0:
+            junk.pop(0)
+        found.add(output_layer(model, torch.randn(1, 3, 32, 32)))
+    assert found == {"classifier.1"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -69,21 +70,22 @@ def output_layer(model: nn.Module, example: torch.Tensor) -> str:
     When the returned tensor is not any layer's own output (e.g. flattened after a 1x1 conv classifier), the
     last conv/linear the forward pass calls is the output layer.
     """
-    outputs: dict[int, nn.Module] = {}
+    # Weak references, compared by identity: an id alone is reused once a layer's output is freed, and the
+    # returned tensor could take the id of an earlier layer's output (SqueezeNet, in 83 passes of 200).
+    outputs: list[tuple[weakref.ref, nn.Module]] = []
     order: list[nn.Module] = []
 
     def hook(module, _inputs, output):
         order.append(module)
         if isinstance(output, torch.Tensor):
-            outputs[id(output)] = module
+            outputs.append((weakref.ref(output), module))
 
     out = forward_with_hooks(model, example, hook)
     if not order:
         raise UsageError(f"{type(model).__name__} has no Conv2d or Linear layer to prune")
     names = {m: n for n, m in model.named_modules()}
-    result = out if isinstance(out, torch.Tensor) else None
-    module = outputs.get(id(result)) if result is not None else None
-    return names[module if module is not None else order[-1]]
+    module = next((m for ref, m in outputs if isinstance(out, torch.Tensor) and ref() is out), order[-1])
+    return names[module]
 
 
 def default_ignored(model: nn.Module, example: torch.Tensor, input_conv: bool = True) -> list[str]:
