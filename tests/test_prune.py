@@ -641,3 +641,23 @@ def test_output_layer_is_found_by_identity_not_by_a_reused_id():
             junk.pop(0)
         found.add(output_layer(model, torch.randn(1, 3, 32, 32)))
     assert found == {"classifier.1"}
+
+
+def test_a_surgery_no_single_layer_breaks_is_refused_without_naming_one(monkeypatch):
+    """When the whole plan breaks the model but every group passes alone, the error names no layer to
+    ignore (it used to suggest ignore=['the pruned model'])."""
+    import prunekit
+    from prunekit import pruning
+    from prunekit.surgery import SurgeryError
+
+    def broken(*args, **kwargs):
+        raise SurgeryError("the pruned model", "the output shape changed from (1, 10) to (1, 7)")
+
+    monkeypatch.setattr(pruning, "apply_checked", broken)
+    monkeypatch.setattr(pruning, "_culprits", lambda *args: [])
+    model = build_model("resnet18", 10).eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(pruning.UsageError, match="no pruned layer breaks it alone") as info:
+        prunekit.prune(model, torch.randn(1, 3, 32, 32), target_macs=0.5)
+    assert "ignore" not in str(info.value)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -185,7 +185,12 @@ def _surgery(
         removed = apply_checked(model, DG, groups, plan, example, expected, probe, "the pruned model")
     except SurgeryError as exc:
         restore(state)
-        bad = _culprits(model, example, probe, importance, request, plan, expected) or [exc.layer]
+        bad = _culprits(model, example, probe, importance, request, plan, expected)
+        if not bad:  # every group passes alone: only the combination fails, so no layer can be named
+            raise UsageError(
+                f"the pruned model breaks ({exc.reason}), though no pruned layer breaks it alone. The "
+                f"{type(model).__name__} model is unchanged; try another target or {arg('round_to')}"
+            ) from None
         raise UsageError(
             f"pruning {', '.join(bad)} breaks the model ({exc.reason}): its channels pass through an operation "
             f"the dependency graph does not see (padding, slicing or reshaping in forward). The "
