@@ -68,6 +68,12 @@ NUMBERS = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True, width=32).map(repr),
     st.sampled_from(["", "abc", "1e400", "-0", "nan", "inf", "0x10", "1_000", " 3"]),
 )
+# Image sizes near the bound (at least 8); large valid sizes only make the synthetic images slow to build.
+IMAGE_SIZES = st.one_of(
+    st.sampled_from(["0", "7", "8", "9", "-1", "32", "8.5", "", "abc", "nan", "1e400"]),
+    st.integers(-3, 64).map(str),
+    st.floats(allow_nan=True, allow_infinity=True, width=32).map(repr),
+)
 TRAIN_FLAGS = {
     "--epochs": NUMBERS,
     "--batch-size": NUMBERS,
@@ -77,7 +83,7 @@ TRAIN_FLAGS = {
     "--warmup-epochs": NUMBERS,
     "--label-smoothing": NUMBERS,
     "--seed": NUMBERS,
-    "--image-size": NUMBERS,
+    "--image-size": IMAGE_SIZES,
     "--val-split": NUMBERS,
     "--subset": NUMBERS,
     "--device": st.sampled_from(["auto", "cpu", "bogus", "cuda:x", ""]),
