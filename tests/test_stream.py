@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import prunekit.data as data_mod
+import prunekit.sources as sources_mod
 import prunekit.stream as stream_mod
 from conftest import make_image_tree
 from prunekit.data import BatchLoader, eval_batch_size, load_data
@@ -304,7 +305,7 @@ def test_unreadable_and_absurd_files_are_skipped_and_counted(tree, monkeypatch):
     def no_indexing(*args, **kwargs):
         raise AssertionError("indexed again instead of reading the cached index")
 
-    monkeypatch.setattr(data_mod, "index_files", no_indexing)
+    monkeypatch.setattr(sources_mod, "index_files", no_indexing)
     again = load_data(str(tree), image_size=S)
     assert again.skipped_files == 3 and np.array_equal(again.train.paths, bundle.train.paths)
 
