@@ -46,20 +46,26 @@ def print_quantize(report: dict[str, Any]) -> None:
     table = Table(title=f"ONNX Runtime ({rt['provider']}, {rt['threads']} threads)")
     for col in ("model", "accuracy", "size on disk", "batch 1", "batch 64"):
         table.add_column(col, justify="left" if col == "model" else "right")
+    labels = {
+        "dense_fp32": "dense parent, fp32",
+        "fp32": "this checkpoint, fp32",
+        "int8": "this checkpoint, int8",
+    }
     for name, row in report["rows"].items():
         acc = "" if row["accuracy"] is None else f"{row['accuracy']:.2%}"
         lat = row["latency"]
         table.add_row(
-            name,
+            labels.get(name, name),
             acc,
             f"{row['size_mb']:.2f} MB",
-            f"{lat['batch1']['median_ms']:.2f} ms",
-            f"{lat['batch64']['median_ms']:.1f} ms",
+            f"{lat['batch1']['median_ms']:.3f} ms",
+            f"{lat['batch64']['median_ms']:.2f} ms",
         )
     console.print(table)
     for t in report["tries"]:
         console.print(
-            f"  tried {t['name']}: {t['accuracy']:.2%} ({t['drop_points']:+.2f} points lost)", highlight=False
+            f"  int8 tried {t['name']}: {t['accuracy']:.2%} ({-t['drop_points']:+.2f} points against fp32)",
+            highlight=False,
         )
     speed = report["speedup_vs_dense_fp32"]
     console.print(
