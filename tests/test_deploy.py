@@ -157,3 +157,19 @@ def test_onnxruntime_models_timed_together_measure_what_each_does_alone(tmp_path
         together = [r["median_ms"] for r in ort_latency(paths, 32, 1, threads=2, repeats=60)]
         for name, t, a in zip(("dense", "pruned"), together, alone, strict=True):
             assert t < 1.3 * a, (name, t, a)
+
+
+def test_onnxruntime_accuracy_and_timing_report_progress_step_by_step(tmp_path):
+    """The progress lines of `prunekit quantize` reach their totals: one step per test batch, one per timed
+    block (the totals _quantize gives its bars)."""
+    from torch import nn
+
+    from prunekit.deploy import ort_accuracy, ort_latency, session, write_onnx
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).eval()
+    paths = [write_onnx(model, 16, tmp_path / f"m{i}.onnx") for i in range(3)]
+    steps = []
+    batches = [(torch.randn(5, 3, 16, 16), torch.randint(0, 10, (5,))) for _ in range(4)]
+    ort_accuracy(session(paths[0], 1), batches, advance=lambda: steps.append("batch"))
+    ort_latency(paths, 16, 2, threads=1, repeats=30, advance=lambda: steps.append("block"))
+    assert steps.count("batch") == 4 and steps.count("block") == len(paths) * 3

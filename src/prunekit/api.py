@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 
 from . import __version__
 from .checkpoint import description, load_checkpoint
+from .console import progress_bar
 from .data import DataBundle, load_data
 from .errors import UsageError, arg
 from .files import DirectoryLock, check_outputs, clean_stale_temps, is_main_process
@@ -370,18 +372,27 @@ def _quantize(
     def calibration(n: int) -> list[torch.Tensor]:
         return [x for x, _ in bundle.sample_batches(min(n, len(bundle.train)), batch, seed)]
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, progress_bar() as bar:
         tmp = Path(tmp)
+
+        def stage(description: str, total: int) -> Callable[[], None]:
+            """A progress line for one stage; the returned function advances it by one step."""
+            task = bar.add_task(description, total=total, info="")
+            return lambda: bar.advance(task)
+
         fp32 = write_onnx(model, size, tmp / "fp32.onnx")
-        fp32_acc = ort_accuracy(session(fp32, threads), test)["accuracy"]
+        fp32_acc = ort_accuracy(session(fp32, threads), test, stage("fp32 accuracy", len(test)))["accuracy"]
         tries: list[dict[str, Any]] = []
 
         def attempt(name: str, n: int, how: str, exclude: list[str]) -> None:
             target = tmp / f"int8-{len(tries)}.onnx"
+            calibrated = stage(f"int8 calibration, {name}", 1)  # ONNX Runtime's calibrator reports no steps
             quantize_int8(fp32, target, calibration(n), method=how, exclude=exclude)
-            acc = ort_accuracy(session(target, threads), test)["accuracy"]
+            calibrated()
+            acc = ort_accuracy(session(target, threads), test, stage(f"int8 accuracy, {name}", len(test)))
             tries.append({"name": name, "calibration_images": n, "method": how, "keep_fp32": exclude,
-                          "accuracy": acc, "drop_points": (fp32_acc - acc) * 100, "file": target})  # fmt: skip
+                          "accuracy": acc["accuracy"], "drop_points": (fp32_acc - acc["accuracy"]) * 100,
+                          "file": target})  # fmt: skip
 
         attempt("as asked", calibration_images, method, list(keep_fp32 or []))
         if remedies and tries[0]["drop_points"] > 1.0:
@@ -397,7 +408,11 @@ def _quantize(
         dense = _dense_parent(meta)
         if dense is not None:
             paths.append(write_onnx(dense, size, tmp / "dense.onnx"))
-        timing = {f"batch{b}": ort_latency(paths, size, b, threads) for b in (1, 64)}
+        blocks = len(paths) * 3  # ort_latency's 30 calls per model in blocks of 10
+        timing = {
+            f"batch{b}": ort_latency(paths, size, b, threads, advance=stage(f"latency at batch {b}", blocks))
+            for b in (1, 64)
+        }
         sizes = {"int8": (tmp / "best.onnx").stat().st_size, "fp32": fp32.stat().st_size}
         if dense is not None:
             sizes["dense_fp32"] = (tmp / "dense.onnx").stat().st_size

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,7 @@ def ort_times(
     repeats: int = 30,
     warmup: int = 5,
     block: int = 10,
+    advance: Callable[[], Any] = lambda: None,
 ) -> list[list[float]]:
     """Seconds per ``run`` of each ONNX model on ``x``, in alternating blocks of ``block`` runs; each block
     opens a fresh session, warms it up and closes it after, so no other session is alive while one is timed.
@@ -87,6 +88,7 @@ def ort_times(
                 sess.run(None, {INPUT: x})
                 bucket.append(time.perf_counter() - start)
             del sess
+            advance()  # once a block: len(paths) * ceil(repeats / block) in all
     return times
 
 
@@ -97,21 +99,25 @@ def ort_latency(
     threads: int,
     warmup: int = 5,
     repeats: int = 30,
+    advance: Callable[[], Any] = lambda: None,
 ) -> list[dict[str, Any]]:
     """Latency records of ONNX models in ONNX Runtime (CPU, ``threads`` intra-op threads), timed as
     ``ort_times`` does, on one random input of ``batch_size`` images."""
     x = np.random.default_rng(0).standard_normal((batch_size, 3, input_size, input_size), dtype=np.float32)
-    times = ort_times(paths, x, threads, repeats, warmup)
+    times = ort_times(paths, x, threads, repeats, warmup, advance=advance)
     return [timing_row(t, batch_size, threads) | {"runtime": "onnxruntime"} for t in times]
 
 
-def ort_accuracy(sess: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
-    """Top-1 accuracy of an ONNX Runtime session over ``(images, labels)`` batches."""
+def ort_accuracy(
+    sess: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], advance: Callable[[], Any] = lambda: None
+) -> dict[str, Any]:
+    """Top-1 accuracy of an ONNX Runtime session over ``(images, labels)`` batches (``advance`` after each)."""
     correct = seen = 0
     for x, y in batches:
         logits = sess.run(None, {INPUT: x.contiguous().numpy().astype(np.float32)})[0]
         correct += int((torch.from_numpy(logits).argmax(1) == y).sum())
         seen += len(y)
+        advance()
     return {"accuracy": correct / max(seen, 1), "images": seen}
 
 
