@@ -160,11 +160,12 @@ def test_onnxruntime_models_timed_together_measure_what_each_does_alone(tmp_path
 
 
 def test_onnxruntime_accuracy_and_timing_report_progress_step_by_step(tmp_path):
-    """The progress lines of `prunekit quantize` reach their totals: one step per test batch, one per timed
-    block (the totals _quantize gives its bars)."""
+    """The progress lines of `prunekit quantize` and `eval` reach their totals: one step per test batch, per
+    timed ONNX Runtime block, per round of PyTorch timing."""
     from torch import nn
 
-    from prunekit.deploy import ort_accuracy, ort_latency, session, write_onnx
+    from prunekit.deploy import ort_accuracy, ort_blocks, ort_latency, session, write_onnx
+    from prunekit.measure import latency as measure_latency
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).eval()
     paths = [write_onnx(model, 16, tmp_path / f"m{i}.onnx") for i in range(3)]
@@ -172,4 +173,6 @@ def test_onnxruntime_accuracy_and_timing_report_progress_step_by_step(tmp_path):
     batches = [(torch.randn(5, 3, 16, 16), torch.randint(0, 10, (5,))) for _ in range(4)]
     ort_accuracy(session(paths[0], 1), batches, advance=lambda: steps.append("batch"))
     ort_latency(paths, 16, 2, threads=1, repeats=30, advance=lambda: steps.append("block"))
-    assert steps.count("batch") == 4 and steps.count("block") == len(paths) * 3
+    measure_latency([model, model], 16, 2, repeats=7, advance=lambda: steps.append("round"))
+    assert steps.count("batch") == 4 and steps.count("block") == ort_blocks(len(paths)) == 9
+    assert steps.count("round") == 7

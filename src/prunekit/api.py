@@ -11,7 +11,7 @@ import torch
 
 from . import __version__
 from .checkpoint import description, load_checkpoint
-from .console import progress_bar
+from .console import stages
 from .data import DataBundle, load_data
 from .errors import UsageError, arg
 from .files import DirectoryLock, check_outputs, clean_stale_temps, is_main_process
@@ -226,15 +226,21 @@ def evaluate_checkpoint(
     }
     if measure_latency:
         dense = _dense_parent(meta)
-        if dense is not None:
+        with stages() as stage:
             # The dense parent's architecture, timed in alternation with the pruned model on the same input.
-            pairs = {f"batch{b}": latency([model, dense], size, batch_size=b) for b in (1, 64)}
+            models = [model] if dense is None else [model, dense]
+            repeats = 30
+            pairs = {
+                f"batch{b}": latency(
+                    models, size, b, repeats=repeats, advance=stage(f"PyTorch latency, batch {b}", repeats)
+                )
+                for b in (1, 64)
+            }
             results["latency"] = {k: v[0] for k, v in pairs.items()}
-            results["parent_latency"] = {k: v[1] for k, v in pairs.items()}
-            results["speedup"] = {k: v[1]["median_ms"] / v[0]["median_ms"] for k, v in pairs.items()}
-        else:
-            results["latency"] = {f"batch{b}": latency(model, size, batch_size=b) for b in (1, 64)}
-        results.update(onnxruntime_latency(model, meta, dense))
+            if dense is not None:
+                results["parent_latency"] = {k: v[1] for k, v in pairs.items()}
+                results["speedup"] = {k: v[1]["median_ms"] / v[0]["median_ms"] for k, v in pairs.items()}
+            results.update(onnxruntime_latency(model, meta, dense, stage=stage))
     if out is not None:
         from .files import write_json
 
@@ -254,12 +260,14 @@ def onnxruntime_latency(
     meta: dict[str, Any],
     dense: torch.nn.Module | None = None,
     threads: int | None = None,
+    stage: Callable[[str, int], Callable[[], None]] | None = None,
 ) -> dict[str, Any]:
     """Latency in ONNX Runtime (CPU), at batch 1 and 64, against ``dense`` (the parent's architecture) when
-    given; empty when ONNX Runtime is not installed."""
+    given; empty when ONNX Runtime is not installed. ``stage`` adds progress lines (``console.stages``)."""
+    import contextlib
     import tempfile
 
-    from .deploy import ort_latency, require_onnxruntime, write_onnx
+    from .deploy import require_onnxruntime, write_onnx
 
     try:
         require_onnxruntime()
@@ -267,16 +275,32 @@ def onnxruntime_latency(
         return {}
     threads = threads or torch.get_num_threads()
     size = meta["input_size"]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        stage = stage or stack.enter_context(stages())
         paths = [write_onnx(model, size, Path(tmp) / "model.onnx")]
         if dense is not None:
             paths.append(write_onnx(dense, size, Path(tmp) / "dense.onnx"))
-        pairs = {f"batch{b}": ort_latency(paths, size, b, threads) for b in (1, 64)}
+        pairs = _ort_timing(paths, size, threads, stage)
     results: dict[str, Any] = {"ort_latency": {k: v[0] for k, v in pairs.items()}}
     if dense is not None:
         results["ort_parent_latency"] = {k: v[1] for k, v in pairs.items()}
         results["ort_speedup"] = {k: v[1]["median_ms"] / v[0]["median_ms"] for k, v in pairs.items()}
     return results
+
+
+def _ort_timing(
+    paths: list[Path], size: int, threads: int, stage: Callable[[str, int], Callable[[], None]]
+) -> dict[str, list[dict[str, Any]]]:
+    """ONNX Runtime latency records of ``paths`` at batch 1 and 64, each batch size a progress line."""
+    from .deploy import ort_blocks, ort_latency
+
+    blocks = ort_blocks(len(paths))
+    return {
+        f"batch{b}": ort_latency(
+            paths, size, b, threads, advance=stage(f"ONNX Runtime latency, batch {b}", blocks)
+        )
+        for b in (1, 64)
+    }
 
 
 def quantize_checkpoint(
@@ -350,7 +374,6 @@ def _quantize(
         CALIBRATION_METHODS,
         conv_nodes,
         ort_accuracy,
-        ort_latency,
         quantize_int8,
         session,
         write_onnx,
@@ -372,14 +395,8 @@ def _quantize(
     def calibration(n: int) -> list[torch.Tensor]:
         return [x for x, _ in bundle.sample_batches(min(n, len(bundle.train)), batch, seed)]
 
-    with tempfile.TemporaryDirectory() as tmp, progress_bar() as bar:
+    with tempfile.TemporaryDirectory() as tmp, stages() as stage:
         tmp = Path(tmp)
-
-        def stage(description: str, total: int) -> Callable[[], None]:
-            """A progress line for one stage; the returned function advances it by one step."""
-            task = bar.add_task(description, total=total, info="")
-            return lambda: bar.advance(task)
-
         fp32 = write_onnx(model, size, tmp / "fp32.onnx")
         fp32_acc = ort_accuracy(session(fp32, threads), test, stage("fp32 accuracy", len(test)))["accuracy"]
         tries: list[dict[str, Any]] = []
@@ -408,11 +425,7 @@ def _quantize(
         dense = _dense_parent(meta)
         if dense is not None:
             paths.append(write_onnx(dense, size, tmp / "dense.onnx"))
-        blocks = len(paths) * 3  # ort_latency's 30 calls per model in blocks of 10
-        timing = {
-            f"batch{b}": ort_latency(paths, size, b, threads, advance=stage(f"latency at batch {b}", blocks))
-            for b in (1, 64)
-        }
+        timing = _ort_timing(paths, size, threads, stage)
         sizes = {"int8": (tmp / "best.onnx").stat().st_size, "fp32": fp32.stat().st_size}
         if dense is not None:
             sizes["dense_fp32"] = (tmp / "dense.onnx").stat().st_size

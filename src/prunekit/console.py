@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import (
@@ -31,6 +33,19 @@ def progress_bar(transient: bool = True) -> Progress:
         transient=transient,
         disable=not console.is_terminal,
     )
+
+
+@contextlib.contextmanager
+def stages() -> Iterator[Callable[[str, int], Callable[[], None]]]:
+    """One progress display for a command's stages: ``stage(description, total)`` adds a line and returns
+    the function that advances it by one step."""
+    with progress_bar() as bar:
+
+        def stage(description: str, total: int) -> Callable[[], None]:
+            task = bar.add_task(description, total=total, info="")
+            return lambda: bar.advance(task)
+
+        yield stage
 
 
 def warn(message: str) -> None:

@@ -92,6 +92,11 @@ def ort_times(
     return times
 
 
+def ort_blocks(models: int, repeats: int = 30, block: int = 10) -> int:
+    """How many blocks ``ort_times`` runs (steps of its ``advance``)."""
+    return models * -(-repeats // block)
+
+
 def ort_latency(
     paths: Sequence[str | Path],
     input_size: int,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -167,6 +167,7 @@ def latency(
     repeats: int = 30,
     device: torch.device | str = "cpu",
     channels_last: bool = True,
+    advance: Callable[[], Any] = lambda: None,
 ) -> dict[str, float] | list[dict[str, float]]:
     """Median wall time of a forward pass (fp32, eval mode) after warm-up, in milliseconds.
 
@@ -183,11 +184,14 @@ def latency(
             m.to(memory_format=torch.channels_last)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     runs = [lambda m=m: (m(x), sync()) for m in models]
-    results = [timing_row(t, batch_size, torch.get_num_threads()) for t in alternate(runs, repeats, warmup)]
+    times = alternate(runs, repeats, warmup, advance)
+    results = [timing_row(t, batch_size, torch.get_num_threads()) for t in times]
     return results if isinstance(model, (list, tuple)) else results[0]
 
 
-def alternate(runs: Sequence[Any], repeats: int, warmup: int = 5) -> list[list[float]]:
+def alternate(
+    runs: Sequence[Any], repeats: int, warmup: int = 5, advance: Callable[[], Any] = lambda: None
+) -> list[list[float]]:
     """Seconds per call of each ``run``, timed call by call in alternation after ``warmup`` calls each, so a
     change in machine load hits every run the same. For runs sharing one thread pool (PyTorch); ONNX Runtime
     sessions each have their own and are timed one at a time (``deploy.ort_times``)."""
@@ -200,6 +204,7 @@ def alternate(runs: Sequence[Any], repeats: int, warmup: int = 5) -> list[list[f
             start = time.perf_counter()
             run()
             bucket.append(time.perf_counter() - start)
+        advance()  # once a round: ``repeats`` in all
     return times
 
 
