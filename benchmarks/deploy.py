@@ -17,6 +17,7 @@ import torch
 
 from common import FULL_ARCHIVE, ROOT, require, save
 from prunekit import api, load
+from prunekit.measure import count_macs
 from prunekit.pruning import PruneRequest
 from prunekit.train import TrainConfig
 
@@ -41,14 +42,29 @@ def main() -> None:
         help="how the 2x is spread across layers (default: the command line's, sensitivity)",
     )
     parser.add_argument(
+        "--target-latency",
+        type=float,
+        default=None,
+        help="prune to this fraction of the dense latency instead of half the MACs (see prunekit prune)",
+    )
+    parser.add_argument("--latency-batch", type=int, default=64)
+    parser.add_argument("--latency-runtime", default="pytorch", choices=["pytorch", "onnxruntime"])
+    parser.add_argument(
         "--runs",
         type=int,
         default=5,
         help="quantize-and-time runs; the first is the report, every run's times and speed-ups are recorded",
     )
     args = parser.parse_args()
-    tag = ("" if args.round_to == 1 else f"-round{args.round_to}") + (
-        "" if args.allocation == "global" else f"-{args.allocation}"
+    latency = (
+        f"-latency{args.target_latency:g}-{args.latency_runtime}-b{args.latency_batch}"
+        if args.target_latency is not None
+        else ""
+    )
+    tag = (
+        ("" if args.round_to == 1 else f"-round{args.round_to}")
+        + ("" if args.allocation == "global" else f"-{args.allocation}")
+        + latency
     )
     data = str(require(FULL_ARCHIVE))
     dense = RUN / "baseline" / "model.safetensors"
@@ -57,7 +73,16 @@ def main() -> None:
         api.train("resnet18", data, RUN / "baseline", TrainConfig(epochs=args.epochs), resume=resume)
     pruned = RUN / f"pruned{tag}.safetensors"
     if not pruned.exists():
-        request = PruneRequest(target_macs=0.5, round_to=args.round_to, allocation=args.allocation)
+        target = (
+            {"target_macs": 0.5}
+            if args.target_latency is None
+            else {
+                "target_latency": args.target_latency,
+                "latency_batch": args.latency_batch,
+                "latency_runtime": args.latency_runtime,
+            }
+        )
+        request = PruneRequest(**target, round_to=args.round_to, allocation=args.allocation)
         api.prune_checkpoint(dense, request, importance="l2", out=pruned)
     finetuned = RUN / f"finetune{tag}" / "model.safetensors"
     if not finetuned.exists():
@@ -99,10 +124,17 @@ def main() -> None:
         f"python benchmarks/deploy.py --epochs {args.epochs} --finetune-epochs {args.finetune_epochs} "
         f"--calibration-images {args.calibration_images} --round-to {args.round_to} --allocation {args.allocation} "
         f"--runs {args.runs}"
+        + (
+            f" --target-latency {args.target_latency:g} --latency-runtime {args.latency_runtime} "
+            f"--latency-batch {args.latency_batch}"
+            if args.target_latency is not None
+            else ""
+        )
     )
     report["round_to"], report["allocation"] = args.round_to, args.allocation
+    report["macs_ratio"] = count_macs(load(finetuned), 32) / count_macs(load(dense), 32)
     name = "deploy" if args.round_to != 1 else "deploy-round1"
-    save(name if args.allocation == "sensitivity" else f"{name}-{args.allocation}", report)
+    save((name if args.allocation == "sensitivity" else f"{name}-{args.allocation}") + latency, report)
     rows = report["rows"]
     for name, row in rows.items():
         lat = row["latency"]
