@@ -116,9 +116,10 @@ def main() -> None:
     report["median_speedup_over_runs"] = {
         b: statistics.median(r["speedup_vs_dense_fp32"][b] for r in runs) for b in ("batch1", "batch64")
     }
+    dense_model, finetuned_model = load(dense), load(finetuned)
     report["pytorch_fp32_accuracy"] = {
-        "dense": load(dense).prunekit_meta["metrics"]["test_accuracy"],
-        "pruned_finetuned": load(finetuned).prunekit_meta["metrics"]["test_accuracy"],
+        "dense": dense_model.prunekit_meta["metrics"]["test_accuracy"],
+        "pruned_finetuned": finetuned_model.prunekit_meta["metrics"]["test_accuracy"],
     }
     report["command"] = (
         f"python benchmarks/deploy.py --epochs {args.epochs} --finetune-epochs {args.finetune_epochs} "
@@ -132,7 +133,7 @@ def main() -> None:
         )
     )
     report["round_to"], report["allocation"] = args.round_to, args.allocation
-    report["macs_ratio"] = count_macs(load(finetuned), 32) / count_macs(load(dense), 32)
+    report["macs_ratio"] = count_macs(finetuned_model, 32) / count_macs(dense_model, 32)
     name = "deploy" if args.round_to != 1 else "deploy-round1"
     save((name if args.allocation == "sensitivity" else f"{name}-{args.allocation}") + latency, report)
     rows = report["rows"]

@@ -406,10 +406,10 @@ def _quantize(
             calibrated = stage(f"int8 calibration, {name}", 1)  # ONNX Runtime's calibrator reports no steps
             quantize_int8(fp32, target, calibration(n), method=how, exclude=exclude)
             calibrated()
-            acc = ort_accuracy(session(target, threads), test, stage(f"int8 accuracy, {name}", len(test)))
+            progress = stage(f"int8 accuracy, {name}", len(test))
+            acc = ort_accuracy(session(target, threads), test, progress)["accuracy"]
             tries.append({"name": name, "calibration_images": n, "method": how, "keep_fp32": exclude,
-                          "accuracy": acc["accuracy"], "drop_points": (fp32_acc - acc["accuracy"]) * 100,
-                          "file": target})  # fmt: skip
+                          "accuracy": acc, "drop_points": (fp32_acc - acc) * 100, "file": target})  # fmt: skip
 
         attempt("as asked", calibration_images, method, list(keep_fp32 or []))
         if remedies and tries[0]["drop_points"] > 1.0:
