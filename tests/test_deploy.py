@@ -138,10 +138,46 @@ def test_run_with_quantize_reports_every_stage_against_latency(tmp_path, capsys,
     assert (run_dir / "model-int8.onnx").is_file()
 
 
+def test_onnxruntime_timing_keeps_one_session_alive_at_a_time(tmp_path, monkeypatch):
+    """Sessions left open slow each other (their pool threads outlive their runs), so ``ort_times`` must close
+    each model's session before it opens the next one's. Counted on real sessions, not timed."""
+    import weakref
+
+    from torch import nn
+
+    from prunekit import deploy
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).eval()
+    paths = [deploy.write_onnx(model, 16, tmp_path / f"m{i}.onnx") for i in range(3)]
+    live, runs_seen = [], []
+
+    class Counted:
+        def __init__(self, sess):
+            self.sess = sess
+            live.append(weakref.ref(self))
+
+        def run(self, *args, **kwargs):
+            runs_seen.append(sum(ref() is not None for ref in live))
+            return self.sess.run(*args, **kwargs)
+
+    real_session = deploy.session
+    monkeypatch.setattr(deploy, "session", lambda path, threads: Counted(real_session(path, threads)))
+    times = deploy.ort_latency(paths, 16, 1, threads=2, warmup=2, repeats=25)
+    assert runs_seen and max(runs_seen) == 1
+    assert len(live) == 9  # three blocks per model, a fresh session each
+    assert [t["repeats"] for t in times] == [25, 25, 25]
+
+
 def test_onnxruntime_models_timed_together_measure_what_each_does_alone(tmp_path):
-    """A session's pool threads outlive its runs. Sessions kept open and timed call by call slowed each other
-    about 2x; timed in blocks, still one of a dense/pruned pair came out 1.5-2.4x slower than alone at batch 1
-    in 3 runs of 4. Timed with only one session open at a time, each measures what it does alone."""
+    """Timed in alternation, a dense and a pruned ResNet-18 each measure what they do alone. With sessions kept
+    open, one of the pair came out 1.45-2.4x slower than alone at batch 1 in most runs.
+
+    This shared machine flips, within seconds, between states that move batch-1 latency by up to 1.4x
+    (results/ort_states.json). So each try brackets "together" between two "alone" measurements, a try whose
+    two disagree saw the state change and does not count, and the verdict is the median of three tries. In the
+    recorded ticks a try failed by chance for about 3 % of a model's tries; two of three, for under 1 % of runs."""
+    import statistics
+
     from prunekit import prune
     from prunekit.deploy import ort_latency, write_onnx
     from prunekit.models import build_model
@@ -152,11 +188,23 @@ def test_onnxruntime_models_timed_together_measure_what_each_does_alone(tmp_path
     paths = [
         write_onnx(m, 32, tmp_path / f"{name}.onnx") for name, m in (("dense", dense), ("pruned", pruned))
     ]
-    alone = [ort_latency([p], 32, 1, threads=2, repeats=60)[0]["median_ms"] for p in paths]
-    for _ in range(2):
-        together = [r["median_ms"] for r in ort_latency(paths, 32, 1, threads=2, repeats=60)]
-        for name, t, a in zip(("dense", "pruned"), together, alone, strict=True):
-            assert t < 1.3 * a, (name, t, a)
+
+    def medians(models: list[Path]) -> list[float]:
+        return [r["median_ms"] for r in ort_latency(models, 32, 1, threads=2, repeats=60)]
+
+    ratios: list[list[float]] = []  # per counted try: together / slower of the two alone, per model
+    tries = []
+    while len(ratios) < 3 and len(tries) < 8:
+        before = [medians([p])[0] for p in paths]
+        together = medians(paths)
+        after = [medians([p])[0] for p in paths]
+        tries.append((before, together, after))
+        if all(max(b, a) < 1.2 * min(b, a) for b, a in zip(before, after, strict=True)):
+            ratios.append([t / max(b, a) for t, b, a in zip(together, before, after, strict=True)])
+    if len(ratios) < 3:
+        pytest.skip(f"the machine's speed changed during most tries: {tries}")
+    for name, model_ratios in zip(("dense", "pruned"), zip(*ratios, strict=True), strict=True):
+        assert statistics.median(model_ratios) < 1.3, (name, tries)
 
 
 def test_onnxruntime_accuracy_and_timing_report_progress_step_by_step(tmp_path):

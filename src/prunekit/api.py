@@ -15,7 +15,7 @@ from .console import stages
 from .data import DataBundle, load_data
 from .errors import UsageError, arg
 from .files import DirectoryLock, check_outputs, clean_stale_temps, is_main_process
-from .measure import count_macs, count_params, evaluate, latency, summary
+from .measure import REPEATS, count_macs, count_params, evaluate, latency, summary
 from .models import build_model, min_input_size
 from .train import MODEL_FILE, STATE_FILE, FitResult, TrainConfig, check_finite, fit
 
@@ -229,11 +229,8 @@ def evaluate_checkpoint(
         with stages() as stage:
             # The dense parent's architecture, timed in alternation with the pruned model on the same input.
             models = [model] if dense is None else [model, dense]
-            repeats = 30
             pairs = {
-                f"batch{b}": latency(
-                    models, size, b, repeats=repeats, advance=stage(f"PyTorch latency, batch {b}", repeats)
-                )
+                f"batch{b}": latency(models, size, b, advance=stage(f"PyTorch latency, batch {b}", REPEATS))
                 for b in (1, 64)
             }
             results["latency"] = {k: v[0] for k, v in pairs.items()}

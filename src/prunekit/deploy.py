@@ -16,7 +16,7 @@ import torch.nn as nn
 from .errors import UsageError, arg
 from .export import INPUT, export_onnx
 from .files import atomic_write
-from .measure import timing_row
+from .measure import REPEATS, timing_row
 from .options import choices
 
 CALIBRATION_METHODS = choices("calibration_method")
@@ -65,7 +65,7 @@ def ort_times(
     paths: Sequence[str | Path],
     x: np.ndarray,
     threads: int,
-    repeats: int = 30,
+    repeats: int = REPEATS,
     warmup: int = 5,
     block: int = 10,
     advance: Callable[[], Any] = lambda: None,
@@ -78,23 +78,28 @@ def ort_times(
     the blocks still spreads a change in machine load over every model.
     """
     times: list[list[float]] = [[] for _ in paths]
-    while min(len(t) for t in times) < repeats:
+    for runs in _block_sizes(repeats, block):
         for path, bucket in zip(paths, times, strict=True):
             sess = session(path, threads)
             for _ in range(warmup):
                 sess.run(None, {INPUT: x})
-            for _ in range(min(block, repeats - len(bucket))):
+            for _ in range(runs):
                 start = time.perf_counter()
                 sess.run(None, {INPUT: x})
                 bucket.append(time.perf_counter() - start)
             del sess
-            advance()  # once a block: len(paths) * ceil(repeats / block) in all
+            advance()
     return times
 
 
-def ort_blocks(models: int, repeats: int = 30, block: int = 10) -> int:
+def _block_sizes(repeats: int, block: int) -> list[int]:
+    """Timed runs in each of ``ort_times``' rounds of blocks."""
+    return [min(block, repeats - start) for start in range(0, repeats, block)]
+
+
+def ort_blocks(models: int, repeats: int = REPEATS, block: int = 10) -> int:
     """How many blocks ``ort_times`` runs (steps of its ``advance``)."""
-    return models * -(-repeats // block)
+    return models * len(_block_sizes(repeats, block))
 
 
 def ort_latency(
@@ -103,7 +108,7 @@ def ort_latency(
     batch_size: int,
     threads: int,
     warmup: int = 5,
-    repeats: int = 30,
+    repeats: int = REPEATS,
     advance: Callable[[], Any] = lambda: None,
 ) -> list[dict[str, Any]]:
     """Latency records of ONNX models in ONNX Runtime (CPU, ``threads`` intra-op threads), timed as

@@ -23,7 +23,7 @@ import torch.nn as nn
 from .errors import UsageError, arg
 from .groups import lowest_channels, unit_size
 from .latency_table import LatencyTable, LayerSpec, build_table, grid, layer_specs
-from .measure import alternate
+from .measure import REPEATS, alternate
 from .planning import allocation_knob
 
 LATENCY_TOLERANCE = 0.05  # the pruned model's measured latency must land within 5 % of the target
@@ -174,13 +174,18 @@ class LatencyPlanner:
 
     # ------------------------------------------------------------------ measurement
 
-    def measure(self, models: list[nn.Module], repeats: int = 30) -> list[float]:
+    def measure(self, models: list[nn.Module], repeats: int = REPEATS) -> list[float]:
         """Median milliseconds of a forward pass of each model at the planner's batch, timed in alternation."""
         return time_models(models, self.example, self.batch, self.runtime, self.threads, repeats)
 
 
 def time_models(
-    models: list[nn.Module], example: torch.Tensor, batch: int, runtime: str, threads: int, repeats: int = 30
+    models: list[nn.Module],
+    example: torch.Tensor,
+    batch: int,
+    runtime: str,
+    threads: int,
+    repeats: int = REPEATS,
 ) -> list[float]:
     """Median milliseconds per forward pass of each model (copies of them: the originals are not touched)."""
     previous = torch.get_num_threads()

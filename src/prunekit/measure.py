@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+REPEATS = 30  # timed runs per model behind every latency median prunekit reports
+
 
 def autocast(device: torch.device | str, enabled: bool):
     """bf16 autocast on ``device`` when enabled, else a no-op context."""
@@ -164,7 +166,7 @@ def latency(
     input_size: int,
     batch_size: int = 1,
     warmup: int = 5,
-    repeats: int = 30,
+    repeats: int = REPEATS,
     device: torch.device | str = "cpu",
     channels_last: bool = True,
     advance: Callable[[], Any] = lambda: None,
