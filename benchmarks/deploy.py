@@ -134,7 +134,7 @@ def main() -> None:
     )
     report["round_to"], report["allocation"] = args.round_to, args.allocation
     report["macs_ratio"] = count_macs(finetuned_model, 32) / count_macs(dense_model, 32)
-    name = "deploy" if args.round_to != 1 else "deploy-round1"
+    name = "deploy" if args.round_to == 16 else f"deploy-round{args.round_to}"
     save((name if args.allocation == "sensitivity" else f"{name}-{args.allocation}") + latency, report)
     rows = report["rows"]
     for name, row in rows.items():
