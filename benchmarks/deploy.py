@@ -18,6 +18,7 @@ import torch
 from common import FULL_ARCHIVE, ROOT, require, save
 from prunekit import api, load
 from prunekit.measure import count_macs
+from prunekit.options import choices
 from prunekit.pruning import PruneRequest
 from prunekit.train import TrainConfig
 
@@ -38,7 +39,7 @@ def main() -> None:
     parser.add_argument(
         "--allocation",
         default="sensitivity",
-        choices=["global", "uniform", "sensitivity"],
+        choices=choices("allocation"),
         help="how the 2x is spread across layers (default: the command line's, sensitivity)",
     )
     parser.add_argument(
@@ -47,8 +48,10 @@ def main() -> None:
         default=None,
         help="prune to this fraction of the dense latency instead of half the MACs (see prunekit prune)",
     )
-    parser.add_argument("--latency-batch", type=int, default=64)
-    parser.add_argument("--latency-runtime", default="pytorch", choices=["pytorch", "onnxruntime"])
+    parser.add_argument("--latency-batch", type=int, default=PruneRequest.latency_batch)
+    parser.add_argument(
+        "--latency-runtime", default=PruneRequest.latency_runtime, choices=choices("latency_runtime")
+    )
     parser.add_argument(
         "--runs",
         type=int,
