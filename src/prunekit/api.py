@@ -484,15 +484,28 @@ def prune_checkpoint(
     data_dir: str | None = None,
     calibration: str = "data",
     calibration_images: int = 256,
+    reconstruction_images: int = 512,
     out: str | Path | None = None,
     seed: int = 0,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Prune a checkpoint as ``request`` (a ``PruneRequest``) says; write the pruned checkpoint and its report
-    (``out`` with a ``.json`` suffix). Outputs that exist are refused unless ``overwrite``."""
+    (``out`` with a ``.json`` suffix). Outputs that exist are refused unless ``overwrite``.
+    Recovery (``request.reconstruct``) re-fits on ``reconstruction_images`` training images."""
     from .core import default_importance
+    from .options import validate
 
     request.validate()
+    validate({"reconstruction_images": reconstruction_images})
+    if request.reconstruct is None:
+        from .core import default_reconstruct
+
+        request.reconstruct = default_reconstruct(calibration == "data")
+    if request.reconstruct and calibration == "random":
+        raise UsageError(
+            f"{arg('reconstruct')} re-fits layers on training images; drop {arg('calibration')} random "
+            f"(or {arg('reconstruct')} off)"
+        )
     importance = importance or default_importance(request.layers)
     if calibration not in ("data", "random"):
         raise UsageError(f"{arg('calibration')} must be 'data' or 'random', got {calibration}")
@@ -505,7 +518,17 @@ def prune_checkpoint(
     check_outputs([path], [out, report_file], overwrite)
     with DirectoryLock(out.parent):
         clean_stale_temps(out.parent)
-        return _prune(path, request, importance, data, data_dir, calibration, calibration_images, out, seed)
+        return _prune(
+            path,
+            request,
+            importance,
+            data,
+            data_dir,
+            calibration,
+            (calibration_images, reconstruction_images),
+            out,
+            seed,
+        )
 
 
 def report_path(out: Path) -> Path:
@@ -521,7 +544,7 @@ def _prune(
     data: str | None,
     data_dir: str | None,
     calibration: str,
-    calibration_images: int,
+    image_counts: tuple[int, int],
     out: Path,
     seed: int,
 ) -> dict[str, Any]:
@@ -532,12 +555,16 @@ def _prune(
 
     ckpt = load_checkpoint(path)
     meta, model = ckpt.meta, ckpt.model
+    calibration_images, reconstruction_images = image_counts
     scores_on_data = importance in NEEDS_CALIBRATION and calibration == "data"
     scans = request.allocation == "sensitivity" and request.sensitivity is None
-    bundle = load_data_for(meta, data, data_dir) if scores_on_data or scans else None  # loaded once for both
-    batches = None
+    needs_data = scores_on_data or scans or request.reconstruct
+    bundle = load_data_for(meta, data, data_dir) if needs_data else None  # loaded once for all of them
+    batches = refit = None
     if importance in NEEDS_CALIBRATION:
         batches = calibration_batches(meta, bundle if scores_on_data else None, calibration_images, seed=seed)
+    if request.reconstruct:
+        refit = [x for x, _ in calibration_batches(meta, bundle, reconstruction_images, seed=seed + 1)]
     size = meta["input_size"]
     if scans:
         from .sensitivity import SCAN_CALIBRATION_IMAGES, SCAN_IMAGES, scan
@@ -562,6 +589,8 @@ def _prune(
         round_to=request.round_to,
         importance=importance,
         calibration=batches,
+        reconstruct=request.reconstruct,
+        reconstruction=refit,
         seed=seed,
     )
     after = summary(model, size)
@@ -590,6 +619,7 @@ def _prune(
         "removed_channels": result.removed,
         "changed_layers": result.changed_layers,
         "latency": result.latency,
+        "reconstruction": result.reconstruction,
     }
     parent = meta.get("parent") or {
         "checkpoint": str(path),

@@ -176,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="score activations on training images (data) or on the seed's random noise",
     )
     p.add_argument("--calibration-images", type=cli_type("calibration_images"), default=256)
+    _add_reconstruct_args(p, defaults=True)
     p.add_argument("--ignore", action="append", default=[], help="never prune this layer (repeatable)")
     p.add_argument(
         "--prune-input-conv",
@@ -339,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--importance", choices=CRITERIA, help="default: activation with --layer, else l2")
     p.add_argument("--calibration", choices=choices("calibration"))
     p.add_argument("--calibration-images", type=cli_type("calibration_images"))
+    _add_reconstruct_args(p, defaults=False)
     p.add_argument(
         "--steps", type=cli_type("steps"), help="reach the target in this many prune/fine-tune rounds"
     )
@@ -496,6 +498,23 @@ def _add_latency_args(p: argparse.ArgumentParser, defaults: bool = True) -> None
     )
 
 
+def _add_reconstruct_args(p: argparse.ArgumentParser, defaults: bool) -> None:
+    from .options import OPTIONS
+
+    p.add_argument(
+        "--reconstruct",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"recovery without labels: {OPTIONS['reconstruct'].help}, then re-estimate BatchNorm",
+    )
+    p.add_argument(
+        "--reconstruction-images",
+        type=cli_type("reconstruction_images"),
+        help=f"{OPTIONS['reconstruction_images'].help} (default 512)",
+        **({"default": 512} if defaults else {}),
+    )
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from . import api
     from .planning import command_line_allocation
@@ -515,6 +534,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         allocation=command_line_allocation(args.allocation, args.ratio),
         sensitivity=_read_json(args.sensitivity) if args.sensitivity else None,
         prune_input_conv=args.prune_input_conv,
+        reconstruct=args.reconstruct,
     )
     report = api.prune_checkpoint(
         args.checkpoint,
@@ -524,6 +544,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         calibration=args.calibration,
         calibration_images=args.calibration_images,
+        reconstruction_images=args.reconstruction_images,
         out=args.out,
         seed=args.seed,
         overwrite=args.overwrite,

@@ -5,6 +5,7 @@ The command line and the path-based functions in ``api.py`` are thin layers over
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,8 @@ from .errors import UsageError, arg
 from .groups import validate_names
 from .importance import NEEDS_CALIBRATION, ChannelImportance, accumulate_gradients, make_importance
 from .pruning import PruneRequest, prune_model
+from .reconstruct import recover
+from .surgery import restore, snapshot
 
 
 @dataclass
@@ -34,6 +37,7 @@ class PruneReport:
     changed_layers: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     latency: dict[str, Any] | None = None  # for a latency target: runtime, batch, measured dense and pruned
+    reconstruction: dict[str, Any] | None = None  # what recovery without labels re-fitted (reconstruct=True)
 
     @property
     def macs_ratio(self) -> float:
@@ -58,6 +62,9 @@ class PruneReport:
                 f", latency {last['dense_ms']:.2f} -> {last['pruned_ms']:.2f} ms ({1 / last['measured']:.2f}x "
                 f"faster, {self.latency['runtime']}, batch {self.latency['batch']}, measured)"
             )
+        if self.reconstruction:
+            r = self.reconstruction
+            text += f"; {len(r['layers'])} layers re-fitted on {r['images']} images ({r['seconds']:.1f} s)"
         return text
 
 
@@ -85,6 +92,8 @@ def prune(
     allocation: str = "global",
     sensitivity: dict[str, Any] | None = None,
     prune_input_conv: bool = False,
+    reconstruct: bool | None = None,
+    reconstruction: Iterable | torch.Tensor | None = None,
     seed: int = 0,
 ) -> PruneReport:
     """Remove whole channels from ``model`` in place; return what was removed and the measured cost.
@@ -100,6 +109,9 @@ def prune(
     ``prune_input_conv`` lets a target or ratio prune the input conv's outputs too. ``target_latency`` keeps that fraction of the dense model's latency,
     measured on this machine at ``latency_batch`` in ``latency_runtime`` (``pytorch`` or ``onnxruntime``):
     planned from per-layer latency tables (cached) and checked by timing the pruned model.
+    ``reconstruct`` then re-fits every layer that reads pruned channels to the dense model's outputs on
+    unlabelled images (``reconstruction``, or else ``calibration``) and re-estimates BatchNorm statistics:
+    recovery without labels (``prunekit.reconstruct``).
     """
     request = PruneRequest(
         layers=_names(layers, "layers"),
@@ -114,6 +126,7 @@ def prune(
         allocation=allocation,
         sensitivity=sensitivity,
         prune_input_conv=prune_input_conv,
+        reconstruct=reconstruct,
     )
     request.validate()
     if not isinstance(model, nn.Module):
@@ -123,8 +136,17 @@ def prune(
     name = importance if importance is not None else default_importance(request.layers)
     criterion = name if isinstance(name, ChannelImportance) else make_importance(name, seed)
     label = name if isinstance(name, str) else type(name).__name__
+    images = reconstruction if reconstruction is not None else calibration
+    if reconstruct is None:
+        reconstruct = default_reconstruct(images is not None)
+    if reconstruct and images is None:
+        raise UsageError(
+            f"{arg('reconstruct')} re-fits layers on unlabelled images: give {arg('calibration')} "
+            f"(input batches)"
+        )
     grads = {p: p.grad for p in model.parameters()}
     start = time.perf_counter()
+    recovery = None
     try:
         if label in NEEDS_CALIBRATION:
             batches = calibration_inputs(calibration, example.device, labels=label == "taylor")
@@ -132,7 +154,15 @@ def prune(
                 accumulate_gradients(model, batches)
             else:
                 criterion.calibrate(model, [x for x, _ in batches])
+        refit = [x for x, _ in calibration_inputs(images, example.device)] if reconstruct else []
+        dense, before = (copy.deepcopy(model), snapshot(model)) if reconstruct else (None, None)
         result = prune_model(model, request, criterion, example)  # traces autograd: no no_grad
+        if dense is not None:
+            try:
+                recovery = recover(dense, model, result.kept, refit, seed).to_dict()
+            except BaseException:  # the surgery too is undone: the model is left as the caller gave it
+                restore(before)
+                raise
     finally:
         for p, g in grads.items():  # scoring gradients are not the caller's
             p.grad = g
@@ -150,7 +180,13 @@ def prune(
         changed_layers=result.changed_layers,
         seconds=time.perf_counter() - start,
         latency=result.latency,
+        reconstruction=recovery,
     )
+
+
+def default_reconstruct(images_at_hand: bool) -> bool:
+    """Whether recovery without labels runs when ``reconstruct`` is not given."""
+    return False
 
 
 def calibration_inputs(

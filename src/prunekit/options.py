@@ -159,6 +159,12 @@ _TABLE = [
         "how a target is spread across layers",
         choices=("global", "uniform", "sensitivity"),
     ),
+    Option(
+        "reconstruct",
+        bool,
+        "re-fit the layers that read pruned channels to the dense model's outputs on unlabelled images",
+    ),
+    Option("reconstruction_images", int, "training images recovery re-fits on", check=at_least(1)),
     Option("calibration", str, choices=("data", "random")),
     Option("calibration_images", int, check=at_least(1)),
     Option("recalibration_images", int, check=at_least(1)),

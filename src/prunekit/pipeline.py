@@ -53,6 +53,8 @@ class RunConfig:
     importance: str | None = None  # activation for named layers, l2 for network-wide targets
     calibration: str = "data"
     calibration_images: int = 256
+    reconstruct: bool | None = None  # recovery without labels after each pruning (None: the default)
+    reconstruction_images: int = 512
     steps: int = 1
     recipe: str = "seed"
     finetune_epochs: int = 10
@@ -107,6 +109,7 @@ class RunConfig:
             round_to=self.round_to,
             allocation=command_line_allocation(self.allocation, ratio),
             prune_input_conv=self.prune_input_conv,
+            reconstruct=self.reconstruct,
         )
 
 
@@ -231,6 +234,7 @@ def _run_locked(cfg: RunConfig, resume: bool) -> dict[str, Any]:
                 data_dir=cfg.data_dir,
                 calibration=cfg.calibration,
                 calibration_images=cfg.calibration_images,
+                reconstruction_images=cfg.reconstruction_images,
                 out=pruned,
                 seed=cfg.seed,
                 overwrite=True,

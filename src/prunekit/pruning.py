@@ -18,7 +18,7 @@ from .groups import Group, collect_groups, tolerant_reshapes, validate_names
 from .importance import ChannelImportance
 from .measure import count_macs, count_params
 from .planning import MIN_KEEP_FRACTION, TOLERANCE, LayerCosts, plan_ratio, plan_target
-from .surgery import SurgeryError, apply_checked, output_shapes, restore, snapshot
+from .surgery import SurgeryError, apply_checked, kept_outputs, output_shapes, restore, snapshot
 
 
 @dataclass
@@ -37,6 +37,7 @@ class PruneRequest:
     round_to: int = 1
     allocation: str = "global"  # how a target is spread across groups (see plan_target)
     sensitivity: dict[str, Any] | None = None  # a sensitivity scan, for allocation "sensitivity"
+    reconstruct: bool | None = None  # recovery without labels after the surgery (None: the default)
 
     def validate(self) -> None:
         modes = [
@@ -70,6 +71,7 @@ class PruneRequest:
                 "ignore",
                 "allocation",
                 "prune_input_conv",
+                "reconstruct",
             ),
         )
         if self.allocation == "sensitivity" and self.ratio is not None:
@@ -89,6 +91,8 @@ class PruneResult:
     params_before: int
     params_after: int
     latency: dict[str, Any] | None = None  # what a latency target measured
+    # for each conv/linear whose outputs were pruned, the dense channel indices it kept (for recovery)
+    kept: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def prune_model(
@@ -125,7 +129,7 @@ def _prune_planned(
     macs_before, params_before = int(sum(costs.macs.values())), costs.total_params
     latency = None
     if request.target_latency is not None:
-        removed, latency = _prune_to_latency(model, request, importance, example, expected)
+        removed, latency, kept = _prune_to_latency(model, request, importance, example, expected)
     else:
         DG, groups = collect_groups(model, example, importance, request)
         if request.ratio is not None:
@@ -136,6 +140,7 @@ def _prune_planned(
             plan = plan_target(
                 groups, costs, target, metric, request.round_to, request.allocation, request.sensitivity
             )
+        kept = kept_outputs(model, groups, plan)
         removed, state = _surgery(model, request, importance, example, expected, DG, groups, plan)
         if request.ratio is None:  # the target is checked on the measured model, not on the plan's estimate
             reached = (
@@ -164,6 +169,7 @@ def _prune_planned(
         params_before=params_before,
         params_after=count_params(model),
         latency=latency,
+        kept=kept,
     )
 
 
@@ -235,7 +241,7 @@ def _prune_to_latency(
     importance: ChannelImportance,
     example: torch.Tensor,
     expected: Any,
-) -> tuple[dict[str, int], dict[str, Any]]:
+) -> tuple[dict[str, int], dict[str, Any], dict[str, torch.Tensor]]:
     """Plan from the latency table, prune, and time the result against the dense model, until the measured
     latency lands within LATENCY_TOLERANCE of the target. The table's prediction is only a guide: the goal
     handed to the planner is re-aimed by each measurement, then bisected between a plan measured too fast and
@@ -280,6 +286,7 @@ def _prune_to_latency(
             if attempts:  # the restored modules get a fresh graph (same scores: the plan stands)
                 DG, groups = collect_groups(model, example, importance, request)
                 planner.groups = groups
+            kept = kept_outputs(model, groups, plan)
             removed, state = _surgery(model, request, importance, example, expected, DG, groups, plan)
             dense_ms, pruned_ms = planner.measure([dense, model])
             measured = measured_plans[key] = pruned_ms / dense_ms
@@ -294,7 +301,7 @@ def _prune_to_latency(
             )
             if abs(measured - target) <= LATENCY_TOLERANCE * target:
                 info = describe(planner, attempts)
-                return removed, {**info, "target": target, "measured": measured, "kept": keep}
+                return removed, {**info, "target": target, "measured": measured, "kept": keep}, kept
             restore(state)
         if measured < target:
             too_fast = goal if too_fast is None else max(too_fast, goal)

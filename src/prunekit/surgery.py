@@ -41,16 +41,42 @@ def apply_plan(DG: tp.DependencyGraph, groups: list[Group], plan: dict[str, torc
     return removed
 
 
+def kept_outputs(
+    model: nn.Module, groups: list[Group], plan: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """For each conv or linear whose output channels ``plan`` removes, the indices of those it keeps
+    (computed on the dense model, before the surgery)."""
+    names = {m: n for n, m in model.named_modules()}
+    removed: dict[nn.Module, set[int]] = {}
+    for g in groups:
+        mask = plan.get(g.root)
+        if mask is None or not mask.any():
+            continue
+        for (layer, is_out, root_idx), idxs in zip(g.members, g.layer_idxs, strict=True):
+            if is_out and isinstance(layer, (nn.Conv2d, nn.Linear)):
+                removed.setdefault(layer, set()).update(idxs[mask[root_idx]].tolist())
+    kept = {}
+    for layer, gone in removed.items():
+        width = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        kept[names[layer]] = torch.tensor([c for c in range(width) if c not in gone], dtype=torch.long)
+    return kept
+
+
 def snapshot(model: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:
     """Each module's attributes, parameters and buffers: enough to undo a surgery exactly.
 
     torch-pruning assigns new tensors rather than editing the old ones in place, so holding references to
     the old parameter objects (not copies) restores the model, and a caller's optimizer still points at them.
+    Buffers are also copied, since BatchNorm recalibration after a surgery updates them in place.
     """
     state = []
     for m in model.modules():
         attrs = {k: v for k, v in vars(m).items() if k not in ("_parameters", "_buffers", "_modules")}
-        state.append((m, {"attrs": attrs, "params": dict(m._parameters), "buffers": dict(m._buffers)}))
+        buffers = dict(m._buffers)
+        copies = {k: v.clone() for k, v in buffers.items() if v is not None}
+        state.append(
+            (m, {"attrs": attrs, "params": dict(m._parameters), "buffers": buffers, "copies": copies})
+        )
     return state
 
 
@@ -65,6 +91,8 @@ def restore(state: list[tuple[nn.Module, dict[str, Any]]]) -> None:
         m._parameters.update(saved["params"])
         m._buffers.clear()
         m._buffers.update(saved["buffers"])
+        for k, copy in saved["copies"].items():
+            m._buffers[k].data.copy_(copy)
 
 
 def output_shapes(out: Any) -> Any:

@@ -1,0 +1,361 @@
+"""Recovery without labels: after the surgery, every layer that reads pruned channels is re-fitted so that its
+output on calibration images matches the dense model's.
+
+As in channel pruning with reconstruction (He et al. 2017), ThiNet (Luo et al. 2017) and AIMET's channel
+pruning with weight reconstruction: for each reader, least squares of the dense layer's output on the pruned
+layer's inputs, over the kept input channels (and the bias), with a small ridge term that pulls the solution
+towards the surgery's weights where the images do not determine it. Readers are solved in forward order, and
+each sees the inputs of the *pruned* model with every earlier reader already re-fitted, so the errors of one
+layer are corrected by the next instead of piling up. A depthwise conv reads each channel alone: pruning a
+channel removes its filter and there is nothing to re-fit, so the conv after it is re-fitted instead.
+
+Memory is bounded: each reader's regression uses a sample of output positions (rows), Gram matrices are
+accumulated per chunk of rows, and the images pass the model as one batch no larger than a memory budget.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import UsageError, arg
+
+# Ridge terms tried, relative to the mean diagonal of the inputs' Gram matrix: each reader takes the one with
+# the lowest error on the images held out of its fit (every fifth), then is solved again on all of them.
+RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+HOLD_OUT_EVERY = 5
+ROWS_PER_INPUT = 8  # regression rows sampled per input dimension of a reader ...
+MIN_ROWS, MAX_ROWS = 4096, 32768  # ... within these bounds (all rows when the images hold fewer)
+CHUNK_ROWS = 4096  # rows gathered at once while accumulating a Gram matrix
+MEMORY_BUDGET = 6 * 2**30  # bytes of activations one pass may hold (the images go through as one batch)
+
+
+@dataclass
+class LayerFit:
+    """One re-fitted reader: its regression size and relative output error on held-out images, before and
+    after the fit."""
+
+    layer: str
+    inputs: int
+    rows: int
+    error_before: float
+    error_after: float
+
+
+@dataclass
+class ReconstructionReport:
+    """What recovery did: the images it used, each reader it re-fitted, and how long it took."""
+
+    images: int
+    layers: list[LayerFit] = field(default_factory=list)
+    seconds: float = 0.0
+    images_given: int = 0
+    started: float = field(default_factory=time.perf_counter, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "images": self.images,
+            "images_given": self.images_given,
+            "seconds": self.seconds,
+            "layers": [vars(f) for f in self.layers],
+        }
+
+    def __str__(self) -> str:
+        if not self.layers:
+            return "reconstruction: no layer reads pruned channels"
+        before = sum(f.error_before for f in self.layers) / len(self.layers)
+        after = sum(f.error_after for f in self.layers) / len(self.layers)
+        return (
+            f"reconstruction: re-fitted {len(self.layers)} layers on {self.images} unlabelled images in "
+            f"{self.seconds:.1f} s (mean relative output error {before:.3f} -> {after:.3f})"
+        )
+
+
+def refittable(layer: nn.Module) -> bool:
+    """A linear, or a conv that mixes all its input channels (not grouped, not depthwise)."""
+    return isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and layer.groups == 1)
+
+
+def readers(dense: nn.Module, pruned: nn.Module) -> list[str]:
+    """Names of the re-fittable layers whose inputs the surgery shrank."""
+    dense_modules = dict(dense.named_modules())
+    names = []
+    for name, layer in pruned.named_modules():
+        before = dense_modules.get(name)
+        if not refittable(layer) or before is None:
+            continue
+        if _in_width(layer) != _in_width(before):
+            names.append(name)
+    return names
+
+
+def _in_width(layer: nn.Module) -> int:
+    return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+
+
+def _padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:  # F.pad's order
+    """(left, right, top, bottom) zero padding, for numeric and 'same'/'valid' paddings alike."""
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return 0, 0, 0, 0
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        (th, tw) = total
+        return tw // 2, tw - tw // 2, th // 2, th - th // 2
+    ph, pw = conv.padding
+    return pw, pw, ph, ph
+
+
+class _Rows:
+    """The regression rows of one reader: sampled output positions, and how to read them from tensors."""
+
+    def __init__(self, layer: nn.Module, output: torch.Tensor, generator: torch.Generator):
+        self.layer = layer
+        if isinstance(layer, nn.Conv2d):
+            n, _, h, w = output.shape
+            total = n * h * w
+        else:
+            total = output.numel() // output.shape[-1]
+        dims = _in_width(layer) * (math.prod(layer.kernel_size) if isinstance(layer, nn.Conv2d) else 1)
+        want = min(max(MIN_ROWS, ROWS_PER_INPUT * dims), MAX_ROWS)
+        picked = torch.randperm(total, generator=generator)[:want] if total > want else torch.arange(total)
+        self.index = picked.sort().values
+        if isinstance(layer, nn.Conv2d):
+            self.n = self.index // (h * w)
+            self.h = self.index % (h * w) // w
+            self.w = self.index % w
+            image = self.n
+        else:
+            image = self.index // (total // output.shape[0])
+        self.held_out = image % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
+
+    def outputs(self, output: torch.Tensor) -> torch.Tensor:
+        """The layer's output at the sampled positions: rows x channels."""
+        if isinstance(self.layer, nn.Conv2d):
+            return output[self.n, :, self.h, self.w].float()
+        return output.reshape(-1, output.shape[-1])[self.index].float()
+
+    def inputs(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the layer's flattened input (its receptive field, and a 1 for the bias)."""
+        layer = self.layer
+        if isinstance(layer, nn.Conv2d):
+            kh, kw = layer.kernel_size
+            sh, sw = layer.stride
+            dh, dw = layer.dilation
+            rows = self.h[start:stop, None] * sh + torch.arange(kh) * dh
+            cols = self.w[start:stop, None] * sw + torch.arange(kw) * dw
+            patch = x[self.n[start:stop, None, None], :, rows[:, :, None], cols[:, None, :]]
+            flat = patch.permute(0, 3, 1, 2).reshape(stop - start, -1)  # (channel, kh, kw) like the weight
+        else:
+            flat = x.reshape(-1, x.shape[-1])[self.index[start:stop]]
+        flat = flat.float()
+        if layer.bias is not None:
+            flat = torch.cat([flat, torch.ones(len(flat), 1)], dim=1)
+        return flat
+
+
+def _flat_weight(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as (outputs, inputs), with the bias as one more input column."""
+    w = layer.weight.detach().reshape(layer.weight.shape[0], -1).float()
+    if layer.bias is not None:
+        w = torch.cat([w, layer.bias.detach().float()[:, None]], dim=1)
+    return w
+
+
+def _set_flat_weight(layer: nn.Module, flat: torch.Tensor) -> None:
+    """New parameter objects, never an in-place edit: a parameter the surgery did not replace (a reader's
+    bias) is still the caller's, and undoing a failed call puts those objects back as they were."""
+
+    def fresh(old: nn.Parameter, value: torch.Tensor) -> nn.Parameter:
+        return nn.Parameter(value.reshape(old.shape).to(old), requires_grad=old.requires_grad)
+
+    if layer.bias is not None:
+        layer.bias = fresh(layer.bias, flat[:, -1])
+        flat = flat[:, :-1]
+    layer.weight = fresh(layer.weight, flat)
+
+
+class _Normal:
+    """The normal equations of one regression: G = X^T X, C = X^T Y and ||Y||^2, accumulated by rows."""
+
+    def __init__(self, inputs: int, outputs: int):
+        self.gram = torch.zeros(inputs, inputs, dtype=torch.float64)
+        self.cross = torch.zeros(inputs, outputs, dtype=torch.float64)
+        self.energy = 0.0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.gram += (x.T @ x).double()
+        self.cross += (x.T @ y).double()
+        self.energy += float((y.double() ** 2).sum())
+
+    def __add__(self, other: _Normal) -> _Normal:
+        total = _Normal(0, 0)
+        total.gram, total.cross = self.gram + other.gram, self.cross + other.cross
+        total.energy = self.energy + other.energy
+        return total
+
+    def error(self, w: torch.Tensor) -> float:
+        """||X W^T - Y||^2 relative to ||Y||^2."""
+        value = (w @ self.gram * w).sum() - 2 * (w * self.cross.T).sum() + self.energy
+        return max(float(value), 0.0) / max(self.energy, 1e-30)
+
+    def solve(self, w0: torch.Tensor, ridge: float) -> torch.Tensor:
+        """Ridge least squares towards ``w0``: argmin ||X W^T - Y||^2 + lam ||W - w0||^2."""
+        lam = ridge * float(torch.diagonal(self.gram).mean().clamp_min(1e-12))
+        eye = torch.eye(len(self.gram), dtype=torch.float64)
+        factor, info = torch.linalg.cholesky_ex(self.gram + lam * eye)  # positive definite: lam > 0
+        if int(info):
+            return torch.full_like(w0, float("nan"))
+        return torch.cholesky_solve(self.cross + lam * w0.T, factor).T
+
+
+def solve(fit: _Normal, held_out: _Normal, w0: torch.Tensor) -> tuple[torch.Tensor | None, float, float]:
+    """The ridge term with the lowest error on ``held_out`` when fitted on ``fit``, applied to both; returns
+    (the new weights, or None where no ridge beats ``w0`` on the held-out images; error before; error after),
+    the errors measured on the held-out images."""
+    w0 = w0.double()
+    best, best_error = None, held_out.error(w0)
+    before = best_error
+    for ridge in RIDGES:
+        w = fit.solve(w0, ridge)
+        e = held_out.error(w)
+        if torch.isfinite(w).all() and e < best_error:
+            best, best_error = ridge, e
+    if best is None:
+        return None, before, before
+    w = (fit + held_out).solve(w0, best)
+    return (w.float() if torch.isfinite(w).all() else None), before, best_error
+
+
+def images_per_pass(model: nn.Module, example: torch.Tensor, budget: int = MEMORY_BUDGET) -> int:
+    """How many images one pass may hold within ``budget``: activations of one image, summed over the conv
+    and linear outputs (what a gradient-free pass holds at most, and more), priced in float32."""
+    from .measure import forward_with_hooks
+
+    total = 0
+
+    def hook(_module, _inputs, output):
+        nonlocal total
+        total += output[:1].numel() * 4
+
+    forward_with_hooks(model, example[:1], hook)
+    return max(1, budget // max(total, 1))
+
+
+@torch.no_grad()
+def reconstruct(
+    dense: nn.Module,
+    pruned: nn.Module,
+    kept_outputs: dict[str, torch.Tensor],
+    images: torch.Tensor | Sequence[torch.Tensor],
+    seed: int = 0,
+) -> ReconstructionReport:
+    """Re-fit every layer of ``pruned`` that reads pruned channels to ``dense``'s outputs on ``images``.
+
+    ``kept_outputs``: for each layer whose own outputs were pruned, the dense channel indices it kept.
+    ``images`` are unlabelled input batches; they pass both models as one batch (as many as fit in
+    ``MEMORY_BUDGET``). ``pruned`` is changed in place; ``dense`` is not.
+    """
+    try:
+        x = images if isinstance(images, torch.Tensor) else torch.cat(list(images))
+        given = len(x)
+        x = x[: images_per_pass(dense, x)]
+    except RuntimeError as exc:
+        shapes = sorted({tuple(b.shape) for b in ([images] if isinstance(images, torch.Tensor) else images)})
+        raise UsageError(
+            f"the {arg('calibration')} images (batches of shape {', '.join(map(str, shapes[:3]))}) do not run "
+            f"through the model: {' '.join(str(exc).split())[:200]}"
+        ) from None
+    if not given:
+        raise UsageError(f"reconstruction needs {arg('calibration')} images; none were given")
+    names = readers(dense, pruned)
+    report = ReconstructionReport(images=len(x), images_given=given)
+    if not names:
+        report.seconds = time.perf_counter() - report.started
+        return report
+    dense_modules, pruned_modules = dict(dense.named_modules()), dict(pruned.named_modules())
+    generator = torch.Generator().manual_seed(seed)
+    rows: dict[str, _Rows] = {}
+    targets: dict[str, torch.Tensor] = {}
+
+    def record(name: str):
+        def hook(module, _inputs, output):
+            if name in targets:  # a layer called twice is fitted to its first call
+                return
+            rows[name] = _Rows(module, output, generator)
+            y = rows[name].outputs(output)
+            kept = kept_outputs.get(name)
+            targets[name] = y[:, kept] if kept is not None else y
+
+        return hook
+
+    def refit(name: str):
+        def pre_hook(module, inputs):
+            if name not in targets or name in done:
+                return
+            done.add(name)
+            report.layers.append(_refit_layer(name, module, inputs[0], rows[name], targets.pop(name)))
+
+        return pre_hook
+
+    done: set[str] = set()
+    _run_with_hooks(dense, x, {dense_modules[n]: record(n) for n in names}, pre=False)
+    _run_with_hooks(pruned, x, {pruned_modules[n]: refit(n) for n in names}, pre=True)
+    report.seconds = time.perf_counter() - report.started
+    return report
+
+
+def _refit_layer(name: str, layer: nn.Module, x: torch.Tensor, rows: _Rows, y: torch.Tensor) -> LayerFit:
+    """Accumulate the normal equations of one reader chunk by chunk, solve, and write the new weights."""
+    if isinstance(layer, nn.Conv2d):
+        x = F.pad(x, _padding(layer))
+    w0 = _flat_weight(layer)
+    if y.shape[1] != w0.shape[0]:
+        raise RuntimeError(f"{name}: {y.shape[1]} dense outputs kept, but the layer has {w0.shape[0]}")
+    fit, held_out = _Normal(*w0.shape[::-1]), _Normal(*w0.shape[::-1])
+    for begin in range(0, len(y), CHUNK_ROWS):
+        end = min(begin + CHUNK_ROWS, len(y))
+        xs, ys, out = rows.inputs(x, begin, end), y[begin:end], rows.held_out[begin:end]
+        fit.add(xs[~out], ys[~out])
+        held_out.add(xs[out], ys[out])
+    w, before, after = solve(fit, held_out, w0)
+    if w is not None:  # never make a layer worse than the surgery left it
+        _set_flat_weight(layer, w)
+    return LayerFit(name, w0.shape[1], len(y), before, after)
+
+
+def _run_with_hooks(model: nn.Module, x: torch.Tensor, hooks: dict[nn.Module, Any], pre: bool) -> None:
+    register = (
+        (lambda m, h: m.register_forward_pre_hook(h)) if pre else (lambda m, h: m.register_forward_hook(h))
+    )
+    handles = [register(m, h) for m, h in hooks.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+
+def recover(
+    dense: nn.Module,
+    pruned: nn.Module,
+    kept_outputs: dict[str, torch.Tensor],
+    images: Sequence[torch.Tensor],
+    seed: int = 0,
+) -> ReconstructionReport:
+    """Recovery without labels: ``reconstruct``, then BatchNorm statistics re-estimated on the same images."""
+    from .finetuning import recalibrate_batchnorm
+
+    report = reconstruct(dense, pruned, kept_outputs, images, seed=seed)
+    recalibrate_batchnorm(pruned, images)
+    report.seconds = time.perf_counter() - report.started
+    return report

@@ -1,0 +1,192 @@
+"""Recovery without labels: re-fitted readers of pruned channels stay closer to the dense model on images they
+never saw, in residual and depthwise models; a refused or interrupted recovery leaves the model as it was."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import prunekit
+from prunekit.errors import UsageError
+from prunekit.finetuning import recalibrate_batchnorm
+from prunekit.reconstruct import readers
+from test_core import ResidualNet, assert_unchanged, fingerprint
+
+
+class DepthwiseNet(nn.Module):
+    """An inverted-residual CNN: pointwise expansion, depthwise 3x3, pointwise projection, a residual sum."""
+
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.expand = nn.Conv2d(16, 48, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(48)
+        self.depthwise = nn.Conv2d(48, 48, 3, padding=1, groups=48, bias=False)
+        self.bn2 = nn.BatchNorm2d(48)
+        self.project = nn.Conv2d(48, 16, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(16)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        y = F.relu(self.bn2(self.depthwise(F.relu(self.bn1(self.expand(x))))))
+        x = x + self.bn3(self.project(y))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def smooth_images(n: int, seed: int, size: int = 16) -> torch.Tensor:
+    """Images with spatially correlated pixels (upsampled noise), so channels carry overlapping information
+    as they do on real photos."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(n, 3, size // 4, size // 4, generator=gen)
+    return F.interpolate(coarse, size=size, mode="bilinear", align_corners=False) + 0.1 * torch.randn(
+        n, 3, size, size, generator=gen
+    )
+
+
+def model_of(cls) -> nn.Module:
+    """A model with distinct BatchNorm scales (so kept channels can be told apart) and statistics."""
+    torch.manual_seed(0)
+    model = cls()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.normal_(m.bias, 0, 0.1)
+    recalibrate_batchnorm(model, [smooth_images(256, seed=99)])
+    return model.eval()
+
+
+CALIBRATION = [smooth_images(128, seed=1), smooth_images(128, seed=2)]
+HELD_OUT = smooth_images(256, seed=3)
+X = torch.zeros(1, 3, 16, 16)
+
+
+def kept_channels(dense_bn: nn.BatchNorm2d, pruned_bn: nn.BatchNorm2d) -> list[int]:
+    """The dense channels a pruned BatchNorm kept, found by their (distinct, untouched) scales."""
+    return [i for i, g in enumerate(dense_bn.weight) if bool((pruned_bn.weight == g).any())]
+
+
+def outputs(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
+    """The output of ``layer`` on ``x``."""
+    seen = {}
+    handle = dict(model.named_modules())[layer].register_forward_hook(lambda m, i, o: seen.update(out=o))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return seen["out"]
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float(((got - want) ** 2).sum() / (want**2).sum())
+
+
+@pytest.mark.parametrize(
+    "cls, layer, norm",
+    [(ResidualNet, "head", None), (ResidualNet, "down", "bn3"), (DepthwiseNet, "project", "bn3")],
+)
+def test_refitting_lowers_output_error_on_held_out_images(cls, layer, norm):
+    """Against the same pruning with BatchNorm recalibration only, a re-fitted reader's output (and the
+    logits) is closer to the dense model's on images neither saw."""
+    dense = model_of(cls)
+    plain, refit = copy.deepcopy(dense), copy.deepcopy(dense)
+    prunekit.prune(
+        plain, X, target_macs=0.5, prune_input_conv=True, calibration=CALIBRATION, reconstruct=False
+    )
+    prunekit.recalibrate_bn(plain, CALIBRATION)
+    report = prunekit.prune(
+        refit, X, target_macs=0.5, prune_input_conv=True, calibration=CALIBRATION, reconstruct=True
+    )
+    assert layer in {f["layer"] for f in report.reconstruction["layers"]}
+    assert [p.shape for p in plain.parameters()] == [p.shape for p in refit.parameters()]  # same channels
+    for name in (layer, "head"):
+        want = outputs(dense, name, HELD_OUT)
+        if name != "head" and norm:  # the reader's own outputs were pruned too: compare the kept ones
+            want = want[:, kept_channels(getattr(dense, norm), getattr(refit, norm))]
+        without, with_refit = outputs(plain, name, HELD_OUT), outputs(refit, name, HELD_OUT)
+        assert relative_error(with_refit, want) < 0.9 * relative_error(without, want), name
+
+
+def test_depthwise_conv_is_not_refitted_but_the_pointwise_after_it_is():
+    """Pruning a depthwise conv's channel removes its filter: nothing to re-fit there; the conv reading it is."""
+    dense = model_of(DepthwiseNet)
+    model = copy.deepcopy(dense)
+    report = prunekit.prune(
+        model, X, target_macs=0.6, prune_input_conv=True, calibration=CALIBRATION, reconstruct=True
+    )
+    assert model.depthwise.in_channels < 48
+    fitted = {f["layer"] for f in report.reconstruction["layers"]}
+    assert "project" in fitted and "depthwise" not in fitted
+    assert set(readers(dense, model)) == fitted
+    assert torch.equal(  # the depthwise filters kept are the dense ones, untouched
+        model.depthwise.weight,
+        dense.depthwise.weight[
+            [
+                i
+                for i, w in enumerate(dense.depthwise.weight)
+                if any(torch.equal(w, v) for v in model.depthwise.weight)
+            ]
+        ],
+    )
+
+
+def test_residual_stream_refits_every_reader_of_the_shared_channels():
+    """A residual group's channels are read by several layers (the block's first conv, the strided conv):
+    each of them is re-fitted, and the error each reports on held-out rows went down."""
+    model = model_of(ResidualNet)
+    report = prunekit.prune(
+        model, X, target_macs=0.5, prune_input_conv=True, calibration=CALIBRATION, reconstruct=True
+    )
+    fits = {f["layer"]: f for f in report.reconstruction["layers"]}
+    assert {"conv1", "down", "head"} <= set(fits)
+    assert all(f["error_after"] <= f["error_before"] for f in fits.values())
+    assert any(f["error_after"] < 0.9 * f["error_before"] for f in fits.values())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"reconstruct": True}, "reconstruct re-fits layers on unlabelled images: give calibration"),
+        ({"reconstruct": "yes", "calibration": CALIBRATION}, "reconstruct must be true or false"),
+        ({"reconstruct": True, "calibration": [torch.randn(4, 3, 16)]}, "do not run through the model"),
+    ],
+)
+def test_refused_recovery_leaves_model_exactly_as_it_was(kwargs, message):
+    model = model_of(ResidualNet)
+    before = fingerprint(model)
+    with pytest.raises(UsageError, match=message):
+        prunekit.prune(model, X, target_macs=0.5, **kwargs)
+    assert_unchanged(model, before)
+
+
+def test_interrupted_recovery_undoes_the_surgery_too(monkeypatch):
+    """A real SIGINT while BatchNorm is being re-estimated (after the re-fit changed weights and while
+    running statistics are updated in place): the model is handed back unpruned, statistics included."""
+    import prunekit.finetuning as finetuning
+
+    model = model_of(ResidualNet)
+    before = fingerprint(model)
+    real = finetuning.recalibrate_batchnorm
+
+    def interrupted(m, batches):
+        def hook(*_):
+            os.kill(os.getpid(), signal.SIGINT)
+
+        handle = m.bn3.register_forward_hook(hook)  # after earlier BatchNorms already moved
+        try:
+            return real(m, batches)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(finetuning, "recalibrate_batchnorm", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prunekit.prune(
+            model, X, target_macs=0.5, prune_input_conv=True, calibration=CALIBRATION, reconstruct=True
+        )
+    assert_unchanged(model, before)
