@@ -11,7 +11,7 @@ import torch
 
 from . import __version__
 from .checkpoint import description, load_checkpoint
-from .console import stages
+from .console import console, stages
 from .data import DataBundle, load_data
 from .errors import UsageError, arg
 from .files import DirectoryLock, check_outputs, clean_stale_temps, is_main_process
@@ -786,7 +786,13 @@ def scan_batches(
     bundle: DataBundle, images: int, calibration_images: int, seed: int
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
     """One seeded draw of training images (never the test set): the first ``images`` score the scan, the
-    next ``calibration_images`` recalibrate BatchNorm."""
+    next ``calibration_images`` recalibrate BatchNorm. Both shrink to what the training split holds, and
+    a line says so."""
+    from .sensitivity import scan_counts
+
+    images, calibration_images, note = scan_counts(len(bundle.train), images, calibration_images)
+    if note:
+        console.print(f"note: {note}", highlight=False)
     batches = bundle.sample_batches(images + calibration_images, 250, seed)
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
@@ -823,11 +829,6 @@ def sensitivity_checkpoint(
     ckpt = load_checkpoint(path)
     meta = ckpt.meta
     bundle = load_data_for(meta, data, data_dir)
-    if images + calibration_images > len(bundle.train):
-        raise UsageError(
-            f"{arg('images')} + {arg('calibration_images')} = {images + calibration_images} training images, "
-            f"but the training split holds {len(bundle.train)}"
-        )
     held_out, calibration = scan_batches(bundle, images, calibration_images, seed)
     size = meta["input_size"]
     with DirectoryLock(out.parent):

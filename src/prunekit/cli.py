@@ -517,7 +517,7 @@ def _add_reconstruct_args(p: argparse.ArgumentParser, defaults: bool) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from . import api
-    from .planning import command_line_allocation
+    from .planning import default_allocation
     from .pruning import PruneRequest
     from .report import print_prune
 
@@ -531,7 +531,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         latency_runtime=args.latency_runtime,
         ignore=args.ignore,
         round_to=args.round_to,
-        allocation=command_line_allocation(args.allocation, args.ratio),
+        allocation=default_allocation(args.allocation, args.ratio),
         sensitivity=_read_json(args.sensitivity) if args.sensitivity else None,
         prune_input_conv=args.prune_input_conv,
         reconstruct=args.reconstruct,

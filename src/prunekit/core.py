@@ -18,8 +18,10 @@ import torch.nn as nn
 from .errors import UsageError, arg
 from .groups import validate_names
 from .importance import NEEDS_CALIBRATION, ChannelImportance, accumulate_gradients, make_importance
+from .planning import default_allocation
 from .pruning import PruneRequest, prune_model
 from .reconstruct import recover
+from .sensitivity import scan_calibration
 from .surgery import restore, snapshot
 
 
@@ -89,7 +91,7 @@ def prune(
     calibration: Iterable | torch.Tensor | None = None,
     ignore: Sequence[str] | None = None,
     round_to: int = 1,
-    allocation: str = "global",
+    allocation: str | None = None,
     sensitivity: dict[str, Any] | None = None,
     prune_input_conv: bool = False,
     reconstruct: bool | None = None,
@@ -105,7 +107,8 @@ def prune(
     planned before the model changes; a refused request leaves the model exactly as it was.
     ``allocation`` spreads a target across layers: ``global`` (one importance threshold), ``uniform`` (one
     ratio) or ``sensitivity`` (equal predicted loss, from ``sensitivity``: the result of
-    ``prunekit.sensitivity.scan``). The input conv and the output layer are protected unless named;
+    ``prunekit.sensitivity.scan``, or a scan of ``calibration`` run here). The default is the command
+    line's: ``sensitivity`` for a target when ``calibration`` is given, else ``global`` (and a note says so). The input conv and the output layer are protected unless named;
     ``prune_input_conv`` lets a target or ratio prune the input conv's outputs too. ``target_latency`` keeps that fraction of the dense model's latency,
     measured on this machine at ``latency_batch`` in ``latency_runtime`` (``pytorch`` or ``onnxruntime``):
     planned from per-layer latency tables (cached) and checked by timing the pruned model.
@@ -113,6 +116,16 @@ def prune(
     unlabelled images (``reconstruction``, or else ``calibration``) and re-estimates BatchNorm statistics:
     recovery without labels (``prunekit.reconstruct``).
     """
+    if allocation is None:
+        allocation = default_allocation(None, ratio, images_at_hand=calibration is not None)
+        if ratio is None and calibration is None:
+            from .console import console
+
+            console.print(
+                "note: allocation 'global': the default, 'sensitivity', scans calibration images; pass "
+                "calibration= to use it (or allocation='global' to silence this note)",
+                highlight=False,
+            )
     request = PruneRequest(
         layers=_names(layers, "layers"),
         ratio=ratio,
@@ -155,6 +168,13 @@ def prune(
             else:
                 criterion.calibrate(model, [x for x, _ in batches])
         refit = [x for x, _ in calibration_inputs(images, example.device)] if reconstruct else []
+        if request.allocation == "sensitivity" and request.sensitivity is None:
+            if calibration is None:
+                raise UsageError(
+                    f"{arg('allocation')} sensitivity needs {arg('sensitivity')} (a scan) or "
+                    f"{arg('calibration')} images to scan"
+                )
+            request.sensitivity = scan_calibration(model, example, calibration_inputs(calibration, example.device))
         dense, before = (copy.deepcopy(model), snapshot(model)) if reconstruct else (None, None)
         result = prune_model(model, request, criterion, example)  # traces autograd: no no_grad
         if dense is not None:

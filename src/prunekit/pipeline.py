@@ -16,7 +16,7 @@ from .files import DirectoryLock, check_outputs, clean_stale_temps, write_json, 
 from .finetuning import FREEZE_POLICIES, RECIPES
 from .importance import CRITERIA
 from .options import choices as option_choices
-from .planning import command_line_allocation
+from .planning import default_allocation
 from .pruning import PruneRequest
 from .train import MODEL_FILE, TrainConfig
 
@@ -49,7 +49,7 @@ class RunConfig:
     ignore: list[str] = field(default_factory=list)
     prune_input_conv: bool = False
     round_to: int = 1
-    allocation: str | None = None  # sensitivity for a target, as `prunekit prune` (command_line_allocation)
+    allocation: str | None = None  # sensitivity for a target, as `prunekit prune` (default_allocation)
     importance: str | None = None  # activation for named layers, l2 for network-wide targets
     calibration: str = "data"
     calibration_images: int = 256
@@ -107,7 +107,7 @@ class RunConfig:
             latency_runtime=self.latency_runtime,
             ignore=list(self.ignore),
             round_to=self.round_to,
-            allocation=command_line_allocation(self.allocation, ratio),
+            allocation=default_allocation(self.allocation, ratio),
             prune_input_conv=self.prune_input_conv,
             reconstruct=self.reconstruct,
         )

@@ -104,13 +104,13 @@ def plan_ratio(groups: list[Group], ratio: float, round_to: int) -> dict[str, to
 ALLOCATIONS = ("global", "uniform", "sensitivity")
 
 
-def command_line_allocation(allocation: str | None, ratio: float | None) -> str:
-    """The command line's default allocation: ``sensitivity`` for a target (it kept the most accuracy in
-    benchmarks/results/allocation.json; its scan needs the training images the commands have), ``global``
-    for a ratio. The Python API, which has no data to scan, defaults to ``global``."""
+def default_allocation(allocation: str | None, ratio: float | None, images_at_hand: bool = True) -> str:
+    """The default allocation, on the command line and in Python alike: ``sensitivity`` for a target (it
+    kept the most accuracy in benchmarks/results/allocation.json) wherever there are images to scan (the
+    commands' training images, ``calibration=`` in Python), ``global`` for a ratio or without images."""
     if allocation is not None:
         return allocation
-    return "global" if ratio is not None else "sensitivity"
+    return "sensitivity" if ratio is None and images_at_hand else "global"
 
 
 def plan_target(
