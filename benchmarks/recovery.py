@@ -33,11 +33,13 @@ OUT = RESULTS / "recovery.json"
 
 
 def rows() -> list[str]:
+    """``torch-pruning-T``, and ``ALLOCATION[+recovery][/CRITERION]-T`` (criterion l2 unless named)."""
     names = []
     for target in TARGETS:
         names.append(f"torch-pruning-{target}")
         for allocation in ALLOCATIONS:
             names += [f"{allocation}-{target}", f"{allocation}+recovery-{target}"]
+            names.append(f"{allocation}+recovery/group-l2-{target}")
     return names
 
 
@@ -61,6 +63,7 @@ def prune_row(row: str, dense: torch.nn.Module, context: dict) -> tuple[torch.nn
         model = load_checkpoint(out).model
         recalibrate_batchnorm(model, images)
         return model, {**info, "seconds": time.perf_counter() - start}
+    kind, _, criterion = kind.partition("/")
     allocation, _, recovery = kind.partition("+")
     model = copy.deepcopy(dense)
     report = prunekit.prune(
@@ -70,6 +73,7 @@ def prune_row(row: str, dense: torch.nn.Module, context: dict) -> tuple[torch.nn
         allocation=allocation,
         sensitivity=context["scan"] if allocation == "sensitivity" else None,
         calibration=images,
+        importance=criterion or "l2",
         reconstruct=bool(recovery),
     )
     if not recovery:

@@ -97,11 +97,23 @@ def test_refitting_lowers_output_error_on_held_out_images(cls, layer, norm):
     dense = model_of(cls)
     plain, refit = copy.deepcopy(dense), copy.deepcopy(dense)
     prunekit.prune(
-        plain, X, target_macs=0.5, prune_input_conv=True, calibration=CALIBRATION, reconstruct=False
+        plain,
+        X,
+        target_macs=0.5,
+        allocation="global",
+        prune_input_conv=True,
+        calibration=CALIBRATION,
+        reconstruct=False,
     )
     prunekit.recalibrate_bn(plain, CALIBRATION)
     report = prunekit.prune(
-        refit, X, target_macs=0.5, prune_input_conv=True, calibration=CALIBRATION, reconstruct=True
+        refit,
+        X,
+        target_macs=0.5,
+        allocation="global",
+        prune_input_conv=True,
+        calibration=CALIBRATION,
+        reconstruct=True,
     )
     assert layer in {f["layer"] for f in report.reconstruction["layers"]}
     assert [p.shape for p in plain.parameters()] == [p.shape for p in refit.parameters()]  # same channels
@@ -118,7 +130,13 @@ def test_depthwise_conv_is_not_refitted_but_the_pointwise_after_it_is():
     dense = model_of(DepthwiseNet)
     model = copy.deepcopy(dense)
     report = prunekit.prune(
-        model, X, target_macs=0.6, prune_input_conv=True, calibration=CALIBRATION, reconstruct=True
+        model,
+        X,
+        target_macs=0.6,
+        allocation="global",
+        prune_input_conv=True,
+        calibration=CALIBRATION,
+        reconstruct=True,
     )
     assert model.depthwise.in_channels < 48
     fitted = {f["layer"] for f in report.reconstruction["layers"]}
@@ -141,7 +159,13 @@ def test_residual_stream_refits_every_reader_of_the_shared_channels():
     each of them is re-fitted, and the error each reports on held-out rows went down."""
     model = model_of(ResidualNet)
     report = prunekit.prune(
-        model, X, target_macs=0.5, prune_input_conv=True, calibration=CALIBRATION, reconstruct=True
+        model,
+        X,
+        target_macs=0.5,
+        allocation="global",
+        prune_input_conv=True,
+        calibration=CALIBRATION,
+        reconstruct=True,
     )
     fits = {f["layer"]: f for f in report.reconstruction["layers"]}
     assert {"conv1", "down", "head"} <= set(fits)
@@ -187,6 +211,48 @@ def test_interrupted_recovery_undoes_the_surgery_too(monkeypatch):
     monkeypatch.setattr(finetuning, "recalibrate_batchnorm", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prunekit.prune(
-            model, X, target_macs=0.5, prune_input_conv=True, calibration=CALIBRATION, reconstruct=True
+            model,
+            X,
+            target_macs=0.5,
+            allocation="global",
+            prune_input_conv=True,
+            calibration=CALIBRATION,
+            reconstruct=True,
         )
     assert_unchanged(model, before)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from prunekit import api
+    from prunekit.train import TrainConfig
+
+    out = tmp_path_factory.mktemp("recon") / "dense"
+    api.train("resnet18", "synthetic", out, TrainConfig(epochs=1, batch_size=32))
+    return out / "model.safetensors"
+
+
+def test_cli_recovers_by_default_for_a_target_and_not_when_told(trained, tmp_path, capsys):
+    import json
+
+    from prunekit.cli import main
+
+    base = ["prune", str(trained), "--target-macs", "0.5", "--allocation", "global"]
+    assert main([*base, "--reconstruction-images", "64", "--out", str(tmp_path / "a.safetensors")]) == 0
+    err = capsys.readouterr().err
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert report["request"]["reconstruct"] is True and report["reconstruction"]["images"] == 64
+    assert len(report["reconstruction"]["layers"]) >= 10 and "recovery without labels" in err
+    assert main([*base, "--no-reconstruct", "--out", str(tmp_path / "b.safetensors")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["reconstruction"] is None
+
+
+def test_cli_reconstruct_without_images_is_one_error_line_and_writes_nothing(trained, tmp_path, capsys):
+    from prunekit.cli import EXIT_USAGE, main
+
+    argv = ["prune", str(trained), "--target-macs", "0.5", "--reconstruct", "--calibration", "random"]
+    code = main([*argv, "--out", str(tmp_path / "p.safetensors")])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error:") and "--reconstruct" in err and "--calibration random" in err
+    assert not list(tmp_path.iterdir())

@@ -500,7 +500,7 @@ def prune_checkpoint(
     if request.reconstruct is None:
         from .core import default_reconstruct
 
-        request.reconstruct = default_reconstruct(calibration == "data")
+        request.reconstruct = default_reconstruct(calibration == "data", request.layers)
     if request.reconstruct and calibration == "random":
         raise UsageError(
             f"{arg('reconstruct')} re-fits layers on training images; drop {arg('calibration')} random "

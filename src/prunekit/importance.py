@@ -20,10 +20,11 @@ from torch_pruning.pruner import function
 
 from .errors import UsageError
 
-CRITERIA = ("activation", "activation-post", "l1", "l2", "bn", "taylor", "random")
+CRITERIA = ("activation", "activation-post", "l1", "l2", "group-l2", "bn", "taylor", "random")
 NEEDS_CALIBRATION = {"activation", "activation-post", "taylor"}
 
 _OUT_FNS = (function.prune_conv_out_channels, function.prune_linear_out_channels)
+_IN_FNS = (function.prune_conv_in_channels, function.prune_linear_in_channels)
 _BN_FN = function.prune_batchnorm_out_channels
 
 
@@ -32,6 +33,10 @@ class ChannelImportance(tp.importance.Importance):
 
     def layer_scores(self, layer: nn.Module, idxs: list[int], is_norm: bool) -> torch.Tensor | None:
         raise NotImplementedError
+
+    def reader_scores(self, layer: nn.Module, idxs: list[int]) -> torch.Tensor | None:
+        """Scores from a layer that *reads* the channels (their input side); producers only by default."""
+        return None
 
     @torch.no_grad()
     def __call__(self, group) -> torch.Tensor | None:
@@ -48,6 +53,8 @@ class ChannelImportance(tp.importance.Importance):
                 scores = self.layer_scores(dep.layer, idxs, is_norm=False)
             elif fn == _BN_FN:
                 scores = self.layer_scores(dep.layer, idxs, is_norm=True)
+            elif fn in _IN_FNS:
+                scores = self.reader_scores(dep.layer, idxs)
             else:
                 continue
             if scores is None:
@@ -75,6 +82,26 @@ class FilterNormImportance(ChannelImportance):
             return None
         norms = torch.linalg.vector_norm(layer.weight.detach().flatten(1).float(), ord=self.p, dim=1)
         return norms[idxs]
+
+
+class GroupNormImportance(FilterNormImportance):
+    """``group-l2``: the L2 norm of every weight the channel's removal deletes, over the whole group, as
+    Torch-Pruning's group importance: producers' filters, BatchNorm scales and the readers' input columns,
+    each layer's scores put on one scale by its mean."""
+
+    def __init__(self):
+        super().__init__(2)
+
+    def layer_scores(self, layer, idxs, is_norm):
+        if is_norm:
+            return layer.weight.detach().abs()[idxs] if getattr(layer, "affine", False) else None
+        return super().layer_scores(layer, idxs, is_norm)
+
+    def reader_scores(self, layer, idxs):
+        w = layer.weight.detach().float()
+        if isinstance(layer, nn.Conv2d) and layer.groups > 1:  # a depthwise conv reads each channel alone
+            return None if layer.groups != layer.in_channels else w.flatten(1).norm(dim=1)[idxs]
+        return w.transpose(0, 1).flatten(1).norm(dim=1)[idxs]
 
 
 class BNScaleImportance(ChannelImportance):
@@ -177,6 +204,8 @@ def make_importance(name: str, seed: int = 0) -> ChannelImportance:
         return FilterNormImportance(1)
     if name == "l2":
         return FilterNormImportance(2)
+    if name == "group-l2":
+        return GroupNormImportance()
     if name == "bn":
         return BNScaleImportance()
     if name == "taylor":

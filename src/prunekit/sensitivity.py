@@ -34,7 +34,9 @@ def scan_counts(available: int, images: int, calibration_images: int) -> tuple[i
     if images + calibration_images <= available:
         return images, calibration_images, None
     if available < 2:
-        raise UsageError(f"a sensitivity scan needs at least 2 training images, the training split holds {available}")
+        raise UsageError(
+            f"a sensitivity scan needs at least 2 training images, the training split holds {available}"
+        )
     scale = available / (images + calibration_images)
     fewer = max(1, int(images * scale))
     calibration = max(1, min(int(calibration_images * scale), available - fewer))
