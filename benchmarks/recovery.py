@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import torch
-from common import FULL_ARCHIVE, RESULTS, machine, require, torch_pruning_uniform
 
 import prunekit
+from common import FULL_ARCHIVE, RESULTS, machine, require, torch_pruning_uniform
 from prunekit.api import calibration_batches, load_data_for, scan_batches
 from prunekit.checkpoint import load_checkpoint
 from prunekit.finetuning import recalibrate_batchnorm

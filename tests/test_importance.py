@@ -226,4 +226,6 @@ def test_taylor_rejects_random_calibration(capsys, tmp_path, dense_ckpt):
 def test_unknown_criterion():
     with pytest.raises(UsageError, match="unknown importance criterion"):
         make_importance("magnitude")
-    assert {"activation", "activation-post", "l1", "l2", "bn", "taylor", "random"} == set(CRITERIA)
+    assert {"activation", "activation-post", "l1", "l2", "group-l2", "bn", "taylor", "random"} == set(
+        CRITERIA
+    )

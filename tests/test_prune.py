@@ -360,7 +360,7 @@ def test_target_macs_half_and_exact_round_trip(tmp_path, name):
 def test_prune_cli_then_reload_in_fresh_process(tmp_path, dense_ckpt):
     """The CLI's pruned checkpoint equals the in-memory pruned model, bit for bit, in another process."""
     out = tmp_path / "half.safetensors"
-    assert main([*GLOBAL_HALF, str(dense_ckpt), "--out", str(out)]) == 0
+    assert main([*GLOBAL_HALF, str(dense_ckpt), "--no-reconstruct", "--out", str(out)]) == 0
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["macs"]["ratio"] == pytest.approx(0.5, rel=0.02)
 

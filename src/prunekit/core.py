@@ -116,16 +116,6 @@ def prune(
     unlabelled images (``reconstruction``, or else ``calibration``) and re-estimates BatchNorm statistics:
     recovery without labels (``prunekit.reconstruct``).
     """
-    if allocation is None:
-        allocation = default_allocation(None, ratio, images_at_hand=calibration is not None)
-        if ratio is None and calibration is None:
-            from .console import console
-
-            console.print(
-                "note: allocation 'global': the default, 'sensitivity', scans calibration images; pass "
-                "calibration= to use it (or allocation='global' to silence this note)",
-                highlight=False,
-            )
     request = PruneRequest(
         layers=_names(layers, "layers"),
         ratio=ratio,
@@ -136,7 +126,7 @@ def prune(
         latency_runtime=latency_runtime,
         ignore=_names(ignore, "ignore"),
         round_to=round_to,
-        allocation=allocation,
+        allocation=_allocation(allocation, ratio, calibration),
         sensitivity=sensitivity,
         prune_input_conv=prune_input_conv,
         reconstruct=reconstruct,
@@ -150,45 +140,13 @@ def prune(
     criterion = name if isinstance(name, ChannelImportance) else make_importance(name, seed)
     label = name if isinstance(name, str) else type(name).__name__
     images = reconstruction if reconstruction is not None else calibration
-    if reconstruct is None:
-        reconstruct = default_reconstruct(images is not None, _names(layers, "layers"))
-    if reconstruct and images is None:
-        raise UsageError(
-            f"{arg('reconstruct')} re-fits layers on unlabelled images: give {arg('calibration')} "
-            f"(input batches)"
-        )
-    request.reconstruct = reconstruct
+    request.reconstruct = _reconstruct(reconstruct, images, request.layers)
     grads = {p: p.grad for p in model.parameters()}
     start = time.perf_counter()
-    recovery = None
     try:
-        if label in NEEDS_CALIBRATION:
-            batches = _fitting(
-                model, calibration_inputs(calibration, example.device, labels=label == "taylor")
-            )
-            if label == "taylor":
-                accumulate_gradients(model, batches)
-            else:
-                criterion.calibrate(model, [x for x, _ in batches])
-        refit = (
-            [x for x, _ in _fitting(model, calibration_inputs(images, example.device))] if reconstruct else []
+        result, recovery = _prune_on_data(
+            model, request, criterion, label, example, calibration, images, seed
         )
-        if request.allocation == "sensitivity" and request.sensitivity is None:
-            if calibration is None:
-                raise UsageError(
-                    f"{arg('allocation')} sensitivity needs {arg('sensitivity')} (a scan) or "
-                    f"{arg('calibration')} images to scan"
-                )
-            scanned = _fitting(model, calibration_inputs(calibration, example.device))
-            request.sensitivity = scan_calibration(model, example, scanned)
-        dense, before = (copy.deepcopy(model), snapshot(model)) if reconstruct else (None, None)
-        result = prune_model(model, request, criterion, example)  # traces autograd: no no_grad
-        if dense is not None:
-            try:
-                recovery = recover(dense, model, result.kept, refit, seed).to_dict()
-            except BaseException:  # the surgery too is undone: the model is left as the caller gave it
-                restore(before)
-                raise
     finally:
         for p, g in grads.items():  # scoring gradients are not the caller's
             p.grad = g
@@ -208,6 +166,72 @@ def prune(
         latency=result.latency,
         reconstruction=recovery,
     )
+
+
+def _allocation(allocation: str | None, ratio: float | None, calibration: Any) -> str:
+    """The allocation asked for, or the default (the commands'); one line says when it falls back."""
+    if allocation is not None:
+        return allocation
+    if ratio is None and calibration is None:
+        from .console import console
+
+        console.print(
+            "note: allocation 'global': the default, 'sensitivity', scans calibration images; pass "
+            "calibration= to use it (or allocation='global' to silence this note)",
+            highlight=False,
+        )
+    return default_allocation(None, ratio, images_at_hand=calibration is not None)
+
+
+def _reconstruct(reconstruct: bool | None, images: Any, layers: Sequence[str]) -> bool:
+    if reconstruct is None:
+        return default_reconstruct(images is not None, layers)
+    if reconstruct and images is None:
+        raise UsageError(
+            f"{arg('reconstruct')} re-fits layers on unlabelled images: give {arg('calibration')} "
+            f"(input batches)"
+        )
+    return reconstruct
+
+
+def _prune_on_data(
+    model: nn.Module,
+    request: PruneRequest,
+    criterion: ChannelImportance,
+    label: str,
+    example: torch.Tensor,
+    calibration: Any,
+    images: Any,
+    seed: int,
+) -> tuple[Any, dict[str, Any] | None]:
+    """Score on ``calibration``, scan it for a sensitivity allocation, prune, and recover on ``images``:
+    every batch is checked to run through the model before anything changes."""
+    device = example.device
+    if label in NEEDS_CALIBRATION:
+        batches = _fitting(model, calibration_inputs(calibration, device, labels=label == "taylor"))
+        if label == "taylor":
+            accumulate_gradients(model, batches)
+        else:
+            criterion.calibrate(model, [x for x, _ in batches])
+    refit = [x for x, _ in _fitting(model, calibration_inputs(images, device))] if request.reconstruct else []
+    if request.allocation == "sensitivity" and request.sensitivity is None:
+        if calibration is None:
+            raise UsageError(
+                f"{arg('allocation')} sensitivity needs {arg('sensitivity')} (a scan) or "
+                f"{arg('calibration')} images to scan"
+            )
+        request.sensitivity = scan_calibration(
+            model, example, _fitting(model, calibration_inputs(calibration, device))
+        )
+    if not request.reconstruct:
+        return prune_model(model, request, criterion, example), None  # traces autograd: no no_grad
+    dense, before = copy.deepcopy(model), snapshot(model)
+    result = prune_model(model, request, criterion, example)
+    try:
+        return result, recover(dense, model, result.kept, refit, seed).to_dict()
+    except BaseException:  # the surgery too is undone: the model is left as the caller gave it
+        restore(before)
+        raise
 
 
 def default_reconstruct(images_at_hand: bool, layers: Sequence[str] | None = None) -> bool:

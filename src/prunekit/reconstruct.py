@@ -138,8 +138,8 @@ class _Rows:
     def outputs(self, output: torch.Tensor) -> torch.Tensor:
         """The layer's output at the sampled positions: rows x channels."""
         if isinstance(self.layer, nn.Conv2d):
-            return output[self.n, :, self.h, self.w].float()
-        return output.reshape(-1, output.shape[-1])[self.index].float()
+            return output[self.n, :, self.h, self.w].float().cpu()
+        return output.reshape(-1, output.shape[-1])[self.index].float().cpu()
 
     def inputs(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of the layer's flattened input (its receptive field, and a 1 for the bias)."""
@@ -154,7 +154,7 @@ class _Rows:
             flat = patch.permute(0, 3, 1, 2).reshape(stop - start, -1)  # (channel, kh, kw) like the weight
         else:
             flat = x.reshape(-1, x.shape[-1])[self.index[start:stop]]
-        flat = flat.float()
+        flat = flat.float().cpu()  # the normal equations live on the CPU in float64, whatever the device
         if layer.bias is not None:
             flat = torch.cat([flat, torch.ones(len(flat), 1)], dim=1)
         return flat
@@ -205,14 +205,20 @@ class _Normal:
         value = (w @ self.gram * w).sum() - 2 * (w * self.cross.T).sum() + self.energy
         return max(float(value), 0.0) / max(self.energy, 1e-30)
 
-    def solve(self, w0: torch.Tensor, ridge: float) -> torch.Tensor:
-        """Ridge least squares towards ``w0``: argmin ||X W^T - Y||^2 + lam ||W - w0||^2."""
-        lam = ridge * float(torch.diagonal(self.gram).mean().clamp_min(1e-12))
-        eye = torch.eye(len(self.gram), dtype=torch.float64)
-        factor, info = torch.linalg.cholesky_ex(self.gram + lam * eye)  # positive definite: lam > 0
-        if int(info):
+    def solve(self, w0: torch.Tensor, ridge: float, active: torch.Tensor) -> torch.Tensor:
+        """Ridge least squares towards ``w0``: argmin ||X W^T - Y||^2 + lam ||W - w0||^2.
+
+        Only the ``active`` inputs are solved for: an input that is zero on every row (a kernel tap that
+        only ever reads padding, as a 3x3 conv on a 1x1 map does) keeps its weight, which is what the ridge
+        alone would give it, at a fraction of the cost."""
+        g = self.gram[active][:, active]
+        lam = ridge * float(torch.diagonal(g).mean().clamp_min(1e-12))
+        factor, info = torch.linalg.cholesky_ex(g + lam * torch.eye(len(g), dtype=torch.float64))
+        w = w0.clone()
+        if int(info):  # positive definite for any lam > 0; a failure means non-finite inputs
             return torch.full_like(w0, float("nan"))
-        return torch.cholesky_solve(self.cross + lam * w0.T, factor).T
+        w[:, active] = torch.cholesky_solve(self.cross[active] + lam * w0[:, active].T, factor).T
+        return w
 
 
 def solve(fit: _Normal, held_out: _Normal, w0: torch.Tensor) -> tuple[torch.Tensor | None, float, float]:
@@ -222,14 +228,17 @@ def solve(fit: _Normal, held_out: _Normal, w0: torch.Tensor) -> tuple[torch.Tens
     w0 = w0.double()
     best, best_error = None, held_out.error(w0)
     before = best_error
+    active = torch.diagonal(fit.gram + held_out.gram) > 0
+    if not active.any():
+        return None, before, before
     for ridge in RIDGES:
-        w = fit.solve(w0, ridge)
+        w = fit.solve(w0, ridge, active)
         e = held_out.error(w)
         if torch.isfinite(w).all() and e < best_error:
             best, best_error = ridge, e
     if best is None:
         return None, before, before
-    w = (fit + held_out).solve(w0, best)
+    w = (fit + held_out).solve(w0, best, active)
     return (w.float() if torch.isfinite(w).all() else None), before, best_error
 
 
@@ -315,7 +324,7 @@ def _refit_layer(name: str, layer: nn.Module, x: torch.Tensor, rows: _Rows, y: t
     """Accumulate the normal equations of one reader chunk by chunk, solve, and write the new weights."""
     if isinstance(layer, nn.Conv2d):
         x = F.pad(x, _padding(layer))
-    w0 = _flat_weight(layer)
+    w0 = _flat_weight(layer).cpu()
     if y.shape[1] != w0.shape[0]:
         raise RuntimeError(f"{name}: {y.shape[1]} dense outputs kept, but the layer has {w0.shape[0]}")
     fit, held_out = _Normal(*w0.shape[::-1]), _Normal(*w0.shape[::-1])
