@@ -1,6 +1,6 @@
 """Recovery without labels, no fine-tuning at all: the CIFAR-10 ResNet-18 baseline pruned to 2x and 3x fewer
 MACs, its accuracy after BatchNorm recalibration only, after recovery (re-fitting the readers of pruned
-channels, then BatchNorm), and Torch-Pruning's recipe + BatchNorm recalibration. No label, no gradient step:
+channels; with BatchNorm re-estimated after it too), and Torch-Pruning's recipe + BatchNorm recalibration. No label, no gradient step:
 every row sees the same 512 unlabelled training images; accuracy is on the full test set.
 
 python benchmarks/recovery.py runs/bench9/baseline/model.safetensors
@@ -33,12 +33,14 @@ OUT = RESULTS / "recovery.json"
 
 
 def rows() -> list[str]:
-    """``torch-pruning-T``, and ``ALLOCATION[+recovery][/CRITERION]-T`` (criterion l2 unless named)."""
+    """``torch-pruning-T``, and ``ALLOCATION[+recovery[+bn]][/CRITERION]-T`` (criterion l2 unless named;
+    ``+bn``: BatchNorm statistics re-estimated on the same images after the re-fit)."""
     names = []
     for target in TARGETS:
         names.append(f"torch-pruning-{target}")
         for allocation in ALLOCATIONS:
             names += [f"{allocation}-{target}", f"{allocation}+recovery-{target}"]
+            names.append(f"{allocation}+recovery+bn-{target}")  # BatchNorm re-estimated after the re-fit
             names.append(f"{allocation}+recovery/group-l2-{target}")
     return names
 
@@ -76,7 +78,7 @@ def prune_row(row: str, dense: torch.nn.Module, context: dict) -> tuple[torch.nn
         importance=criterion or "l2",
         reconstruct=bool(recovery),
     )
-    if not recovery:
+    if recovery != "recovery":  # recalibration only, or after the re-fit (+bn)
         recalibrate_batchnorm(model, images)
     info = {"macs_ratio": report.macs_ratio, "seconds": time.perf_counter() - start}
     if report.reconstruction:

@@ -190,25 +190,21 @@ def test_refused_recovery_leaves_model_exactly_as_it_was(kwargs, message):
 
 
 def test_interrupted_recovery_undoes_the_surgery_too(monkeypatch):
-    """A real SIGINT while BatchNorm is being re-estimated (after the re-fit changed weights and while
-    running statistics are updated in place): the model is handed back unpruned, statistics included."""
-    import prunekit.finetuning as finetuning
+    """A real SIGINT in the middle of the re-fit (after the first layers got new weights): the model is
+    handed back unpruned, every tensor and statistic as it was."""
+    import prunekit.reconstruct as reconstruct
 
     model = model_of(ResidualNet)
     before = fingerprint(model)
-    real = finetuning.recalibrate_batchnorm
+    real, fitted = reconstruct._refit_layer, []
 
-    def interrupted(m, batches):
-        def hook(*_):
+    def refit_then_interrupt(*args):
+        fitted.append(real(*args))
+        if len(fitted) == 2:
             os.kill(os.getpid(), signal.SIGINT)
+        return fitted[-1]
 
-        handle = m.bn3.register_forward_hook(hook)  # after earlier BatchNorms already moved
-        try:
-            return real(m, batches)
-        finally:
-            handle.remove()
-
-    monkeypatch.setattr(finetuning, "recalibrate_batchnorm", interrupted)
+    monkeypatch.setattr(reconstruct, "_refit_layer", refit_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         prunekit.prune(
             model,
@@ -219,6 +215,7 @@ def test_interrupted_recovery_undoes_the_surgery_too(monkeypatch):
             calibration=CALIBRATION,
             reconstruct=True,
         )
+    assert len(fitted) == 2  # interrupted inside the re-fit, not before or after it
     assert_unchanged(model, before)
 
 

@@ -505,7 +505,7 @@ def _add_reconstruct_args(p: argparse.ArgumentParser, defaults: bool) -> None:
         "--reconstruct",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help=f"recovery without labels: {OPTIONS['reconstruct'].help}, then re-estimate BatchNorm",
+        help=f"recovery without labels: {OPTIONS['reconstruct'].help}",
     )
     p.add_argument(
         "--reconstruction-images",

@@ -20,7 +20,7 @@ from .groups import validate_names
 from .importance import NEEDS_CALIBRATION, ChannelImportance, accumulate_gradients, make_importance
 from .planning import default_allocation
 from .pruning import PruneRequest, prune_model
-from .reconstruct import recover
+from .reconstruct import reconstruct as refit_readers
 from .sensitivity import scan_calibration
 from .surgery import restore, snapshot
 
@@ -113,8 +113,8 @@ def prune(
     measured on this machine at ``latency_batch`` in ``latency_runtime`` (``pytorch`` or ``onnxruntime``):
     planned from per-layer latency tables (cached) and checked by timing the pruned model.
     ``reconstruct`` then re-fits every layer that reads pruned channels to the dense model's outputs on
-    unlabelled images (``reconstruction``, or else ``calibration``) and re-estimates BatchNorm statistics:
-    recovery without labels (``prunekit.reconstruct``).
+    unlabelled images (``reconstruction``, or else ``calibration``): recovery without labels
+    (``prunekit.reconstruct``; BatchNorm statistics are left as the re-fit matched them).
     """
     request = PruneRequest(
         layers=_names(layers, "layers"),
@@ -228,7 +228,7 @@ def _prune_on_data(
     dense, before = copy.deepcopy(model), snapshot(model)
     result = prune_model(model, request, criterion, example)
     try:
-        return result, recover(dense, model, result.kept, refit, seed).to_dict()
+        return result, refit_readers(dense, model, result.kept, refit, seed=seed).to_dict()
     except BaseException:  # the surgery too is undone: the model is left as the caller gave it
         restore(before)
         raise

@@ -9,6 +9,10 @@ each sees the inputs of the *pruned* model with every earlier reader already re-
 layer are corrected by the next instead of piling up. A depthwise conv reads each channel alone: pruning a
 channel removes its filter and there is nothing to re-fit, so the conv after it is re-fitted instead.
 
+BatchNorm statistics are *not* re-estimated afterwards: each re-fitted layer's output matches the dense
+layer's, for which the dense statistics are right, and re-estimating them on the calibration images cost
+1.4-2.1 points on the CIFAR ResNet-18 (benchmarks/results/recovery.json, rows ``+bn``).
+
 Memory is bounded: each reader's regression uses a sample of output positions (rows), Gram matrices are
 accumulated per chunk of rows, and the images pass the model as one batch no larger than a memory budget.
 """
@@ -352,19 +356,3 @@ def _run_with_hooks(model: nn.Module, x: torch.Tensor, hooks: dict[nn.Module, An
         model.train(was_training)
         for h in handles:
             h.remove()
-
-
-def recover(
-    dense: nn.Module,
-    pruned: nn.Module,
-    kept_outputs: dict[str, torch.Tensor],
-    images: Sequence[torch.Tensor],
-    seed: int = 0,
-) -> ReconstructionReport:
-    """Recovery without labels: ``reconstruct``, then BatchNorm statistics re-estimated on the same images."""
-    from .finetuning import recalibrate_batchnorm
-
-    report = reconstruct(dense, pruned, kept_outputs, images, seed=seed)
-    recalibrate_batchnorm(pruned, images)
-    report.seconds = time.perf_counter() - report.started
-    return report

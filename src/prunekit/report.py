@@ -139,7 +139,7 @@ def print_prune(report: dict[str, Any]) -> None:
         after = sum(f["error_after"] for f in fits) / max(len(fits), 1)
         console.print(
             f"recovery without labels: {len(fits)} layers re-fitted to the dense model's outputs on "
-            f"{rec['images']} training images, then BatchNorm re-estimated ({rec['seconds']:.1f} s; mean "
+            f"{rec['images']} training images ({rec['seconds']:.1f} s; mean "
             f"relative output error on held-out images {before:.3f} -> {after:.3f})",
             highlight=False,
         )
