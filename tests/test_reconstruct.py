@@ -68,6 +68,19 @@ HELD_OUT = smooth_images(256, seed=3)
 X = torch.zeros(1, 3, 16, 16)
 
 
+def prune_global(model: nn.Module, target: float, reconstruct: bool) -> prunekit.PruneReport:
+    """One threshold network-wide, the input conv included (so residual streams are pruned too)."""
+    return prunekit.prune(
+        model,
+        X,
+        target_macs=target,
+        allocation="global",
+        prune_input_conv=True,
+        calibration=CALIBRATION,
+        reconstruct=reconstruct,
+    )
+
+
 def kept_channels(dense_bn: nn.BatchNorm2d, pruned_bn: nn.BatchNorm2d) -> list[int]:
     """The dense channels a pruned BatchNorm kept, found by their (distinct, untouched) scales."""
     return [i for i, g in enumerate(dense_bn.weight) if bool((pruned_bn.weight == g).any())]
@@ -96,25 +109,9 @@ def test_refitting_lowers_output_error_on_held_out_images(cls, layer, norm):
     logits) is closer to the dense model's on images neither saw."""
     dense = model_of(cls)
     plain, refit = copy.deepcopy(dense), copy.deepcopy(dense)
-    prunekit.prune(
-        plain,
-        X,
-        target_macs=0.5,
-        allocation="global",
-        prune_input_conv=True,
-        calibration=CALIBRATION,
-        reconstruct=False,
-    )
+    prune_global(plain, 0.5, reconstruct=False)
     prunekit.recalibrate_bn(plain, CALIBRATION)
-    report = prunekit.prune(
-        refit,
-        X,
-        target_macs=0.5,
-        allocation="global",
-        prune_input_conv=True,
-        calibration=CALIBRATION,
-        reconstruct=True,
-    )
+    report = prune_global(refit, 0.5, reconstruct=True)
     assert layer in {f["layer"] for f in report.reconstruction["layers"]}
     assert [p.shape for p in plain.parameters()] == [p.shape for p in refit.parameters()]  # same channels
     for name in (layer, "head"):
@@ -129,15 +126,7 @@ def test_depthwise_conv_is_not_refitted_but_the_pointwise_after_it_is():
     """Pruning a depthwise conv's channel removes its filter: nothing to re-fit there; the conv reading it is."""
     dense = model_of(DepthwiseNet)
     model = copy.deepcopy(dense)
-    report = prunekit.prune(
-        model,
-        X,
-        target_macs=0.6,
-        allocation="global",
-        prune_input_conv=True,
-        calibration=CALIBRATION,
-        reconstruct=True,
-    )
+    report = prune_global(model, 0.6, reconstruct=True)
     assert model.depthwise.in_channels < 48
     fitted = {f["layer"] for f in report.reconstruction["layers"]}
     assert "project" in fitted and "depthwise" not in fitted
@@ -158,15 +147,7 @@ def test_residual_stream_refits_every_reader_of_the_shared_channels():
     """A residual group's channels are read by several layers (the block's first conv, the strided conv):
     each of them is re-fitted, and the error each reports on held-out rows went down."""
     model = model_of(ResidualNet)
-    report = prunekit.prune(
-        model,
-        X,
-        target_macs=0.5,
-        allocation="global",
-        prune_input_conv=True,
-        calibration=CALIBRATION,
-        reconstruct=True,
-    )
+    report = prune_global(model, 0.5, reconstruct=True)
     fits = {f["layer"]: f for f in report.reconstruction["layers"]}
     assert {"conv1", "down", "head"} <= set(fits)
     assert all(f["error_after"] <= f["error_before"] for f in fits.values())
@@ -206,15 +187,7 @@ def test_interrupted_recovery_undoes_the_surgery_too(monkeypatch):
 
     monkeypatch.setattr(reconstruct, "_refit_layer", refit_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        prunekit.prune(
-            model,
-            X,
-            target_macs=0.5,
-            allocation="global",
-            prune_input_conv=True,
-            calibration=CALIBRATION,
-            reconstruct=True,
-        )
+        prune_global(model, 0.5, reconstruct=True)
     assert len(fitted) == 2  # interrupted inside the re-fit, not before or after it
     assert_unchanged(model, before)
 
