@@ -226,3 +226,16 @@ def test_cli_reconstruct_without_images_is_one_error_line_and_writes_nothing(tra
     assert code == EXIT_USAGE and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error:") and "--reconstruct" in err and "--calibration random" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_python_defaults_follow_the_command_line_and_say_when_images_are_missing(capsys):
+    """With calibration=, a target is spread by a scan and recovered, as on the command line; without it,
+    one line names the two defaults that fell back."""
+    with_images = prunekit.prune(model_of(ResidualNet), X, target_macs=0.4, calibration=CALIBRATION)
+    assert with_images.request["allocation"] == "sensitivity" and with_images.request["reconstruct"]
+    assert with_images.reconstruction["layers"]
+    capsys.readouterr()
+    without = prunekit.prune(model_of(ResidualNet), X, target_macs=0.4)
+    assert without.request["allocation"] == "global" and without.request["reconstruct"] is False
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "'global' instead of 'sensitivity'" in notes[0] and "no recovery" in notes[0]

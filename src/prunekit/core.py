@@ -126,7 +126,7 @@ def prune(
         latency_runtime=latency_runtime,
         ignore=_names(ignore, "ignore"),
         round_to=round_to,
-        allocation=_allocation(allocation, ratio, calibration),
+        allocation=default_allocation(allocation, ratio, images_at_hand=calibration is not None),
         sensitivity=sensitivity,
         prune_input_conv=prune_input_conv,
         reconstruct=reconstruct,
@@ -140,6 +140,8 @@ def prune(
     criterion = name if isinstance(name, ChannelImportance) else make_importance(name, seed)
     label = name if isinstance(name, str) else type(name).__name__
     images = reconstruction if reconstruction is not None else calibration
+    if images is None and not request.layers:
+        _note_without_images(allocation, ratio, reconstruct)
     request.reconstruct = _reconstruct(reconstruct, images, request.layers)
     grads = {p: p.grad for p in model.parameters()}
     start = time.perf_counter()
@@ -168,19 +170,22 @@ def prune(
     )
 
 
-def _allocation(allocation: str | None, ratio: float | None, calibration: Any) -> str:
-    """The allocation asked for, or the default (the commands'); one line says when it falls back."""
-    if allocation is not None:
-        return allocation
-    if ratio is None and calibration is None:
-        from .console import console
+def _note_without_images(allocation: str | None, ratio: float | None, reconstruct: bool | None) -> None:
+    """One line naming the defaults that need images and were not given them (no ``calibration=``)."""
+    from .console import console
 
+    missing = []
+    if allocation is None and ratio is None:
+        missing.append("allocation 'global' instead of 'sensitivity' (a scan of calibration images)")
+    if reconstruct is None:
+        missing.append("no recovery (reconstruct re-fits on calibration images)")
+    if missing:
         console.print(
-            "note: allocation 'global': the default, 'sensitivity', scans calibration images; pass "
-            "calibration= to use it (or allocation='global' to silence this note)",
+            f"note: without calibration= images: {' and '.join(missing)}; pass calibration= for the "
+            f"defaults (or name allocation= and reconstruct=)",
             highlight=False,
+            soft_wrap=True,  # one line, however wide
         )
-    return default_allocation(None, ratio, images_at_hand=calibration is not None)
 
 
 def _reconstruct(reconstruct: bool | None, images: Any, layers: Sequence[str]) -> bool:
