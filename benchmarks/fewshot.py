@@ -6,6 +6,7 @@ class). The dense transfer (5 epochs) is the parent of every row; each row prune
 fine-tunes 5 epochs on the same 1,000 images (the same budget for every row), seeds 0-2.
 
 python benchmarks/fewshot.py [--seeds 0,1,2] [--rows prunekit,prunekit-distill,torch-pruning]
+(also prunekit-uniform, prunekit-uniform-distill: uniform allocation instead of global)
 
 Resumable row by row: each finished (row, seed) is written to results/fewshot.json at once.
 """
@@ -143,8 +144,11 @@ def main() -> None:
             if row == "torch-pruning":
                 model = torch_pruning_uniform(model, example, 0.5)
                 prunekit.recalibrate_bn(model, calibration)
-            else:
-                prunekit.prune(model, example, target_macs=0.5, allocation="global", calibration=calibration)
+            else:  # prunekit[-uniform][-distill]: global allocation unless named
+                allocation = "uniform" if "-uniform" in row else "global"
+                prunekit.prune(
+                    model, example, target_macs=0.5, allocation=allocation, calibration=calibration
+                )
             prune_s = time.perf_counter() - start
             pruned_acc = evaluate(model, test)["accuracy"]
             teacher = dense if row.endswith("distill") else None
