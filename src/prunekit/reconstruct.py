@@ -313,13 +313,20 @@ def reconstruct(
             if name not in targets or name in done:
                 return
             done.add(name)
+            bar.update(task, info=name)
             report.layers.append(_refit_layer(name, module, inputs[0], rows[name], targets.pop(name)))
+            bar.update(task, advance=1)
 
         return pre_hook
 
+    from .console import progress_bar
+
     done: set[str] = set()
-    _run_with_hooks(dense, x, {dense_modules[n]: record(n) for n in names}, pre=False)
-    _run_with_hooks(pruned, x, {pruned_modules[n]: refit(n) for n in names}, pre=True)
+    with progress_bar() as bar:
+        task = bar.add_task("recovery", total=len(names) + 1, info="dense outputs")
+        _run_with_hooks(dense, x, {dense_modules[n]: record(n) for n in names}, pre=False)
+        bar.update(task, advance=1)
+        _run_with_hooks(pruned, x, {pruned_modules[n]: refit(n) for n in names}, pre=True)
     report.seconds = time.perf_counter() - report.started
     return report
 
