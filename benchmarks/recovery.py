@@ -24,7 +24,7 @@ from prunekit.api import calibration_batches, load_data_for, scan_batches
 from prunekit.checkpoint import load_checkpoint
 from prunekit.finetuning import recalibrate_batchnorm
 from prunekit.measure import count_macs, evaluate
-from prunekit.sensitivity import SCAN_CALIBRATION_IMAGES, SCAN_IMAGES, scan
+from prunekit.sensitivity import SCAN_CALIBRATION_IMAGES, SCAN_IMAGES, SCAN_SECONDS, scan
 
 TARGETS = {"2x": 0.5, "3x": 1 / 3}
 ALLOCATIONS = ("global", "sensitivity")
@@ -42,6 +42,8 @@ def rows() -> list[str]:
             names += [f"{allocation}-{target}", f"{allocation}+recovery-{target}"]
             names.append(f"{allocation}+recovery+bn-{target}")  # BatchNorm re-estimated after the re-fit
             names.append(f"{allocation}+recovery/group-l2-{target}")
+        # the same scan, its curves read as points of accuracy instead of divergence from the dense model
+        names.append(f"sensitivity(accuracy)+recovery-{target}")
     return names
 
 
@@ -72,8 +74,8 @@ def prune_row(row: str, dense: torch.nn.Module, context: dict) -> tuple[torch.nn
         model,
         torch.zeros(1, 3, 32, 32),
         target_macs=TARGETS[target],
-        allocation=allocation,
-        sensitivity=context["scan"] if allocation == "sensitivity" else None,
+        allocation=allocation.partition("(")[0],
+        sensitivity=read_as(context["scan"], allocation),
         calibration=images,
         importance=criterion or "l2",
         reconstruct=bool(recovery),
@@ -91,6 +93,14 @@ def prune_row(row: str, dense: torch.nn.Module, context: dict) -> tuple[torch.nn
             "mean_error_after": sum(f["error_after"] for f in rec["layers"]) / len(rec["layers"]),
         }
     return model, info
+
+
+def read_as(scan_result: dict | None, allocation: str) -> dict | None:
+    """The scan for a ``sensitivity`` row: as measured, or with its loss read as ``sensitivity(LOSS)`` says."""
+    if not allocation.startswith("sensitivity"):
+        return None
+    loss = allocation.partition("(")[2].rstrip(")")
+    return {**scan_result, "loss": loss} if loss else scan_result
 
 
 def main() -> None:
@@ -117,8 +127,9 @@ def main() -> None:
     if any(r.startswith("sensitivity") for r in todo):
         start = time.perf_counter()
         held_out, recal = scan_batches(bundle, SCAN_IMAGES, SCAN_CALIBRATION_IMAGES, 0)
-        context["scan"] = scan(ckpt.model, torch.zeros(1, 3, 32, 32), held_out, recal)
+        context["scan"] = scan(ckpt.model, torch.zeros(1, 3, 32, 32), held_out, recal, seconds=SCAN_SECONDS)
         results["scan_seconds"] = time.perf_counter() - start
+        results["scan_images"] = [context["scan"]["held_out_images"], context["scan"]["calibration_images"]]
     for row in todo:
         model, info = prune_row(row, ckpt.model, context)
         acc = evaluate(model, test)["accuracy"]

@@ -1,7 +1,6 @@
 """How long recovery and the default allocation's scan take on a 224-px ResNet-50 (random weights and images
-serve for timing): recovery at 2x fewer MACs on 512 calibration images, and the sensitivity scan at its
-default counts (1,000 scoring + 512 BatchNorm images), timed on its first ``--groups`` groups and the
-whole scan's time estimated from them (the estimate is labelled as such in the result).
+serve for timing): recovery at 2x fewer MACs on 512 calibration images, and the whole sensitivity scan at its
+default counts (1,000 scoring + 512 BatchNorm images offered, shrunk to its time budget).
 
 python benchmarks/scale.py
 """
@@ -25,9 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--images", type=int, default=512)
-    parser.add_argument(
-        "--groups", type=int, default=0, help="time the scan on its first N groups too (0: skip the scan)"
-    )
+    parser.add_argument("--no-scan", action="store_true", help="time recovery only")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = torchvision.models.resnet50(num_classes=10).eval()
@@ -50,42 +47,33 @@ def main() -> None:
     }
     print(result["recovery"], flush=True)
 
-    if args.groups:
-        result["scan"] = time_scan(model, example, args.size, args.groups)
+    if not args.no_scan:
+        result["scan"] = time_scan(model, example, args.size)
         print(result["scan"], flush=True)
     save("scale", result)
 
 
-def time_scan(model: torch.nn.Module, example: torch.Tensor, size: int, groups: int) -> dict:
-    """The scan at its default counts over its first ``groups`` groups; the whole scan estimated from them
-    (the dense pass once, the per-group time for every group)."""
-    roots = sensitivity.prunable_roots(model, example)
-    labels = torch.randint(0, 10, (sensitivity.SCAN_IMAGES,))
+def time_scan(model: torch.nn.Module, example: torch.Tensor, size: int) -> dict:
+    """The whole scan as ``prunekit prune`` runs it by default: 1,000 scoring + 512 BatchNorm images offered,
+    shrunk to its time budget."""
+    gen = torch.Generator().manual_seed(1)
     held_out = [
-        (torch.randn(50, 3, size, size), labels[i : i + 50]) for i in range(0, sensitivity.SCAN_IMAGES, 50)
+        (torch.randn(50, 3, size, size, generator=gen), torch.randint(0, 10, (50,), generator=gen))
+        for _ in range(sensitivity.SCAN_IMAGES // 50)
     ]
-    calibration = [torch.randn(64, 3, size, size) for _ in range(sensitivity.SCAN_CALIBRATION_IMAGES // 64)]
-    timed = roots[:groups]
-    real = sensitivity.prunable_roots
-    sensitivity.prunable_roots = lambda *a, **k: timed  # the scan's own loop, over the first groups only
-    try:
-        start = time.perf_counter()
-        dense_pass = time.perf_counter()
-        sensitivity._accuracy(model, held_out)
-        dense_pass = time.perf_counter() - dense_pass
-        scan = sensitivity.scan(model, example, held_out, calibration)
-        seconds = time.perf_counter() - start - dense_pass
-    finally:
-        sensitivity.prunable_roots = real
+    calibration = [
+        torch.randn(64, 3, size, size, generator=gen)
+        for _ in range(sensitivity.SCAN_CALIBRATION_IMAGES // 64)
+    ]
+    start = time.perf_counter()
+    scan = sensitivity.scan(model, example, held_out, calibration, seconds=sensitivity.SCAN_SECONDS)
     return {
-        "groups": len(roots),
+        "seconds": time.perf_counter() - start,
+        "groups": len(scan["groups"]),
         "ratios": len(scan["ratios"]),
-        "images": sensitivity.SCAN_IMAGES,
-        "calibration_images": sensitivity.SCAN_CALIBRATION_IMAGES,
-        "groups_timed": len(timed),
-        "seconds_for_groups_timed": seconds,
-        "dense_pass_s": dense_pass,
-        "estimated_seconds_all_groups": dense_pass + (seconds - dense_pass) / len(timed) * len(roots),
+        "images_offered": [sensitivity.SCAN_IMAGES, sensitivity.SCAN_CALIBRATION_IMAGES],
+        "images_used": [scan["held_out_images"], scan["calibration_images"]],
+        "budget_s": sensitivity.SCAN_SECONDS,
     }
 
 

@@ -567,10 +567,12 @@ def _prune(
         refit = [x for x, _ in calibration_batches(meta, bundle, reconstruction_images, seed=seed + 1)]
     size = meta["input_size"]
     if scans:
-        from .sensitivity import SCAN_CALIBRATION_IMAGES, SCAN_IMAGES, scan
+        from .sensitivity import SCAN_CALIBRATION_IMAGES, SCAN_IMAGES, SCAN_SECONDS, scan
 
         held_out, recal = scan_batches(bundle, SCAN_IMAGES, SCAN_CALIBRATION_IMAGES, seed)
-        request.sensitivity = scan(model, torch.zeros(1, 3, size, size), held_out, recal)
+        request.sensitivity = scan(
+            model, torch.zeros(1, 3, size, size), held_out, recal, seconds=SCAN_SECONDS
+        )
     before = summary(model, size)
     result = prune(
         model,
@@ -814,10 +816,12 @@ def sensitivity_checkpoint(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Sensitivity scan of a checkpoint on held-out training images; writes ``out`` (JSON) and a PNG beside it.
-    ``images`` and ``calibration_images`` default to ``SCAN_IMAGES`` and ``SCAN_CALIBRATION_IMAGES``."""
+    ``images`` and ``calibration_images`` default to ``SCAN_IMAGES`` and ``SCAN_CALIBRATION_IMAGES``, both
+    shrunk to finish in about ``SCAN_SECONDS``; counts given are used as they are."""
     from .files import write_json
-    from .sensitivity import RATIOS, SCAN_CALIBRATION_IMAGES, SCAN_IMAGES, plot, scan
+    from .sensitivity import RATIOS, SCAN_CALIBRATION_IMAGES, SCAN_IMAGES, SCAN_SECONDS, plot, scan
 
+    seconds = SCAN_SECONDS if images is None and calibration_images is None else None
     ratios = tuple(ratios or RATIOS)
     images = SCAN_IMAGES if images is None else images
     calibration_images = SCAN_CALIBRATION_IMAGES if calibration_images is None else calibration_images
@@ -832,7 +836,9 @@ def sensitivity_checkpoint(
     held_out, calibration = scan_batches(bundle, images, calibration_images, seed)
     size = meta["input_size"]
     with DirectoryLock(out.parent):
-        result = scan(ckpt.model, torch.zeros(1, 3, size, size), held_out, calibration, ratios, importance)
+        result = scan(
+            ckpt.model, torch.zeros(1, 3, size, size), held_out, calibration, ratios, importance, seconds
+        )
         result["checkpoint"] = str(path)
         write_json(out, result)
         plot(result, out.with_suffix(".png"))

@@ -188,32 +188,43 @@ def allocation_knob(
     if allocation == "uniform":
         return lambda r: {g.root: int(g.channels * r) for g in groups}, 0.0, 1.0
     if allocation == "sensitivity":
-        curves = _loss_curves(groups, sensitivity)
-        # the knob is a budget in points of accuracy
-        return lambda budget: {g.root: int(g.channels * curves[g.root](budget)) for g in groups}, -1.0, 101.0
+        curves, worst = _loss_curves(groups, sensitivity)
+        # the knob is a budget of loss (points of accuracy, or hundredths of a nat of divergence)
+        return (
+            lambda budget: {g.root: int(g.channels * curves[g.root](budget)) for g in groups},
+            -1.0,
+            worst + 1,
+        )
     raise UsageError(f"{arg('allocation')} must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
 
 
 def _loss_curves(
     groups: list[Group], sensitivity: dict[str, Any] | None
-) -> dict[str, Callable[[float], float]]:
-    """For each group, the largest ratio whose measured accuracy loss (points, made non-decreasing) stays
-    within a budget, interpolated between the scanned ratios; groups the scan lacks are not pruned."""
+) -> tuple[dict[str, Callable[[float], float]], float]:
+    """For each group, the largest ratio whose measured loss (made non-decreasing) stays within a budget,
+    interpolated between the scanned ratios; groups the scan lacks are not pruned. The loss is the scan's
+    ``loss``: divergence from the dense model ("kl", x100) or points of accuracy (older scans); with the
+    largest loss any curve reaches."""
     if not sensitivity or "groups" not in sensitivity:
         raise UsageError(f"{arg('allocation')} sensitivity needs a sensitivity scan (prunekit sensitivity)")
     ratios = [0.0, *sensitivity["ratios"]]
+    by_kl = sensitivity.get("loss") == "kl"
     dense = sensitivity["dense_accuracy"]
-    curves = {}
+    curves, highest = {}, 100.0
     for g in groups:
         row = sensitivity["groups"].get(g.root)
-        if not row or "accuracy" not in row:
+        if not row or "accuracy" not in row or (by_kl and "kl" not in row):
             curves[g.root] = lambda budget: 0.0
             continue
+        measured = (
+            [kl * 100 for kl in row["kl"]] if by_kl else [(dense - acc) * 100 for acc in row["accuracy"]]
+        )
         losses, worst = [0.0], 0.0
-        for ratio, acc in zip(sensitivity["ratios"], row["accuracy"], strict=True):
+        for ratio, loss in zip(sensitivity["ratios"], measured, strict=True):
             # Non-decreasing, plus a tiny slope: flat or noisy curves still give a continuous knob.
-            worst = max(worst, (dense - acc) * 100)
+            worst = max(worst, loss)
             losses.append(worst + 0.01 * ratio)
+        highest = max(highest, losses[-1])
 
         def ratio_within(budget: float, losses=losses) -> float:
             if budget < 0:
@@ -226,4 +237,4 @@ def _loss_curves(
             return ratios[-1]
 
         curves[g.root] = ratio_within
-    return curves
+    return curves, highest

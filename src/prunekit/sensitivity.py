@@ -7,25 +7,34 @@ on held-out *training* images (never the test set), the classic per-layer sensit
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .console import progress_bar
+from .console import console, progress_bar
 from .errors import UsageError
 from .finetuning import recalibrate_batchnorm
 from .groups import collect_groups
 from .importance import make_importance
-from .measure import evaluate
+from .measure import autocast, bf16_supported, evaluate
 from .planning import LayerCosts
+from .prefix import Call, candidate_cuts, capture, running_from, trace_calls, verified
 from .pruning import PruneRequest, prune_model
 from .surgery import SurgeryError
 
 RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)
 SCAN_IMAGES, SCAN_CALIBRATION_IMAGES = 1000, 512  # training images that score / recalibrate a scan
+SCAN_SECONDS = 240.0  # a scan at the default counts shrinks them to finish in about this long
+MIN_SCAN_IMAGES = 64  # ... but scores and recalibrates on at least this many
+CACHE_BYTES = 4 << 30  # a cut's cached outputs stay below this; past it, tries run the whole model
+LOSS = "kl"  # what allocation reads from a scan: "kl" (divergence from the dense model) or "accuracy"
 
 
 def scan_counts(available: int, images: int, calibration_images: int) -> tuple[int, int, str | None]:
@@ -47,16 +56,50 @@ def scan_counts(available: int, images: int, calibration_images: int) -> tuple[i
     return fewer, calibration, note
 
 
-def prunable_roots(model: nn.Module, example: torch.Tensor, importance: str = "l2") -> list[str]:
-    """The root conv of every group network-wide pruning would consider."""
+def prunable_groups(model: nn.Module, example: torch.Tensor, importance: str = "l2") -> dict[str, set[str]]:
+    """The root conv of every group network-wide pruning would consider, with the names of its members."""
     _, groups = collect_groups(model, example, make_importance(importance), PruneRequest(ratio=0.5))
     modules = dict(model.named_modules())
-    return [g.root for g in groups if isinstance(modules[g.root], nn.Conv2d)]
+    names = {m: n for n, m in modules.items()}
+    return {
+        g.root: {names[layer] for layer, _, _ in g.members if layer in names}
+        for g in groups
+        if isinstance(modules[g.root], nn.Conv2d)
+    }
+
+
+def prunable_roots(model: nn.Module, example: torch.Tensor, importance: str = "l2") -> list[str]:
+    """The root conv of every group network-wide pruning would consider."""
+    return list(prunable_groups(model, example, importance))
 
 
 @torch.no_grad()
 def _accuracy(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
     return evaluate(model, batches)["accuracy"]
+
+
+@dataclass
+class _Images:
+    """The scan's images: scoring batches with labels and the dense model's logits, BatchNorm batches."""
+
+    held_out: list[tuple[torch.Tensor, torch.Tensor]]
+    calibration: list[torch.Tensor]
+    dense_logits: list[torch.Tensor]
+    bf16: bool
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        return sum(len(y) for _, y in self.held_out), sum(len(x) for x in self.calibration)
+
+
+@dataclass
+class _Cut:
+    """Where a group's tries start: the cut's cached outputs for every scoring and BatchNorm batch."""
+
+    name: str
+    skipped: list[str]
+    held_out: list[torch.Tensor]
+    calibration: list[torch.Tensor]
 
 
 def scan(
@@ -66,60 +109,238 @@ def scan(
     calibration: Sequence[torch.Tensor],
     ratios: Sequence[float] = RATIOS,
     importance: str = "l2",
+    seconds: float | None = None,
 ) -> dict[str, Any]:
-    """Accuracy on ``held_out`` for every (group, ratio), each group pruned alone after BN recalibration.
+    """Accuracy on ``held_out`` and divergence from the dense model for every (group, ratio), each group
+    pruned alone after BN recalibration. With ``seconds``, both image sets shrink (never below
+    ``MIN_SCAN_IMAGES``) so the scan's estimate fits that time.
 
     ``model`` itself is not changed. Groups whose surgery fails are recorded with the reason, not scored.
     """
     if not ratios or any(not 0 < r < 1 for r in ratios):
         raise UsageError(f"ratios must be fractions between 0 and 1 (exclusive), got {list(ratios)}")
-    import time
-
-    from .console import console
-
     model.eval()
-    roots = prunable_roots(model, example, importance)
+    start = time.perf_counter()
+    example = _surgery_example(model, example)
+    groups = prunable_groups(model, example, importance)
+    calls = trace_calls(model, example)
     costs = LayerCosts(model, example)
     dense_macs = sum(costs.macs.values())
-    start = time.perf_counter()
-    dense_accuracy = _accuracy(model, held_out)
-    seconds = time.perf_counter() - start  # one pass over the scoring images; a point adds BatchNorm's
-    per_point = seconds * (1 + sum(len(x) for x in calibration) / max(sum(len(y) for _, y in held_out), 1))
+    suffix = _suffix_fractions(model, calls, costs, groups)
+    timer = time.perf_counter()
+    images = _dense_pass(model, held_out, calibration)
+    per_image = (time.perf_counter() - timer) / max(images.counts[0], 1)
+    timer = time.perf_counter()
+    prune_model(
+        copy.deepcopy(model),
+        PruneRequest(layers=[next(iter(groups))], ratio=0.5),
+        make_importance(importance),
+        example,
+    )
+    per_try = time.perf_counter() - timer
+    estimate = _estimate(per_image, images.counts, suffix, len(ratios), per_try)
+    if seconds is not None and estimate > seconds:
+        scale = (seconds - per_try * len(groups) * len(ratios)) / (
+            estimate - per_try * len(groups) * len(ratios)
+        )
+        images = _shrunk(images, scale)
+        estimate = _estimate(per_image, images.counts, suffix, len(ratios), per_try)
+    scoring, recal = images.counts
     console.print(
-        f"sensitivity scan: {len(roots)} groups x {len(ratios)} ratios on {sum(len(y) for _, y in held_out)} "
-        f"scoring + {sum(len(x) for x in calibration)} BatchNorm images, about "
-        f"{_duration(per_point * len(roots) * len(ratios))}",
+        f"sensitivity scan: {len(groups)} groups x {len(ratios)} ratios on {scoring} scoring + {recal} "
+        f"BatchNorm images, about {_duration(estimate)}",
         highlight=False,
     )
     result: dict[str, Any] = {
-        "dense_accuracy": dense_accuracy,
+        "dense_accuracy": _top1(images.dense_logits, images.held_out),
         "ratios": list(ratios),
         "importance": importance,
-        "held_out_images": sum(len(y) for _, y in held_out),
-        "calibration_images": sum(len(x) for x in calibration),
+        "held_out_images": scoring,
+        "calibration_images": recal,
+        "loss": LOSS,
         "groups": {},
     }
+    cut: _Cut | None = None
+    modules = dict(model.named_modules())
     with progress_bar() as bar:
-        task = bar.add_task("sensitivity", total=len(roots) * len(ratios), info="")
-        for root in roots:
-            row: dict[str, Any] = {"accuracy": [], "macs_saved": []}
+        task = bar.add_task("sensitivity", total=len(groups) * len(ratios), info="")
+        for root in sorted(groups, key=lambda r: _first_call(calls, groups[r])):
+            cut = _cut_for(model, calls, groups[root], images, cut)
+            row: dict[str, Any] = {"accuracy": [], "kl": [], "macs_saved": []}
             for ratio in ratios:
                 bar.update(task, advance=1, info=f"{root} {ratio:.0%}")
-                pruned = copy.deepcopy(model)
                 try:
-                    report = prune_model(
-                        pruned, PruneRequest(layers=[root], ratio=ratio), make_importance(importance), example
-                    )
+                    accuracy, kl, macs = _point(model, example, root, ratio, importance, images, cut)
                 except (UsageError, SurgeryError) as exc:
+                    bar.update(task, advance=len(ratios) - 1 - len(row["accuracy"]))
                     row = {"skipped": str(exc)}
                     break
-                recalibrate_batchnorm(pruned, calibration)
-                row["accuracy"].append(_accuracy(pruned, held_out))
-                row["macs_saved"].append((report.macs_before - report.macs_after) / dense_macs)
-            row["channels"] = getattr(dict(model.named_modules())[root], "out_channels", None)
+                row["accuracy"].append(accuracy)
+                row["kl"].append(kl)
+                row["macs_saved"].append(macs / dense_macs)
+            row["channels"] = getattr(modules[root], "out_channels", None)
             result["groups"][root] = row
+    result["groups"] = {r: result["groups"][r] for r in groups}  # the graph's order, as before
     result["seconds"] = time.perf_counter() - start
     return result
+
+
+def _dense_pass(
+    model: nn.Module,
+    held_out: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    calibration: Sequence[torch.Tensor],
+) -> _Images:
+    """The dense model's logits on the scoring images, at the precision every try will run at."""
+    device = next(model.parameters()).device
+    bf16 = device.type == "cuda" or bf16_supported()
+    with torch.no_grad(), autocast(device, bf16):
+        logits = [model(x).float() for x, _ in held_out]
+    return _Images(list(held_out), list(calibration), logits, bf16)
+
+
+def _top1(logits: Sequence[torch.Tensor], held_out: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    hits = sum(
+        int((lg.argmax(1) == y.to(lg.device)).sum()) for lg, (_, y) in zip(logits, held_out, strict=True)
+    )
+    return hits / max(sum(len(y) for _, y in held_out), 1)
+
+
+def _point(
+    model: nn.Module,
+    example: torch.Tensor,
+    root: str,
+    ratio: float,
+    importance: str,
+    images: _Images,
+    cut: _Cut | None,
+) -> tuple[float, float, int]:
+    """One try: ``root``'s group pruned by ``ratio`` in a copy, BatchNorm re-estimated, then (accuracy, mean
+    KL divergence from the dense model's predictions, MACs saved) on the scoring images."""
+    pruned = copy.deepcopy(model)
+    report = prune_model(
+        pruned, PruneRequest(layers=[root], ratio=ratio), make_importance(importance), example
+    )
+    device = next(model.parameters()).device
+    with _from_cut(pruned, cut) as feed, torch.no_grad(), autocast(device, images.bf16):
+        recalibrate_batchnorm(pruned, feed(images.calibration, cut.calibration if cut else None))
+        pruned.eval()
+        logits = [pruned(x).float() for x, _ in feed(images.held_out, cut.held_out if cut else None)]
+    kl = sum(
+        float(F.kl_div(p.log_softmax(1), d.log_softmax(1), log_target=True, reduction="sum"))
+        for p, d in zip(logits, images.dense_logits, strict=True)
+    )
+    return (
+        _top1(logits, images.held_out),
+        kl / max(images.counts[0], 1),
+        report.macs_before - report.macs_after,
+    )
+
+
+@contextmanager
+def _from_cut(model: nn.Module, cut: _Cut | None):
+    """A function that yields each batch's input, with the cut's cached output set for it when there is one."""
+    if cut is None:
+        yield lambda batches, cached: iter(batches)
+        return
+
+    with running_from(model, cut.name, cut.skipped) as holder:
+
+        def feed(batches, cached):
+            for batch, value in zip(batches, cached, strict=True):
+                holder.value = value
+                yield batch
+
+        yield feed
+
+
+def _first_call(calls: dict[str, Call], members: set[str]) -> int:
+    starts = [calls[m].start for m in members if m in calls]
+    return min(starts) if starts else 0
+
+
+def _cut_for(
+    model: nn.Module, calls: dict[str, Call], members: set[str], images: _Images, previous: _Cut | None
+) -> _Cut | None:
+    """The latest verified cut before the group's first member, with its outputs cached (reused from
+    ``previous`` when it is the same cut); None when no cut works or its cache would not fit in memory."""
+    for name in candidate_cuts(model, calls, _first_call(calls, members)):
+        if previous is not None and previous.name == name:
+            return previous
+        first = images.held_out[0][0]
+        skipped = verified(model, calls, name, first[:2])
+        if skipped is None:
+            continue
+        per_image = capture(model, name, first[:1]).numel() * (2 if images.bf16 else 4)
+        if per_image * sum(images.counts) > CACHE_BYTES:
+            return None
+        device = next(model.parameters()).device
+        with torch.no_grad(), autocast(device, images.bf16):
+            held = [capture(model, name, x) for x, _ in images.held_out]
+            recal = [capture(model, name, x) for x in images.calibration]
+        return _Cut(name, skipped, held, recal)
+    return None
+
+
+def _suffix_fractions(
+    model: nn.Module, calls: dict[str, Call], costs: LayerCosts, groups: dict[str, set[str]]
+) -> list[float]:
+    """For each group, the share of the dense MACs that runs after its latest possible cut (an estimate:
+    the cut is verified only when the scan reaches it)."""
+    names = {m: n for n, m in model.named_modules()}
+    total = max(sum(costs.macs.values()), 1)
+    fractions = []
+    for members in groups.values():
+        cuts = candidate_cuts(model, calls, _first_call(calls, members), limit=1)
+        end = calls[cuts[0]].end if cuts else -1
+        after = sum(
+            m for layer, m in costs.macs.items() if calls.get(names.get(layer, ""), Call(0, 0, 0)).start > end
+        )
+        fractions.append(after / total)
+    return fractions
+
+
+def _estimate(
+    per_image: float, counts: tuple[int, int], suffix: Sequence[float], ratios: int, per_try: float
+) -> float:
+    """Seconds for every try: its surgery, then the scoring and BatchNorm images run from its cut."""
+    return (per_image * sum(counts) * sum(suffix) + per_try * len(suffix)) * ratios
+
+
+def _surgery_example(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
+    """A smaller input for the tries' surgery (which traces and checks the model on it several times) when
+    the model gives the same output shape on it: channel counts, not image size, decide what is removed."""
+    size = max(example.shape[-1] // 4, 32)
+    if size >= example.shape[-1] or example.dim() != 4:
+        return example
+    small = example.new_zeros(*example.shape[:2], size, size)
+    try:
+        with torch.no_grad():
+            same = model(small).shape == model(example).shape
+    except Exception:  # too small for this model
+        return example
+    return small if same else example
+
+
+def _shrunk(images: _Images, scale: float) -> _Images:
+    """The first share ``scale`` of both image sets (at least ``MIN_SCAN_IMAGES`` each where they hold it)."""
+
+    def count(total: int) -> int:
+        return min(total, max(MIN_SCAN_IMAGES, int(total * scale)))
+
+    scoring, recal = images.counts
+    keep_scoring, keep_recal = count(scoring), count(recal)
+    held, logits, left = [], [], keep_scoring
+    for (x, y), lg in zip(images.held_out, images.dense_logits, strict=True):
+        if left > 0:
+            held.append((x[:left], y[:left]))
+            logits.append(lg[:left])
+            left -= len(y)
+    calibration, left = [], keep_recal
+    for x in images.calibration:
+        if left > 0:
+            calibration.append(x[:left])
+            left -= len(x)
+    return _Images(held, calibration, logits, images.bf16)
 
 
 def scan_calibration(
@@ -142,7 +363,7 @@ def scan_calibration(
     scoring = len(x) * SCAN_IMAGES // (SCAN_IMAGES + SCAN_CALIBRATION_IMAGES)
     held_out = [(x[i : min(i + 250, scoring)], y[i : min(i + 250, scoring)]) for i in range(0, scoring, 250)]
     calibration = [x[i : i + 256] for i in range(scoring, len(x), 256)]
-    result = scan(model, example, held_out, calibration)
+    result = scan(model, example, held_out, calibration, seconds=SCAN_SECONDS)
     result["metric"] = "accuracy" if labelled else "agreement with the dense model"
     return result
 

@@ -1,0 +1,78 @@
+"""Running from a cached cut: the same output as the whole model, invalid cuts refused, a scan unchanged."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+
+from prunekit import sensitivity
+from prunekit.finetuning import recalibrate_batchnorm
+from prunekit.prefix import candidate_cuts, capture, running_from, trace_calls, verified
+
+
+@pytest.fixture(scope="module")
+def resnet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    recalibrate_batchnorm(model, [torch.randn(32, 3, 32, 32)])  # statistics that match the images
+    return model.eval()
+
+
+def test_running_from_a_verified_cut_reproduces_the_model(resnet):
+    x = torch.randn(4, 3, 32, 32)
+    calls = trace_calls(resnet, x[:1])
+    skipped = verified(resnet, calls, "layer2", x)
+    assert skipped is not None and {"conv1", "bn1", "relu", "maxpool", "layer1"} <= set(skipped)
+    with torch.no_grad():
+        want = resnet(x)
+        value = capture(resnet, "layer2", x)
+        with running_from(resnet, "layer2", skipped) as holder:
+            holder.value = value
+            got = resnet(torch.zeros_like(x))  # the input no longer matters: the prefix is skipped
+        assert torch.allclose(got, want, atol=1e-5)
+        assert torch.equal(resnet(x), want)  # the patches are gone afterwards
+
+
+def test_cuts_inside_a_residual_block_are_refused(resnet):
+    x = torch.randn(2, 3, 32, 32)
+    calls = trace_calls(resnet, x[:1])
+    # inside layer2.0 the skip connection still needs the block's input: not a cut
+    assert verified(resnet, calls, "layer2.0.downsample.1", x) is None
+    assert verified(resnet, calls, "layer1.0.bn2", x) is None  # so is a layer inside the block
+    first = calls["layer2.1.conv1"].start
+    assert candidate_cuts(resnet, calls, first)[0] == "layer2.0"
+
+
+def test_a_scan_from_cached_cuts_matches_one_that_runs_the_whole_model(resnet, monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    held_out = [(torch.randn(40, 3, 32, 32, generator=gen), torch.randint(0, 10, (40,), generator=gen))]
+    calibration = [torch.randn(32, 3, 32, 32, generator=gen)]
+    resnet = copy.deepcopy(resnet)
+    recalibrate_batchnorm(resnet, calibration)  # so re-estimating the layers before a cut changes nothing
+    resnet.eval()
+    example = torch.zeros(1, 3, 32, 32)
+    real, cuts = sensitivity._cut_for, []
+    monkeypatch.setattr(sensitivity, "_cut_for", lambda *a: cuts.append(real(*a)) or cuts[-1])
+    cached = sensitivity.scan(resnet, example, held_out, calibration, ratios=(0.3, 0.7))
+    assert sum(c is not None for c in cuts) == len(cuts) == 11  # every group's tries ran from a cut
+    monkeypatch.setattr(sensitivity, "_cut_for", lambda *a, **k: None)
+    whole = sensitivity.scan(resnet, example, held_out, calibration, ratios=(0.3, 0.7))
+    assert cached["groups"].keys() == whole["groups"].keys()
+    for root, row in cached["groups"].items():
+        other = whole["groups"][root]
+        assert row["macs_saved"] == other["macs_saved"]
+        # the same tries, up to rounding (bf16 where the CPU has it)
+        assert row["kl"] == pytest.approx(other["kl"], abs=0.01)
+
+
+def test_a_time_budget_shrinks_the_images_but_not_below_the_floor(resnet):
+    gen = torch.Generator().manual_seed(2)
+    held_out = [(torch.randn(100, 3, 32, 32, generator=gen), torch.randint(0, 10, (100,), generator=gen))] * 3
+    calibration = [torch.randn(100, 3, 32, 32, generator=gen)] * 2
+    result = sensitivity.scan(resnet, torch.zeros(1, 3, 32, 32), held_out, calibration, (0.5,), seconds=0.01)
+    assert result["held_out_images"] == result["calibration_images"] == sensitivity.MIN_SCAN_IMAGES
+    full = sensitivity.scan(resnet, torch.zeros(1, 3, 32, 32), held_out, calibration, (0.5,))
+    assert (full["held_out_images"], full["calibration_images"]) == (300, 200)
