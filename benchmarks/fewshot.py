@@ -6,7 +6,8 @@ class). The dense transfer (5 epochs) is the parent of every row; each row prune
 fine-tunes 5 epochs on the same 1,000 images (the same budget for every row), seeds 0-2.
 
 python benchmarks/fewshot.py [--seeds 0,1,2] [--rows prunekit,prunekit-distill,torch-pruning]
-(also prunekit-uniform, prunekit-uniform-distill: uniform allocation instead of global)
+(also prunekit-uniform[-distill]: uniform allocation instead of global; prunekit-sensitivity[-distill]:
+the default allocation, a sensitivity scan of the 512 unlabelled calibration images)
 
 Resumable row by row: each finished (row, seed) is written to results/fewshot.json at once.
 """
@@ -128,6 +129,9 @@ def main() -> None:
         prunekit.finetune(dense, Upsampled(train_x, train_y, 32, True), epochs=EPOCHS, lr=LR, recipe="full")
         prunekit.save(dense, dense_file)
         results["dense_transfer_s"] = time.perf_counter() - start
+        # a transfer repeated in a later session: its accuracy recorded, to show the parent is the same
+        results.setdefault("dense_transfers", []).append(evaluate(dense.eval(), test)["accuracy"])
+        save(results)
     dense.eval()
     if "dense" not in results:
         results["dense"] = {"accuracy": evaluate(dense, test)["accuracy"], "macs": count_macs(dense, example)}
@@ -144,8 +148,8 @@ def main() -> None:
             if row == "torch-pruning":
                 model = torch_pruning_uniform(model, example, 0.5)
                 prunekit.recalibrate_bn(model, calibration)
-            else:  # prunekit[-uniform][-distill]: global allocation unless named
-                allocation = "uniform" if "-uniform" in row else "global"
+            else:  # prunekit[-uniform|-sensitivity][-distill]: global allocation unless named
+                allocation = "uniform" if "-uniform" in row else None if "-sensitivity" in row else "global"
                 prunekit.prune(
                     model, example, target_macs=0.5, allocation=allocation, calibration=calibration
                 )

@@ -293,3 +293,42 @@ def test_finetune_command_with_a_missing_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert re.search(r"^error: .*nope\.safetensors", err, re.M), err
     assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------- distillation by default on small sets
+
+
+def _finetune_settings(ckpt: Path, out: Path, **kwargs) -> dict:
+    result = api.finetune_checkpoint(
+        ckpt, out, epochs=1, recalibrate=False, data="synthetic", subset=2, device="cpu", **kwargs
+    )
+    return result["settings"]
+
+
+def test_a_small_training_split_distils_from_the_dense_parent(
+    pruned_ckpt, dense_ckpt, tmp_path, count_distillation
+):
+    settings = _finetune_settings(pruned_ckpt, tmp_path / "auto")
+    assert settings["teacher"] == str(dense_ckpt)  # the parent the pruned checkpoint records
+    assert len(count_distillation) == 2  # 20 images, 2 steps: every step distilled
+    count_distillation.clear()
+    assert _finetune_settings(pruned_ckpt, tmp_path / "off", distill=False)["teacher"] is None
+    assert count_distillation == []
+    with pytest.raises(UsageError, match="distillation"):
+        _finetune_settings(pruned_ckpt, tmp_path / "both", distill=False, teacher=dense_ckpt)
+
+
+def test_a_large_split_or_a_missing_parent_does_not_distil(pruned_ckpt, tmp_path, monkeypatch, capsys):
+    import prunekit.finetuning
+
+    monkeypatch.setattr(prunekit.finetuning, "DISTILL_BELOW", 20)  # 20 images is now "large"
+    assert _finetune_settings(pruned_ckpt, tmp_path / "large")["teacher"] is None
+    monkeypatch.undo()
+    moved = tmp_path / "elsewhere.safetensors"  # a copy whose recorded parent is not on disk
+    ckpt = load_checkpoint(pruned_ckpt)
+    ckpt.meta["parent"]["checkpoint"] = str(tmp_path / "gone.safetensors")
+    save_checkpoint(moved, ckpt.model, ckpt.meta)
+    assert _finetune_settings(moved, tmp_path / "missing")["teacher"] is None
+    assert "pass teacher to distil" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="not a file here"):
+        _finetune_settings(moved, tmp_path / "asked", distill=True)

@@ -73,6 +73,14 @@ def test_a_time_budget_shrinks_the_images_but_not_below_the_floor(resnet):
     held_out = [(torch.randn(100, 3, 32, 32, generator=gen), torch.randint(0, 10, (100,), generator=gen))] * 3
     calibration = [torch.randn(100, 3, 32, 32, generator=gen)] * 2
     result = sensitivity.scan(resnet, torch.zeros(1, 3, 32, 32), held_out, calibration, (0.5,), seconds=0.01)
-    assert result["held_out_images"] == result["calibration_images"] == sensitivity.MIN_SCAN_IMAGES
+    assert result["held_out_images"] == result["calibration_images"] == sensitivity.MIN_SCAN_IMAGES == 32
     full = sensitivity.scan(resnet, torch.zeros(1, 3, 32, 32), held_out, calibration, (0.5,))
     assert (full["held_out_images"], full["calibration_images"]) == (300, 200)
+
+
+def test_over_budget_the_default_grid_coarsens_first(resnet):
+    held_out = [(torch.randn(40, 3, 32, 32), torch.randint(0, 10, (40,)))]
+    calibration = [torch.randn(40, 3, 32, 32)]
+    result = sensitivity.scan(resnet, torch.zeros(1, 3, 32, 32), held_out, calibration, seconds=0.01)
+    assert result["ratios"] == list(sensitivity.RATIOS[::2]) == [0.1, 0.5, 0.9]
+    assert all(len(row["kl"]) == 3 for row in result["groups"].values())

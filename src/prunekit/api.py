@@ -660,6 +660,7 @@ def finetune_checkpoint(
     optimizer: str | None = None,
     freeze: str | None = None,
     teacher: str | Path | None = None,
+    distill: bool | None = None,
     distill_temperature: float | None = None,
     distill_weight: float | None = None,
     recalibrate: bool = True,
@@ -674,11 +675,17 @@ def finetune_checkpoint(
 ) -> dict[str, Any]:
     """Recalibrate BatchNorm, then fine-tune a pruned checkpoint; returns accuracy at each stage.
 
+    ``distill`` None distils from ``teacher``, or else from the dense parent the checkpoint was pruned from,
+    when the training split holds fewer than ``DISTILL_BELOW`` images; False never distils.
+
     ``out`` (a directory) is locked meanwhile; one holding a run is refused unless ``resume`` or ``overwrite``.
     """
     from .finetuning import recipe
 
     out = Path(out)
+    if distill is False and teacher is not None:
+        off = "--no-distill" if arg("distill").startswith("--") else "distill=False"
+        raise UsageError(f"{arg('teacher')} is for distillation: it cannot go with {off}")
     planned = None  # (config, freezing policy) of a fresh run; a resumed one reads its own from the state
     if not (resume and (out / STATE_FILE).exists()):
         planned = recipe(
@@ -702,7 +709,7 @@ def finetune_checkpoint(
             out,
             recipe_name,
             planned,
-            teacher,
+            (teacher, distill),
             recalibrate,
             recalibration_images,
             data,
@@ -717,7 +724,7 @@ def _finetune(
     out: Path,
     recipe_name: str,
     planned: tuple[TrainConfig, str] | None,
-    teacher: str | Path | None,
+    distillation: tuple[str | Path | None, bool | None],
     recalibrate: bool,
     recalibration_images: int,
     data: str | None,
@@ -737,15 +744,11 @@ def _finetune(
         ckpt = load_checkpoint(path)
         cfg, policy = planned
         stages = {}
-        settings = {
-            "recipe": recipe_name,
-            "freeze": policy,
-            "teacher": str(teacher) if teacher else None,
-            "recalibrate": recalibrate,
-            "source": str(path),
-        }
+        settings = {"recipe": recipe_name, "freeze": policy, "recalibrate": recalibrate, "source": str(path)}
     meta, model = ckpt.meta, ckpt.model
     bundle = load_data_for(meta, data, data_dir, subset)
+    if planned is not None:
+        settings["teacher"] = _teacher_for(meta, len(bundle.train), *distillation)
     size = meta["input_size"]
     example = torch.zeros(1, 3, size, size)
     classifier = output_layer(model, example)
@@ -782,6 +785,40 @@ def _finetune(
             p.numel() for n, p in model.named_parameters() if trainable is None or trainable(n)
         ),
     }
+
+
+def _teacher_for(
+    meta: dict[str, Any], train_images: int, teacher: str | Path | None, distill: bool | None
+) -> str | None:
+    """The checkpoint to distil from: ``teacher`` when given; else, unless ``distill`` is False, the dense
+    parent on a small training split (``distills_by_default``), said in one line either way."""
+    from .finetuning import DISTILL_BELOW, distills_by_default
+
+    if teacher is not None or distill is False:
+        return str(teacher) if teacher else None
+    if distill is None and not distills_by_default(train_images):
+        return None
+    parent = (meta.get("parent") or {}).get("checkpoint")
+    if parent and Path(parent).is_file():
+        if distill is None:
+            off = "--no-distill" if arg("distill").startswith("--") else "distill=False"
+            console.print(
+                f"note: {train_images} training images (fewer than {DISTILL_BELOW}): distilling from the "
+                f"dense parent {parent} ({off} for cross-entropy alone)",
+                highlight=False,
+            )
+        return parent
+    if distill:
+        raise UsageError(
+            f"{arg('distill')} needs the dense parent, and {parent or 'no parent'} is not a file here: "
+            f"pass {arg('teacher')}"
+        )
+    console.print(
+        f"note: {train_images} training images: distillation would help, but the dense parent "
+        f"({parent or 'not recorded'}) is not at hand; pass {arg('teacher')} to distil",
+        highlight=False,
+    )
+    return None
 
 
 def scan_batches(

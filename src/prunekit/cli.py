@@ -281,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seed: train only pruned blocks (with their BatchNorms) and the classifier; none: all",
     )
     p.add_argument("--teacher", type=Path, default=None, help="distil from this (dense) checkpoint")
+    p.add_argument(
+        "--distill",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="distil from the dense parent (default: when the training split holds under 10,000 images)",
+    )
     p.add_argument("--distill-temperature", type=cli_type("distill_temperature"), default=None)
     p.add_argument("--distill-weight", type=cli_type("distill_weight"), default=None)
     p.add_argument(
@@ -348,7 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-epochs", type=cli_type("finetune_epochs"))
     p.add_argument("--finetune-lr", type=cli_type("finetune_lr"))
     p.add_argument("--freeze", choices=FREEZE_POLICIES)
-    p.add_argument("--distill", action="store_true", help="distil from the dense baseline while fine-tuning")
+    p.add_argument(
+        "--distill",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="distil from the dense baseline (default: when the training split holds under 10,000 images)",
+    )
     p.add_argument("--distill-temperature", type=cli_type("distill_temperature"))
     p.add_argument("--distill-weight", type=cli_type("distill_weight"))
     p.add_argument("--no-recalibrate", dest="recalibrate", action="store_false")
@@ -635,6 +646,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         optimizer=args.optimizer,
         freeze=args.freeze,
         teacher=args.teacher,
+        distill=args.distill,
         distill_temperature=args.distill_temperature,
         distill_weight=args.distill_weight,
         recalibrate=args.recalibrate,

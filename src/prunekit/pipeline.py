@@ -60,7 +60,7 @@ class RunConfig:
     finetune_epochs: int = 10
     finetune_lr: float | None = None
     freeze: str | None = None
-    distill: bool = False
+    distill: bool | None = None  # None: by the training split's size (finetuning.distills_by_default)
     distill_temperature: float | None = None
     distill_weight: float | None = None
     recalibrate: bool = True
@@ -265,6 +265,7 @@ def _run_locked(cfg: RunConfig, resume: bool) -> dict[str, Any]:
                 lr=cfg.finetune_lr,
                 freeze=cfg.freeze,
                 teacher=baseline if cfg.distill else None,
+                distill=cfg.distill,
                 distill_temperature=cfg.distill_temperature,
                 distill_weight=cfg.distill_weight,
                 recalibrate=cfg.recalibrate,

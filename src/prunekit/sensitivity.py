@@ -32,7 +32,7 @@ from .surgery import SurgeryError
 RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)
 SCAN_IMAGES, SCAN_CALIBRATION_IMAGES = 1000, 512  # training images that score / recalibrate a scan
 SCAN_SECONDS = 240.0  # a scan at the default counts shrinks them to finish in about this long
-MIN_SCAN_IMAGES = 64  # ... but scores and recalibrates on at least this many
+MIN_SCAN_IMAGES = 32  # ... but scores and recalibrates on at least this many
 CACHE_BYTES = 4 << 30  # a cut's cached outputs stay below this; past it, tries run the whole model
 LOSS = "kl"  # what allocation reads from a scan: "kl" (divergence from the dense model) or "accuracy"
 
@@ -127,9 +127,7 @@ def scan(
     costs = LayerCosts(model, example)
     dense_macs = sum(costs.macs.values())
     suffix = _suffix_fractions(model, calls, costs, groups)
-    timer = time.perf_counter()
-    images = _dense_pass(model, held_out, calibration)
-    per_image = (time.perf_counter() - timer) / max(images.counts[0], 1)
+    per_image = _seconds_per_image(model, held_out)
     timer = time.perf_counter()
     prune_model(
         copy.deepcopy(model),
@@ -138,17 +136,25 @@ def scan(
         example,
     )
     per_try = time.perf_counter() - timer
-    estimate = _estimate(per_image, images.counts, suffix, len(ratios), per_try)
-    if seconds is not None and estimate > seconds:
-        scale = (seconds - per_try * len(groups) * len(ratios)) / (
-            estimate - per_try * len(groups) * len(ratios)
-        )
-        images = _shrunk(images, scale)
-        estimate = _estimate(per_image, images.counts, suffix, len(ratios), per_try)
+    offered = (sum(len(y) for _, y in held_out), sum(len(x) for x in calibration))
+    counts = offered
+    if seconds is not None and _estimate(per_image, counts, suffix, len(ratios), per_try) > seconds:
+        if tuple(ratios) == RATIOS:
+            ratios = RATIOS[::2]  # a coarser grid first: the planner interpolates between the points
+        counts = _fitted_counts(offered, per_image, suffix, len(ratios), per_try, seconds)
+        held_out = _first(held_out, counts[0])
+        calibration = _first(calibration, counts[1])
+    estimate = _estimate(per_image, counts, suffix, len(ratios), per_try)
+    images = _dense_pass(model, held_out, calibration)
     scoring, recal = images.counts
     console.print(
         f"sensitivity scan: {len(groups)} groups x {len(ratios)} ratios on {scoring} scoring + {recal} "
-        f"BatchNorm images, about {_duration(estimate)}",
+        f"BatchNorm images, about {_duration(estimate)}"
+        + (
+            f" (of {offered[0]} + {offered[1]}, to finish in about {_duration(seconds)})"
+            if counts != offered
+            else ""
+        ),
         highlight=False,
     )
     result: dict[str, Any] = {
@@ -321,26 +327,57 @@ def _surgery_example(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
     return small if same else example
 
 
-def _shrunk(images: _Images, scale: float) -> _Images:
-    """The first share ``scale`` of both image sets (at least ``MIN_SCAN_IMAGES`` each where they hold it)."""
+def _fitted_counts(
+    offered: tuple[int, int],
+    per_image: float,
+    suffix: Sequence[float],
+    ratios: int,
+    per_try: float,
+    seconds: float,
+) -> tuple[int, int]:
+    """Both image counts scaled alike so the scan's estimate fits ``seconds`` (never below
+    ``MIN_SCAN_IMAGES`` each where that many are offered)."""
+    tries = per_try * len(suffix) * ratios
+    data = _estimate(per_image, offered, suffix, ratios, 0.0)
+    scale = max(seconds - tries, 0.0) / max(data, 1e-9)
+    return tuple(min(n, max(MIN_SCAN_IMAGES, int(n * scale))) for n in offered)  # type: ignore[return-value]
 
-    def count(total: int) -> int:
-        return min(total, max(MIN_SCAN_IMAGES, int(total * scale)))
 
-    scoring, recal = images.counts
-    keep_scoring, keep_recal = count(scoring), count(recal)
-    held, logits, left = [], [], keep_scoring
-    for (x, y), lg in zip(images.held_out, images.dense_logits, strict=True):
-        if left > 0:
-            held.append((x[:left], y[:left]))
-            logits.append(lg[:left])
-            left -= len(y)
-    calibration, left = [], keep_recal
-    for x in images.calibration:
-        if left > 0:
-            calibration.append(x[:left])
-            left -= len(x)
-    return _Images(held, calibration, logits, images.bf16)
+def _first(batches: Sequence[Any], n: int) -> list[Any]:
+    """The first ``n`` images of ``batches`` (of tensors, or of (images, labels) pairs)."""
+    kept, left = [], n
+    for batch in batches:
+        if left <= 0:
+            break
+        kept.append(tuple(t[:left] for t in batch) if isinstance(batch, tuple) else batch[:left])
+        left -= len(batch[1] if isinstance(batch, tuple) else batch)
+    return kept
+
+
+def _seconds_per_image(model: nn.Module, held_out: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """The dense model's time per image at the scan's precision, on (up to) 32 scoring images."""
+    x = held_out[0][0][:32]
+    device = next(model.parameters()).device
+    with torch.no_grad(), autocast(device, device.type == "cuda" or bf16_supported()):
+        model(x[:2])  # warm-up: the first call pays for kernel selection
+        start = time.perf_counter()
+        model(x)
+    return (time.perf_counter() - start) / len(x)
+
+
+def _surgery_example(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
+    """A smaller input for the tries' surgery (which traces and checks the model on it several times) when
+    the model gives the same output shape on it: channel counts, not image size, decide what is removed."""
+    size = max(example.shape[-1] // 4, 32)
+    if size >= example.shape[-1] or example.dim() != 4:
+        return example
+    small = example.new_zeros(*example.shape[:2], size, size)
+    try:
+        with torch.no_grad():
+            same = model(small).shape == model(example).shape
+    except Exception:  # too small for this model
+        return example
+    return small if same else example
 
 
 def scan_calibration(
