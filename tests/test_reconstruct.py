@@ -231,7 +231,7 @@ def test_cli_reconstruct_without_images_is_one_error_line_and_writes_nothing(tra
 def test_python_defaults_follow_the_command_line_and_say_when_images_are_missing(capsys):
     """With calibration=, a target is spread by a scan and recovered, as on the command line; without it,
     one line names the two defaults that fell back."""
-    with_images = prunekit.prune(model_of(ResidualNet), X, target_macs=0.4, calibration=CALIBRATION)
+    with_images = prunekit.prune(model_of(ResidualNet), X, target_macs=0.3, calibration=CALIBRATION)
     assert with_images.request["allocation"] == "sensitivity" and with_images.request["reconstruct"]
     assert with_images.reconstruction["layers"]
     capsys.readouterr()
