@@ -127,36 +127,11 @@ def scan(
     costs = LayerCosts(model, example)
     dense_macs = sum(costs.macs.values())
     suffix = _suffix_fractions(model, calls, costs, groups)
-    per_image = _seconds_per_image(model, held_out)
-    timer = time.perf_counter()
-    prune_model(
-        copy.deepcopy(model),
-        PruneRequest(layers=[next(iter(groups))], ratio=0.5),
-        make_importance(importance),
-        example,
+    ratios, held_out, calibration = _within_budget(
+        model, example, groups, suffix, importance, ratios, held_out, calibration, seconds
     )
-    per_try = time.perf_counter() - timer
-    offered = (sum(len(y) for _, y in held_out), sum(len(x) for x in calibration))
-    counts = offered
-    if seconds is not None and _estimate(per_image, counts, suffix, len(ratios), per_try) > seconds:
-        if tuple(ratios) == RATIOS:
-            ratios = RATIOS[::2]  # a coarser grid first: the planner interpolates between the points
-        counts = _fitted_counts(offered, per_image, suffix, len(ratios), per_try, seconds)
-        held_out = _first(held_out, counts[0])
-        calibration = _first(calibration, counts[1])
-    estimate = _estimate(per_image, counts, suffix, len(ratios), per_try)
     images = _dense_pass(model, held_out, calibration)
     scoring, recal = images.counts
-    console.print(
-        f"sensitivity scan: {len(groups)} groups x {len(ratios)} ratios on {scoring} scoring + {recal} "
-        f"BatchNorm images, about {_duration(estimate)}"
-        + (
-            f" (of {offered[0]} + {offered[1]}, to finish in about {_duration(seconds)})"
-            if counts != offered
-            else ""
-        ),
-        highlight=False,
-    )
     result: dict[str, Any] = {
         "dense_accuracy": _top1(images.dense_logits, images.held_out),
         "ratios": list(ratios),
@@ -189,6 +164,50 @@ def scan(
     result["groups"] = {r: result["groups"][r] for r in groups}  # the graph's order, as before
     result["seconds"] = time.perf_counter() - start
     return result
+
+
+def _within_budget(
+    model: nn.Module,
+    example: torch.Tensor,
+    groups: dict[str, set[str]],
+    suffix: Sequence[float],
+    importance: str,
+    ratios: Sequence[float],
+    held_out: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    calibration: Sequence[torch.Tensor],
+    seconds: float | None,
+) -> tuple[Sequence[float], list, list]:
+    """The ratios and images a scan uses: as given, or (over ``seconds``) a coarser default grid and fewer
+    images; the line that says how long it will take."""
+    per_image = _seconds_per_image(model, held_out)
+    timer = time.perf_counter()
+    prune_model(
+        copy.deepcopy(model),
+        PruneRequest(layers=[next(iter(groups))], ratio=0.5),
+        make_importance(importance),
+        example,
+    )
+    per_try = time.perf_counter() - timer
+    offered = (sum(len(y) for _, y in held_out), sum(len(x) for x in calibration))
+    counts = offered
+    if seconds is not None and _estimate(per_image, counts, suffix, len(ratios), per_try) > seconds:
+        if tuple(ratios) == RATIOS:
+            ratios = RATIOS[::2]  # a coarser grid first: the planner interpolates between the points
+        counts = _fitted_counts(offered, per_image, suffix, len(ratios), per_try, seconds)
+        held_out = _first(held_out, counts[0])
+        calibration = _first(calibration, counts[1])
+    estimate = _estimate(per_image, counts, suffix, len(ratios), per_try)
+    shrunk = (
+        f" (of {offered[0]} + {offered[1]}, to finish in about {_duration(seconds)})"
+        if counts != offered
+        else ""
+    )
+    console.print(
+        f"sensitivity scan: {len(groups)} groups x {len(ratios)} ratios on {counts[0]} scoring + {counts[1]} "
+        f"BatchNorm images, about {_duration(estimate)}{shrunk}",
+        highlight=False,
+    )
+    return ratios, list(held_out), list(calibration)
 
 
 def _dense_pass(
