@@ -384,21 +384,6 @@ def _seconds_per_image(model: nn.Module, held_out: Sequence[tuple[torch.Tensor, 
     return (time.perf_counter() - start) / len(x)
 
 
-def _surgery_example(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
-    """A smaller input for the tries' surgery (which traces and checks the model on it several times) when
-    the model gives the same output shape on it: channel counts, not image size, decide what is removed."""
-    size = max(example.shape[-1] // 4, 32)
-    if size >= example.shape[-1] or example.dim() != 4:
-        return example
-    small = example.new_zeros(*example.shape[:2], size, size)
-    try:
-        with torch.no_grad():
-            same = model(small).shape == model(example).shape
-    except Exception:  # too small for this model
-        return example
-    return small if same else example
-
-
 def scan_calibration(
     model: nn.Module, example: torch.Tensor, batches: Sequence[tuple[torch.Tensor, torch.Tensor | None]]
 ) -> dict[str, Any]:
