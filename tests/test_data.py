@@ -114,16 +114,19 @@ def test_hidden_files_are_ignored(image_tree, tmp_path):
     _assert_tree_bundle(bundle)
 
 
-def test_images_of_other_sizes_stream_at_224_unless_memory_is_forced(image_tree):
+def test_an_odd_size_among_uniform_images_is_resized_to_what_most_are(image_tree, capsys):
+    """One 12-px image among 8-px ones: held in memory at 8 px (not streamed at 224), the odd one resized
+    and named in one warning."""
     write_image(image_tree / "train" / "dog" / "9999.png", size=12, seed=99)
     bundle = load_data(str(image_tree))
-    assert bundle.mode == "stream" and bundle.image_size == 224 and bundle.preprocess["resize_size"] == 256
+    assert bundle.mode == "memory" and bundle.image_size == 8
+    assert tuple(bundle.train.images.shape) == (10, 3, 8, 8)
     assert bundle.train.labels.bincount().tolist() == [3, 4, 3]
-    # forced into memory, stragglers are resized to the first image's size as before
-    forced = load_data(str(image_tree), stream=False)
-    assert forced.mode == "memory"
-    assert tuple(forced.train.images.shape) == (10, 3, 8, 8)
-    assert forced.train.labels.bincount().tolist() == [3, 4, 3]
+    warning = " ".join(capsys.readouterr().err.split())
+    assert "15 of 16 images are 8x8" in warning and "9999.png" in warning
+    # streamed instead (forced), every image is read at the size asked
+    streamed = load_data(str(image_tree), stream=True, image_size=16)
+    assert streamed.mode == "stream" and streamed.image_size == 16
 
 
 def _cifar_batch(n: int, seed: int) -> dict:

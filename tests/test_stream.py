@@ -107,7 +107,7 @@ def test_small_uniform_images_over_the_memory_budget_stream(tmp_path, monkeypatc
     assert load_data(str(root)).mode == "memory"
     # a checkpoint's preprocess (or stream=True) rebuilds its pipeline in its mode
     assert load_data(str(root), preprocess={"mode": "stream"}).mode == "stream"
-    assert load_data(str(root), stream=True).preprocess["crop_size"] == 224
+    assert load_data(str(root), stream=True).preprocess["crop_size"] == 8  # streamed at what the images are
     monkeypatch.setattr(data_mod, "available_memory", lambda: 1000)  # 15 images of 8x8x3 > 25% of 1000 bytes
     monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache2"))
     assert load_data(str(root)).mode == "stream"

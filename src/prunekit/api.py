@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +12,13 @@ import torch
 
 from . import __version__
 from .checkpoint import description, load_checkpoint
-from .console import console, stages
-from .data import DataBundle, load_data
+from .console import console, info, stages
+from .data import DataBundle, describe, load_data
 from .errors import UsageError, arg
 from .files import DirectoryLock, check_outputs, clean_stale_temps, is_main_process
 from .measure import REPEATS, count_macs, count_params, evaluate, latency, summary
 from .models import build_model, min_input_size
+from .resume import refuse_changes
 from .train import MODEL_FILE, STATE_FILE, FitResult, TrainConfig, check_finite, fit
 
 RUN_FILES = (STATE_FILE, MODEL_FILE, "metrics.json", "train_log.txt")  # what fit writes in its out_dir
@@ -74,8 +76,8 @@ def clear_run_dir(out: Path) -> None:
 
 
 def train(
-    model: str,
-    data: str,
+    model: str | None,
+    data: str | None,
     out: str | Path,
     config: TrainConfig | None = None,
     data_dir: str | None = None,
@@ -88,8 +90,16 @@ def train(
 ) -> FitResult:
     """Train ``model`` on ``data`` (from ``weights`` when given: transfer learning); writes checkpoints, log
     and metrics under ``out``, which is locked against other processes meanwhile. A directory holding a run
-    is refused unless ``resume`` (continue it) or ``overwrite`` (replace it)."""
+    is refused unless ``resume`` (continue it) or ``overwrite`` (replace it). A resumed run keeps its recorded
+    settings: any argument given (not None) that differs from them is refused."""
     out = Path(out)
+    if resume:
+        requested = {"model": model, "data": data, "data_dir": data_dir, "subset": subset}
+        requested |= {"image_size": image_size, "weights": weights, "val_split": val_split}
+        requested |= asdict(config) if config is not None else {}
+        return resume_training(out, requested)
+    if model is None or data is None:
+        raise UsageError("a new training run needs a model and a dataset")
     config = config or TrainConfig()
     config.validate()
     if image_size is not None and (
@@ -99,19 +109,32 @@ def train(
     weights_file = Path(weights) if weights and Path(weights).is_file() else None
     with DirectoryLock(out):
         claim_run_dir(out, [weights_file], resume, overwrite)
-        if resume:
-            return _resume_training(out)
         return _train_fresh(model, data, out, config, data_dir, subset, image_size, weights, val_split)
 
 
-def _resume_training(out: Path) -> FitResult:
+def resume_training(out: str | Path, requested: dict[str, Any] | None = None) -> FitResult:
+    """Continue the training run in ``out`` with its recorded settings; ``requested`` (settings by option
+    name, as ``train`` takes them) that differ from the record are refused, naming each."""
+    out = Path(out)
+    with DirectoryLock(out):
+        clean_stale_temps(out)
+        return _resume_training(out, requested or {})
+
+
+def _resume_training(out: Path, requested: dict[str, Any]) -> FitResult:
     state = out / STATE_FILE
     if not state.exists():
         raise UsageError(
             f"{arg('resume')}: no interrupted run in {out} (no {STATE_FILE}); start it without {arg('resume')}"
         )
     ckpt = load_checkpoint(state)
+    recorded_data = ckpt.meta.get("data") or {}
+    recorded = {"model": ckpt.meta["model"], "data": recorded_data.get("spec"), **recorded_data}
+    recorded["weights"] = (ckpt.meta.get("weights") or {}).get("requested")
+    refuse_changes(out, recorded | ckpt.meta["train"]["config"], requested)
     config = TrainConfig.from_dict(ckpt.meta["train"]["config"])
+    if (ckpt.meta.get("train_state") or {}).get("epoch", 0) >= config.epochs:
+        info(f"the run in {out} has finished its {config.epochs} epochs: nothing to continue")
     bundle = load_data_for(ckpt.meta)
     return fit(ckpt.model, bundle, config, out, description(ckpt.meta), resume=ckpt)
 
@@ -142,6 +165,8 @@ def _train_fresh(
     bundle = load_data(data, **load)
     torch.manual_seed(config.seed)
     net, preprocess, record = build_with_weights(model, len(bundle.classes), weights)
+    if record is not None:
+        record["requested"] = weights  # as written, for a resumed run to compare with
     if preprocess is not None:
         # The weights' own input pipeline from now on; an explicit image size keeps only their statistics.
         wanted = preprocess.to_dict()
@@ -150,8 +175,12 @@ def _train_fresh(
         bundle = load_data(data, **load, preprocess=wanted)
     if bundle.image_size < min_input_size(model):
         raise UsageError(
-            f"{model} needs inputs of at least {min_input_size(model)} px; pass {arg('image_size')}"
+            f"{model} needs inputs of at least {min_input_size(model)} px, and {data} is read at "
+            f"{bundle.image_size} px (the size most of its images have); pass {arg('image_size')} "
+            f"{min_input_size(model)} (or more) to resize them"
         )
+    if is_main_process():
+        info(describe(bundle))
     meta = model_meta(model, bundle, data_args, record)
     clear_run_dir(out)
     return fit(net, bundle, config, out, meta)
@@ -654,7 +683,7 @@ def _prune(
 def finetune_checkpoint(
     path: str | Path,
     out: str | Path,
-    recipe_name: str = "seed",
+    recipe_name: str | None = None,
     epochs: int | None = None,
     lr: float | None = None,
     optimizer: str | None = None,
@@ -663,17 +692,20 @@ def finetune_checkpoint(
     distill: bool | None = None,
     distill_temperature: float | None = None,
     distill_weight: float | None = None,
-    recalibrate: bool = True,
-    recalibration_images: int = 2048,
+    recalibrate: bool | None = None,
+    recalibration_images: int | None = None,
     data: str | None = None,
     data_dir: str | None = None,
     subset: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     device: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Recalibrate BatchNorm, then fine-tune a pruned checkpoint; returns accuracy at each stage.
+    """Recalibrate BatchNorm (``recalibrate``, default True, on ``recalibration_images``, default 2048), then
+    fine-tune a pruned checkpoint (``recipe_name`` default ``seed``, the blog's); returns accuracy at each
+    stage. Resumed (``resume`` and an interrupted run in ``out``), any argument given (not None) that differs
+    from the run's record is refused.
 
     ``distill`` None distils from ``teacher``, or else from the dense parent the checkpoint was pruned from,
     when the training split holds fewer than ``DISTILL_BELOW`` images; False never distils.
@@ -686,8 +718,19 @@ def finetune_checkpoint(
     if distill is False and teacher is not None:
         off = "--no-distill" if arg("distill").startswith("--") else "distill=False"
         raise UsageError(f"{arg('teacher')} is for distillation: it cannot go with {off}")
+    asked = {"checkpoint": str(path), "recipe": recipe_name, "epochs": epochs, "lr": lr}
+    asked |= {"optimizer": optimizer, "freeze": freeze, "teacher": teacher, "distill": distill}
+    asked |= {"distill_temperature": distill_temperature, "distill_weight": distill_weight, "seed": seed}
+    asked |= {"recalibrate": recalibrate, "recalibration_images": recalibration_images, "device": device}
+    asked |= {"data": data, "data_dir": data_dir, "subset": subset}
+    recipe_name = recipe_name or "seed"
+    recalibrate = True if recalibrate is None else recalibrate
+    recalibration_images = 2048 if recalibration_images is None else recalibration_images
+    seed = 0 if seed is None else seed
     planned = None  # (config, freezing policy) of a fresh run; a resumed one reads its own from the state
-    if not (resume and (out / STATE_FILE).exists()):
+    if resume and (out / STATE_FILE).exists():
+        _refuse_finetune_changes(out, asked)
+    else:
         planned = recipe(
             recipe_name,
             epochs=epochs,
@@ -745,6 +788,8 @@ def _finetune(
         cfg, policy = planned
         stages = {}
         settings = {"recipe": recipe_name, "freeze": policy, "recalibrate": recalibrate, "source": str(path)}
+        settings |= {"recalibration_images": recalibration_images, "data": data, "data_dir": data_dir}
+        settings |= {"subset": subset}
     meta, model = ckpt.meta, ckpt.model
     bundle = load_data_for(meta, data, data_dir, subset)
     if planned is not None:
@@ -785,6 +830,18 @@ def _finetune(
             p.numel() for n, p in model.named_parameters() if trainable is None or trainable(n)
         ),
     }
+
+
+def _refuse_finetune_changes(out: Path, asked: dict[str, Any]) -> None:
+    """A resumed fine-tuning keeps its recipe, data and source: refuse a request for others."""
+    state = load_checkpoint(out / STATE_FILE)
+    settings = state.meta["finetune"]
+    recorded = {**state.meta["train"]["config"], **settings, "checkpoint": settings["source"]}
+    recorded["distill"] = settings.get("teacher") is not None
+    for key in ("checkpoint", "teacher"):  # the same file, however it is written
+        if asked[key] and recorded.get(key) and Path(asked[key]).resolve() == Path(recorded[key]).resolve():
+            asked = {**asked, key: recorded[key]}
+    refuse_changes(out, recorded, asked)
 
 
 def _teacher_for(

@@ -67,7 +67,12 @@ def _add_train_args(p: argparse.ArgumentParser, defaults) -> None:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a mistake is one ``error:`` line (flag, problem, where to look) instead of a usage dump."""
+    """argparse, but a mistake is one ``error:`` line (flag, problem, where to look) instead of a usage dump;
+    and no abbreviated flags, so the flags a user wrote can be told from the defaults (``given_options``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         match = re.match(r"argument ([^:]+): (.*)", message)
@@ -97,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="resnet18",
         help="resnet18 (the seed's), resnet18-cifar, or any torchvision classification model name",
     )
-    _add_data_args(p)
+    _add_data_args(p, required=False)  # required for a new run; a resumed one reads its own
     p.add_argument(
         "--weights",
         default=None,
@@ -391,6 +396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    args.given, args.defaulted = given_options(
+        parser, args.command, list(sys.argv[1:] if argv is None else argv)
+    )
     try:
         with cli_arg_style():
             return int(args.func(args) or 0)
@@ -419,6 +427,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             soft_wrap=True,
         )
         return EXIT_INTERNAL
+
+
+def given_options(
+    parser: argparse.ArgumentParser, command: str, argv: list[str]
+) -> tuple[set[str], set[str]]:
+    """The options (destinations) written on the command line, and those left at their defaults: what a
+    resumed run compares with its record."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    given, options = set(), set()
+    for action in sub._actions:
+        for flag in action.option_strings:
+            options.add(action.dest)
+            if any(token == flag or token.startswith(flag + "=") for token in argv):
+                given.add(action.dest)
+    return given, options - given
+
+
+def asked_only(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with every option the user did not write set to None (for a resumed run: not asked)."""
+    return argparse.Namespace(**{k: None if k in args.defaulted else v for k, v in vars(args).items()})
 
 
 def _write_crash_log(argv: Sequence[str] | None) -> Path:
@@ -451,6 +479,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig
 
     out = args.out or Path("runs") / f"{args.model}-baseline"
+    if args.resume:
+        asked = {k: getattr(args, k) for k in args.given - {"resume", "out", "overwrite"}}
+        result = api.resume_training(out, asked)
+        _print_trained(result, out)
+        return 0
+    if args.data is None:
+        raise UsageError(
+            "--data is required for a new training run (a --resume run reads the one it recorded)"
+        )
     cfg = TrainConfig.from_dict(vars(args))
     result = api.train(
         model=args.model,
@@ -460,16 +497,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         subset=args.subset,
         image_size=args.image_size,
-        resume=args.resume,
         weights=args.weights,
         val_split=args.val_split,
         overwrite=args.overwrite,
     )
+    _print_trained(result, out)
+    return 0
+
+
+def _print_trained(result, out: Path) -> None:
     from .files import is_main_process
 
     if is_main_process():  # under torchrun: one line per job, not per process
         console.print(f"test accuracy {result.test['accuracy']:.2%}; checkpoint {out / 'model.safetensors'}")
-    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -637,6 +677,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from . import api
 
     out = args.out or args.checkpoint.with_name(args.checkpoint.stem + "-finetuned")
+    if args.resume:
+        args = asked_only(args)
+        args.resume = True
     result = api.finetune_checkpoint(
         args.checkpoint,
         out,
@@ -666,20 +709,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import CONFIG_FILE, RunConfig, load_config, run
+    from .pipeline import RunConfig, load_config, resumed_config, run
 
-    given = {k: v for k, v in vars(args).items() if k not in ("func", "config", "resume", "command")}
-    values: dict = {}
+    skip = ("func", "config", "resume", "command", "given", "defaulted")
+    values = load_config(args.config) if getattr(args, "config", None) is not None else {}
+    values |= {k: v for k, v in vars(args).items() if k not in skip}  # flags given here win
     resume = getattr(args, "resume", None)
-    if resume is not None:
-        if not (resume / CONFIG_FILE).exists():
-            raise UsageError(f"--resume {resume}: not a run directory (no {CONFIG_FILE})")
-        values = load_config(resume / CONFIG_FILE)
-        values.update(runs_dir=str(resume.parent), name=resume.name)
-    elif getattr(args, "config", None) is not None:
-        values = load_config(args.config)
-    values.update(given)
-    metrics = run(RunConfig.from_dict(values), resume=resume is not None)
+    cfg = resumed_config(resume, values) if resume is not None else RunConfig.from_dict(values)
+    metrics = run(cfg, resume=resume is not None)
     acc = metrics["accuracy"]
     console.print(
         f"dense {acc['dense']:.2%} -> final {acc['final']:.2%}; MACs {metrics['macs_reduction']:.2f}x fewer",

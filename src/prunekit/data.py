@@ -4,6 +4,7 @@ splits, resizing, normalization statistics and batch loaders. Reading the source
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from .stream import channel_stats as stream_channel_stats
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 SMALL_SIDE = 64  # uniform images up to this side are held in memory at their native size
+MOST = 0.9  # images of one size count as uniform when this share of a sample has it
 STREAM_SIZE = 224  # the default input size of streamed (large or mixed-size) images
 MEMORY_FRACTION = 0.25  # hold decoded data in memory only up to this share of the available RAM
 CHUNK_BYTES = 256 << 20  # float working memory of one chunk when resizing or measuring held images
@@ -158,7 +160,7 @@ def load_data(
         if stream is None:
             stream = _should_stream(probe, image_size)
         if stream and not probe["cifar"]:
-            bundle = stream_bundle(source, probe, image_size or STREAM_SIZE, pre)
+            bundle = stream_bundle(source, probe, image_size or stream_size(probe), pre)
         else:
             bundle = cached(source)
     bundle.num_workers = num_workers
@@ -177,6 +179,20 @@ def load_data(
     else:
         bundle.mean, bundle.std = channel_stats(bundle.train.images)
     return bundle
+
+
+def describe(bundle: DataBundle) -> str:
+    """One line on what training will see: images per split and class, where the test split comes from,
+    the input size and whether images are held in memory or streamed."""
+    counts = torch.as_tensor(bundle.train.labels).bincount(minlength=len(bundle.classes)).tolist()
+    per_class = f"{counts[0]} each" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)} a class"
+    held = bundle.split_info.get("val_split")
+    test = f"held out from train by {arg('val_split')} {held}" if held else "its own test split"
+    how = "held in memory" if bundle.mode == "memory" else "streamed from disk"
+    return (
+        f"data: {len(bundle.train)} training images in {len(bundle.classes)} classes ({per_class}), "
+        f"{len(bundle.test)} test images ({test}); trained at {bundle.image_size} px, {how}"
+    )
 
 
 def _check_preprocess(preprocess: dict[str, Any] | None) -> dict[str, Any]:
@@ -222,14 +238,32 @@ def _should_stream(probe: dict[str, Any], image_size: int | None) -> bool:
     """Memory for small uniform images whose decoded size fits a share of the RAM; streaming otherwise."""
     if probe["cifar"]:
         return False
-    sizes = {tuple(s) for s in probe["sizes"]}
-    if not sizes:  # no readable image in the sample: let the decoder report the files
+    common = most_common_size(probe["sizes"])
+    if common is None:  # no readable image in the sample: let the decoder report the files
         return False
-    if len(sizes) > 1 or max(max(s) for s in sizes) > SMALL_SIDE:
+    (w, h), share = common
+    # a few odd images (a stray thumbnail) do not decide: they are resized to what most images are
+    if share < MOST or max(w, h) > SMALL_SIDE:
         return True
-    w, h = sizes.pop()
     pixels = image_size * image_size if image_size else w * h
     return probe["n"] * 3 * pixels > MEMORY_FRACTION * available_memory()
+
+
+def stream_size(probe: dict[str, Any]) -> int:
+    """The default size of streamed images: 224 px for photos; small images of mixed sizes keep the short
+    side most of them have, the sample's median, rather than being blown up to 224."""
+    sides = sorted(min(s) for s in probe["sizes"])
+    if not sides or max(max(s) for s in probe["sizes"]) > SMALL_SIDE:
+        return STREAM_SIZE
+    return sides[len(sides) // 2]
+
+
+def most_common_size(sizes: list) -> tuple[tuple[int, int], float] | None:
+    """The most common (width, height) in ``sizes`` and the share of them it has (None when empty)."""
+    if not sizes:
+        return None
+    ((size, count),) = Counter(tuple(s) for s in sizes).most_common(1)
+    return size, count / len(sizes)
 
 
 def available_memory() -> int:

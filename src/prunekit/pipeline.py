@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from . import api
-from .console import info
+from .console import info, warn
 from .errors import UsageError
 from .files import DirectoryLock, check_outputs, clean_stale_temps, write_json, write_text
 from .finetuning import FREEZE_POLICIES, RECIPES
@@ -18,6 +18,7 @@ from .importance import CRITERIA
 from .options import choices as option_choices
 from .planning import default_allocation
 from .pruning import PruneRequest
+from .resume import refuse_changes
 from .train import MODEL_FILE, TrainConfig
 
 CONFIG_FILE = "config.yaml"
@@ -121,6 +122,17 @@ def load_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise UsageError(f"--config {path}: expected a mapping of flag names to values")
     return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+def resumed_config(run_dir: Path, asked: dict[str, Any]) -> RunConfig:
+    """The recorded config of the run in ``run_dir``; settings ``asked`` (not None) that differ from it are
+    refused, naming each (a resumed run keeps its settings)."""
+    if not (run_dir / CONFIG_FILE).exists():
+        raise UsageError(f"--resume {run_dir}: not a run directory (no {CONFIG_FILE})")
+    values = load_config(run_dir / CONFIG_FILE)
+    refuse_changes(run_dir, values, asked, new_run="another --name")
+    values.update(runs_dir=str(run_dir.parent), name=run_dir.name)
+    return RunConfig.from_dict(values)
 
 
 class Run:
@@ -305,5 +317,7 @@ def _run_locked(cfg: RunConfig, resume: bool) -> dict[str, Any]:
     from .report import write_run_report
 
     metrics = write_run_report(r.dir, asdict(cfg), r.state["results"])
+    for line in metrics["slower_than_dense"]:
+        warn(line)
     r.log(f"report: {r.dir / 'report.md'}")
     return metrics

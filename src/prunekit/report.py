@@ -8,6 +8,7 @@ from typing import Any
 from rich.table import Table
 
 from .console import console
+from .measure import MACS_MEANING
 
 
 def print_eval(results: dict[str, Any]) -> None:
@@ -117,6 +118,7 @@ def print_prune(report: dict[str, Any]) -> None:
         f"{report['macs']['after'] / 1e6:.2f} M ({report['macs']['ratio']:.1%})",
     )
     console.print(table)
+    console.print(MACS_MEANING, highlight=False, style="dim")
     layers = Table(title=f"{len(report['changed_layers'])} layers changed")
     for col in ("layer", "attribute", "channels"):
         layers.add_column(col)
@@ -238,6 +240,35 @@ def tradeoff_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+RUNTIMES = {"ort": "ONNX Runtime", "torch": "PyTorch"}
+
+
+def slower_stages(stages: list[dict[str, Any]]) -> list[str]:
+    """One line for each stage measured slower than the dense model in some runtime and batch, with the
+    remedy: a model pruned to odd channel counts can lose to its parent in a runtime's kernels."""
+    dense, lines = stages[0], []
+    # a stage timed as the one after it (pruned, then fine-tuned: the same network) is named once, as the latter
+    later = [*stages[2:], None]
+    named = [
+        row
+        for row, nxt in zip(stages[1:], later, strict=True)
+        if nxt is None or nxt["latency"] != row["latency"]
+    ]
+    for row in named:
+        for runtime, name in RUNTIMES.items():
+            for key in ("batch1", "batch64"):
+                ours = (row["latency"].get(runtime) or {}).get(key)
+                theirs = (dense["latency"].get(runtime) or {}).get(key)
+                if ours and theirs and ours["median_ms"] > theirs["median_ms"]:
+                    lines.append(
+                        f"{row['stage']} is slower than {dense['stage']} in {name} at "
+                        f"{key.replace('batch', 'batch ')} ({ours['median_ms']:.2f} against "
+                        f"{theirs['median_ms']:.2f} ms): round channel counts with --round-to 8 (or 16), "
+                        "or prune to a measured --target-latency"
+                    )
+    return lines
+
+
 def _pct(value: float | None) -> str:
     return "" if value is None else f"{value:.2%}"
 
@@ -322,6 +353,7 @@ def write_run_report(run_dir: Path, config: dict[str, Any], results: dict[str, A
         "macs_reduction": dense["macs"] / final["macs"],
         "params_reduction": dense["params"] / final["params"],
         "stages": stages,
+        "slower_than_dense": slower_stages(stages),
     }
     write_json(run_dir / "metrics.json", metrics)
 
@@ -364,7 +396,9 @@ def write_run_report(run_dir: Path, config: dict[str, Any], results: dict[str, A
         "",
         f"MACs reduced {metrics['macs_reduction']:.2f}x, parameters {metrics['params_reduction']:.2f}x. "
         "Latency: median of repeated fp32 forward passes on this machine's CPU, dense and pruned timed in the same "
-        "process.",
+        "process. " + MACS_MEANING,
+        "",
+        *[f"**Slower than dense:** {line}.  " for line in metrics["slower_than_dense"]],
         "",
         "## Accuracy at each stage",
         "",

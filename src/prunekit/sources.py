@@ -14,6 +14,7 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from .files import atomic_write, cache_dir, write_json
 from .stream import ImageFiles, default_resize, header_size, index_files
 
 TEST_SPLIT_NAMES = ("test", "val")
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: held at the most common size, not the first image's
 INDEX_VERSION = "1"
 HEADER_SAMPLE = 32  # image headers read to decide between memory and streaming
 
@@ -389,51 +390,68 @@ def _decode_tree(origin: Path, dirs: set[str], files: dict[str, Callable[[], byt
             return _decode_cifar_batches(origin, name.rsplit("data_batch_1", 1)[0], files)
     root, test_name, train_classes = _layout(origin, dirs, list(files))
     skipped: list[str] = []
-    size: list[int] = []  # the first decoded image's size becomes the dataset's size
+    decoded: dict[str, list[tuple[np.ndarray, int, str]]] = {}
     total = sum(1 for n in files if _split_of(n, root) is not None)
     with progress_bar() as bar:
         task = bar.add_task(f"decoding {origin.name}", total=total, info="")
-        splits = []
         for split_name in ("train", test_name):
             if split_name is None:  # a train-only tree: val_split holds out part of train later
-                splits.append(Split(splits[0].images[:0].clone(), torch.zeros(0, dtype=torch.int64)))
                 continue
-            images, labels = [], []
+            held = decoded.setdefault(split_name, [])
             for label, cls in enumerate(train_classes):
                 prefix = join_path(root, split_name, cls) + "/"
                 names = sorted(n for n in files if n.startswith(prefix) and "/" not in n[len(prefix) :])
-                decoded = 0
+                before = len(held)
                 for n in names:
                     bar.advance(task)
-                    img = _decode_image(files[n](), size)
+                    shown = f"{origin}/{n}" if origin.is_dir() else f"{origin}:{n}"
+                    img = _decode_image(files[n]())
                     if img is None:
-                        skipped.append(f"{origin}/{n}" if origin.is_dir() else f"{origin}:{n}")
-                        continue
-                    images.append(img)
-                    labels.append(label)
-                    decoded += 1
-                if decoded == 0:
+                        skipped.append(shown)
+                    else:
+                        held.append((img, label, shown))
+                if len(held) == before:
                     raise UsageError(f"{arg('data')} {origin}: class folder {prefix} has no readable images")
-            splits.append(
-                Split(
-                    torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
-                    torch.tensor(labels, dtype=torch.int64),
-                )
-            )
     if skipped:
         warn(f"skipped {len(skipped)} file(s) that are not readable images, e.g. {skipped[0]}")
-    return DataBundle(splits[0], splits[1], list(train_classes), str(origin), skipped_files=len(skipped))
+    size = _held_size(origin, [item for items in decoded.values() for item in items])
+    train = _stack(decoded["train"], size)
+    test = (
+        _stack(decoded[test_name], size) if test_name else Split(train.images[:0].clone(), train.labels[:0])
+    )
+    return DataBundle(train, test, list(train_classes), str(origin), skipped_files=len(skipped))
 
 
-def _decode_image(data: bytes, size: list[int]) -> np.ndarray | None:
+def _held_size(origin: Path, items: list[tuple[np.ndarray, int, str]]) -> tuple[int, int]:
+    """The (width, height) most of the images have: the size the dataset is held at. The others are
+    resized to it, and counted in one warning that names one of them."""
+    sizes = Counter((img.shape[1], img.shape[0]) for img, _, _ in items)
+    size, count = sizes.most_common(1)[0]
+    if count < len(items):
+        odd = next(name for img, _, name in items if (img.shape[1], img.shape[0]) != size)
+        warn(
+            f"{origin}: {count} of {len(items)} images are {size[0]}x{size[1]}, the size this dataset is held "
+            f"at; the other {len(items) - count} (of {len(sizes) - 1} other size(s), e.g. {odd}) are resized to it"
+        )
+    return size
+
+
+def _stack(items: list[tuple[np.ndarray, int, str]], size: tuple[int, int]) -> Split:
+    images = [img if (img.shape[1], img.shape[0]) == size else _resized(img, size) for img, _, _ in items]
+    return Split(
+        torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
+        torch.tensor([label for _, label, _ in items], dtype=torch.int64),
+    )
+
+
+def _resized(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    return np.asarray(Image.fromarray(img).resize(size, Image.BILINEAR), dtype=np.uint8)
+
+
+def _decode_image(data: bytes) -> np.ndarray | None:
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB")
-            if not size:
-                size.extend(img.size)
-            elif list(img.size) != size:
-                img = img.resize(tuple(size), Image.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
 

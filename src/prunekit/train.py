@@ -347,14 +347,15 @@ def _fit(
             out_dir / STATE_FILE, model, train_meta, optimizer=optimizer, extra={"rng": torch.get_rng_state()}
         )
 
-    def evaluate_test(bf16: bool) -> dict[str, Any] | None:
+    def evaluate_test() -> dict[str, Any] | None:
+        # fp32 always, as every later command evaluates: one model, one accuracy, in the log and the report
         if test_loader is None:
             return None
         return evaluate(
             model,
             test_loader,
             device=device,
-            bf16=bf16,
+            bf16=False,
             num_classes=len(classes) if classes else None,
             world_size=dist_info.world_size,
         )
@@ -363,7 +364,7 @@ def _fit(
     if log:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text(log, _log_text(history))  # the log is the history: no lines repeated after a resume
-    epoch = start_epoch
+    epoch, test, epoch_ran = start_epoch, None, False
     with progress_bar(transient=False) as bar:
         for epoch in range(start_epoch, cfg.epochs):
             loader.set_epoch(epoch)
@@ -427,7 +428,7 @@ def _fit(
                 raise
             running["seconds"] += time.perf_counter() - tick
             # A signal during evaluation only sets the flag: the epoch's record is whole before anything is saved.
-            test = evaluate_test(use_bf16)  # per-epoch check at training precision
+            test, epoch_ran = evaluate_test(), True
             seen = running["seen"] * dist_info.world_size
             record = {
                 "epoch": epoch + 1,
@@ -458,7 +459,7 @@ def _fit(
                 _say_interrupted(dist_info, out_dir, epoch + 1, 0)
                 raise KeyboardInterrupt
 
-    final = evaluate_test(False) or {}  # the reported figure, in fp32
+    final = (test if epoch_ran else evaluate_test()) or {}  # the last epoch's test is the final model's
     if dist_info.is_main and out_dir is not None:
         check_finite(model, f"the trained model ({out_dir / MODEL_FILE})")
         names = classes or [str(i) for i in range(len(final.get("per_class", [])))]
