@@ -124,6 +124,15 @@ def main() -> None:
     if dense_file.exists():
         dense = prunekit.load(dense_file, model=pretrained())
     else:
+        if results.get("rows"):  # a new transfer is a new parent: rows of the old one are kept apart
+            old = {
+                k: results.pop(k)
+                for k in ("rows", "dense", "dense_transfer_s", "dense_transfers")
+                if k in results
+            }
+            note = "rows of an earlier dense transfer (its weights were not kept): not comparable with the rows above"
+            results.setdefault("earlier_parents", []).append({"note": note, **old})
+            results["rows"] = {}
         dense = pretrained()
         start = time.perf_counter()
         prunekit.finetune(dense, Upsampled(train_x, train_y, 32, True), epochs=EPOCHS, lr=LR, recipe="full")

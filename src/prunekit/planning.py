@@ -22,9 +22,6 @@ PLAN_TOLERANCE = TOLERANCE / 2
 
 
 MIN_KEEP_FRACTION = 0.05  # global targets never shrink a group below 5 % of its channels
-# The sensitivity allocation removes at most this share of any group: each group is scanned alone, and
-# groups that look harmless alone (a block behind a residual) are not harmless all pruned to a tenth.
-SENSITIVITY_MAX_RATIO = 0.9
 
 
 class LayerCosts:
@@ -197,9 +194,7 @@ def allocation_knob(
         curves, worst = _loss_curves(groups, sensitivity)
         # the knob is a budget of loss (points of accuracy, or hundredths of a nat of divergence)
         return (
-            lambda budget: {
-                g.root: int(g.channels * min(curves[g.root](budget), SENSITIVITY_MAX_RATIO)) for g in groups
-            },
+            lambda budget: {g.root: int(g.channels * curves[g.root](budget)) for g in groups},
             -1.0,
             worst + 1,
         )
