@@ -93,3 +93,31 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """The command line, in this process: (exit code, stdout, stderr)."""
+    from prunekit.cli import main
+
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="session")
+def _trained_once(tmp_path_factory) -> Path:
+    from prunekit import api
+    from prunekit.train import TrainConfig
+
+    out = tmp_path_factory.mktemp("trained") / "dense"
+    api.train("resnet18", "synthetic", out, TrainConfig(epochs=1, batch_size=32))
+    return out / "model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def trained(_trained_once, tmp_path_factory) -> Path:
+    """A resnet18 trained one epoch on synthetic data, trained once per session; each test module gets
+    its own copy, so outputs written beside it never meet another module's."""
+    import shutil
+
+    return Path(shutil.copy(_trained_once, tmp_path_factory.mktemp("trained-copy") / "model.safetensors"))

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import PYTHON, subprocess_env
-from prunekit.cli import EXIT_USAGE, main
+from conftest import PYTHON, run_cli, subprocess_env
+from prunekit.cli import EXIT_USAGE
 
 TRAIN = [
     "--no-bf16",
@@ -35,12 +35,6 @@ def squash(text: str) -> str:
     return re.sub(r"\s+", "", text)
 
 
-def run_cli(capsys, argv: list[str]) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def assert_usage_error(code: int, err: str, *needles: str) -> None:
     assert code == EXIT_USAGE, err
     assert "Traceback" not in err
@@ -52,7 +46,7 @@ def assert_usage_error(code: int, err: str, *needles: str) -> None:
 
 def test_nonexistent_data_path(capsys, tmp_path):
     missing = tmp_path / "no" / "such" / "data.tar.gz"
-    code, _, err = run_cli(capsys, ["train", "--data", missing, "--out", tmp_path / "out", *TRAIN])
+    code, _, err = run_cli(capsys, *["train", "--data", missing, "--out", tmp_path / "out", *TRAIN])
     assert_usage_error(code, err, str(missing), "no such file or directory")
     assert not (tmp_path / "out").exists()
 
@@ -79,7 +73,7 @@ def test_unknown_model(capsys, tmp_path):
 def test_zero_epochs(capsys, tmp_path):
     argv = ["train", "--data", "synthetic", "--out", tmp_path / "out", *TRAIN]
     argv[argv.index("--epochs") + 1] = "0"
-    code, _, err = run_cli(capsys, argv)
+    code, _, err = run_cli(capsys, *argv)
     assert_usage_error(code, err, "--epochs must be at least 1, got 0")
 
 
@@ -92,25 +86,25 @@ def test_zero_subset(capsys, tmp_path):
 
 def test_eval_missing_checkpoint(capsys, tmp_path):
     missing = tmp_path / "absent.safetensors"
-    code, _, err = run_cli(capsys, ["eval", missing, "--no-latency"])
+    code, _, err = run_cli(capsys, *["eval", missing, "--no-latency"])
     assert_usage_error(code, err, str(missing), "no such checkpoint")
 
 
 def test_eval_non_prunekit_files(capsys, tmp_path):
     plain = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(3)}, str(plain))
-    code, _, err = run_cli(capsys, ["eval", plain, "--no-latency"])
+    code, _, err = run_cli(capsys, *["eval", plain, "--no-latency"])
     assert_usage_error(code, err, str(plain), "not a prunekit checkpoint")
 
     text = tmp_path / "notes.safetensors"
     text.write_text("hello, I am not a checkpoint\n")
-    code, _, err = run_cli(capsys, ["eval", text, "--no-latency"])
+    code, _, err = run_cli(capsys, *["eval", text, "--no-latency"])
     assert_usage_error(code, err, str(text), "not a prunekit checkpoint")
 
 
 def test_resume_with_nothing_to_resume(capsys, tmp_path):
     out = tmp_path / "fresh"
-    code, _, err = run_cli(capsys, ["train", "--data", "synthetic", "--out", out, "--resume", *TRAIN])
+    code, _, err = run_cli(capsys, *["train", "--data", "synthetic", "--out", out, "--resume", *TRAIN])
     assert_usage_error(code, err, "--resume", str(out))
 
 
@@ -133,20 +127,20 @@ def test_cifar10_offline(capsys, tmp_path, monkeypatch):
 
 
 def test_no_command_prints_help(capsys):
-    code, out, err = run_cli(capsys, [])
+    code, out, err = run_cli(capsys, *[])
     assert code == EXIT_USAGE
     assert "usage: prunekit" in out + err
 
 
 def test_models_lists_names(capsys):
-    code, out, _ = run_cli(capsys, ["models"])
+    code, out, _ = run_cli(capsys, *["models"])
     assert code == 0
     names = out.split()
     assert "resnet18" in names and "resnet18-cifar" in names and "mobilenet_v2" in names
 
 
 def test_argparse_rejects_a_bad_choice_in_one_line(capsys):
-    code, _, err = run_cli(capsys, ["train", "--data", "synthetic", "--optimizer", "rmsprop"])
+    code, _, err = run_cli(capsys, *["train", "--data", "synthetic", "--optimizer", "rmsprop"])
     assert code == EXIT_USAGE
     assert err.strip().splitlines() == [
         "error: --optimizer invalid choice: 'rmsprop' (choose from 'sgd', 'adam', 'adamw') "
@@ -156,7 +150,7 @@ def test_argparse_rejects_a_bad_choice_in_one_line(capsys):
 
 def test_error_message_is_one_line_even_when_long(capsys, tmp_path):
     missing = tmp_path / ("long-folder-name-" * 4) / "data.tar.gz"
-    code, _, err = run_cli(capsys, ["train", "--data", missing, "--out", tmp_path / "out", *TRAIN])
+    code, _, err = run_cli(capsys, *["train", "--data", missing, "--out", tmp_path / "out", *TRAIN])
     assert code == EXIT_USAGE
     assert len(err.strip().splitlines()) == 1, err
 
@@ -189,7 +183,7 @@ def test_train_then_eval(capsys, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
 
     report = tmp_path / "eval.json"
-    code, out_text, err = run_cli(capsys, ["eval", checkpoint, "--no-latency", "--json", report])
+    code, out_text, err = run_cli(capsys, *["eval", checkpoint, "--no-latency", "--json", report])
     assert code == 0, err
     printed = out_text + err
     assert "Total params" in printed
@@ -212,7 +206,7 @@ def test_an_internal_error_is_one_line_with_the_traceback_in_a_log(capsys, monke
         raise ZeroDivisionError("division by zero deep inside")
 
     monkeypatch.setattr(api, "evaluate_checkpoint", broken)
-    code, _, err = run_cli(capsys, ["eval", "whatever.safetensors"])
+    code, _, err = run_cli(capsys, *["eval", "whatever.safetensors"])
     assert code == 1
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "internal error" in lines[0] and "ZeroDivisionError" in lines[0], err

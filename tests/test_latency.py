@@ -16,7 +16,6 @@ from prunekit import api, latency_plan, latency_table
 from prunekit.cli import EXIT_USAGE, main
 from prunekit.latency_table import LatencyTable, LayerTimer, build_table, layer_specs, table_path
 from prunekit.pipeline import RunConfig
-from prunekit.train import TrainConfig
 from test_core import assert_unchanged, fingerprint
 
 
@@ -196,13 +195,6 @@ def test_latency_target_on_real_timings(runtime):
     assert report.latency["measured"] == pytest.approx(0.6, rel=0.05)
     d, p = latency_plan.time_models([dense, model], x, 16, runtime, 1, repeats=40)
     assert p / d == pytest.approx(0.6, abs=0.15)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lat") / "dense"
-    api.train("resnet18", "synthetic", out, TrainConfig(epochs=1, batch_size=32))
-    return out / "model.safetensors"
 
 
 def test_cli_refuses_an_unreachable_target_with_exit_2_and_writes_nothing(trained, tmp_path, capsys):

@@ -17,10 +17,10 @@ import yaml
 
 import prunekit.api
 import prunekit.finetuning
-from conftest import PYTHON, subprocess_env
+from conftest import PYTHON, run_cli, subprocess_env
 from prunekit import api
 from prunekit.checkpoint import load_checkpoint
-from prunekit.cli import EXIT_INTERRUPTED, EXIT_USAGE, main
+from prunekit.cli import EXIT_INTERRUPTED, EXIT_USAGE
 from prunekit.train import MODEL_FILE, STATE_FILE, fit
 
 SYNTHETIC = ["--data", "synthetic", "--subset", "8", "--epochs", "1"]
@@ -39,11 +39,6 @@ def quick_latency(monkeypatch):
     monkeypatch.setattr(prunekit.api, "latency", quick)
 
 
-def run_cli(capsys, *argv) -> tuple[int, str]:
-    code = main([str(a) for a in argv])
-    return code, capsys.readouterr().err
-
-
 def read_state(run_dir: Path) -> dict:
     return json.loads((run_dir / "state.json").read_text())
 
@@ -60,7 +55,7 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 def test_pipeline_end_to_end_on_the_mini_archive(mini_archive, tmp_path, capsys, monkeypatch):
     runs = tmp_path / "runs"
-    code, err = run_cli(
+    code, _, err = run_cli(
         capsys,
         "run",
         "--data",
@@ -110,7 +105,7 @@ def test_pipeline_end_to_end_on_the_mini_archive(mini_archive, tmp_path, capsys,
         raise KeyboardInterrupt
 
     monkeypatch.setattr(api, "train", stop)
-    code, err = run_cli(capsys, "run", "--config", run_dir / "config.yaml", "--name", "e2e2")
+    code, _, err = run_cli(capsys, "run", "--config", run_dir / "config.yaml", "--name", "e2e2")
     assert code == EXIT_INTERRUPTED, err
     first = yaml.safe_load((run_dir / "config.yaml").read_text())
     second = yaml.safe_load((runs / "e2e2" / "config.yaml").read_text())
@@ -121,7 +116,7 @@ def test_pipeline_end_to_end_on_the_mini_archive(mini_archive, tmp_path, capsys,
     )
 
     # Flags given beside --config win over the file.
-    code, _ = run_cli(
+    code, _, _ = run_cli(
         capsys, "run", "--config", run_dir / "config.yaml", "--name", "e2e3", "--finetune-epochs", "3"
     )
     assert code == EXIT_INTERRUPTED
@@ -132,7 +127,7 @@ def test_pipeline_end_to_end_on_the_mini_archive(mini_archive, tmp_path, capsys,
 def test_config_with_an_unknown_key_is_a_usage_error(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump({"data": "synthetic", "epochs": 1, "finetune_epoch": 2}))
-    code, err = run_cli(capsys, "run", "--config", config, "--runs-dir", tmp_path / "runs")
+    code, _, err = run_cli(capsys, "run", "--config", config, "--runs-dir", tmp_path / "runs")
     assert code == EXIT_USAGE
     assert "error:" in err and "finetune_epoch" in err
     assert not (tmp_path / "runs").exists()
@@ -147,7 +142,9 @@ def test_config_with_a_bad_value_fails_before_any_training(key, value, tmp_path,
     monkeypatch.setattr(api, "train", lambda *a, **k: trained.append(a))
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump({"data": "synthetic", "subset": 8, "epochs": 1, key: value}))
-    code, err = run_cli(capsys, "run", "--config", config, "--runs-dir", tmp_path / "runs", "--name", "bad")
+    code, _, err = run_cli(
+        capsys, "run", "--config", config, "--runs-dir", tmp_path / "runs", "--name", "bad"
+    )
     assert code == EXIT_USAGE
     assert "error:" in err and "bogus" in err
     assert not trained
@@ -189,12 +186,12 @@ def test_resume_after_the_process_is_killed(tmp_path, capsys):
     }
 
     # Starting it again under the same name, without --resume, refuses and leaves the run alone.
-    code, err = run_cli(capsys, "run", "--data", "synthetic", "--name", "killed", "--runs-dir", runs)
+    code, _, err = run_cli(capsys, "run", "--data", "synthetic", "--name", "killed", "--runs-dir", runs)
     assert code == EXIT_USAGE
     assert "error:" in err and "--resume" in err
     assert read_state(run_dir)["completed"] == at_kill
 
-    code, err = run_cli(capsys, "run", "--resume", run_dir)
+    code, _, err = run_cli(capsys, "run", "--resume", run_dir)
     assert code == 0, err
     state = read_state(run_dir)
     assert state["completed"] == ALL_STAGES
@@ -218,7 +215,7 @@ def test_an_interrupted_finetune_resumes_to_the_same_weights(tmp_path, capsys, m
     monkeypatch.setitem(prunekit.finetuning.RECIPES, "seed", (replace(cfg, batch_size=16), policy))
     runs = tmp_path / "runs"
     args = [*SYNTHETIC, "--finetune-epochs", "2", "--runs-dir", runs]
-    code, err = run_cli(capsys, "run", *args, "--name", "whole")
+    code, _, err = run_cli(capsys, "run", *args, "--name", "whole")
     assert code == 0, err
     baseline = runs / "whole" / "baseline" / MODEL_FILE
 
@@ -238,7 +235,7 @@ def test_an_interrupted_finetune_resumes_to_the_same_weights(tmp_path, capsys, m
 
     with monkeypatch.context() as m:
         m.setattr(api, "fit", with_hook(interrupt))
-        code, _ = run_cli(capsys, "run", *args, "--name", "cut", "--baseline", baseline)
+        code, _, _ = run_cli(capsys, "run", *args, "--name", "cut", "--baseline", baseline)
     assert code == EXIT_INTERRUPTED
     cut = runs / "cut"
     assert read_state(cut)["completed"] == ["prune-1"]
@@ -248,7 +245,7 @@ def test_an_interrupted_finetune_resumes_to_the_same_weights(tmp_path, capsys, m
     steps: list[int] = []
     with monkeypatch.context() as m:
         m.setattr(api, "fit", with_hook(steps.append))
-        code, err = run_cli(capsys, "run", "--resume", cut)
+        code, _, err = run_cli(capsys, "run", "--resume", cut)
     assert code == 0, err
     assert steps == [8, 9]  # it continued after the signalled step, not from the start
     assert read_state(cut)["completed"] == ["prune-1", "finetune-1", "evaluate"]
@@ -275,7 +272,7 @@ def test_two_rounds_reach_the_macs_target(tmp_path, capsys):
         "--allocation",
         "global",
     ]
-    code, err = run_cli(capsys, "run", *argv, "--name", "steps", "--runs-dir", runs)
+    code, _, err = run_cli(capsys, "run", *argv, "--name", "steps", "--runs-dir", runs)
     assert code == 0, err
     run_dir = runs / "steps"
     state = read_state(run_dir)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from conftest import PYTHON, subprocess_env
+from conftest import PYTHON, run_cli, subprocess_env
 from prunekit import api
 from prunekit.api import model_meta
 from prunekit.checkpoint import load_checkpoint, module_shapes, save_checkpoint
@@ -62,12 +62,6 @@ def dense_ckpt(tmp_path_factory, resnet18) -> Path:
     """A dense resnet18(num_classes=10) checkpoint that records --data synthetic."""
     path = tmp_path_factory.mktemp("dense") / "resnet18.safetensors"
     return save_checkpoint(path, resnet18, dense_meta("resnet18"))
-
-
-def run_cli(capsys, argv: list) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def shapes_of(model: nn.Module) -> dict[str, dict]:
@@ -534,7 +528,7 @@ def test_prune_usage_errors(capsys, tmp_path, dense_ckpt, case):
     args, needles = ERROR_CASES[case]
     target = tmp_path / "out" / "pruned.safetensors"
     target.parent.mkdir()
-    code, out, err = run_cli(capsys, ["prune", dense_ckpt, "--importance", "l1", *args, "--out", target])
+    code, out, err = run_cli(capsys, *["prune", dense_ckpt, "--importance", "l1", *args, "--out", target])
     assert_clean_failure(code, out, err, target, needles)
 
 
@@ -543,7 +537,9 @@ def test_prune_bad_checkpoint(capsys, tmp_path, request, which):
     path = tmp_path / "missing.safetensors" if which == "missing" else request.getfixturevalue(which)
     target = tmp_path / "out" / "pruned.safetensors"
     target.parent.mkdir()
-    code, out, err = run_cli(capsys, ["prune", path, "--ratio", "0.2", "--importance", "l1", "--out", target])
+    code, out, err = run_cli(
+        capsys, *["prune", path, "--ratio", "0.2", "--importance", "l1", "--out", target]
+    )
     assert_clean_failure(code, out, err, target, [str(path)])
     if which == "not_prunekit":
         assert "not a prunekit checkpoint" in err
@@ -608,7 +604,7 @@ def test_eval_pruned_checkpoint_latency_and_speedup(capsys, tmp_path, dense_ckpt
     assert results["params"] == count_params(load_checkpoint(pruned).model) < 11_181_642
 
     json_path = tmp_path / "eval.json"
-    code, _, err = run_cli(capsys, ["eval", pruned, "--data", "synthetic", "--json", json_path])
+    code, _, err = run_cli(capsys, *["eval", pruned, "--data", "synthetic", "--json", json_path])
     assert code == 0, err
     for runtime in ("PyTorch eager", "ONNX Runtime"):
         for key in ("batch1", "batch64"):

@@ -192,16 +192,6 @@ def test_interrupted_recovery_undoes_the_surgery_too(monkeypatch):
     assert_unchanged(model, before)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    from prunekit import api
-    from prunekit.train import TrainConfig
-
-    out = tmp_path_factory.mktemp("recon") / "dense"
-    api.train("resnet18", "synthetic", out, TrainConfig(epochs=1, batch_size=32))
-    return out / "model.safetensors"
-
-
 def test_cli_recovers_by_default_for_a_target_and_not_when_told(trained, tmp_path, capsys):
     import json
 

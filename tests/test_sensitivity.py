@@ -10,7 +10,6 @@ import torch
 from prunekit import api
 from prunekit.cli import EXIT_USAGE, main
 from prunekit.sensitivity import prunable_roots, scan
-from prunekit.train import TrainConfig
 from test_core import ResidualNet, X, assert_unchanged, fingerprint, fresh
 
 
@@ -41,13 +40,6 @@ def test_scan_shape_determinism_and_the_model_untouched():
 def test_scan_refuses_ratios_outside_zero_one():
     with pytest.raises(api.UsageError, match="ratios"):
         scan(fresh(ResidualNet), X, _batches(1, 0), [torch.randn(4, 3, 16, 16)], ratios=(0.5, 1.0))
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sens") / "dense"
-    api.train("resnet18", "synthetic", out, TrainConfig(epochs=1, batch_size=32))
-    return out / "model.safetensors"
 
 
 def test_cli_writes_json_and_plot_and_never_reads_the_test_set(trained, tmp_path, capsys, monkeypatch):

@@ -12,18 +12,18 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import write_image
+from conftest import run_cli, write_image
 from prunekit import api
-from prunekit.cli import EXIT_USAGE, main
+from prunekit.cli import EXIT_USAGE
 from prunekit.data import load_data
 
 TRAIN = ["--no-bf16", "--device", "cpu", "--batch-size", "8", "--optimizer", "adam", "--lr", "0.001"]
 
 
-def run_cli(capsys, *argv) -> tuple[int, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+def said(capsys, *argv) -> tuple[int, str]:
+    """(exit code, what the user saw: stdout and stderr in one text)."""
+    code, out, err = run_cli(capsys, *argv)
+    return code, out + err
 
 
 def squash(text: str) -> str:
@@ -72,14 +72,14 @@ def test_one_odd_image_does_not_decide_the_size_of_the_folder(tmp_path, capsys):
     warning = squash(capsys.readouterr().err)
     assert "41 of 42 images are 32x32" in warning and "0000.png" in warning
 
-    code, out = run_cli(capsys, "train", "--data", root, "--epochs", "1", *TRAIN, "--out", tmp_path / "run")
+    code, out = said(capsys, "train", "--data", root, "--epochs", "1", *TRAIN, "--out", tmp_path / "run")
     assert code == 0, out
     assert "trained at 32 px" in squash(out)
 
 
 def test_a_folder_too_small_for_the_model_says_what_it_holds(tmp_path, capsys):
     root = folder(tmp_path / "tiny", {"cat": 3, "dog": 3}, size=8)
-    code, out = run_cli(capsys, "train", "--data", root, "--epochs", "1", *TRAIN, "--out", tmp_path / "r")
+    code, out = said(capsys, "train", "--data", root, "--epochs", "1", *TRAIN, "--out", tmp_path / "r")
     assert code == EXIT_USAGE
     line = error_line(out)
     assert "read at 8 px" in line and "--image-size 32" in line
@@ -109,15 +109,15 @@ def test_folder_shapes_train_end_to_end_and_say_what_was_chosen(shape, tmp_path,
     layout, flags = SHAPES[shape]
     root = folder(tmp_path / "data", **layout)
     argv = ["train", "--data", root, "--epochs", "1", *TRAIN, *flags, "--out", tmp_path / "run"]
-    code, out = run_cli(capsys, *argv)
+    code, out = said(capsys, *argv)
     assert code == 0, out
     text = squash(out)
-    said = re.search(
+    match = re.search(
         r"data: (\d+) training images in (\d+) classes .*?(\d+) test images .*?trained at (\d+) px", text
     )
-    assert said, text
+    assert match, text
     assert text.index("data:") < text.index("epoch 1")  # said before training starts
-    train_n, classes, test_n, size = map(int, said.groups())
+    train_n, classes, test_n, size = map(int, match.groups())
     assert train_n + test_n == sum(layout["per_class"].values()) + (
         0 if layout.get("test_per_class", 2) is None else 2 * len(layout["per_class"])
     )
@@ -136,7 +136,7 @@ def test_folder_shapes_train_end_to_end_and_say_what_was_chosen(shape, tmp_path,
 @pytest.fixture
 def finished_run(tmp_path, capsys) -> Path:
     out = tmp_path / "run"
-    code, text = run_cli(
+    code, text = said(
         capsys, "train", "--data", "synthetic", "--subset", "4", "--epochs", "1", *TRAIN, "--out", out
     )
     assert code == 0, text
@@ -145,7 +145,7 @@ def finished_run(tmp_path, capsys) -> Path:
 
 def test_resume_with_other_epochs_is_refused_naming_the_flag(finished_run, capsys):
     before = (finished_run / "model.safetensors").read_bytes()
-    code, out = run_cli(capsys, "train", "--resume", "--epochs", "4", "--lr", "0.001", "--out", finished_run)
+    code, out = said(capsys, "train", "--resume", "--epochs", "4", "--lr", "0.001", "--out", finished_run)
     assert code == EXIT_USAGE
     line = error_line(out)
     assert "--epochs 4 (recorded: 1)" in line and "--overwrite" in line
@@ -154,7 +154,7 @@ def test_resume_with_other_epochs_is_refused_naming_the_flag(finished_run, capsy
 
 
 def test_resume_as_recorded_says_the_run_is_finished(finished_run, capsys):
-    code, out = run_cli(capsys, "train", "--resume", "--epochs", "1", "--out", finished_run)
+    code, out = said(capsys, "train", "--resume", "--epochs", "1", "--out", finished_run)
     assert code == 0, out
     assert "has finished its 1 epochs" in squash(out)
 
@@ -163,15 +163,13 @@ def test_finetune_resume_with_other_settings_is_refused(finished_run, tmp_path, 
     ckpt = finished_run / "model.safetensors"
     ft = tmp_path / "ft"
     args = ["finetune", ckpt, "--epochs", "1", "--recipe", "full", "--device", "cpu", "--out", ft]
-    code, out = run_cli(capsys, *args)
+    code, out = said(capsys, *args)
     assert code == 0, out
-    code, out = run_cli(
-        capsys, "finetune", ckpt, "--resume", "--epochs", "3", "--freeze", "seed", "--out", ft
-    )
+    code, out = said(capsys, "finetune", ckpt, "--resume", "--epochs", "3", "--freeze", "seed", "--out", ft)
     assert code == EXIT_USAGE
     line = error_line(out)
     assert "--epochs 3 (recorded: 1)" in line and "--freeze seed (recorded: none)" in line
-    code, out = run_cli(capsys, "finetune", ckpt, "--resume", "--recipe", "full", "--out", ft)
+    code, out = said(capsys, "finetune", ckpt, "--resume", "--recipe", "full", "--out", ft)
     assert code == 0, out  # the recorded settings, asked again, continue
 
 
@@ -183,7 +181,7 @@ def test_run_resume_with_other_settings_is_refused(tmp_path, capsys):
     run_dir = tmp_path / "runs" / "r"
     run_dir.mkdir(parents=True)
     (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(asdict(RunConfig(epochs=2, data="synthetic"))))
-    code, out = run_cli(capsys, "run", "--resume", run_dir, "--epochs", "5")
+    code, out = said(capsys, "run", "--resume", run_dir, "--epochs", "5")
     assert code == EXIT_USAGE
     line = error_line(out)
     assert "--epochs 5 (recorded: 2)" in line and "--name" in line
