@@ -1,12 +1,10 @@
-"""Datasets: small uniform images as in-memory uint8 tensors, anything larger streamed from disk (stream.py);
-splits, resizing, normalization statistics and batch loaders. Reading the sources is ``sources.py``."""
+"""Datasets: small uniform images held in memory (memory.py), anything larger streamed from disk (stream.py);
+``load_data``'s decisions, splits, sizes and statistics. Types: ``datatypes.py``; reading: ``sources.py``."""
 
 from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,109 +12,26 @@ import torch
 import torch.nn.functional as F
 
 from .console import warn
+from .datatypes import Batches as Batches
+from .datatypes import DataBundle, Split
+from .datatypes import eval_batch_size as eval_batch_size
 from .errors import UsageError, arg
 from .files import cache_dir
-from .stream import ImageFiles, StreamLoader
+from .memory import CHUNK_BYTES as CHUNK_BYTES
+from .memory import BatchLoader as BatchLoader
+from .memory import channel_stats, resize_images
+from .memory import random_crop_flip as random_crop_flip
+from .sources import CIFAR10_CLASSES as CIFAR10_CLASSES
+from .sources import cached, cifar10_download, join_path, local_source, probe_source, stream_bundle
+from .stream import ImageFiles as ImageFiles
+from .stream import StreamLoader as StreamLoader
 from .stream import channel_stats as stream_channel_stats
 
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 SMALL_SIDE = 64  # uniform images up to this side are held in memory at their native size
 MOST = 0.9  # images of one size count as uniform when this share of a sample has it
 STREAM_SIZE = 224  # the default input size of streamed (large or mixed-size) images
 MEMORY_FRACTION = 0.25  # hold decoded data in memory only up to this share of the available RAM
-CHUNK_BYTES = 256 << 20  # float working memory of one chunk when resizing or measuring held images
 PREPROCESS_KEYS = ("crop_size", "resize_size", "mean", "std", "interpolation")
-
-
-@dataclass
-class Split:
-    """One split of a dataset: ``images`` uint8 [N, 3, H, W], ``labels`` int64 [N]."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def image_size(self) -> int:
-        return int(self.images.shape[-1])
-
-    def subset(self, indices: torch.Tensor) -> Split:
-        return Split(self.images[indices], self.labels[indices])
-
-
-def eval_batch_size(image_size: int) -> int:
-    """Evaluation batch size for an input size: a pixel budget of 64 images at 224 px, at most 500."""
-    return max(1, min(500, (64 * 224 * 224) // (image_size * image_size)))
-
-
-@dataclass
-class DataBundle:
-    """Train and test splits with class names and the per-channel normalization of the train split.
-
-    ``mode`` is "memory" (``Split``: uint8 tensors) or "stream" (``ImageFiles``: decoded per batch).
-    """
-
-    train: Split | ImageFiles
-    test: Split | ImageFiles
-    classes: list[str]
-    source: str
-    skipped_files: int = 0
-    mean: tuple[float, float, float] = field(default=(0.5, 0.5, 0.5))
-    std: tuple[float, float, float] = field(default=(0.25, 0.25, 0.25))
-    mode: str = "memory"
-    resize_size: int | None = None  # evaluation resize before the centre crop; None: no resize
-    interpolation: str = "bilinear"
-    split_info: dict[str, Any] = field(default_factory=dict)
-    num_workers: int | None = None  # decoding processes of streamed loaders; None: from the CPU count
-
-    @property
-    def image_size(self) -> int:
-        return self.train.image_size
-
-    @property
-    def preprocess(self) -> dict[str, Any]:
-        """What a checkpoint needs to rebuild this input pipeline (pass it back as ``preprocess``)."""
-        return {
-            "crop_size": self.image_size,
-            "resize_size": self.resize_size or self.image_size,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "interpolation": self.interpolation,
-            "mode": self.mode,
-        }
-
-    def loader(
-        self,
-        split: str,
-        batch_size: int | None = None,
-        train: bool = False,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        channels_last: bool = True,
-    ) -> BatchLoader | StreamLoader:
-        """Normalized batches of ``split`` ('train' or 'test'); augmented and shuffled when ``train``.
-
-        ``batch_size`` None: :func:`eval_batch_size` of the input size.
-        """
-        source = self.train if split == "train" else self.test
-        batch_size = batch_size or eval_batch_size(self.image_size)
-        args = (batch_size, self.mean, self.std, train, seed, rank, world_size, channels_last)
-        if isinstance(source, ImageFiles):
-            return StreamLoader(source, *args, num_workers=self.num_workers)
-        return BatchLoader(source, *args)
-
-    def sample_batches(
-        self, n_images: int, batch_size: int, seed: int
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``n_images`` seeded training images, unaugmented and normalized, as (x, y) batches (NCHW)."""
-        pick = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(seed))[:n_images]
-        args = (batch_size, self.mean, self.std, False, 0, 0, 1, False)
-        if isinstance(self.train, ImageFiles):
-            return list(StreamLoader(self.train.subset(pick), *args, num_workers=self.num_workers))
-        return list(BatchLoader(self.train.subset(pick), *args))
 
 
 def load_data(
@@ -142,8 +57,6 @@ def load_data(
         raise UsageError(
             f"{arg('val_split')} must be a fraction between 0 and 1 (exclusive), got {val_split}"
         )
-    from .sources import cached, cifar10_download, join_path, local_source, probe_source, stream_bundle
-
     if spec == "synthetic":
         bundle = synthetic_data(seed=seed)
     elif spec == "cifar10":
@@ -338,7 +251,7 @@ def _resize_in_memory(bundle: DataBundle, image_size: int | None, resize_size: i
         bundle.test = Split(resize_images(bundle.test.images, size), bundle.test.labels)
 
 
-# ---------------------------------------------------------------- synthetic data and transforms
+# ---------------------------------------------------------------- synthetic data
 
 
 def synthetic_data(
@@ -357,125 +270,3 @@ def synthetic_data(
     return DataBundle(
         make(train_per_class), make(test_per_class), [f"class{i}" for i in range(num_classes)], "synthetic"
     )
-
-
-def _chunk_rows(images: torch.Tensor, pixels: int, value_bytes: int, most: int) -> int:
-    """Images per chunk so one chunk's float copy stays within ``CHUNK_BYTES`` (and at most ``most``)."""
-    return max(1, min(most, CHUNK_BYTES // (images.shape[1] * pixels * value_bytes)))
-
-
-def resize_images(images: torch.Tensor, size: int, chunk: int | None = None) -> torch.Tensor:
-    """Resize uint8 images to ``size`` x ``size`` (antialiased bilinear), in chunks to bound memory."""
-    pixels = max(images.shape[-1] * images.shape[-2], size * size)
-    chunk = chunk or _chunk_rows(images, pixels, 4, most=2048)
-    out = [
-        F.interpolate(
-            images[i : i + chunk].float(),
-            size=(size, size),
-            mode="bilinear",
-            antialias=True,
-            align_corners=False,
-        )
-        .round()
-        .clamp(0, 255)
-        .to(torch.uint8)
-        for i in range(0, len(images), chunk)
-    ]
-    return torch.cat(out)
-
-
-def channel_stats(
-    images: torch.Tensor, chunk: int | None = None
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images, scaled to [0, 1]."""
-    chunk = chunk or _chunk_rows(images, images.shape[-1] * images.shape[-2], 8, most=4096)
-    total = torch.zeros(3, dtype=torch.float64)
-    sq = torch.zeros(3, dtype=torch.float64)
-    for i in range(0, len(images), chunk):
-        x = images[i : i + chunk].to(torch.float64) / 255
-        total += x.sum(dim=(0, 2, 3))
-        sq += (x * x).sum(dim=(0, 2, 3))
-    n = images.shape[0] * images.shape[2] * images.shape[3]
-    mean = total / n
-    std = (sq / n - mean * mean).clamp_min(1e-12).sqrt()
-    return tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist())
-
-
-def random_crop_flip(images: torch.Tensor, gen: torch.Generator, padding: int = 4) -> torch.Tensor:
-    """Per-image random crop after zero padding, and random horizontal flip, on a uint8 batch."""
-    b, c, h, w = images.shape
-    padded = F.pad(images, (padding, padding, padding, padding))
-    oy = torch.randint(0, 2 * padding + 1, (b,), generator=gen)
-    ox = torch.randint(0, 2 * padding + 1, (b,), generator=gen)
-    flip = torch.rand(b, generator=gen) < 0.5
-    rows = oy[:, None] + torch.arange(h)
-    cols = ox[:, None] + torch.arange(w)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    return padded[
-        torch.arange(b)[:, None, None, None],
-        torch.arange(c)[None, :, None, None],
-        rows[:, None, :, None],
-        cols[:, None, None, :],
-    ]
-
-
-class BatchLoader:
-    """Batches of normalized float images from a :class:`Split`, shuffled and augmented when training.
-
-    The order and augmentation of batch ``i`` of epoch ``e`` depend only on (seed, e, i, rank), so an
-    interrupted epoch resumes exactly by skipping the batches already done.
-    """
-
-    def __init__(
-        self,
-        split: Split,
-        batch_size: int,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        train: bool = False,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        channels_last: bool = True,
-    ):
-        self.split, self.batch_size, self.train, self.seed = split, batch_size, train, seed
-        self.rank, self.world_size, self.channels_last = rank, world_size, channels_last
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _indices(self) -> torch.Tensor:
-        n = len(self.split)
-        if self.train:
-            order = torch.randperm(
-                n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            )
-        else:
-            order = torch.arange(n)
-        per_rank = n // self.world_size if self.train else -(-n // self.world_size)
-        return order[self.rank :: self.world_size][:per_rank]
-
-    def __len__(self) -> int:
-        n = len(self._indices())
-        return max(1, n // self.batch_size) if self.train else -(-n // self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self.batches()
-
-    def batches(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield batches from batch index ``start`` on; training drops the last partial batch."""
-        idx = self._indices()
-        for i in range(start, len(self)):
-            sel = idx[i * self.batch_size : (i + 1) * self.batch_size]
-            images = self.split.images[sel]
-            if self.train:
-                gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, i, self.rank)) & 0x7FFFFFFF)
-                images = random_crop_flip(images, gen)
-            yield self.normalize(images), self.split.labels[sel]
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float().div_(255) - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

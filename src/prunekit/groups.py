@@ -9,7 +9,6 @@ import difflib
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -19,9 +18,7 @@ from torch_pruning.pruner import function
 from .errors import UsageError, arg
 from .importance import ChannelImportance
 from .measure import forward_with_hooks
-
-if TYPE_CHECKING:
-    from .pruning import PruneRequest
+from .requests import PruneRequest
 
 OUT_FNS = (
     function.prune_conv_out_channels,

@@ -26,7 +26,8 @@ from .importance import make_importance
 from .measure import autocast, bf16_supported, evaluate
 from .planning import LayerCosts
 from .prefix import Call, candidate_cuts, capture, running_from, trace_calls, verified
-from .pruning import PruneRequest, prune_model
+from .pruning import prune_model
+from .requests import PruneRequest
 from .surgery import SurgeryError
 
 RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)

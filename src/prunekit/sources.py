@@ -26,11 +26,12 @@ from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 
 from .console import progress_bar, warn
-from .data import CIFAR10_CLASSES, DataBundle, Split
+from .datatypes import DataBundle, Split
 from .errors import UsageError, arg
 from .files import atomic_write, cache_dir, write_json
 from .stream import ImageFiles, default_resize, header_size, index_files
 
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 TEST_SPLIT_NAMES = ("test", "val")
 CACHE_VERSION = "2"  # 2: held at the most common size, not the first image's
 INDEX_VERSION = "1"

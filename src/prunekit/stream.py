@@ -20,6 +20,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.functional import pil_modes_mapping
 
+from .memory import BatchLoader
+from .memory import channel_stats as tensor_stats
+
 MAX_PIXELS = 100_000_000  # a larger image is a decompression bomb or not a training photo
 MAX_SIDE = 30_000
 SCALE = (0.08, 1.0)  # torchvision's reference random-resized-crop
@@ -265,8 +268,6 @@ class StreamLoader:
         channels_last: bool = True,
         num_workers: int | None = None,
     ):
-        from .data import BatchLoader
-
         # The order (seeded permutation, rank slices, dropped tail) and normalization are BatchLoader's.
         self._order = BatchLoader(files, batch_size, mean, std, train, seed, rank, world_size, channels_last)
         self.files = files.as_train(train)
@@ -304,8 +305,6 @@ def channel_stats(
     files: ImageFiles, n: int = 256, seed: int = 0
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean/std estimated from ``n`` seeded, evaluation-transformed images (not all of them)."""
-    from .data import channel_stats as tensor_stats
-
     pick = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:n]
     images = torch.stack([files.as_train(False)[int(i)][0] for i in pick])
     return tensor_stats(images)
