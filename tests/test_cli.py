@@ -54,7 +54,7 @@ def test_nonexistent_data_path(capsys, tmp_path):
 def test_unknown_model(capsys, tmp_path):
     code, _, err = run_cli(
         capsys,
-        [
+        *[
             "train",
             "--model",
             "resnet19",
@@ -79,7 +79,7 @@ def test_zero_epochs(capsys, tmp_path):
 
 def test_zero_subset(capsys, tmp_path):
     code, _, err = run_cli(
-        capsys, ["train", "--data", "synthetic", "--subset", "0", "--out", tmp_path / "o", *TRAIN]
+        capsys, *["train", "--data", "synthetic", "--subset", "0", "--out", tmp_path / "o", *TRAIN]
     )
     assert_usage_error(code, err, "--subset")
 
@@ -118,7 +118,7 @@ def test_cifar10_offline(capsys, tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
     code, _, err = run_cli(
-        capsys, ["train", "--data", "cifar10", "--data-dir", empty, "--out", tmp_path / "o", *TRAIN]
+        capsys, *["train", "--data", "cifar10", "--data-dir", empty, "--out", tmp_path / "o", *TRAIN]
     )
     assert code == EXIT_USAGE
     assert "Traceback" not in err
@@ -174,7 +174,8 @@ def test_subprocess_error_exit_code_and_no_traceback(tmp_path):
 def test_train_then_eval(capsys, tmp_path):
     out = tmp_path / "run"
     code, _, err = run_cli(
-        capsys, ["train", "--data", "synthetic", "--subset", "4", "--model", "resnet18", "--out", out, *TRAIN]
+        capsys,
+        *["train", "--data", "synthetic", "--subset", "4", "--model", "resnet18", "--out", out, *TRAIN],
     )
     assert code == 0, err
     assert "test accuracy" in err

@@ -85,7 +85,7 @@ def test_seed_counts_layer2_0_conv1(capsys, tmp_path, dense_ckpt):
     out = tmp_path / "pruned.safetensors"
     code, _, err = run_cli(
         capsys,
-        [
+        *[
             "prune",
             dense_ckpt,
             "--layer",
@@ -289,7 +289,7 @@ def test_several_layers_at_once(capsys, tmp_path, dense_ckpt):
     out = tmp_path / "multi.safetensors"
     code, _, err = run_cli(
         capsys,
-        [
+        *[
             "prune",
             dense_ckpt,
             "--layer",

@@ -165,17 +165,19 @@ def plan_target(
             f"of the dense {metric}"
         )
     best = knob(hi)
+    closest = (abs(smallest - goal), best)  # where channel steps are coarse, the nearest plan on either side
     for _ in range(60):
         mid = (lo + hi) / 2
         plan = knob(mid)
         v = value(plan)
         if abs(v - goal) <= PLAN_TOLERANCE * goal:
             return plan
+        closest = min(closest, (abs(v - goal), plan), key=lambda c: c[0])
         if v > goal:
             lo = mid
         else:
             hi, best = mid, plan
-    return best
+    return closest[1] if closest[0] <= TOLERANCE * goal else best
 
 
 def allocation_knob(
