@@ -81,7 +81,11 @@ def run_cli(cwd: Path, *args, **env) -> tuple[int, str]:
 
 def assert_one_error_line(err: str) -> str:
     """The one ``error:`` line, besides training's progress lines (``epoch 1/2 step 3/10: ...``)."""
-    lines = [line for line in err.splitlines() if line.strip() and not re.match(r"epoch \d+/\d+", line)]
+    lines = [
+        line
+        for line in err.splitlines()
+        if line.strip() and not re.match(r"epoch \d+/\d+|data: ", line)  # progress, what train will see
+    ]
     assert len(lines) == 1 and lines[0].startswith("error:"), err
     assert "Traceback" not in err
     return lines[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -390,21 +390,35 @@ def quantize_checkpoint(
         )
 
 
+@dataclass
+class _Int8Ask:
+    """How ``prunekit quantize`` was asked to calibrate, and whether it may try the remedies."""
+
+    calibration_images: int
+    method: str
+    keep_fp32: list[str]
+    remedies: bool
+
+
 def _quantize(
-    path, out, meta, model, calibration_images, method, keep_fp32, remedies, data, data_dir, threads, seed
+    path: str | Path,
+    out: Path,
+    meta: dict[str, Any],
+    model: torch.nn.Module,
+    calibration_images: int,
+    method: str,
+    keep_fp32: list[str] | None,
+    remedies: bool,
+    data: str | None,
+    data_dir: str | None,
+    threads: int | None,
+    seed: int,
 ) -> dict[str, Any]:
     import shutil
     import tempfile
 
-    from .deploy import (
-        CALIBRATION_METHODS,
-        conv_nodes,
-        ort_accuracy,
-        quantize_int8,
-        session,
-        write_onnx,
-    )
-    from .files import write_json
+    from .deploy import ort_accuracy, session, write_onnx
+    from .files import atomic_write, write_json
 
     bundle = load_data_for(meta, data, data_dir)
     batch = 32
@@ -425,26 +439,8 @@ def _quantize(
         tmp = Path(tmp)
         fp32 = write_onnx(model, size, tmp / "fp32.onnx")
         fp32_acc = ort_accuracy(session(fp32, threads), test, stage("fp32 accuracy", len(test)))["accuracy"]
-        tries: list[dict[str, Any]] = []
-
-        def attempt(name: str, n: int, how: str, exclude: list[str]) -> None:
-            target = tmp / f"int8-{len(tries)}.onnx"
-            calibrated = stage(f"int8 calibration, {name}", 1)  # ONNX Runtime's calibrator reports no steps
-            quantize_int8(fp32, target, calibration(n), method=how, exclude=exclude)
-            calibrated()
-            progress = stage(f"int8 accuracy, {name}", len(test))
-            acc = ort_accuracy(session(target, threads), test, progress)["accuracy"]
-            tries.append({"name": name, "calibration_images": n, "method": how, "keep_fp32": exclude,
-                          "accuracy": acc, "drop_points": (fp32_acc - acc) * 100, "file": target})  # fmt: skip
-
-        attempt("as asked", calibration_images, method, list(keep_fp32 or []))
-        if remedies and tries[0]["drop_points"] > 1.0:
-            attempt("4x calibration images", calibration_images * 4, method, list(keep_fp32 or []))
-            for other in CALIBRATION_METHODS:
-                if other != method:
-                    attempt(f"{other} calibration", calibration_images, other, list(keep_fp32 or []))
-            nodes = conv_nodes(fp32)
-            attempt("first and last layers in fp32", calibration_images, method, [nodes[0], nodes[-1]])
+        asked = _Int8Ask(calibration_images, method, list(keep_fp32 or []), remedies)
+        tries = _int8_tries(fp32, fp32_acc, asked, calibration, test, threads, stage)
         best = max(tries, key=lambda t: t["accuracy"])
         shutil.copyfile(best["file"], tmp / "best.onnx")
         paths = [tmp / "best.onnx", fp32]
@@ -455,22 +451,8 @@ def _quantize(
         sizes = {"int8": (tmp / "best.onnx").stat().st_size, "fp32": fp32.stat().st_size}
         if dense is not None:
             sizes["dense_fp32"] = (tmp / "dense.onnx").stat().st_size
-        from .files import atomic_write
-
         atomic_write(out, lambda p: shutil.copyfile(tmp / "best.onnx", p))
-    rows = {
-        "fp32": {"accuracy": fp32_acc, "size_mb": sizes["fp32"] / 1e6, "latency": {k: v[1] for k, v in timing.items()}},
-        "int8": {"accuracy": best["accuracy"], "size_mb": sizes["int8"] / 1e6, "latency": {k: v[0] for k, v in timing.items()}},
-    }  # fmt: skip
-    if dense is not None:
-        rows = {
-            "dense_fp32": {
-                "accuracy": (meta["parent"].get("metrics") or {}).get("test_accuracy"),
-                "size_mb": sizes["dense_fp32"] / 1e6,
-                "latency": {k: v[2] for k, v in timing.items()},
-            },
-            **rows,
-        }
+    rows = _quantize_rows(meta, fp32_acc, best, sizes, timing)
     report = {
         "checkpoint": str(path),
         "int8_model": str(out),
@@ -486,6 +468,70 @@ def _quantize(
     }
     write_json(out.with_suffix(".json"), report)
     return report
+
+
+def _int8_tries(
+    fp32: Path,
+    fp32_acc: float,
+    asked: _Int8Ask,
+    calibration: Callable[[int], list[torch.Tensor]],
+    test: list[Any],
+    threads: int,
+    stage: Callable[[str, int], Callable[[], None]],
+) -> list[dict[str, Any]]:
+    """int8 models of ``fp32`` (beside it) as asked and, when that loses more than 1 point, by each remedy:
+    4x the calibration images, each other calibration method, the first and last layers kept in fp32."""
+    from .deploy import CALIBRATION_METHODS, conv_nodes, ort_accuracy, quantize_int8, session
+
+    tries: list[dict[str, Any]] = []
+    images, method = asked.calibration_images, asked.method
+
+    def attempt(name: str, n: int, how: str, exclude: list[str]) -> None:
+        target = fp32.parent / f"int8-{len(tries)}.onnx"
+        calibrated = stage(f"int8 calibration, {name}", 1)  # ONNX Runtime's calibrator reports no steps
+        quantize_int8(fp32, target, calibration(n), method=how, exclude=exclude)
+        calibrated()
+        progress = stage(f"int8 accuracy, {name}", len(test))
+        acc = ort_accuracy(session(target, threads), test, progress)["accuracy"]
+        tries.append({"name": name, "calibration_images": n, "method": how, "keep_fp32": exclude,
+                      "accuracy": acc, "drop_points": (fp32_acc - acc) * 100, "file": target})  # fmt: skip
+
+    attempt("as asked", images, method, list(asked.keep_fp32))
+    if asked.remedies and tries[0]["drop_points"] > 1.0:
+        attempt("4x calibration images", images * 4, method, list(asked.keep_fp32))
+        for other in CALIBRATION_METHODS:
+            if other != method:
+                attempt(f"{other} calibration", images, other, list(asked.keep_fp32))
+        nodes = conv_nodes(fp32)
+        attempt("first and last layers in fp32", images, method, [nodes[0], nodes[-1]])
+    return tries
+
+
+def _quantize_rows(
+    meta: dict[str, Any],
+    fp32_acc: float,
+    best: dict[str, Any],
+    sizes: dict[str, int],
+    timing: dict[str, list[dict[str, Any]]],
+) -> dict[str, dict[str, Any]]:
+    """The deployment table's rows: the dense parent's (when pruned), this model's fp32 and its best int8.
+
+    ``timing`` holds, per batch size, the latency of int8, fp32 and dense, in that order.
+    """
+    rows = {
+        "fp32": {"accuracy": fp32_acc, "size_mb": sizes["fp32"] / 1e6, "latency": {k: v[1] for k, v in timing.items()}},
+        "int8": {"accuracy": best["accuracy"], "size_mb": sizes["int8"] / 1e6, "latency": {k: v[0] for k, v in timing.items()}},
+    }  # fmt: skip
+    if "dense_fp32" not in sizes:
+        return rows
+    return {
+        "dense_fp32": {
+            "accuracy": (meta["parent"].get("metrics") or {}).get("test_accuracy"),
+            "size_mb": sizes["dense_fp32"] / 1e6,
+            "latency": {k: v[2] for k, v in timing.items()},
+        },
+        **rows,
+    }
 
 
 def calibration_batches(
@@ -578,12 +624,44 @@ def _prune(
     seed: int,
 ) -> dict[str, Any]:
     from .checkpoint import save_checkpoint
-    from .core import prune
     from .files import write_json
-    from .importance import NEEDS_CALIBRATION
 
     ckpt = load_checkpoint(path)
     meta, model = ckpt.meta, ckpt.model
+    batches, refit = _pruning_images(
+        meta, model, request, importance, data, data_dir, calibration, image_counts, seed
+    )
+    size = meta["input_size"]
+    before = summary(model, size)
+    result = _prune_as_requested(model, size, request, importance, batches, refit, seed)
+    after = summary(model, size)
+    report = _prune_report(
+        path, out, meta, request, result, before, after,
+        importance=importance, calibration=calibration, calibration_images=image_counts[0],
+    )  # fmt: skip
+    new_meta = _pruned_meta(path, meta, report, result)
+    check_finite(model, f"the pruned model ({out})")
+    save_checkpoint(out, model, new_meta)
+    write_json(report_path(out), report)
+    report["tables"] = {"before": before["table"], "after": after["table"]}
+    return report
+
+
+def _pruning_images(
+    meta: dict[str, Any],
+    model: torch.nn.Module,
+    request: Any,
+    importance: str,
+    data: str | None,
+    data_dir: str | None,
+    calibration: str,
+    image_counts: tuple[int, int],
+    seed: int,
+) -> tuple[list[tuple[Any, Any]] | None, list[Any] | None]:
+    """The scoring batches and the re-fit images the request needs (None where it needs none); scans the
+    model for a sensitivity allocation into ``request.sensitivity`` first when it has none."""
+    from .importance import NEEDS_CALIBRATION
+
     calibration_images, reconstruction_images = image_counts
     scores_on_data = importance in NEEDS_CALIBRATION and calibration == "data"
     scans = request.allocation == "sensitivity" and request.sensitivity is None
@@ -594,16 +672,30 @@ def _prune(
         batches = calibration_batches(meta, bundle if scores_on_data else None, calibration_images, seed=seed)
     if request.reconstruct:
         refit = [x for x, _ in calibration_batches(meta, bundle, reconstruction_images, seed=seed + 1)]
-    size = meta["input_size"]
     if scans:
         from .sensitivity import SCAN_CALIBRATION_IMAGES, SCAN_IMAGES, SCAN_SECONDS, scan
 
+        size = meta["input_size"]
         held_out, recal = scan_batches(bundle, SCAN_IMAGES, SCAN_CALIBRATION_IMAGES, seed)
         request.sensitivity = scan(
             model, torch.zeros(1, 3, size, size), held_out, recal, seconds=SCAN_SECONDS
         )
-    before = summary(model, size)
-    result = prune(
+    return batches, refit
+
+
+def _prune_as_requested(
+    model: torch.nn.Module,
+    size: int,
+    request: Any,
+    importance: str,
+    batches: list[tuple[Any, Any]] | None,
+    refit: list[Any] | None,
+    seed: int,
+) -> Any:
+    """``core.prune`` of ``model`` in place with every setting of ``request``; its ``PruneReport``."""
+    from .core import prune
+
+    return prune(
         model,
         torch.zeros(1, 3, size, size),
         allocation=request.allocation,
@@ -624,8 +716,26 @@ def _prune(
         reconstruction=refit,
         seed=seed,
     )
-    after = summary(model, size)
-    report = {
+
+
+def _prune_report(
+    path: str | Path,
+    out: Path,
+    meta: dict[str, Any],
+    request: Any,
+    result: Any,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    *,
+    importance: str,
+    calibration: str,
+    calibration_images: int,
+) -> dict[str, Any]:
+    """prune's JSON report: the settings and request, the summaries before and after, the measured cost
+    and what changed."""
+    from .importance import NEEDS_CALIBRATION
+
+    return {
         "checkpoint": str(path),
         "pruned_checkpoint": str(out),
         "model": meta["model"],
@@ -652,6 +762,12 @@ def _prune(
         "latency": result.latency,
         "reconstruction": result.reconstruction,
     }
+
+
+def _pruned_meta(
+    path: str | Path, meta: dict[str, Any], report: dict[str, Any], result: Any
+) -> dict[str, Any]:
+    """The pruned checkpoint's metadata: its description, its dense parent, and this pruning appended."""
     parent = meta.get("parent") or {
         "checkpoint": str(path),
         "model": meta["model"],
@@ -673,11 +789,7 @@ def _prune(
             },
         ],
     )
-    check_finite(model, f"the pruned model ({out})")
-    save_checkpoint(out, model, new_meta)
-    write_json(report_path(out), report)
-    report["tables"] = {"before": before["table"], "after": after["table"]}
-    return report
+    return new_meta
 
 
 def finetune_checkpoint(

@@ -5,9 +5,10 @@ The command line and the path-based functions in ``api.py`` are thin layers over
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,18 +144,34 @@ def prune(
     if images is None and not request.layers:
         _note_without_images(allocation, ratio, reconstruct)
     request.reconstruct = _reconstruct(reconstruct, images, request.layers)
-    grads = {p: p.grad for p in model.parameters()}
-    start = time.perf_counter()
-    try:
+    with _callers_gradients(model):
+        start = time.perf_counter()
         result, recovery = _prune_on_data(
             model, request, criterion, label, example, calibration, images, seed
         )
+        seconds = time.perf_counter() - start
+    return _prune_report(label, request, result, recovery, seconds)
+
+
+@contextlib.contextmanager
+def _callers_gradients(model: nn.Module) -> Iterator[None]:
+    """Leave every parameter's ``.grad`` as the caller had it: scoring gradients are not the caller's, and
+    the parameters surgery creates start with none."""
+    grads = {p: p.grad for p in model.parameters()}
+    try:
+        yield
     finally:
-        for p, g in grads.items():  # scoring gradients are not the caller's
+        for p, g in grads.items():
             p.grad = g
-    for p in model.parameters():
+    for p in model.parameters():  # after success only: a refused or undone pruning adds no parameters
         if p not in grads:
             p.grad = None
+
+
+def _prune_report(
+    label: str, request: PruneRequest, result: Any, recovery: dict[str, Any] | None, seconds: float
+) -> PruneReport:
+    """The ``PruneReport`` of a pruning's result, its recovery and its duration."""
     return PruneReport(
         importance=label,
         request={k: v for k, v in vars(request).items() if k != "sensitivity"},
@@ -164,7 +181,7 @@ def prune(
         params_after=result.params_after,
         removed=result.removed,
         changed_layers=result.changed_layers,
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
         latency=result.latency,
         reconstruction=recovery,
     )

@@ -200,6 +200,28 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
 
 def _run_locked(cfg: RunConfig, resume: bool) -> dict[str, Any]:
     r = Run(cfg)
+    _claim(r, resume)
+    baseline = _baseline_stage(r)
+    current = baseline
+    for step in range(1, cfg.steps + 1):
+        pruned = _prune_stage(r, step, current)
+        current = _finetune_stage(r, step, pruned, baseline)
+    _evaluate_stage(r, baseline, current)
+    if cfg.quantize:
+        _quantize_stage(r, current)
+    from .report import write_run_report
+
+    metrics = write_run_report(r.dir, asdict(cfg), r.state["results"])
+    for line in metrics["slower_than_dense"]:
+        warn(line)
+    r.log(f"report: {r.dir / 'report.md'}")
+    return metrics
+
+
+def _claim(r: Run, resume: bool) -> None:
+    """Take the run directory: refuse a finished run not resumed, or a baseline this run would overwrite;
+    then record the config."""
+    cfg = r.cfg
     if r.dir.exists() and r.state["completed"] and not resume:
         raise UsageError(
             f"{r.dir} already holds a run; continue it with --resume {r.dir} or pick another --name"
@@ -212,6 +234,10 @@ def _run_locked(cfg: RunConfig, resume: bool) -> dict[str, Any]:
     r.dir.mkdir(parents=True, exist_ok=True)
     write_text(r.dir / CONFIG_FILE, yaml.safe_dump(asdict(cfg), sort_keys=False))
 
+
+def _baseline_stage(r: Run) -> Path:
+    """The dense checkpoint: the one given, or the one this run trains (once); refused when missing."""
+    cfg = r.cfg
     baseline = Path(cfg.baseline) if cfg.baseline else r.dir / "baseline" / MODEL_FILE
     if not cfg.baseline and not r.done("baseline"):
         r.log("training the baseline")
@@ -232,92 +258,92 @@ def _run_locked(cfg: RunConfig, resume: bool) -> dict[str, Any]:
         r.complete("baseline", {"checkpoint": str(baseline)})
     if not baseline.exists():
         raise UsageError(f"--baseline {baseline}: no such checkpoint")
+    return baseline
 
-    current = baseline
-    for step in range(1, cfg.steps + 1):
-        pruned = r.dir / f"pruned-{step}.safetensors"
-        if not r.done(f"prune-{step}"):
-            r.log(f"pruning (round {step}/{cfg.steps})")
-            report = api.prune_checkpoint(
-                current,
-                cfg.prune_request(step),
-                importance=cfg.importance,
-                data=cfg.data,
-                data_dir=cfg.data_dir,
-                calibration=cfg.calibration,
-                calibration_images=cfg.calibration_images,
-                reconstruction_images=cfg.reconstruction_images,
-                out=pruned,
-                seed=cfg.seed,
-                overwrite=True,
-            )
-            r.complete(
-                f"prune-{step}",
-                {
-                    k: report[k]
-                    for k in (
-                        "before",
-                        "after",
-                        "macs",
-                        "params",
-                        "changed_layers",
-                        "removed_channels",
-                        "importance",
-                    )
-                },
-            )
-        ft_dir = r.dir / f"finetune-{step}"
-        if not r.done(f"finetune-{step}"):
-            r.log(f"recalibrating BatchNorm and fine-tuning (round {step}/{cfg.steps})")
-            result = api.finetune_checkpoint(
-                pruned,
-                ft_dir,
-                recipe_name=cfg.recipe,
-                epochs=max(1, cfg.finetune_epochs // cfg.steps),
-                lr=cfg.finetune_lr,
-                freeze=cfg.freeze,
-                teacher=baseline if cfg.distill else None,
-                distill=cfg.distill,
-                distill_temperature=cfg.distill_temperature,
-                distill_weight=cfg.distill_weight,
-                recalibrate=cfg.recalibrate,
-                data=cfg.data,
-                data_dir=cfg.data_dir,
-                subset=cfg.subset,
-                seed=cfg.seed,
-                device=cfg.device,
-                resume=(ft_dir / "checkpoint.safetensors").exists(),
-                overwrite=True,
-            )
-            r.complete(f"finetune-{step}", result)
-        current = ft_dir / MODEL_FILE
 
-    if not r.done("evaluate"):
-        r.log("evaluating the dense baseline and the final model")
-        dense = api.evaluate_checkpoint(baseline, data=cfg.data, data_dir=cfg.data_dir)
-        final = api.evaluate_checkpoint(current, data=cfg.data, data_dir=cfg.data_dir)
-        strip = ("summary_table",)
-        r.complete(
-            "evaluate",
-            {
-                "dense": {k: v for k, v in dense.items() if k not in strip},
-                "final": {k: v for k, v in final.items() if k not in strip},
-            },
-        )
-    if cfg.quantize and not r.done("quantize"):
-        r.log("int8 quantization in ONNX Runtime")
-        report = api.quantize_checkpoint(
+def _prune_stage(r: Run, step: int, current: Path) -> Path:
+    """Prune round ``step`` of ``current`` (unless done); the pruned checkpoint."""
+    cfg = r.cfg
+    pruned = r.dir / f"pruned-{step}.safetensors"
+    if not r.done(f"prune-{step}"):
+        r.log(f"pruning (round {step}/{cfg.steps})")
+        report = api.prune_checkpoint(
             current,
-            out=r.dir / "model-int8.onnx",
-            method=cfg.calibration_method,
+            cfg.prune_request(step),
+            importance=cfg.importance,
             data=cfg.data,
+            data_dir=cfg.data_dir,
+            calibration=cfg.calibration,
+            calibration_images=cfg.calibration_images,
+            reconstruction_images=cfg.reconstruction_images,
+            out=pruned,
             seed=cfg.seed,
+            overwrite=True,
         )
-        r.complete("quantize", report)
-    from .report import write_run_report
+        kept = ("before", "after", "macs", "params", "changed_layers", "removed_channels", "importance")
+        r.complete(f"prune-{step}", {k: report[k] for k in kept})
+    return pruned
 
-    metrics = write_run_report(r.dir, asdict(cfg), r.state["results"])
-    for line in metrics["slower_than_dense"]:
-        warn(line)
-    r.log(f"report: {r.dir / 'report.md'}")
-    return metrics
+
+def _finetune_stage(r: Run, step: int, pruned: Path, baseline: Path) -> Path:
+    """Recalibrate and fine-tune round ``step``'s pruned model (unless done); the fine-tuned checkpoint."""
+    cfg = r.cfg
+    ft_dir = r.dir / f"finetune-{step}"
+    if not r.done(f"finetune-{step}"):
+        r.log(f"recalibrating BatchNorm and fine-tuning (round {step}/{cfg.steps})")
+        result = api.finetune_checkpoint(
+            pruned,
+            ft_dir,
+            recipe_name=cfg.recipe,
+            epochs=max(1, cfg.finetune_epochs // cfg.steps),
+            lr=cfg.finetune_lr,
+            freeze=cfg.freeze,
+            teacher=baseline if cfg.distill else None,
+            distill=cfg.distill,
+            distill_temperature=cfg.distill_temperature,
+            distill_weight=cfg.distill_weight,
+            recalibrate=cfg.recalibrate,
+            data=cfg.data,
+            data_dir=cfg.data_dir,
+            subset=cfg.subset,
+            seed=cfg.seed,
+            device=cfg.device,
+            resume=(ft_dir / "checkpoint.safetensors").exists(),
+            overwrite=True,
+        )
+        r.complete(f"finetune-{step}", result)
+    return ft_dir / MODEL_FILE
+
+
+def _evaluate_stage(r: Run, baseline: Path, current: Path) -> None:
+    """Evaluate the dense baseline and the final model (unless done), without their printable tables."""
+    if r.done("evaluate"):
+        return
+    cfg = r.cfg
+    r.log("evaluating the dense baseline and the final model")
+    dense = api.evaluate_checkpoint(baseline, data=cfg.data, data_dir=cfg.data_dir)
+    final = api.evaluate_checkpoint(current, data=cfg.data, data_dir=cfg.data_dir)
+    strip = ("summary_table",)
+    r.complete(
+        "evaluate",
+        {
+            "dense": {k: v for k, v in dense.items() if k not in strip},
+            "final": {k: v for k, v in final.items() if k not in strip},
+        },
+    )
+
+
+def _quantize_stage(r: Run, current: Path) -> None:
+    """int8 quantization of the final model in ONNX Runtime (unless done)."""
+    if r.done("quantize"):
+        return
+    cfg = r.cfg
+    r.log("int8 quantization in ONNX Runtime")
+    report = api.quantize_checkpoint(
+        current,
+        out=r.dir / "model-int8.onnx",
+        method=cfg.calibration_method,
+        data=cfg.data,
+        seed=cfg.seed,
+    )
+    r.complete("quantize", report)

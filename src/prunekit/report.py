@@ -318,24 +318,11 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> Path | None:
 
 def write_run_report(run_dir: Path, config: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
     """``report.md``, ``metrics.json`` and PNG plots for a finished ``prunekit run``."""
-    import json
-
     from .files import write_json, write_text
 
     dense, final = results["evaluate"]["dense"], results["evaluate"]["final"]
-    rounds = sorted(k for k in results if k.startswith("finetune-"))
-    accuracy = {"dense": dense["accuracy"]}
-    for stage in rounds:
-        n = stage.split("-")[1]
-        for key, value in results[stage]["accuracy"].items():
-            accuracy[f"{key} (round {n})" if len(rounds) > 1 else key] = value
-    accuracy["final"] = final["accuracy"]
-    curves = {}
-    baseline_metrics = run_dir / "baseline" / "metrics.json"
-    if baseline_metrics.exists():
-        curves["baseline"] = json.loads(baseline_metrics.read_text())["history"]
-    for stage in rounds:
-        curves[stage] = results[stage]["history"]
+    accuracy = _stage_accuracy(results)
+    curves = _training_curves(run_dir, results)
     stages = tradeoff_rows(results)
     charts = {
         "channels": plot_channels(_channel_changes(results), run_dir / "channels.png"),
@@ -356,7 +343,51 @@ def write_run_report(run_dir: Path, config: dict[str, Any], results: dict[str, A
         "slower_than_dense": slower_stages(stages),
     }
     write_json(run_dir / "metrics.json", metrics)
+    lines = _summary_lines(run_dir, config, results, metrics)
+    lines += _stage_lines(stages, charts)
+    lines += [
+        "## Reproduce",
+        "",
+        "```",
+        f"prunekit run --config {run_dir / 'config.yaml'} --name NEW_NAME",
+        "```",
+        "",
+    ]
+    write_text(run_dir / "report.md", "\n".join(lines))
+    return metrics
 
+
+def _finetune_rounds(results: dict[str, Any]) -> list[str]:
+    return sorted(k for k in results if k.startswith("finetune-"))
+
+
+def _stage_accuracy(results: dict[str, Any]) -> dict[str, float]:
+    """Test accuracy by stage: dense, each fine-tuning round's figures (named by round when several), final."""
+    rounds = _finetune_rounds(results)
+    accuracy = {"dense": results["evaluate"]["dense"]["accuracy"]}
+    for stage in rounds:
+        n = stage.split("-")[1]
+        for key, value in results[stage]["accuracy"].items():
+            accuracy[f"{key} (round {n})" if len(rounds) > 1 else key] = value
+    accuracy["final"] = results["evaluate"]["final"]["accuracy"]
+    return accuracy
+
+
+def _training_curves(run_dir: Path, results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Per-epoch history of each training stage: the baseline (when this run trained it), then each round."""
+    import json
+
+    curves = {}
+    baseline_metrics = run_dir / "baseline" / "metrics.json"
+    if baseline_metrics.exists():
+        curves["baseline"] = json.loads(baseline_metrics.read_text())["history"]
+    for stage in _finetune_rounds(results):
+        curves[stage] = results[stage]["history"]
+    return curves
+
+
+def _comparison_rows(dense: dict[str, Any], final: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The dense against pruned + fine-tuned table: the seed's torchinfo rows, CPU latency, test accuracy."""
     rows = seed_table(dense["summary"], final["summary"])
     # The dense column's latency is the parent timed beside the pruned model, so the speed-up is consistent.
     lat_d = final.get("parent_latency") or dense.get("latency", {})
@@ -371,22 +402,36 @@ def write_run_report(run_dir: Path, config: dict[str, Any], results: dict[str, A
                 )
             )
     rows.append(("Test accuracy", f"{dense['accuracy']:.2%}", f"{final['accuracy']:.2%}"))
-    lines = [
+    return rows
+
+
+def _pruning_budget(config: dict[str, Any]) -> str:
+    """What the run pruned by, as the report's first line names it: layers, a target, or a ratio."""
+    if config["layers"]:
+        return f"layers {', '.join(config['layers'])} by {config['ratio']:.0%}"
+    if config["target_macs"]:
+        return f"target MACs {config['target_macs']}"
+    if config["target_params"]:
+        return f"target params {config['target_params']}"
+    if config.get("target_latency"):
+        return (
+            f"target latency {config['target_latency']} ({config['latency_runtime']}, batch "
+            f"{config['latency_batch']})"
+        )
+    return f"ratio {config['ratio']}"
+
+
+def _summary_lines(
+    run_dir: Path, config: dict[str, Any], results: dict[str, Any], metrics: dict[str, Any]
+) -> list[str]:
+    """The report's head: what the run did, dense against final, the reductions, accuracy at each stage."""
+    dense, final = results["evaluate"]["dense"], results["evaluate"]["final"]
+    rows = _comparison_rows(dense, final)
+    return [
         f"# prunekit run `{run_dir.name}`",
         "",
         f"{config['model']} on `{config['data']}`; pruning: "
-        + (
-            f"layers {', '.join(config['layers'])} by {config['ratio']:.0%}"
-            if config["layers"]
-            else f"target MACs {config['target_macs']}"
-            if config["target_macs"]
-            else f"target params {config['target_params']}"
-            if config["target_params"]
-            else f"target latency {config['target_latency']} ({config['latency_runtime']}, batch "
-            f"{config['latency_batch']})"
-            if config.get("target_latency")
-            else f"ratio {config['ratio']}"
-        )
+        + _pruning_budget(config)
         + f", importance `{config['importance'] or results['prune-1'].get('importance')}`, {config['steps']} round(s); fine-tuning recipe `{config['recipe']}`"
         + f" ({config['finetune_epochs']} epochs{', distilled from the dense model' if config['distill'] else ''}).",
         "",
@@ -404,9 +449,14 @@ def write_run_report(run_dir: Path, config: dict[str, Any], results: dict[str, A
         "",
         "| stage | test accuracy |",
         "|---|---:|",
-        *[f"| {k} | {v:.2%} |" for k, v in accuracy.items()],
+        *[f"| {k} | {v:.2%} |" for k, v in metrics["accuracy"].items()],
         "",
     ]
+
+
+def _stage_lines(stages: list[dict[str, Any]], charts: dict[str, Path | None]) -> list[str]:
+    """The accuracy-against-latency table of every stage and the charts that were drawn."""
+    lines: list[str] = []
     if stages:
         lines += [
             "## Accuracy against measured latency, every stage",
@@ -429,13 +479,4 @@ def write_run_report(run_dir: Path, config: dict[str, Any], results: dict[str, A
         lines += ["## Channels per pruned layer", "", "![channels](channels.png)", ""]
     if charts["curves"]:
         lines += ["## Training curves", "", "![curves](curves.png)", ""]
-    lines += [
-        "## Reproduce",
-        "",
-        "```",
-        f"prunekit run --config {run_dir / 'config.yaml'} --name NEW_NAME",
-        "```",
-        "",
-    ]
-    write_text(run_dir / "report.md", "\n".join(lines))
-    return metrics
+    return lines

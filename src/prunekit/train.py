@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -24,6 +24,9 @@ from .data import DataBundle
 from .errors import UsageError, arg
 from .files import DirectoryLock, clean_stale_temps, is_main_process, write_json, write_text
 from .measure import autocast, bf16_supported, evaluate
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 STATE_FILE = "checkpoint.safetensors"  # training state after every epoch (and on interrupt)
 MODEL_FILE = "model.safetensors"  # the final weights
@@ -263,6 +266,35 @@ def fit(
         return _fit(model, data, cfg, out_dir, meta, teacher, trainable, resume, on_step, test, classes, stop)
 
 
+@dataclass
+class _Loop:
+    """What the loop's parts share: the model, its optimizer and data, where it runs and where it writes."""
+
+    cfg: TrainConfig
+    model: nn.Module
+    train_model: nn.Module  # ``model``, or its DistributedDataParallel wrapper in a torchrun job
+    teacher: nn.Module | None
+    optimizer: torch.optim.Optimizer
+    loader: Any
+    test_loader: Any
+    classes: list[str] | None
+    device: torch.device
+    dist_info: Distributed
+    use_bf16: bool
+    frozen_modules: list[nn.Module]
+    steps_per_epoch: int
+    out_dir: Path | None
+    meta: dict[str, Any]
+    history: list[dict[str, Any]]
+    log: Path | None  # train_log.txt, on the main process when writing
+    stop: StopOnSignal
+    on_step: Callable[[int], None] | None
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.steps_per_epoch
+
+
 def _fit(
     model: nn.Module,
     data: DataBundle | Iterable,
@@ -277,13 +309,74 @@ def _fit(
     classes: list[str] | None,
     stop: StopOnSignal,
 ) -> FitResult:
+    """``fit`` inside its lock and signal guard: set up, then train epoch by epoch and write the results."""
     out_dir = Path(out_dir) if out_dir is not None else None
-    meta = meta or {}
     device = resolve_device(cfg.device)
     dist_info = init_distributed(device)
     use_bf16 = cfg.bf16 and (device.type == "cuda" or bf16_supported())
     torch.manual_seed(cfg.seed)
+    optimizer = _place(model, teacher, trainable, cfg, device)
+    loader, test_loader, classes = _loaders(data, test, classes, cfg, dist_info)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch < 1:
+        raise UsageError(
+            f"no training batches: the training data is empty (or smaller than {arg('batch_size')})"
+        )
+    history, start_epoch, start_batch, carried = _resumed(resume, optimizer)
+    train_model: nn.Module = model
+    if dist_info.world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
+    run = _Loop(
+        cfg=cfg,
+        model=model,
+        train_model=train_model,
+        teacher=teacher,
+        optimizer=optimizer,
+        loader=loader,
+        test_loader=test_loader,
+        classes=classes,
+        device=device,
+        dist_info=dist_info,
+        use_bf16=use_bf16,
+        frozen_modules=_fully_frozen_norms(model) if trainable is not None else [],
+        steps_per_epoch=steps_per_epoch,
+        out_dir=out_dir,
+        meta=meta or {},
+        history=history,
+        log=(out_dir / "train_log.txt") if dist_info.is_main and out_dir is not None else None,
+        stop=stop,
+        on_step=on_step,
+    )
+    if run.log and out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text(run.log, _log_text(history))  # the log is the history: no lines repeated after a resume
+    last_test, epoch_ran = None, False
+    with progress_bar(transient=False) as bar:
+        for epoch in range(start_epoch, cfg.epochs):
+            first = start_batch if epoch == start_epoch else 0
+            running = dict(carried) if epoch == start_epoch else _fresh_totals()
+            task = train_one_epoch(run, bar, epoch, first, running)
+            last_test, epoch_ran = _end_epoch(run, bar, task, epoch, running), True
 
+    final = (
+        last_test if epoch_ran else _evaluate_test(run)
+    ) or {}  # the last epoch's test is the final model's
+    _write_final(run, final)
+    if _stop_requested(stop, dist_info, device):
+        raise KeyboardInterrupt  # arrived during the final evaluation or save: both are complete
+    return FitResult(model, history, final)
+
+
+def _place(
+    model: nn.Module,
+    teacher: nn.Module | None,
+    trainable: Callable[[str], bool] | None,
+    cfg: TrainConfig,
+    device: torch.device,
+) -> torch.optim.Optimizer:
+    """Move ``model`` (and ``teacher``) to ``device``, freeze what ``trainable`` leaves out; the optimizer."""
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -297,186 +390,242 @@ def _fit(
         teacher.to(device).eval()
         if cfg.channels_last:
             teacher.to(memory_format=torch.channels_last)
+    return optimizer
 
+
+def _loaders(
+    data: DataBundle | Iterable,
+    test: Iterable | None,
+    classes: list[str] | None,
+    cfg: TrainConfig,
+    dist_info: Distributed,
+) -> tuple[Any, Any, list[str] | None]:
+    """The training loader, the test loader (or None) and the class names, from a bundle or from batches."""
     if isinstance(data, DataBundle):
         place = {"rank": dist_info.rank, "world_size": dist_info.world_size}
         loader = data.loader(
             "train", cfg.batch_size, train=True, seed=cfg.seed, channels_last=cfg.channels_last, **place
         )
-        test_loader = data.loader("test", channels_last=cfg.channels_last, **place)
-        classes = data.classes
-    else:
-        loader = as_loader(data)
-        test_loader = as_loader(test) if test is not None else None
-    steps_per_epoch = len(loader)
-    if steps_per_epoch < 1:
-        raise UsageError(
-            f"no training batches: the training data is empty (or smaller than {arg('batch_size')})"
-        )
-    total_steps = cfg.epochs * steps_per_epoch
-    history: list[dict[str, Any]] = []
-    start_epoch, start_batch, carried = 0, 0, _fresh_totals()
-    if resume is not None:
-        state = resume.meta.get("train_state") or {}
-        history = list(resume.meta.get("history", []))
-        start_epoch, start_batch = state.get("epoch", 0), state.get("batch", 0)
-        carried = state.get("running", carried)
-        if resume.optimizer_state is not None:
-            optimizer.load_state_dict(resume.optimizer_state)
-        if "rng" in resume.extra:
-            torch.set_rng_state(resume.extra["rng"])
+        return loader, data.loader("test", channels_last=cfg.channels_last, **place), data.classes
+    return as_loader(data), as_loader(test) if test is not None else None, classes
 
-    train_model: nn.Module = model
-    if dist_info.world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None
-        )
-    frozen_modules = _fully_frozen_norms(model) if trainable is not None else []
 
-    def save(epoch: int, batch: int, running: dict[str, float]) -> None:
-        if not dist_info.is_main or out_dir is None:
-            return
-        check_finite(model, f"training diverged by epoch {epoch + 1}, batch {batch}; lower {arg('lr')}")
-        train_meta = {
-            **meta,
-            "train": {"config": asdict(cfg)},
-            "history": history,
-            "train_state": {"epoch": epoch, "batch": batch, "running": running},
-        }
-        save_checkpoint(
-            out_dir / STATE_FILE, model, train_meta, optimizer=optimizer, extra={"rng": torch.get_rng_state()}
-        )
+def _resumed(
+    resume: Checkpoint | None, optimizer: torch.optim.Optimizer
+) -> tuple[list[dict[str, Any]], int, int, dict[str, float]]:
+    """History, epoch, batch and running sums where ``resume`` left off (a fresh start without it); restores
+    the optimizer's state and the RNG saved with it."""
+    if resume is None:
+        return [], 0, 0, _fresh_totals()
+    state = resume.meta.get("train_state") or {}
+    history = list(resume.meta.get("history", []))
+    carried = state.get("running", _fresh_totals())
+    if resume.optimizer_state is not None:
+        optimizer.load_state_dict(resume.optimizer_state)
+    if "rng" in resume.extra:
+        torch.set_rng_state(resume.extra["rng"])
+    return history, state.get("epoch", 0), state.get("batch", 0), carried
 
-    def evaluate_test() -> dict[str, Any] | None:
-        # fp32 always, as every later command evaluates: one model, one accuracy, in the log and the report
-        if test_loader is None:
-            return None
-        return evaluate(
-            model,
-            test_loader,
-            device=device,
-            bf16=False,
-            num_classes=len(classes) if classes else None,
-            world_size=dist_info.world_size,
-        )
 
-    log = (out_dir / "train_log.txt") if dist_info.is_main and out_dir is not None else None
-    if log:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_text(log, _log_text(history))  # the log is the history: no lines repeated after a resume
-    epoch, test, epoch_ran = start_epoch, None, False
-    with progress_bar(transient=False) as bar:
-        for epoch in range(start_epoch, cfg.epochs):
-            loader.set_epoch(epoch)
-            first = start_batch if epoch == start_epoch else 0
-            running = dict(carried) if epoch == start_epoch else _fresh_totals()
-            if first == 0:
-                torch.manual_seed(cfg.seed * 1000 + epoch)  # epoch-boundary resume needs no saved RNG
-            task = bar.add_task(
-                f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, completed=first, info=""
+def train_one_epoch(run: _Loop, bar: Progress, epoch: int, first: int, running: dict[str, float]) -> TaskID:
+    """Train ``epoch`` from batch ``first`` on, adding to ``running``; returns its progress-bar task.
+
+    On a stop request (or ``KeyboardInterrupt`` from ``on_step``) saves the exact state and re-raises.
+    """
+    cfg = run.cfg
+    run.loader.set_epoch(epoch)
+    if first == 0:
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # epoch-boundary resume needs no saved RNG
+    task = bar.add_task(
+        f"epoch {epoch + 1}/{cfg.epochs}", total=run.steps_per_epoch, completed=first, info=""
+    )
+    run.train_model.train()
+    for m in run.frozen_modules:
+        m.eval()  # frozen BatchNorms keep their running statistics
+    tick = time.perf_counter()
+    next_batch = first
+    try:
+        for batch, (x, y) in enumerate(run.loader.batches(first), start=first):
+            lr = _train_step(run, epoch, batch, x, y, running)
+            next_batch = batch + 1
+            _show_step(run, bar, task, epoch, batch, lr, running, tick)
+            if _stop_requested(run.stop, run.dist_info, run.device):
+                raise KeyboardInterrupt  # at a step boundary: the state below is exact
+    except KeyboardInterrupt:
+        running["seconds"] += time.perf_counter() - tick
+        _save_state(run, epoch, next_batch, running)
+        _say_interrupted(run.dist_info, run.out_dir, epoch, next_batch)
+        raise
+    running["seconds"] += time.perf_counter() - tick
+    return task
+
+
+def _train_step(
+    run: _Loop, epoch: int, batch: int, x: torch.Tensor, y: torch.Tensor, running: dict[str, float]
+) -> float:
+    """One optimizer step on batch ``batch`` of ``epoch``, its loss and hits added to ``running``; the lr."""
+    cfg = run.cfg
+    step = epoch * run.steps_per_epoch + batch
+    if run.on_step is not None:
+        run.on_step(step)
+    lr = learning_rate(cfg, step, run.total_steps, run.steps_per_epoch)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+    if cfg.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(run.device, run.use_bf16):
+        logits = run.train_model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        if run.teacher is not None:
+            loss = _with_distillation(cfg, run.teacher, x, logits, loss)
+    loss_value = _checked_loss(loss, epoch, batch, run.steps_per_epoch, cfg)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    running["loss"] += loss_value * len(y)
+    running["correct"] += float((logits.argmax(1) == y).sum())
+    running["seen"] += len(y)
+    return lr
+
+
+def _with_distillation(
+    cfg: TrainConfig, teacher: nn.Module, x: torch.Tensor, logits: torch.Tensor, loss: torch.Tensor
+) -> torch.Tensor:
+    """``loss`` blended with the soft-target loss against ``teacher`` on ``x`` (called under the step's autocast)."""
+    with torch.no_grad():
+        soft = teacher(x).float()
+    kd = distillation_loss(logits.float(), soft, cfg.distill_temperature)
+    return (1 - cfg.distill_weight) * loss + cfg.distill_weight * kd
+
+
+def _show_step(
+    run: _Loop,
+    bar: Progress,
+    task: TaskID,
+    epoch: int,
+    batch: int,
+    lr: float,
+    running: dict[str, float],
+    tick: float,
+) -> None:
+    """The running loss, accuracy and speed on the bar; ten lines an epoch in the log when not on a terminal."""
+    cfg = run.cfg
+    elapsed = running["seconds"] + time.perf_counter() - tick
+    status = (
+        f"loss {running['loss'] / running['seen']:.3f}  acc {running['correct'] / running['seen']:.1%}"
+        f"  {running['seen'] * run.dist_info.world_size / max(elapsed, 1e-9):.0f} img/s  lr {lr:.2g}"
+    )
+    bar.update(task, advance=1, info=status)
+    if run.log and not bar.console.is_terminal and (batch + 1) % max(1, run.steps_per_epoch // 10) == 0:
+        info(f"epoch {epoch + 1}/{cfg.epochs} step {batch + 1}/{run.steps_per_epoch}: {status}")
+
+
+def _end_epoch(
+    run: _Loop, bar: Progress, task: TaskID, epoch: int, running: dict[str, float]
+) -> dict[str, Any] | None:
+    """Test, record and log the finished ``epoch``, then save the state at its end; the test result."""
+    # A signal during evaluation only sets the flag: the epoch's record is whole before anything is saved.
+    test = _evaluate_test(run)
+    record = _epoch_record(run, epoch, running, test)
+    run.history.append(record)
+    _log_epoch(run, bar, task, epoch, record, test)
+    _save_state(run, epoch + 1, 0, _fresh_totals())
+    if _stop_requested(run.stop, run.dist_info, run.device):
+        _say_interrupted(run.dist_info, run.out_dir, epoch + 1, 0)
+        raise KeyboardInterrupt
+    return test
+
+
+def _evaluate_test(run: _Loop) -> dict[str, Any] | None:
+    """The model on the test batches, or None without them."""
+    # fp32 always, as every later command evaluates: one model, one accuracy, in the log and the report
+    if run.test_loader is None:
+        return None
+    return evaluate(
+        run.model,
+        run.test_loader,
+        device=run.device,
+        bf16=False,
+        num_classes=len(run.classes) if run.classes else None,
+        world_size=run.dist_info.world_size,
+    )
+
+
+def _epoch_record(
+    run: _Loop, epoch: int, running: dict[str, float], test: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The history entry of a finished ``epoch`` (a line of train_log.txt)."""
+    seen = running["seen"] * run.dist_info.world_size
+    return {
+        "epoch": epoch + 1,
+        "train_loss": running["loss"] / max(running["seen"], 1),
+        "train_accuracy": running["correct"] / max(running["seen"], 1),
+        "test_loss": test["loss"] if test else None,
+        "test_accuracy": test["accuracy"] if test else None,
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "images_per_s": seen / max(running["seconds"], 1e-9),
+        "seconds": running["seconds"],
+    }
+
+
+def _log_epoch(
+    run: _Loop, bar: Progress, task: TaskID, epoch: int, record: dict[str, Any], test: dict[str, Any] | None
+) -> None:
+    """The epoch's figures on the bar, rewritten into train_log.txt, and as a line when not on a terminal."""
+    tested = f"test {test['accuracy']:.2%}  " if test else ""
+    bar.update(
+        task,
+        info=f"loss {record['train_loss']:.3f}  train {record['train_accuracy']:.1%}  "
+        f"{tested}{record['images_per_s']:.0f} img/s",
+    )
+    if run.log:
+        write_text(run.log, _log_text(run.history))
+        if not bar.console.is_terminal:
+            info(
+                f"epoch {epoch + 1}/{run.cfg.epochs}: loss {record['train_loss']:.4f} "
+                f"{tested}({record['images_per_s']:.0f} img/s)"
             )
-            train_model.train()
-            for m in frozen_modules:
-                m.eval()  # frozen BatchNorms keep their running statistics
-            tick = time.perf_counter()
-            next_batch = first
-            try:
-                for batch, (x, y) in enumerate(loader.batches(first), start=first):
-                    step = epoch * steps_per_epoch + batch
-                    if on_step is not None:
-                        on_step(step)
-                    lr = learning_rate(cfg, step, total_steps, steps_per_epoch)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    if cfg.channels_last and x.dim() == 4:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    with autocast(device, use_bf16):
-                        logits = train_model(x)
-                        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                        if teacher is not None:
-                            with torch.no_grad():
-                                soft = teacher(x).float()
-                            kd = distillation_loss(logits.float(), soft, cfg.distill_temperature)
-                            loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kd
-                    loss_value = _checked_loss(loss, epoch, batch, steps_per_epoch, cfg)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    running["loss"] += loss_value * len(y)
-                    running["correct"] += float((logits.argmax(1) == y).sum())
-                    running["seen"] += len(y)
-                    next_batch = batch + 1
-                    elapsed = running["seconds"] + time.perf_counter() - tick
-                    status = (
-                        f"loss {running['loss'] / running['seen']:.3f}  acc {running['correct'] / running['seen']:.1%}"
-                        f"  {running['seen'] * dist_info.world_size / max(elapsed, 1e-9):.0f} img/s  lr {lr:.2g}"
-                    )
-                    bar.update(task, advance=1, info=status)
-                    if (
-                        log
-                        and not bar.console.is_terminal
-                        and (batch + 1) % max(1, steps_per_epoch // 10) == 0
-                    ):
-                        info(f"epoch {epoch + 1}/{cfg.epochs} step {batch + 1}/{steps_per_epoch}: {status}")
-                    if _stop_requested(stop, dist_info, device):
-                        raise KeyboardInterrupt  # at a step boundary: the state below is exact
-            except KeyboardInterrupt:
-                running["seconds"] += time.perf_counter() - tick
-                save(epoch, next_batch, running)
-                _say_interrupted(dist_info, out_dir, epoch, next_batch)
-                raise
-            running["seconds"] += time.perf_counter() - tick
-            # A signal during evaluation only sets the flag: the epoch's record is whole before anything is saved.
-            test, epoch_ran = evaluate_test(), True
-            seen = running["seen"] * dist_info.world_size
-            record = {
-                "epoch": epoch + 1,
-                "train_loss": running["loss"] / max(running["seen"], 1),
-                "train_accuracy": running["correct"] / max(running["seen"], 1),
-                "test_loss": test["loss"] if test else None,
-                "test_accuracy": test["accuracy"] if test else None,
-                "lr": optimizer.param_groups[0]["lr"],
-                "images_per_s": seen / max(running["seconds"], 1e-9),
-                "seconds": running["seconds"],
-            }
-            history.append(record)
-            tested = f"test {test['accuracy']:.2%}  " if test else ""
-            bar.update(
-                task,
-                info=f"loss {record['train_loss']:.3f}  train {record['train_accuracy']:.1%}  "
-                f"{tested}{record['images_per_s']:.0f} img/s",
-            )
-            if log:
-                write_text(log, _log_text(history))
-                if not bar.console.is_terminal:
-                    info(
-                        f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f} "
-                        f"{tested}({record['images_per_s']:.0f} img/s)"
-                    )
-            save(epoch + 1, 0, _fresh_totals())
-            if _stop_requested(stop, dist_info, device):
-                _say_interrupted(dist_info, out_dir, epoch + 1, 0)
-                raise KeyboardInterrupt
 
-    final = (test if epoch_ran else evaluate_test()) or {}  # the last epoch's test is the final model's
-    if dist_info.is_main and out_dir is not None:
-        check_finite(model, f"the trained model ({out_dir / MODEL_FILE})")
-        names = classes or [str(i) for i in range(len(final.get("per_class", [])))]
-        metrics = {
-            "test_accuracy": final.get("accuracy"),
-            "test_loss": final.get("loss"),
-            "per_class_accuracy": dict(zip(names, final.get("per_class", []), strict=True)),
-            "train_seconds": sum(h["seconds"] for h in history),
-            "bf16_active": use_bf16,  # the flag asks; this says whether the hardware allowed it
-        }
-        final_meta = {**meta, "train": {"config": asdict(cfg)}, "history": history, "metrics": metrics}
-        save_checkpoint(out_dir / MODEL_FILE, model.to("cpu"), final_meta)
-        write_json(out_dir / "metrics.json", {"history": history, **metrics})
-        model.to(device)
-    if _stop_requested(stop, dist_info, device):
-        raise KeyboardInterrupt  # arrived during the final evaluation or save: both are complete
-    return FitResult(model, history, final)
+
+def _save_state(run: _Loop, epoch: int, batch: int, running: dict[str, float]) -> None:
+    """The training state to resume from at (``epoch``, ``batch``), RNG included; main process, out_dir only."""
+    if not run.dist_info.is_main or run.out_dir is None:
+        return
+    check_finite(run.model, f"training diverged by epoch {epoch + 1}, batch {batch}; lower {arg('lr')}")
+    train_meta = {
+        **run.meta,
+        "train": {"config": asdict(run.cfg)},
+        "history": run.history,
+        "train_state": {"epoch": epoch, "batch": batch, "running": running},
+    }
+    save_checkpoint(
+        run.out_dir / STATE_FILE,
+        run.model,
+        train_meta,
+        optimizer=run.optimizer,
+        extra={"rng": torch.get_rng_state()},
+    )
+
+
+def _write_final(run: _Loop, final: dict[str, Any]) -> None:
+    """The final weights and metrics.json (main process, with an out_dir); the model stays on its device."""
+    if not run.dist_info.is_main or run.out_dir is None:
+        return
+    out_dir, history = run.out_dir, run.history
+    check_finite(run.model, f"the trained model ({out_dir / MODEL_FILE})")
+    names = run.classes or [str(i) for i in range(len(final.get("per_class", [])))]
+    metrics = {
+        "test_accuracy": final.get("accuracy"),
+        "test_loss": final.get("loss"),
+        "per_class_accuracy": dict(zip(names, final.get("per_class", []), strict=True)),
+        "train_seconds": sum(h["seconds"] for h in history),
+        "bf16_active": run.use_bf16,  # the flag asks; this says whether the hardware allowed it
+    }
+    final_meta = {**run.meta, "train": {"config": asdict(run.cfg)}, "history": history, "metrics": metrics}
+    save_checkpoint(out_dir / MODEL_FILE, run.model.to("cpu"), final_meta)
+    write_json(out_dir / "metrics.json", {"history": history, **metrics})
+    run.model.to(run.device)
 
 
 def _checked_loss(
