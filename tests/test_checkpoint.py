@@ -141,6 +141,7 @@ for ckpt, inp, out in json.loads(sys.argv[1]):
 """
 
 
+@pytest.mark.slow
 def test_pruned_shapes_reload_in_a_fresh_process(model, tmp_path):
     _prune_layer2_block0(model)
     torch.manual_seed(1)

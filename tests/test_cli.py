@@ -155,6 +155,7 @@ def test_error_message_is_one_line_even_when_long(capsys, tmp_path):
     assert len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_subprocess_error_exit_code_and_no_traceback(tmp_path):
     missing = tmp_path / "missing.zip"
     proc = subprocess.run(

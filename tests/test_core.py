@@ -232,6 +232,7 @@ def test_activation_and_taylor_with_calibration_batches():
         assert all(p.grad is None for p in model.parameters())  # scoring gradients are not left behind
 
 
+@pytest.mark.slow
 def test_save_and_load_own_class_in_fresh_process(tmp_path):
     model = fresh()
     prunekit.prune(model, X, target_macs=0.5)
@@ -264,6 +265,7 @@ def test_load_own_class_without_model_says_how(tmp_path):
         prunekit.load(path, model=PadShortcutNet())
 
 
+@pytest.mark.slow
 def test_readme_example_runs_and_reloads_in_a_fresh_process(tmp_path):
     run = subprocess.run(
         [PYTHON, str(REPO_ROOT / "examples" / "own_model.py"), str(tmp_path)],

@@ -35,6 +35,7 @@ def pruned_ckpt(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_quantize_writes_a_stock_onnx_int8_model_that_agrees_with_fp32(pruned_ckpt, tmp_path, capsys):
     out = tmp_path / "model-int8.onnx"
     code = main(
@@ -115,6 +116,7 @@ def test_a_model_whose_export_fails_is_one_line(pruned_ckpt, tmp_path, capsys, m
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_run_with_quantize_reports_every_stage_against_latency(tmp_path, capsys, monkeypatch):
     import functools
 
@@ -171,6 +173,8 @@ def test_onnxruntime_timing_keeps_one_session_alive_at_a_time(tmp_path, monkeypa
     assert [t["repeats"] for t in times] == [25, 25, 25]
 
 
+@pytest.mark.slow
+@pytest.mark.timing
 def test_onnxruntime_models_timed_together_measure_what_each_does_alone(tmp_path):
     """Timed in alternation, a dense and a pruned ResNet-18 each measure what they do alone. With sessions kept
     open, one of the pair came out 1.45-2.4x slower than alone at batch 1 in most runs.

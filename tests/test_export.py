@@ -100,6 +100,7 @@ def test_export_rejects_unknown_format(capsys, pruned_ckpt):
     assert "invalid choice" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_onnx_falls_back_to_the_dynamo_exporter(tmp_path):
     """AlexNet at 64 px pools a 1x1 map to 6x6, which the TorchScript exporter refuses; the result still
     runs in ONNX Runtime with the same outputs at another batch size."""

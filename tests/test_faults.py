@@ -120,6 +120,7 @@ def checkpoint(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------- signals
 
 
+@pytest.mark.slow
 def test_sigint_at_random_moments_then_resume_is_bitwise_exact(tmp_path):
     """Three real SIGINTs at seeded random moments, --resume after each: the same bits as one whole run."""
     reference = tmp_path / "reference"
@@ -206,6 +207,7 @@ def test_a_signal_during_evaluation_finishes_the_epoch_record_then_stops(tmp_pat
     assert not (tmp_path / MODEL_FILE).exists()
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint_and_the_next_run_cleans_up(tmp_path):
     out = tmp_path / "run"
     args = [*TRAIN, "--epochs", "2", "--out", out]
@@ -255,6 +257,7 @@ def small_tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.slow
 def test_training_onto_a_full_disk_fails_in_one_line_and_leaves_no_partial_file(small_tmpfs, tmp_path):
     out = small_tmpfs / "run"
     code, err = run_cli(tmp_path, *TRAIN, "--epochs", "1", "--out", out)
@@ -265,6 +268,7 @@ def test_training_onto_a_full_disk_fails_in_one_line_and_leaves_no_partial_file(
     assert not (out / LOCK_FILE).exists()
 
 
+@pytest.mark.slow
 def test_pruning_onto_a_full_disk_keeps_the_previous_output(small_tmpfs, checkpoint, tmp_path):
     target = small_tmpfs / "pruned.safetensors"
     target.write_bytes(b"the previous output")
@@ -297,6 +301,7 @@ def read_only_dir(tmp_path):
     subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["train", "prune", "export"])
 def test_a_read_only_output_folder_is_one_error_line(command, read_only_dir, checkpoint, tmp_path):
     argv = {
@@ -419,6 +424,7 @@ def test_a_refused_command_creates_no_directory(tmp_path, capsys):
 # ---------------------------------------------------------------- concurrency
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_same_out_is_refused_naming_the_first(tmp_path):
     out = tmp_path / "shared"
     # The first holds its epoch-2 save for 15 s, so it is surely still running while the second starts.
@@ -437,6 +443,7 @@ def test_a_second_process_on_the_same_out_is_refused_naming_the_first(tmp_path):
     assert not (out / LOCK_FILE).exists()
 
 
+@pytest.mark.slow
 def test_the_lock_is_reentrant_in_a_process_and_released_by_a_crash(tmp_path):
     with DirectoryLock(tmp_path, "outer"), DirectoryLock(tmp_path, "inner"):
         assert "outer" in (tmp_path / LOCK_FILE).read_text()
@@ -451,6 +458,7 @@ def test_the_lock_is_reentrant_in_a_process_and_released_by_a_crash(tmp_path):
 # ---------------------------------------------------------------- numerics
 
 
+@pytest.mark.slow
 def test_a_diverging_run_exits_2_and_writes_no_model(tmp_path):
     out = tmp_path / "nan"
     code, err = run_cli(tmp_path, *TRAIN, "--epochs", "1", "--lr", "1e30", "--optimizer", "sgd", "--out", out)

@@ -318,6 +318,7 @@ def test_a_small_training_split_distils_from_the_dense_parent(
         _finetune_settings(pruned_ckpt, tmp_path / "both", distill=False, teacher=dense_ckpt)
 
 
+@pytest.mark.slow
 def test_a_large_split_or_a_missing_parent_does_not_distil(pruned_ckpt, tmp_path, monkeypatch, capsys):
     import prunekit.finetuning
 

@@ -64,6 +64,7 @@ def test_custom_grouped_conv_loses_whole_units_and_the_price_is_exact():
     assert report.macs_before == macs and report.params_before == params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["regnet_x_400mf", "regnet_y_400mf"])
 def test_regnet_grouped_layers_pruned_and_reload_in_a_fresh_process(tmp_path, name):
     torch.manual_seed(0)

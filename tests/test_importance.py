@@ -161,6 +161,7 @@ def test_activation_post_scores_relu_of_batchnorm(tmp_path, dense_ckpt, resnet18
     assert kept_channels(model, load_checkpoint(raw).model) != kept_channels(model, pruned)
 
 
+@pytest.mark.slow
 def test_taylor_on_data_gives_a_valid_model(tmp_path, dense_ckpt):
     out = tmp_path / "taylor.safetensors"
     code = main(

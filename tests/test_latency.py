@@ -186,6 +186,8 @@ def vggish() -> VGGish:
     return model.eval()
 
 
+@pytest.mark.slow
+@pytest.mark.timing
 @pytest.mark.parametrize("runtime", ["pytorch", "onnxruntime"])
 def test_latency_target_on_real_timings(runtime):
     """Measured for real on this machine: the pruned model is timed again, apart from prunekit's check."""
@@ -197,6 +199,7 @@ def test_latency_target_on_real_timings(runtime):
     assert p / d == pytest.approx(0.6, abs=0.15)
 
 
+@pytest.mark.slow
 def test_cli_refuses_an_unreachable_target_with_exit_2_and_writes_nothing(trained, tmp_path, capsys):
     out = tmp_path / "p.safetensors"
     argv = [
@@ -217,6 +220,7 @@ def test_cli_refuses_an_unreachable_target_with_exit_2_and_writes_nothing(traine
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_cli_latency_target_writes_what_it_measured(trained, tmp_path, capsys, blocky_device):
     out = tmp_path / "p.safetensors"
     argv = [

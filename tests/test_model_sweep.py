@@ -22,6 +22,7 @@ MODELS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_model_trains_prunes_reloads_and_exports(name):
     row: dict = {"model": name}

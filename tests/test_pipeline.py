@@ -53,6 +53,7 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 # ---------------------------------------------------------------- end to end on real images
 
 
+@pytest.mark.slow
 def test_pipeline_end_to_end_on_the_mini_archive(mini_archive, tmp_path, capsys, monkeypatch):
     runs = tmp_path / "runs"
     code, _, err = run_cli(
@@ -153,6 +154,7 @@ def test_config_with_a_bad_value_fails_before_any_training(key, value, tmp_path,
 # ---------------------------------------------------------------- resuming
 
 
+@pytest.mark.slow
 def test_resume_after_the_process_is_killed(tmp_path, capsys):
     runs = tmp_path / "runs"
     run_dir = runs / "killed"
@@ -209,6 +211,7 @@ def test_resume_after_the_process_is_killed(tmp_path, capsys):
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["epochs"] == 2
 
 
+@pytest.mark.slow
 def test_an_interrupted_finetune_resumes_to_the_same_weights(tmp_path, capsys, monkeypatch):
     # Fine-tune in batches of 16: 80 images -> 5 steps per epoch, so the interrupt lands mid-epoch.
     cfg, policy = prunekit.finetuning.RECIPES["seed"]
@@ -259,6 +262,7 @@ def test_an_interrupted_finetune_resumes_to_the_same_weights(tmp_path, capsys, m
 # ---------------------------------------------------------------- several rounds
 
 
+@pytest.mark.slow
 def test_two_rounds_reach_the_macs_target(tmp_path, capsys):
     runs = tmp_path / "runs"
     argv = [

@@ -46,6 +46,7 @@ def test_cuts_inside_a_residual_block_are_refused(resnet):
     assert candidate_cuts(resnet, calls, first)[0] == "layer2.0"
 
 
+@pytest.mark.slow
 def test_a_scan_from_cached_cuts_matches_one_that_runs_the_whole_model(resnet, monkeypatch):
     gen = torch.Generator().manual_seed(1)
     held_out = [(torch.randn(40, 3, 32, 32, generator=gen), torch.randint(0, 10, (40,), generator=gen))]
@@ -68,6 +69,7 @@ def test_a_scan_from_cached_cuts_matches_one_that_runs_the_whole_model(resnet, m
         assert row["kl"] == pytest.approx(other["kl"], abs=0.01)
 
 
+@pytest.mark.slow
 def test_a_time_budget_shrinks_the_images_but_not_below_the_floor(resnet):
     gen = torch.Generator().manual_seed(2)
     held_out = [(torch.randn(100, 3, 32, 32, generator=gen), torch.randint(0, 10, (100,), generator=gen))] * 3
@@ -78,6 +80,7 @@ def test_a_time_budget_shrinks_the_images_but_not_below_the_floor(resnet):
     assert (full["held_out_images"], full["calibration_images"]) == (300, 200)
 
 
+@pytest.mark.slow
 def test_over_budget_the_default_grid_coarsens_first(resnet):
     held_out = [(torch.randn(40, 3, 32, 32), torch.randint(0, 10, (40,)))]
     calibration = [torch.randn(40, 3, 32, 32)]

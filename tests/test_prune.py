@@ -325,6 +325,7 @@ def test_several_layers_at_once(capsys, tmp_path, dense_ckpt):
 # ---------------------------------------------------------------- 3. global targets, round trips
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name", ["resnet18", "resnet50", "mobilenet_v2", "vgg11_bn", "densenet121", "efficientnet_b0"]
 )
@@ -351,6 +352,7 @@ def test_target_macs_half_and_exact_round_trip(tmp_path, name):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.slow
 def test_prune_cli_then_reload_in_fresh_process(tmp_path, dense_ckpt):
     """The CLI's pruned checkpoint equals the in-memory pruned model, bit for bit, in another process."""
     out = tmp_path / "half.safetensors"
@@ -584,6 +586,7 @@ def fast_latency(monkeypatch):
     monkeypatch.setattr(api, "latency", functools.partial(measure_latency, warmup=1, repeats=3))
 
 
+@pytest.mark.slow
 def test_eval_pruned_checkpoint_latency_and_speedup(capsys, tmp_path, dense_ckpt, fast_latency):
     pruned = tmp_path / "pruned.safetensors"
     assert main([*GLOBAL_HALF, str(dense_ckpt), "--out", str(pruned)]) == 0

@@ -192,6 +192,7 @@ def test_interrupted_recovery_undoes_the_surgery_too(monkeypatch):
     assert_unchanged(model, before)
 
 
+@pytest.mark.slow
 def test_cli_recovers_by_default_for_a_target_and_not_when_told(trained, tmp_path, capsys):
     import json
 

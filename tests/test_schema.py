@@ -150,6 +150,7 @@ def test_huge_recorded_channels_never_allocate(good, tmp_path, monkeypatch):
     assert built == []
 
 
+@pytest.mark.slow
 def test_cli_eval_of_a_corrupted_file_in_a_fresh_process(good, tmp_path):
     path = corrupted(good, tmp_path, _set("num_classes", "ten"))
     proc = subprocess.run(

@@ -42,6 +42,7 @@ def test_scan_refuses_ratios_outside_zero_one():
         scan(fresh(ResidualNet), X, _batches(1, 0), [torch.randn(4, 3, 16, 16)], ratios=(0.5, 1.0))
 
 
+@pytest.mark.slow
 def test_cli_writes_json_and_plot_and_never_reads_the_test_set(trained, tmp_path, capsys, monkeypatch):
     read = []
     real_loader = api.DataBundle.loader
@@ -67,6 +68,7 @@ def test_cli_refusals_are_one_line_and_write_nothing(trained, tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_scan_counts_shrink_to_a_small_training_set_and_say_so(trained, tmp_path, capsys):
     """More images than the training split holds (the defaults, 1,000 + 512, on a small set): the scan
     runs on what there is, in the same proportion, and one line says so."""
@@ -168,6 +170,7 @@ def test_allocation_refusals():
         )
 
 
+@pytest.mark.slow
 def test_prune_and_run_take_the_same_allocation_flag(trained, tmp_path, capsys):
     scan_file = tmp_path / "scan.json"
     assert (

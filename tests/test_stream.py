@@ -237,6 +237,7 @@ def test_workers_use_one_thread_and_a_lower_priority(photos):
     assert torch.get_num_threads() == 2  # the training process keeps its threads
 
 
+@pytest.mark.slow
 def test_dataset_size_does_not_grow_in_python_objects():
     def files(n: int) -> ImageFiles:
         paths = np.array([f"train/class{i % 7}/{i:08d}.jpg".encode() for i in range(n)])

@@ -101,6 +101,7 @@ def test_same_seed_gives_identical_weights(reference, tmp_path):
     assert [h["train_loss"] for h in second.history] == [h["train_loss"] for h in first.history]
 
 
+@pytest.mark.slow
 def test_resume_after_a_mid_epoch_sigint_matches_an_uninterrupted_run(reference, tmp_path, monkeypatch):
     # (tests/test_faults.py sends SIGINT at random moments to a `prunekit train` process.)
     _, uninterrupted = reference
@@ -182,6 +183,7 @@ def test_learning_rate_schedules(schedule):
         assert lrs[0] < 0.05 and lrs[-1] < 0.01
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(tmp_path):
     out = tmp_path / "ddp"
     cmd = [

@@ -41,6 +41,7 @@ def weights_file(tmp_path) -> tuple[Path, dict]:
     return path, state
 
 
+@pytest.mark.slow
 def test_train_from_a_weights_file_on_a_train_only_photo_folder(tmp_path, weights_file, capsys):
     path, state = weights_file
     data = photos(tmp_path / "photos")
@@ -67,6 +68,7 @@ def test_train_from_a_weights_file_on_a_train_only_photo_folder(tmp_path, weight
     assert result["test_images"] == 4  # the recorded held-out split, not the whole folder
 
 
+@pytest.mark.slow
 def test_torchvision_weight_name_brings_its_preprocessing(tmp_path, monkeypatch, capsys):
     """A weight name found in the torch hub cache: 224-px crops, ImageNet statistics, classifier replaced."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -111,6 +113,7 @@ def test_python_weights_argument_names_the_argument():
         build_with_weights("resnet18", 10, "NOT_A_WEIGHT")
 
 
+@pytest.mark.slow
 def test_run_pipeline_from_weights_on_photos(tmp_path, weights_file, capsys):
     """`prunekit run` takes the same --weights / --val-split / --image-size as train, end to end."""
     path, _ = weights_file
