@@ -21,7 +21,7 @@ RUNS = {
     "seed-10ep": dict(finetune_epochs=10),  # ... and with the seed's own 10 epochs
     "2x": dict(target_macs=0.5, recipe="full"),
     "2x-distill": dict(target_macs=0.5, recipe="full", distill=True),
-    "2x-seed-policy": dict(target_macs=0.5, recipe="full", freeze="seed"),
+    "2x-seed-policy": dict(target_macs=0.5, recipe="full", freeze="blog"),
     "3x": dict(target_macs=1 / 3, recipe="full"),
 }
 

@@ -83,7 +83,7 @@ def test_pruning_records_the_changed_layers(pruned_ckpt):
 def test_seed_policy_selects_exactly_the_pruned_block_and_the_classifier(pruned_ckpt):
     model = load_checkpoint(pruned_ckpt).model
     names = [n for n, _ in model.named_parameters()]
-    trainable = trainable_filter("seed", sorted(PRUNED_LAYERS), "fc")
+    trainable = trainable_filter("blog", sorted(PRUNED_LAYERS), "fc")
     assert trainable is not None
     selected = {n for n in names if trainable(n)}
     expected = {n for n in names if n.startswith(TRAINABLE_PREFIXES)}
@@ -110,7 +110,7 @@ def test_seed_policy_selects_exactly_the_pruned_block_and_the_classifier(pruned_
 def test_seed_policy_for_a_pruned_top_level_layer():
     model = build_model("resnet18", 10)
     names = [n for n, _ in model.named_parameters()]
-    trainable = trainable_filter("seed", ["conv1", "bn1"], "fc")
+    trainable = trainable_filter("blog", ["conv1", "bn1"], "fc")
     assert {n for n in names if trainable(n)} == {
         "conv1.weight",
         "bn1.weight",
@@ -127,9 +127,9 @@ def test_none_policy_trains_everything_and_unknown_policies_are_usage_errors():
 
 
 def test_recipes():
-    cfg, freeze = recipe("seed")
-    assert (cfg.optimizer, cfg.lr, cfg.epochs, freeze) == ("adam", 1e-4, 10, "seed")
-    cfg, freeze = recipe("seed", epochs=3, lr=None, freeze="none")
+    cfg, freeze = recipe("blog")
+    assert (cfg.optimizer, cfg.lr, cfg.epochs, freeze) == ("adam", 1e-4, 10, "blog")
+    cfg, freeze = recipe("blog", epochs=3, lr=None, freeze="none")
     assert (cfg.epochs, cfg.lr, freeze) == (3, 1e-4, "none")
     assert recipe("full")[1] == "none"
     with pytest.raises(UsageError, match="recipe"):
@@ -141,7 +141,7 @@ def test_frozen_weights_and_statistics_stay_bitwise_unchanged(pruned_ckpt, tmp_p
     model = ckpt.model
     bundle = load_data("synthetic", subset=2)  # 20 images, 2 steps of 10
     before = snapshot(model)
-    trainable = trainable_filter("seed", sorted(PRUNED_LAYERS), "fc")
+    trainable = trainable_filter("blog", sorted(PRUNED_LAYERS), "fc")
     result = fit(model, bundle, tiny_fit_config(), tmp_path / "ft", ckpt.meta, trainable=trainable)
     after = snapshot(result.model.cpu())
     assert before.keys() == after.keys()
@@ -264,7 +264,7 @@ def test_finetune_command(pruned_ckpt, tmp_path, capsys):
     pruned = load_checkpoint(pruned_ckpt)
     tuned = load_checkpoint(out / MODEL_FILE)
     settings = tuned.meta["finetune"]
-    assert settings["freeze"] == "seed" and settings["recipe"] == "seed" and settings["recalibrate"]
+    assert settings["freeze"] == "blog" and settings["recipe"] == "blog" and settings["recalibrate"]
     assert settings["accuracy"]["pruned"] == pytest.approx(float(accuracies["pruned"]) / 100, abs=5e-5)
     assert len(tuned.meta["history"]) == 1
     assert tuned.meta["shapes"]["layer2.0.conv1"] == pruned.meta["shapes"]["layer2.0.conv1"]
@@ -330,6 +330,15 @@ def test_a_large_split_or_a_missing_parent_does_not_distil(pruned_ckpt, tmp_path
     ckpt.meta["parent"]["checkpoint"] = str(tmp_path / "gone.safetensors")
     save_checkpoint(moved, ckpt.model, ckpt.meta)
     assert _finetune_settings(moved, tmp_path / "missing")["teacher"] is None
-    assert "pass teacher to distil" in capsys.readouterr().err
+    assert "pass teacher to distil" in " ".join(capsys.readouterr().err.split())  # rich wraps lines
     with pytest.raises(UsageError, match="not a file here"):
         _finetune_settings(moved, tmp_path / "asked", distill=True)
+
+
+def test_the_old_name_seed_still_works_with_a_warning(capsys):
+    """``--recipe seed`` and ``--freeze seed`` (before 0.2) are the blog's recipe and policy, said once each."""
+    assert recipe("seed", freeze="seed") == recipe("blog")
+    err = " ".join(capsys.readouterr().err.split())
+    assert "recipe seed is deprecated: it is called blog now" in err
+    assert "freeze seed is deprecated: it is called blog now" in err
+    assert trainable_filter("seed", ["layer1.0.conv1"], "fc")("fc.weight")  # an old checkpoint's record

@@ -214,8 +214,8 @@ def test_resume_after_the_process_is_killed(tmp_path, capsys):
 @pytest.mark.slow
 def test_an_interrupted_finetune_resumes_to_the_same_weights(tmp_path, capsys, monkeypatch):
     # Fine-tune in batches of 16: 80 images -> 5 steps per epoch, so the interrupt lands mid-epoch.
-    cfg, policy = prunekit.finetuning.RECIPES["seed"]
-    monkeypatch.setitem(prunekit.finetuning.RECIPES, "seed", (replace(cfg, batch_size=16), policy))
+    cfg, policy = prunekit.finetuning.RECIPES["blog"]
+    monkeypatch.setitem(prunekit.finetuning.RECIPES, "blog", (replace(cfg, batch_size=16), policy))
     runs = tmp_path / "runs"
     args = [*SYNTHETIC, "--finetune-epochs", "2", "--runs-dir", runs]
     code, _, err = run_cli(capsys, "run", *args, "--name", "whole")

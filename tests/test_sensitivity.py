@@ -54,7 +54,7 @@ def test_cli_writes_json_and_plot_and_never_reads_the_test_set(trained, tmp_path
     monkeypatch.setattr(api.DataBundle, "loader", spy)
     out = tmp_path / "s.json"
     argv = ["sensitivity", str(trained), "--out", str(out), "--ratios", "0.3,0.6", "--images", "200"]
-    assert main(argv + ["--calibration-images", "128"]) == 0, capsys.readouterr().err
+    assert main(argv + ["--recalibration-images", "128"]) == 0, capsys.readouterr().err
     result = json.loads(out.read_text())
     assert result["ratios"] == [0.3, 0.6] and result["held_out_images"] == 200
     assert len(result["groups"]) >= 8 and out.with_suffix(".png").stat().st_size > 1000
@@ -87,8 +87,9 @@ def test_scan_counts_shrink_to_a_small_training_set_and_say_so(trained, tmp_path
         "--images",
         str(10 * available),
     ]
-    assert main([*argv, "--calibration-images", str(5 * available)]) == 0
+    assert main([*argv, "--calibration-images", str(5 * available)]) == 0  # the flag's old name
     err = capsys.readouterr().err
+    assert "--calibration-images is deprecated: it is --recalibration-images now" in " ".join(err.split())
     result = json.loads(out.read_text())
     assert result["held_out_images"] + result["calibration_images"] <= available
     assert result["held_out_images"] == int(10 * available * available / (15 * available))
@@ -184,7 +185,7 @@ def test_prune_and_run_take_the_same_allocation_flag(trained, tmp_path, capsys):
                 "0.3,0.7",
                 "--images",
                 "200",
-                "--calibration-images",
+                "--recalibration-images",
                 "128",
             ]
         )

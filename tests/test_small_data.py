@@ -165,10 +165,10 @@ def test_finetune_resume_with_other_settings_is_refused(finished_run, tmp_path, 
     args = ["finetune", ckpt, "--epochs", "1", "--recipe", "full", "--device", "cpu", "--out", ft]
     code, out = said(capsys, *args)
     assert code == 0, out
-    code, out = said(capsys, "finetune", ckpt, "--resume", "--epochs", "3", "--freeze", "seed", "--out", ft)
+    code, out = said(capsys, "finetune", ckpt, "--resume", "--epochs", "3", "--freeze", "blog", "--out", ft)
     assert code == EXIT_USAGE
     line = error_line(out)
-    assert "--epochs 3 (recorded: 1)" in line and "--freeze seed (recorded: none)" in line
+    assert "--epochs 3 (recorded: 1)" in line and "--freeze blog (recorded: none)" in line
     code, out = said(capsys, "finetune", ckpt, "--resume", "--recipe", "full", "--out", ft)
     assert code == 0, out  # the recorded settings, asked again, continue
 

@@ -539,7 +539,7 @@ def calibration_batches(
 ) -> list[tuple[Any, Any]]:
     """Labelled, normalized, unaugmented training images for importance scoring; noise when ``bundle`` is None.
 
-    Noise reproduces the seed exactly: one ``torch.randn(128, 3, H, W)`` batch, with random labels.
+    Noise reproduces the blog exactly: one ``torch.randn(128, 3, H, W)`` batch, with random labels.
     """
     size = meta["input_size"]
     if bundle is None:
@@ -815,7 +815,7 @@ def finetune_checkpoint(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Recalibrate BatchNorm (``recalibrate``, default True, on ``recalibration_images``, default 2048), then
-    fine-tune a pruned checkpoint (``recipe_name`` default ``seed``, the blog's); returns accuracy at each
+    fine-tune a pruned checkpoint (``recipe_name`` default ``blog``, the blog post's); returns accuracy at each
     stage. Resumed (``resume`` and an interrupted run in ``out``), any argument given (not None) that differs
     from the run's record is refused.
 
@@ -835,7 +835,7 @@ def finetune_checkpoint(
     asked |= {"distill_temperature": distill_temperature, "distill_weight": distill_weight, "seed": seed}
     asked |= {"recalibrate": recalibrate, "recalibration_images": recalibration_images, "device": device}
     asked |= {"data": data, "data_dir": data_dir, "subset": subset}
-    recipe_name = recipe_name or "seed"
+    recipe_name = recipe_name or "blog"
     recalibrate = True if recalibrate is None else recalibrate
     recalibration_images = 2048 if recalibration_images is None else recalibration_images
     seed = 0 if seed is None else seed

@@ -13,9 +13,9 @@ from typing import NoReturn
 
 from rich.markup import escape
 
-from .console import console
+from .console import console, warn
 from .errors import UsageError, cli_arg_style
-from .finetuning import FREEZE_POLICIES, RECIPES
+from .finetuning import ACCEPTED_FREEZE, ACCEPTED_RECIPES
 from .importance import CRITERIA
 from .options import choices, cli_type
 
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default="resnet18",
-        help="resnet18 (the seed's), resnet18-cifar, or any torchvision classification model name",
+        help="resnet18 (the blog's), resnet18-cifar, or any torchvision classification model name",
     )
     _add_data_args(p, required=False)  # required for a new run; a resumed one reads its own
     p.add_argument(
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration",
         choices=choices("calibration"),
         default="data",
-        help="score activations on training images (data) or on the seed's random noise",
+        help="score activations on training images (data) or on the blog's random noise",
     )
     p.add_argument("--calibration-images", type=cli_type("calibration_images"), default=256)
     _add_reconstruct_args(p, defaults=True)
@@ -232,10 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--images", type=cli_type("calibration_images"), help="held-out training images (default 1000)"
     )
     p.add_argument(
-        "--calibration-images",
-        type=cli_type("calibration_images"),
-        help="training images that recalibrate BatchNorm (default 512)",
+        "--recalibration-images",
+        type=cli_type("recalibration_images"),
+        help="training images that re-estimate BatchNorm after each try (default 512)",
     )
+    # its name until 0.2: "calibration" is the images that score importance (prune --calibration-images)
+    p.add_argument("--calibration-images", dest="old_recalibration_images", type=int, help=argparse.SUPPRESS)
     p.add_argument("--importance", choices=CRITERIA, default="l2")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_data_args(p, required=False)
@@ -272,18 +274,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--recipe",
-        choices=list(RECIPES),
-        default="seed",
-        help="seed: Adam lr 1e-4, 10 epochs, seed freezing; full: SGD cosine lr 0.01, everything trains",
+        choices=ACCEPTED_RECIPES,
+        default="blog",
+        help="blog: Adam lr 1e-4, 10 epochs, the blog's freezing; full: SGD cosine lr 0.01, everything "
+        "trains (seed: the old name of blog, deprecated)",
     )
     p.add_argument("--epochs", type=cli_type("epochs"), default=None)
     p.add_argument("--lr", type=cli_type("lr"), default=None)
     p.add_argument("--optimizer", choices=choices("optimizer"), default=None)
     p.add_argument(
         "--freeze",
-        choices=FREEZE_POLICIES,
+        choices=ACCEPTED_FREEZE,
         default=None,
-        help="seed: train only pruned blocks (with their BatchNorms) and the classifier; none: all",
+        help="blog: train only pruned blocks (with their BatchNorms) and the classifier; none: all "
+        "(seed: the old name of blog, deprecated)",
     )
     p.add_argument("--teacher", type=Path, default=None, help="distil from this (dense) checkpoint")
     p.add_argument(
@@ -317,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped"
     )
-    p.add_argument("--name", help="run directory name under --runs-dir (default: seed)")
+    p.add_argument("--name", help="run directory name under --runs-dir (default: blog)")
     p.add_argument("--runs-dir", help="where run directories go (default: runs)")
     p.add_argument("--model", help="default: resnet18")
     p.add_argument("--data", help="default: cifar10")
@@ -355,10 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--steps", type=cli_type("steps"), help="reach the target in this many prune/fine-tune rounds"
     )
-    p.add_argument("--recipe", choices=list(RECIPES), help="fine-tuning preset (default: seed)")
+    p.add_argument("--recipe", choices=ACCEPTED_RECIPES, help="fine-tuning preset (default: blog)")
     p.add_argument("--finetune-epochs", type=cli_type("finetune_epochs"))
     p.add_argument("--finetune-lr", type=cli_type("finetune_lr"))
-    p.add_argument("--freeze", choices=FREEZE_POLICIES)
+    p.add_argument("--freeze", choices=ACCEPTED_FREEZE)
     p.add_argument(
         "--distill",
         action=argparse.BooleanOptionalAction,
@@ -631,12 +635,16 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         ratios = tuple(float(r) for r in args.ratios.split(","))
     except ValueError:
         raise UsageError(f"--ratios must be comma-separated numbers, got {args.ratios!r}") from None
+    recalibration = args.recalibration_images
+    if args.old_recalibration_images is not None:
+        warn("sensitivity --calibration-images is deprecated: it is --recalibration-images now")
+        recalibration = recalibration or args.old_recalibration_images
     result = api.sensitivity_checkpoint(
         args.checkpoint,
         out=args.out,
         ratios=ratios,
         images=args.images,
-        calibration_images=args.calibration_images,
+        calibration_images=recalibration,
         importance=args.importance,
         data=args.data,
         data_dir=args.data_dir,

@@ -72,8 +72,8 @@ class PruneReport:
 
 
 def default_importance(layers: Sequence[str]) -> str:
-    """The seed's ``activation`` for named layers; ``l2`` for network-wide pruning, where it kept the most
-    accuracy of all criteria (benchmarks/results/criteria.json) and the seed's criterion collapses."""
+    """The blog's ``activation`` for named layers; ``l2`` for network-wide pruning, where it kept the most
+    accuracy of all criteria (benchmarks/results/criteria.json) and the blog's criterion collapses."""
     return "activation" if layers else "l2"
 
 

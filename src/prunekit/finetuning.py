@@ -8,17 +8,18 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
+from .console import warn
 from .errors import UsageError, arg
 from .train import TrainConfig
 
-FREEZE_POLICIES = ("seed", "none")
+FREEZE_POLICIES = ("blog", "none")
 RECIPES = {
-    # The seed's fine-tuning: Adam at lr 1e-4 for 10 epochs, only the pruned blocks and the classifier train.
-    "seed": (
+    # The blog's fine-tuning: Adam at lr 1e-4 for 10 epochs, only the pruned blocks and the classifier train.
+    "blog": (
         TrainConfig(
             epochs=10, optimizer="adam", lr=1e-4, weight_decay=0.0, schedule="constant", label_smoothing=0.0
         ),
-        "seed",
+        "blog",
     ),
     # Everything trains, SGD with a short cosine schedule from a small learning rate.
     "full": (
@@ -36,12 +37,27 @@ RECIPES = {
 }
 
 
+RENAMED = {"seed": "blog"}  # the blog experiment's recipe and freezing policy were called "seed" until 0.2
+ACCEPTED_RECIPES = (*RECIPES, *RENAMED)  # what --recipe and --freeze take, deprecated names included
+ACCEPTED_FREEZE = (*FREEZE_POLICIES, *RENAMED)
+
+
+def current_name(option: str, value: str | None, warn_user: bool = True) -> str | None:
+    """``value`` under its current name; a deprecated one is mapped, with a warning when the user wrote it."""
+    if value not in RENAMED:
+        return value
+    if warn_user:
+        warn(f"{arg(option)} {value} is deprecated: it is called {RENAMED[value]} now (the blog post's)")
+    return RENAMED[value]
+
+
 def recipe(name: str, **overrides) -> tuple[TrainConfig, str]:
     """A fine-tuning preset (config, freezing policy), with ``overrides`` applied where not None."""
+    name = current_name("recipe", name)
     if name not in RECIPES:
         raise UsageError(f"unknown fine-tuning recipe '{name}'; choose one of {', '.join(RECIPES)}")
     cfg, freeze = RECIPES[name]
-    freeze = overrides.pop("freeze", None) or freeze
+    freeze = current_name("freeze", overrides.pop("freeze", None)) or freeze
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None}), freeze
 
 
@@ -55,13 +71,14 @@ def trainable_filter(
 ) -> Callable[[str], bool] | None:
     """Which parameters train under ``policy``; None means all.
 
-    ``seed``: the pruned blocks (their convs and *their* BatchNorms) and the classifier. The seed's own rule,
+    ``blog``: the pruned blocks (their convs and *their* BatchNorms) and the classifier. The blog's own rule,
     ``'bn' in name``, also unfroze every other BatchNorm in the network; prunekit does not, so the layers the
     policy calls frozen really keep their weights and statistics.
     """
+    policy = current_name("freeze", policy, warn_user=False)  # also a checkpoint's record, from before 0.2
     if policy == "none":
         return None
-    if policy != "seed":
+    if policy != "blog":
         raise UsageError(f"{arg('freeze')} must be one of {', '.join(FREEZE_POLICIES)}, got {policy}")
     blocks = pruned_blocks(changed_layers)
     prefixes = tuple(f"{b}." for b in blocks if b) + (f"{classifier}.",)

@@ -5,7 +5,7 @@ for residual sums every conv writing to the sum). Each criterion scores the chan
 *producing* layers: convs/linears whose output channels are removed (and BatchNorms, for ``bn`` and
 ``activation-post``). Scores of several producing layers are put on one scale by dividing each layer's
 scores by their mean absolute value, then averaged per channel, so no single layer dominates a residual
-group. A group with one producing layer keeps its raw ranking (the seed's exact choice).
+group. A group with one producing layer keeps its raw ranking (the blog's exact choice).
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ class TaylorImportance(ChannelImportance):
 
 
 class ActivationImportance(ChannelImportance):
-    """``activation``: the seed's criterion, the mean of each conv's raw output over calibration images.
+    """``activation``: the blog's criterion, the mean of each conv's raw output over calibration images.
 
     ``post=True`` (``activation-post``) scores the mean of ReLU(BatchNorm(output)) instead: what the next
     layer actually receives. Call ``calibrate`` first.

@@ -147,7 +147,7 @@ def count_macs(model: nn.Module, inputs: int | torch.Tensor) -> int:
 
 
 def summary(model: nn.Module, input_size: int) -> dict[str, Any]:
-    """The seed's torchinfo figures: total params, mult-adds, params size, estimated total size (input 1x3xHxW)."""
+    """The blog's torchinfo figures: total params, mult-adds, params size, estimated total size (input 1x3xHxW)."""
     import torchinfo
 
     was_training = model.training

@@ -19,7 +19,7 @@ def available_models() -> list[str]:
 
 
 def build_model(name: str, num_classes: int) -> nn.Module:
-    """A freshly initialised classifier; ``resnet18`` is the seed's model (ImageNet stem at any input size)."""
+    """A freshly initialised classifier; ``resnet18`` is the blog's model (ImageNet stem at any input size)."""
     if name == "resnet18-cifar":
         model = torchvision.models.resnet18(num_classes=num_classes)
         # CIFAR variant: 3x3 stride-1 stem and no max-pool, so 32x32 inputs keep their resolution.

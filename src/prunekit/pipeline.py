@@ -13,7 +13,7 @@ from . import api
 from .console import info, warn
 from .errors import UsageError
 from .files import DirectoryLock, check_outputs, clean_stale_temps, write_json, write_text
-from .finetuning import FREEZE_POLICIES, RECIPES
+from .finetuning import ACCEPTED_FREEZE, ACCEPTED_RECIPES
 from .importance import CRITERIA
 from .options import choices as option_choices
 from .planning import default_allocation
@@ -27,9 +27,9 @@ STATE_FILE = "state.json"
 
 @dataclass
 class RunConfig:
-    """Every flag of ``prunekit run``; the defaults are the seed's experiment."""
+    """Every flag of ``prunekit run``; the defaults are the blog's experiment."""
 
-    name: str = "seed"
+    name: str = "blog"
     runs_dir: str = "runs"
     model: str = "resnet18"
     data: str = "cifar10"
@@ -57,7 +57,7 @@ class RunConfig:
     reconstruct: bool | None = None  # recovery without labels after each pruning (None: the default)
     reconstruction_images: int = 512
     steps: int = 1
-    recipe: str = "seed"
+    recipe: str = "blog"
     finetune_epochs: int = 10
     finetune_lr: float | None = None
     freeze: str | None = None
@@ -80,7 +80,7 @@ class RunConfig:
 
         cfg = cls(**validate(values))
         if any(t is not None for t in (cfg.target_macs, cfg.target_params, cfg.target_latency)):
-            # A target is global: the seed's single layer and ratio no longer apply unless named explicitly.
+            # A target is global: the blog's single layer and ratio no longer apply unless named explicitly.
             if "layers" not in values:
                 cfg.layers = []
             if "ratio" not in values:
@@ -183,8 +183,8 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     if cfg.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {cfg.steps}")
     choices = {
-        "recipe": RECIPES,
-        "freeze": FREEZE_POLICIES,
+        "recipe": ACCEPTED_RECIPES,
+        "freeze": ACCEPTED_FREEZE,
         "importance": CRITERIA,
         "calibration": option_choices("calibration"),
         "calibration_method": option_choices("calibration_method"),

@@ -91,7 +91,7 @@ def round_removal(channels: int, remove: int, round_to: int) -> int:
 
 
 def plan_ratio(groups: list[Group], ratio: float, round_to: int) -> dict[str, torch.Tensor]:
-    """Remove ``int(C * ratio)`` lowest-scored channels from every group (the seed's rounding)."""
+    """Remove ``int(C * ratio)`` lowest-scored channels from every group (the blog's rounding)."""
     plan = {}
     for g in groups:
         n = round_removal(g.channels, int(g.channels * ratio), round_to)

@@ -12,7 +12,7 @@ from .measure import MACS_MEANING
 
 
 def print_eval(results: dict[str, Any]) -> None:
-    """Accuracy per class, the seed's torchinfo figures and latency, as printed by ``prunekit eval``."""
+    """Accuracy per class, the blog's torchinfo figures and latency, as printed by ``prunekit eval``."""
     console.print(results["summary_table"], highlight=False, markup=False)
     table = Table(title=f"{results['model']}: top-1 accuracy on {results['test_images']} test images")
     table.add_column("class")
@@ -82,7 +82,7 @@ def seed_table(
     before_label: str = "before pruning",
     after_label: str = "after pruning",
 ) -> list[tuple[str, str, str]]:
-    """The seed's torchinfo comparison rows: total params, mult-adds, params size, estimated total size."""
+    """The blog's torchinfo comparison rows: total params, mult-adds, params size, estimated total size."""
     return [
         ("Total params", f"{before['total_params']:,}", f"{after['total_params']:,}"),
         ("Total mult-adds", f"{before['mult_adds'] / 1e6:.2f} M", f"{after['mult_adds'] / 1e6:.2f} M"),
@@ -387,7 +387,7 @@ def _training_curves(run_dir: Path, results: dict[str, Any]) -> dict[str, list[d
 
 
 def _comparison_rows(dense: dict[str, Any], final: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """The dense against pruned + fine-tuned table: the seed's torchinfo rows, CPU latency, test accuracy."""
+    """The dense against pruned + fine-tuned table: the blog's torchinfo rows, CPU latency, test accuracy."""
     rows = seed_table(dense["summary"], final["summary"])
     # The dense column's latency is the parent timed beside the pruned model, so the speed-up is consistent.
     lat_d = final.get("parent_latency") or dense.get("latency", {})
