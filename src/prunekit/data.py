@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,15 @@ from .memory import BatchLoader as BatchLoader
 from .memory import channel_stats, resize_images
 from .memory import random_crop_flip as random_crop_flip
 from .sources import CIFAR10_CLASSES as CIFAR10_CLASSES
-from .sources import cached, cifar10_download, join_path, local_source, probe_source, stream_bundle
+from .sources import (
+    cached,
+    cifar10_download,
+    join_path,
+    local_source,
+    most_common_size,
+    probe_source,
+    stream_bundle,
+)
 from .stream import ImageFiles as ImageFiles
 from .stream import StreamLoader as StreamLoader
 from .stream import channel_stats as stream_channel_stats
@@ -151,12 +158,11 @@ def _should_stream(probe: dict[str, Any], image_size: int | None) -> bool:
     """Memory for small uniform images whose decoded size fits a share of the RAM; streaming otherwise."""
     if probe["cifar"]:
         return False
-    common = most_common_size(probe["sizes"])
-    if common is None:  # no readable image in the sample: let the decoder report the files
+    if not probe["sizes"]:  # no readable image in the sample: let the decoder report the files
         return False
-    (w, h), share = common
+    (w, h), count, _ = most_common_size(probe["sizes"])
     # a few odd images (a stray thumbnail) do not decide: they are resized to what most images are
-    if share < MOST or max(w, h) > SMALL_SIDE:
+    if count < MOST * len(probe["sizes"]) or max(w, h) > SMALL_SIDE:
         return True
     pixels = image_size * image_size if image_size else w * h
     return probe["n"] * 3 * pixels > MEMORY_FRACTION * available_memory()
@@ -169,14 +175,6 @@ def stream_size(probe: dict[str, Any]) -> int:
     if not sides or max(max(s) for s in probe["sizes"]) > SMALL_SIDE:
         return STREAM_SIZE
     return sides[len(sides) // 2]
-
-
-def most_common_size(sizes: list) -> tuple[tuple[int, int], float] | None:
-    """The most common (width, height) in ``sizes`` and the share of them it has (None when empty)."""
-    if not sizes:
-        return None
-    ((size, count),) = Counter(tuple(s) for s in sizes).most_common(1)
-    return size, count / len(sizes)
 
 
 def available_memory() -> int:

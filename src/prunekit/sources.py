@@ -426,15 +426,22 @@ def _decode_tree(origin: Path, dirs: set[str], files: dict[str, Callable[[], byt
 def _held_size(origin: Path, items: list[tuple[np.ndarray, int, str]]) -> tuple[int, int]:
     """The (width, height) most of the images have: the size the dataset is held at. The others are
     resized to it, and counted in one warning that names one of them."""
-    sizes = Counter((img.shape[1], img.shape[0]) for img, _, _ in items)
-    size, count = sizes.most_common(1)[0]
+    size, count, distinct = most_common_size([(img.shape[1], img.shape[0]) for img, _, _ in items])
     if count < len(items):
         odd = next(name for img, _, name in items if (img.shape[1], img.shape[0]) != size)
         warn(
             f"{origin}: {count} of {len(items)} images are {size[0]}x{size[1]}, the size this dataset is held "
-            f"at; the other {len(items) - count} (of {len(sizes) - 1} other size(s), e.g. {odd}) are resized to it"
+            f"at; the other {len(items) - count} (of {distinct - 1} other size(s), e.g. {odd}) are resized to it"
         )
     return size
+
+
+def most_common_size(sizes: list) -> tuple[tuple[int, int], int, int]:
+    """The most common (width, height) of a non-empty ``sizes``, how many have it, and how many sizes
+    there are: what a folder is held at (decoding) and whether it counts as uniform (the probe)."""
+    counts = Counter(tuple(s) for s in sizes)
+    size, count = counts.most_common(1)[0]
+    return size, count, len(counts)
 
 
 def _stack(items: list[tuple[np.ndarray, int, str]], size: tuple[int, int]) -> Split:
