@@ -90,12 +90,25 @@ def _add_overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train import TrainConfig
-
+    """The parser of every command: one ``_add_<command>_parser`` each."""
     parser = Parser(prog="prunekit", description=__doc__)
     parser.add_argument("--version", action="version", version=f"prunekit {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    _add_train_parser(sub)
+    _add_eval_parser(sub)
+    _add_prune_parser(sub)
+    _add_export_parser(sub)
+    _add_sensitivity_parser(sub)
+    _add_quantize_parser(sub)
+    _add_finetune_parser(sub)
+    _add_run_parser(sub)
+    _add_models_parser(sub)
+    return parser
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    """``prunekit train`` and its flags."""
     p = sub.add_parser("train", help="train a baseline classifier")
     p.add_argument(
         "--model",
@@ -125,9 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="output directory (default: runs/<model>-baseline)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     _add_overwrite_arg(p, "the run in --out")
+    from .train import TrainConfig
+
     _add_train_args(p, TrainConfig())
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    """``prunekit eval`` and its flags."""
     p = sub.add_parser("eval", help="accuracy, model summary and latency of a checkpoint")
     p.add_argument("checkpoint", type=Path)
     _add_data_args(p, required=False)
@@ -139,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite_arg(p, "the --json file")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_prune_parser(sub: argparse._SubParsersAction) -> None:
+    """``prunekit prune`` and its flags."""
     p = sub.add_parser("prune", help="remove channels from a trained checkpoint")
     p.add_argument("checkpoint", type=Path)
     p.add_argument(
@@ -213,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite_arg(p, "the pruned checkpoint and its report")
     p.set_defaults(func=cmd_prune)
 
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    """``prunekit export`` and its flags."""
     p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
@@ -220,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite_arg(p, "--out")
     p.set_defaults(func=cmd_export)
 
+
+def _add_sensitivity_parser(sub: argparse._SubParsersAction) -> None:
+    """``prunekit sensitivity`` and its flags."""
     p = sub.add_parser(
         "sensitivity", help="accuracy of each group pruned alone at several ratios (held-out train)"
     )
@@ -244,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=cli_type("seed"), default=0)
     p.set_defaults(func=cmd_sensitivity)
 
+
+def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
+    """``prunekit quantize`` and its flags."""
     p = sub.add_parser("quantize", help="int8 post-training quantization in ONNX Runtime, measured")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--out", type=Path, default=None, help="int8 .onnx (default: <checkpoint>-int8.onnx)")
@@ -267,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p, required=False)
     p.set_defaults(func=cmd_quantize)
 
+
+def _add_finetune_parser(sub: argparse._SubParsersAction) -> None:
+    """``prunekit finetune`` and its flags."""
     p = sub.add_parser("finetune", help="recalibrate BatchNorm and fine-tune a pruned checkpoint")
     p.add_argument("checkpoint", type=Path)
     p.add_argument(
@@ -312,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite_arg(p, "the run in --out")
     p.set_defaults(func=cmd_finetune)
 
+
+def _add_run_parser(sub: argparse._SubParsersAction) -> None:
+    """``prunekit run`` and its flags."""
     p = sub.add_parser(
         "run",
         help="the whole pipeline: train, prune, recalibrate, fine-tune, evaluate, report",
@@ -380,9 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=cli_type("device"))
     p.set_defaults(func=cmd_run)
 
+
+def _add_models_parser(sub: argparse._SubParsersAction) -> None:
+    """``prunekit models`` and its flags."""
     p = sub.add_parser("models", help="list the model names --model accepts")
     p.set_defaults(func=cmd_models)
-    return parser
 
 
 def _version() -> str:
