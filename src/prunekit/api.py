@@ -117,7 +117,8 @@ def resume_training(out: str | Path, requested: dict[str, Any] | None = None) ->
     name, as ``train`` takes them) that differ from the record are refused, naming each."""
     out = Path(out)
     with DirectoryLock(out):
-        clean_stale_temps(out)
+        if is_main_process():  # under torchrun, rank 0 tidies the directory, as for a new run
+            clean_stale_temps(out)
         return _resume_training(out, requested or {})
 
 
