@@ -219,13 +219,21 @@ def test_cli_reconstruct_without_images_is_one_error_line_and_writes_nothing(tra
     assert not list(tmp_path.iterdir())
 
 
-def test_python_defaults_follow_the_command_line_and_say_when_images_are_missing(capsys):
-    """With calibration=, a target is spread by a scan and recovered, as on the command line; without it,
-    one line names the two defaults that fell back."""
-    with_images = prunekit.prune(model_of(ResidualNet), X, target_macs=0.3, calibration=CALIBRATION)
-    assert with_images.request["allocation"] == "sensitivity" and with_images.request["reconstruct"]
-    assert with_images.reconstruction["layers"]
-    capsys.readouterr()
+def test_python_defaults_follow_the_command_line_and_say_when_images_are_missing(capsys, monkeypatch):
+    """With calibration=, a target is recovered and spread as on the command line (a scan from
+    SENSITIVITY_FROM images, global below, with a note); without it, one line names the defaults that fell
+    back. A DataLoader is counted by its dataset, not by iterating it."""
+    few = prunekit.prune(model_of(ResidualNet), X, target_macs=0.3, calibration=CALIBRATION)
+    assert (
+        few.request["allocation"] == "global" and few.request["reconstruct"] and few.reconstruction["layers"]
+    )
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "256 at hand" in notes[0] and "allocation sensitivity" in notes[0]
+    monkeypatch.setattr("prunekit.planning.SENSITIVITY_FROM", 256)
+    loader = torch.utils.data.DataLoader(torch.cat(CALIBRATION), batch_size=128)
+    enough = prunekit.prune(model_of(ResidualNet), X, target_macs=0.3, calibration=loader)
+    assert enough.request["allocation"] == "sensitivity" and enough.reconstruction["layers"]
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
     without = prunekit.prune(model_of(ResidualNet), X, target_macs=0.4)
     assert without.request["allocation"] == "global" and without.request["reconstruct"] is False
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]

@@ -234,17 +234,29 @@ def _run_request(values: dict):
     return RunConfig.from_dict(values).prune_request(1)
 
 
-def test_the_command_line_defaults_to_sensitivity_for_targets(trained, tmp_path, monkeypatch):
-    """The benchmark's winner is the commands' default for a target; a ratio keeps the global rule."""
-    seen = []
-    monkeypatch.setattr(api, "prune_checkpoint", lambda path, request, **kw: seen.append(request) or {})
-    monkeypatch.setattr("prunekit.report.print_prune", lambda report: None)
-    main(["prune", str(trained), "--target-macs", "0.5", "--out", str(tmp_path / "a.safetensors")])
-    main(["prune", str(trained), "--ratio", "0.3", "--out", str(tmp_path / "b.safetensors")])
-    main(["prune", str(trained), "--target-macs", "0.5", "--allocation", "uniform"])
-    assert [r.allocation for r in seen] == ["sensitivity", "global", "uniform"]
-    assert _run_request({"target_macs": 0.5}).allocation == "sensitivity"
-    assert _run_request({"ratio": 0.3}).allocation == _run_request({}).allocation == "global"
-    from prunekit.pruning import PruneRequest
+def test_the_default_allocation_follows_the_images_at_hand(trained, tmp_path, capsys, monkeypatch):
+    """A target is spread by a sensitivity scan from SENSITIVITY_FROM training images on, by the global rule
+    below that (one note says so) and for a ratio; the run YAML leaves it to the data as prune does."""
+    from prunekit.planning import SENSITIVITY_FROM, default_allocation
 
-    assert PruneRequest(target_macs=0.5).allocation == "global"  # Python has no data to scan
+    assert default_allocation(None, None, SENSITIVITY_FROM) == "sensitivity"
+    assert default_allocation(None, None, SENSITIVITY_FROM - 1) == "global"
+    assert default_allocation(None, 0.3, 50_000) == default_allocation(None, None, 0) == "global"
+    assert default_allocation("uniform", None, 5) == "uniform"
+    argv = ["prune", str(trained), "--target-macs", "0.5", "--reconstruction-images", "64"]
+    assert main([*argv, "--out", str(tmp_path / "small.safetensors")]) == 0  # the mini archive: ~1,000
+    err = capsys.readouterr().err
+    assert json.loads((tmp_path / "small.json").read_text())["request"]["allocation"] == "global"
+    notes = [line for line in err.splitlines() if line.startswith("note: allocation global")]
+    assert len(notes) == 1 and "below 10,000 images" in notes[0] and "--allocation sensitivity" in notes[0]
+    monkeypatch.setattr("prunekit.planning.SENSITIVITY_FROM", 100)  # the same split, now enough to scan
+    monkeypatch.setattr("prunekit.sensitivity.scan", lambda model, *a, **k: _fake_scan(model))
+    assert main([*argv, "--out", str(tmp_path / "large.safetensors")]) == 0
+    assert "note: allocation global" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "large.json").read_text())["request"]["allocation"] == "sensitivity"
+    ratio = main([*argv[:2], "--ratio", "0.3", "--out", str(tmp_path / "ratio.safetensors")])
+    assert (
+        ratio == 0 and json.loads((tmp_path / "ratio.json").read_text())["request"]["allocation"] == "global"
+    )
+    assert _run_request({"target_macs": 0.5}).allocation is None  # resolved where the data is loaded
+    assert _run_request({"target_macs": 0.5, "allocation": "uniform"}).allocation == "uniform"

@@ -12,7 +12,7 @@ import torch
 
 from . import __version__
 from .checkpoint import description, load_checkpoint
-from .console import console, info, stages
+from .console import console, info, note, stages
 from .data import DataBundle, describe, load_data
 from .errors import UsageError, arg
 from .files import DirectoryLock, check_outputs, clean_stale_temps, is_main_process
@@ -665,9 +665,12 @@ def _pruning_images(
 
     calibration_images, reconstruction_images = image_counts
     scores_on_data = importance in NEEDS_CALIBRATION and calibration == "data"
+    spreads_by_default = request.allocation is None and request.ratio is None  # by the split's size
     scans = request.allocation == "sensitivity" and request.sensitivity is None
-    needs_data = scores_on_data or scans or request.reconstruct
+    needs_data = scores_on_data or scans or request.reconstruct or spreads_by_default
     bundle = load_data_for(meta, data, data_dir) if needs_data else None  # loaded once for all of them
+    _resolve_allocation(request, len(bundle.train) if bundle is not None else 0)
+    scans = request.allocation == "sensitivity" and request.sensitivity is None
     batches = refit = None
     if importance in NEEDS_CALIBRATION:
         batches = calibration_batches(meta, bundle if scores_on_data else None, calibration_images, seed=seed)
@@ -682,6 +685,15 @@ def _pruning_images(
             model, torch.zeros(1, 3, size, size), held_out, recal, seconds=SCAN_SECONDS
         )
     return batches, refit
+
+
+def _resolve_allocation(request: Any, training_images: int) -> None:
+    """The default allocation, from the training split's size, into ``request``; a line says when it is
+    ``global`` for want of images."""
+    from .planning import allocation_note, default_allocation
+
+    note(allocation_note(request.allocation, request.ratio, training_images))
+    request.allocation = default_allocation(request.allocation, request.ratio, training_images)
 
 
 def _prune_as_requested(
@@ -999,9 +1011,8 @@ def scan_batches(
     a line says so."""
     from .sensitivity import scan_counts
 
-    images, calibration_images, note = scan_counts(len(bundle.train), images, calibration_images)
-    if note:
-        console.print(f"note: {note}", highlight=False)
+    images, calibration_images, shrunk = scan_counts(len(bundle.train), images, calibration_images)
+    note(shrunk)
     batches = bundle.sample_batches(images + calibration_images, 250, seed)
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])

@@ -217,7 +217,8 @@ def _add_prune_parser(sub: argparse._SubParsersAction) -> None:
         choices=choices("allocation"),
         default=None,
         help="how a target is spread across layers: one importance threshold, one ratio, or equal predicted "
-        "loss from a sensitivity scan (default for a target: sensitivity, scanned on training images first)",
+        "loss from a sensitivity scan (default for a target: sensitivity, scanned on training images first, "
+        "from 10,000 training images; global below that)",
     )
     p.add_argument(
         "--sensitivity", type=Path, default=None, help="a `prunekit sensitivity` JSON (default: scan now)"
@@ -610,7 +611,6 @@ def _add_reconstruct_args(p: argparse.ArgumentParser, defaults: bool) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from . import api
-    from .planning import default_allocation
     from .pruning import PruneRequest
     from .report import print_prune
 
@@ -624,7 +624,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         latency_runtime=args.latency_runtime,
         ignore=args.ignore,
         round_to=args.round_to,
-        allocation=default_allocation(args.allocation, args.ratio),
+        allocation=args.allocation,
         sensitivity=_read_json(args.sensitivity) if args.sensitivity else None,
         prune_input_conv=args.prune_input_conv,
         reconstruct=args.reconstruct,

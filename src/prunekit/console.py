@@ -54,3 +54,9 @@ def warn(message: str) -> None:
 
 def info(message: str) -> None:
     console.print(message, highlight=False)
+
+
+def note(message: str | None) -> None:
+    """``message`` as one ``note:`` line, however wide the terminal; nothing for None or empty."""
+    if message:
+        console.print(f"note: {message}", highlight=False, soft_wrap=True)

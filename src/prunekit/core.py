@@ -16,10 +16,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .console import note
 from .errors import UsageError, arg
 from .groups import validate_names
 from .importance import NEEDS_CALIBRATION, ChannelImportance, accumulate_gradients, make_importance
-from .planning import default_allocation
+from .planning import allocation_note, default_allocation
 from .pruning import PruneRequest, prune_model
 from .reconstruct import reconstruct as refit_readers
 from .sensitivity import scan_calibration
@@ -109,7 +110,8 @@ def prune(
     ``allocation`` spreads a target across layers: ``global`` (one importance threshold), ``uniform`` (one
     ratio) or ``sensitivity`` (equal predicted loss, from ``sensitivity``: the result of
     ``prunekit.sensitivity.scan``, or a scan of ``calibration`` run here). The default is the command
-    line's: ``sensitivity`` for a target when ``calibration`` is given, else ``global`` (and a note says so). The input conv and the output layer are protected unless named;
+    line's: ``sensitivity`` for a target when ``calibration`` holds at least 10,000 images
+    (``planning.SENSITIVITY_FROM``), else ``global`` (and a note says so). The input conv and the output layer are protected unless named;
     ``prune_input_conv`` lets a target or ratio prune the input conv's outputs too. ``target_latency`` keeps that fraction of the dense model's latency,
     measured on this machine at ``latency_batch`` in ``latency_runtime`` (``pytorch`` or ``onnxruntime``):
     planned from per-layer latency tables (cached) and checked by timing the pruned model.
@@ -117,6 +119,7 @@ def prune(
     unlabelled images (``reconstruction``, or else ``calibration``): recovery without labels
     (``prunekit.reconstruct``; BatchNorm statistics are left as the re-fit matched them).
     """
+    at_hand = _image_count(calibration)
     request = PruneRequest(
         layers=_names(layers, "layers"),
         ratio=ratio,
@@ -127,7 +130,7 @@ def prune(
         latency_runtime=latency_runtime,
         ignore=_names(ignore, "ignore"),
         round_to=round_to,
-        allocation=default_allocation(allocation, ratio, images_at_hand=calibration is not None),
+        allocation=default_allocation(allocation, ratio, at_hand),
         sensitivity=sensitivity,
         prune_input_conv=prune_input_conv,
         reconstruct=reconstruct,
@@ -143,6 +146,7 @@ def prune(
     images = reconstruction if reconstruction is not None else calibration
     if images is None and not request.layers:
         _note_without_images(allocation, ratio, reconstruct)
+    note(allocation_note(allocation, ratio, at_hand))
     request.reconstruct = _reconstruct(reconstruct, images, request.layers)
     with _callers_gradients(model):
         start = time.perf_counter()
@@ -189,20 +193,31 @@ def _prune_report(
 
 def _note_without_images(allocation: str | None, ratio: float | None, reconstruct: bool | None) -> None:
     """One line naming the defaults that need images and were not given them (no ``calibration=``)."""
-    from .console import console
-
     missing = []
     if allocation is None and ratio is None:
         missing.append("allocation 'global' instead of 'sensitivity' (a scan of calibration images)")
     if reconstruct is None:
         missing.append("no recovery (reconstruct re-fits on calibration images)")
     if missing:
-        console.print(
-            f"note: without calibration= images: {' and '.join(missing)}; pass calibration= for the "
-            f"defaults (or name allocation= and reconstruct=)",
-            highlight=False,
-            soft_wrap=True,  # one line, however wide
+        note(
+            f"without calibration= images: {' and '.join(missing)}; pass calibration= for the "
+            f"defaults (or name allocation= and reconstruct=)"
         )
+
+
+def _image_count(batches: Any) -> int | None:
+    """How many images ``batches`` hold without iterating a loader (its dataset's length); None when
+    that cannot be told (an iterator)."""
+    if batches is None:
+        return 0
+    if isinstance(batches, torch.Tensor):
+        return len(batches)
+    dataset = getattr(batches, "dataset", None)
+    if dataset is not None and hasattr(dataset, "__len__"):
+        return len(dataset)
+    if isinstance(batches, (list, tuple)):
+        return sum(len(b[0] if isinstance(b, (list, tuple)) else b) for b in batches)
+    return None
 
 
 def _reconstruct(reconstruct: bool | None, images: Any, layers: Sequence[str]) -> bool:

@@ -16,7 +16,6 @@ from .files import DirectoryLock, check_outputs, clean_stale_temps, write_json, 
 from .finetuning import ACCEPTED_FREEZE, ACCEPTED_RECIPES
 from .importance import CRITERIA
 from .options import choices as option_choices
-from .planning import default_allocation
 from .pruning import PruneRequest
 from .resume import refuse_changes
 from .train import MODEL_FILE, TrainConfig
@@ -50,7 +49,9 @@ class RunConfig:
     ignore: list[str] = field(default_factory=list)
     prune_input_conv: bool = False
     round_to: int = 1
-    allocation: str | None = None  # sensitivity for a target, as `prunekit prune` (default_allocation)
+    allocation: str | None = (
+        None  # None: by the training split's size, as `prunekit prune` (default_allocation)
+    )
     importance: str | None = None  # activation for named layers, l2 for network-wide targets
     calibration: str = "data"
     calibration_images: int = 256
@@ -108,7 +109,7 @@ class RunConfig:
             latency_runtime=self.latency_runtime,
             ignore=list(self.ignore),
             round_to=self.round_to,
-            allocation=default_allocation(self.allocation, ratio),
+            allocation=self.allocation,
             prune_input_conv=self.prune_input_conv,
             reconstruct=self.reconstruct,
         )

@@ -107,13 +107,33 @@ def plan_ratio(groups: list[Group], ratio: float, round_to: int) -> dict[str, to
 ALLOCATIONS = ("global", "uniform", "sensitivity")
 
 
-def default_allocation(allocation: str | None, ratio: float | None, images_at_hand: bool = True) -> str:
-    """The default allocation, on the command line and in Python alike: ``sensitivity`` for a target (it
-    kept the most accuracy in benchmarks/results/allocation.json) wherever there are images to scan (the
-    commands' training images, ``calibration=`` in Python), ``global`` for a ratio or without images."""
+SENSITIVITY_FROM = 10_000  # images at hand from which a target's default allocation is a sensitivity scan
+
+
+def default_allocation(allocation: str | None, ratio: float | None, images_at_hand: int | None) -> str:
+    """The default allocation, on the command line and in Python alike: ``sensitivity`` for a target when at
+    least ``SENSITIVITY_FROM`` images are at hand (the training split; ``calibration=`` in Python; None:
+    uncounted, taken as enough), ``global`` for a ratio or fewer images. ``sensitivity`` kept the most
+    accuracy on 50,000 CIFAR-10 images (benchmarks/results/allocation.json); on 1,000 images of a pretrained
+    EfficientNet-Lite1 it lost 24-30 points to ``global`` (fewshot.json). Sizes between were not measured."""
     if allocation is not None:
         return allocation
-    return "sensitivity" if ratio is None and images_at_hand else "global"
+    if ratio is not None or images_at_hand == 0:
+        return "global"
+    return "sensitivity" if images_at_hand is None or images_at_hand >= SENSITIVITY_FROM else "global"
+
+
+def allocation_note(allocation: str | None, ratio: float | None, images_at_hand: int | None) -> str | None:
+    """One line when the default allocation is ``global`` because too few images are at hand, else None."""
+    if allocation is not None or ratio is not None or images_at_hand is None:
+        return None
+    if not 0 < images_at_hand < SENSITIVITY_FROM:
+        return None
+    return (
+        f"allocation global (the default below {SENSITIVITY_FROM:,} images; {images_at_hand:,} at hand): "
+        f"a sensitivity scan of so few images lost to it in benchmarks; {arg('allocation')} sensitivity "
+        f"scans anyway"
+    )
 
 
 def plan_target(

@@ -24,7 +24,7 @@ class PruneRequest:
     ignore: list[str] = field(default_factory=list)
     prune_input_conv: bool = False  # the input conv (and what is coupled to it) is protected by default
     round_to: int = 1
-    allocation: str = "global"  # how a target is spread across groups (see plan_target)
+    allocation: str | None = None  # how a target is spread (plan_target); None: by the images at hand
     sensitivity: dict[str, Any] | None = None  # a sensitivity scan, for allocation "sensitivity"
     reconstruct: bool | None = None  # recovery without labels after the surgery (None: the default)
 
