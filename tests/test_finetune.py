@@ -248,6 +248,59 @@ def test_recalibration_restores_momentum_and_mode_on_error():
     assert not model.training
 
 
+class _DropThenNorm(torch.nn.Module):
+    """Dropout feeding a BatchNorm, BatchNorm momentum 0.01 (as in TF-ported models), then a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.drop = torch.nn.Dropout(0.5)
+        self.bn = torch.nn.BatchNorm2d(8, momentum=0.01)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(self.drop(self.conv(x))).relu().mean((2, 3)))
+
+
+def test_recalibration_keeps_dropout_off():
+    """Statistics are those of the inputs at inference: with dropout on, the variance would be inflated."""
+    torch.manual_seed(0)
+    model, x = _DropThenNorm(), torch.randn(64, 3, 8, 8)
+    recalibrate_batchnorm(model, [x])
+    with torch.no_grad():
+        features = model.conv(x)
+    torch.testing.assert_close(model.bn.running_var, features.var((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert model.training and model.drop.training  # every module's mode as it was
+
+
+def _finetuned(precise_bn_images: int, trainable=None) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = _DropThenNorm()
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 3, 8, 8, generator=gen) * 3 + 2, torch.randint(0, 4, (16,), generator=gen))]
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, schedule="constant", bf16=False, device="cpu")
+    cfg.precise_bn_images = precise_bn_images
+    fit(model, batches * 4, cfg, trainable=trainable)
+    return model.eval(), batches[0][0]
+
+
+def test_precise_bn_matches_the_final_weights_and_spares_frozen_norms():
+    """After the last epoch the running statistics are re-estimated with the final weights; without it,
+    momentum 0.01 leaves them far behind. A BatchNorm the freezing policy keeps is not touched."""
+    lagging, x = _finetuned(0)
+    precise, _ = _finetuned(16)
+    with torch.no_grad():
+        target = precise.conv(x).mean((0, 2, 3))
+        lag_target = lagging.conv(x).mean((0, 2, 3))
+    torch.testing.assert_close(precise.bn.running_mean, target, rtol=1e-4, atol=1e-5)
+    assert (lagging.bn.running_mean - lag_target).abs().max() > 0.1
+    torch.manual_seed(0)
+    before = _DropThenNorm().bn.running_var.clone()
+    frozen, _ = _finetuned(16, trainable=lambda name: name.startswith("fc."))
+    assert torch.equal(frozen.bn.running_var, before)
+    assert recipe("full")[0].precise_bn_images == 512 and recipe("blog")[0].precise_bn_images == 0
+
+
 # ---------------------------------------------------------------- the command
 
 

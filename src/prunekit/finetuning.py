@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
-import torch
-import torch.nn as nn
-
+from .batchnorm import recalibrate_batchnorm  # noqa: F401  (re-exported: prunekit.finetuning's API)
 from .console import warn
 from .errors import UsageError, arg
 from .train import TrainConfig
@@ -21,7 +19,8 @@ RECIPES = {
         ),
         "blog",
     ),
-    # Everything trains, SGD with a short cosine schedule from a small learning rate.
+    # Everything trains, SGD with a short cosine schedule from a small learning rate; BatchNorm statistics
+    # are re-estimated at the end (TrainConfig.precise_bn_images).
     "full": (
         TrainConfig(
             epochs=10,
@@ -31,6 +30,7 @@ RECIPES = {
             schedule="cosine",
             warmup_epochs=0.0,
             label_smoothing=0.1,
+            precise_bn_images=512,
         ),
         "none",
     ),
@@ -100,28 +100,3 @@ def distills_by_default(train_images: int) -> bool:
     on 1,000 images it kept 1.5 points more than cross-entropy alone (benchmarks/results/fewshot.json), on
     50,000 the two tied (compression.json)."""
     return train_images < DISTILL_BELOW
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
-    """Re-estimate every BatchNorm's running mean/var on ``batches`` (no gradient steps); returns images seen.
-
-    Pruning changes what flows into later BatchNorms, so their stored statistics no longer match.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m, m.momentum) for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over all calibration batches
-    was_training = model.training
-    model.train()
-    seen = 0
-    try:
-        for x in batches:
-            model(x)
-            seen += len(x)
-    finally:
-        for m, momentum in saved:
-            m.momentum = momentum
-        model.train(was_training)
-    return seen

@@ -136,6 +136,12 @@ _TABLE = [
     Option("device", str, "auto | cpu | cuda | cuda:N", check=device_name),
     Option("distill_temperature", float, check=positive),
     Option("distill_weight", float, check=fraction_closed),
+    Option(
+        "precise_bn_images",
+        int,
+        "after the last epoch, re-estimate BatchNorm statistics on this many training images (0: off)",
+        check=at_least(0),
+    ),
     Option("layers", list, "prune these convs"),
     Option("ignore", list, "never prune these layers"),
     Option("ratio", float, "fraction of channels to remove from each pruned layer", check=fraction_open),

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .batchnorm import batchnorms, recalibrate_batchnorm
 from .checkpoint import Checkpoint, save_checkpoint
 from .console import info, progress_bar
 from .data import DataBundle
@@ -51,6 +52,10 @@ class TrainConfig:
     device: str = "auto"
     distill_temperature: float = 4.0
     distill_weight: float = 0.5
+    # After the last epoch, BatchNorm statistics re-estimated on this many training images with the final
+    # weights ("precise BN"; 0: off). A small BatchNorm momentum (0.01 in TF-ported models) leaves them
+    # far behind a short fine-tuning: 37.2 % -> 68.5 % on the few-shot EfficientNet-Lite1.
+    precise_bn_images: int = 0
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -526,6 +531,8 @@ def _end_epoch(
 ) -> dict[str, Any] | None:
     """Test, record and log the finished ``epoch``, then save the state at its end; the test result."""
     # A signal during evaluation only sets the flag: the epoch's record is whole before anything is saved.
+    if epoch + 1 == run.cfg.epochs and run.cfg.precise_bn_images:
+        _precise_bn(run)
     test = _evaluate_test(run)
     record = _epoch_record(run, epoch, running, test)
     run.history.append(record)
@@ -535,6 +542,28 @@ def _end_epoch(
         _say_interrupted(run.dist_info, run.out_dir, epoch + 1, 0)
         raise KeyboardInterrupt
     return test
+
+
+def _precise_bn(run: _Loop) -> None:
+    """Re-estimate the statistics of every BatchNorm that trains on the first ``precise_bn_images`` training
+    images, with the final weights; every process ends with rank 0's. The RNG is left as it was."""
+    norms = [m for m in batchnorms(run.model) if m not in run.frozen_modules]
+    with torch.random.fork_rng(devices=[]):
+
+        def images() -> Iterator[torch.Tensor]:
+            seen = 0
+            for x, _ in run.loader.batches(0):
+                if seen >= run.cfg.precise_bn_images:
+                    return
+                x = x[: run.cfg.precise_bn_images - seen].to(run.device, non_blocking=True)
+                seen += len(x)
+                last = run.cfg.channels_last and x.dim() == 4
+                yield x.contiguous(memory_format=torch.channels_last) if last else x
+
+        recalibrate_batchnorm(run.model, images(), norms)
+    if run.dist_info.world_size > 1:
+        for buffer in run.model.buffers():
+            torch.distributed.broadcast(buffer, 0)
 
 
 def _evaluate_test(run: _Loop) -> dict[str, Any] | None:
