@@ -17,7 +17,14 @@ from .errors import UsageError, arg, arg_values
 from .groups import Group, collect_groups, tolerant_reshapes, validate_names
 from .importance import ChannelImportance
 from .measure import count_macs, count_params
-from .planning import MIN_KEEP_FRACTION, TOLERANCE, LayerCosts, plan_ratio, plan_target
+from .planning import (
+    MIN_KEEP_FRACTION,
+    TOLERANCE,
+    LayerCosts,
+    default_allocation,
+    plan_ratio,
+    plan_target,
+)
 from .requests import PruneRequest
 from .surgery import SurgeryError, apply_checked, kept_outputs, output_shapes, restore, snapshot
 
@@ -49,6 +56,8 @@ def prune_model(
     """
     request.validate()
     validate_names(model, request)
+    if request.allocation is None:  # no images at hand at this level: the rule without a scan
+        request.allocation = default_allocation(None, request.ratio, 0)
     was_training = model.training
     model.eval()
     try:
