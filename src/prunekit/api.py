@@ -239,7 +239,9 @@ def evaluate_checkpoint(
     meta = ckpt.meta
     bundle = load_data_for(meta, data, data_dir, subset)
     model = ckpt.model
-    acc = evaluate(model, bundle.loader("test", batch_size), num_classes=meta["num_classes"])
+    from .core import evaluate as evaluate_model
+
+    acc = evaluate_model(model, bundle.loader("test", batch_size), num_classes=meta["num_classes"])
     size = meta["input_size"]
     table = summary(model, size)
     results: dict[str, Any] = {

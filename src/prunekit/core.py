@@ -343,6 +343,28 @@ def _names(values: Sequence[str] | str | None, option: str) -> list[str]:
 
 
 @torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable, num_classes: int | None = None) -> dict[str, Any]:
+    """Top-1 accuracy (overall and per class) and mean loss of ``model`` on ``(images, labels)`` batches, in
+    fp32 and eval mode: the figure every command reports. The model's mode is left as it was."""
+    from .measure import evaluate as measured
+
+    return measured(model, batches, bf16=False, num_classes=num_classes)
+
+
+def sensitivity_scan(
+    model: nn.Module,
+    example_inputs: Any,
+    calibration: Iterable | torch.Tensor,
+    ratios: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """Each prunable group pruned alone at ``ratios`` (default 0.1, 0.3, ..., 0.9) on ``calibration`` (input
+    batches, labels optional), as ``prunekit sensitivity`` does: the result ``prune(sensitivity=)`` takes.
+    ``model`` is not changed."""
+    example = _example(model, example_inputs)
+    batches = _fitting(model, calibration_inputs(calibration, example.device))
+    return scan_calibration(model, example, batches, ratios)
+
+
 def recalibrate_bn(model: nn.Module, batches: Iterable) -> int:
     """Re-estimate every BatchNorm's running statistics on ``batches`` (inputs or (inputs, labels)); returns
     the number of images seen. Pruning changes what flows into later BatchNorms, so do this after it."""

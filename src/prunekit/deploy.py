@@ -201,6 +201,26 @@ def quantize_int8(
     return atomic_write(out, write)
 
 
+def quantize_model(
+    model: nn.Module,
+    path: str | Path,
+    calibration: Any,
+    example_inputs: int | torch.Tensor,
+    method: str = "minmax",
+    keep_fp32: Sequence[str] = (),
+) -> Path:
+    """Static int8 ONNX of an in-memory ``model`` at ``path``, calibrated on ``calibration`` (input batches,
+    labels optional) as ``prunekit quantize`` does; ``keep_fp32`` names ONNX nodes left in fp32."""
+    import tempfile
+
+    from .core import calibration_inputs
+
+    batches = [x.cpu() for x, _ in calibration_inputs(calibration, torch.device("cpu"))]
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = write_onnx(model, example_inputs, Path(tmp) / "fp32.onnx")
+        return quantize_int8(fp32, path, batches, method=method, exclude=keep_fp32)
+
+
 def conv_nodes(path: str | Path) -> list[str]:
     """Names of the Conv and Gemm nodes of an ONNX model, in graph order (candidates to keep in fp32)."""
     import onnx

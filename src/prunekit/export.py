@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_checkpoint
-from .errors import UsageError
+from .errors import UsageError, arg
 from .files import DirectoryLock, atomic_write, check_outputs, clean_stale_temps
 
 INPUT, OUTPUT = "images", "logits"  # the exported graph's tensor names
@@ -24,8 +24,7 @@ def export_checkpoint(
 
     Never onto ``path`` itself; an existing ``out`` is refused unless ``overwrite``.
     """
-    if fmt not in FORMATS:
-        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt}")
+    _check_format(fmt)
     suffix = ".onnx" if fmt == "onnx" else ".pt"
     out = Path(out) if out else Path(path).with_suffix(suffix)
     check_outputs([path], [out], overwrite)
@@ -36,10 +35,26 @@ def export_checkpoint(
 
 def _export(path: str | Path, fmt: str, out: Path, opset: int) -> Path:
     ckpt = load_checkpoint(path)
-    model = ckpt.model.eval()
-    size = ckpt.meta["input_size"]
-    example = torch.randn(1, 3, size, size)
-    if fmt == "onnx":
+    return export_model(ckpt.model, out, ckpt.meta["input_size"], fmt, opset)
+
+
+def export_model(
+    model: torch.nn.Module,
+    path: str | Path,
+    example_inputs: int | torch.Tensor,
+    format: str = "onnx",
+    opset: int = 17,
+) -> Path:
+    """Write an in-memory ``model`` to ``path`` (atomically) as ONNX with a dynamic batch, or TorchScript;
+    ``example_inputs`` is an input tensor or the side of a square image."""
+    _check_format(format)
+    model = model.eval()
+    if isinstance(example_inputs, torch.Tensor):
+        example = torch.randn(1, *example_inputs.shape[1:])
+    else:
+        example = torch.randn(1, 3, example_inputs, example_inputs)
+    example = example.to(next(model.parameters()).device)
+    if format == "onnx":
         try:
             import onnx  # noqa: F401
         except ImportError:
@@ -54,7 +69,12 @@ def _export(path: str | Path, fmt: str, out: Path, opset: int) -> Path:
                 warnings.simplefilter("ignore")
                 torch.jit.save(torch.jit.trace(model, example), str(tmp))
 
-    return atomic_write(out, write)
+    return atomic_write(Path(path), write)
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise UsageError(f"{arg('format')} must be one of {', '.join(FORMATS)}, got {fmt}")
 
 
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:

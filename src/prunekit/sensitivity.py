@@ -18,9 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .batchnorm import recalibrate_batchnorm
 from .console import console, progress_bar
 from .errors import UsageError
-from .finetuning import recalibrate_batchnorm
 from .groups import collect_groups
 from .importance import make_importance
 from .measure import autocast, bf16_supported, evaluate
@@ -386,7 +386,10 @@ def _seconds_per_image(model: nn.Module, held_out: Sequence[tuple[torch.Tensor, 
 
 
 def scan_calibration(
-    model: nn.Module, example: torch.Tensor, batches: Sequence[tuple[torch.Tensor, torch.Tensor | None]]
+    model: nn.Module,
+    example: torch.Tensor,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
+    ratios: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """A scan on the caller's calibration batches: two thirds score, one third re-estimates BatchNorm (the
     commands' 1,000 : 512). Unlabelled images are scored by agreement with the dense model's predictions."""
@@ -405,7 +408,7 @@ def scan_calibration(
     scoring = len(x) * SCAN_IMAGES // (SCAN_IMAGES + SCAN_CALIBRATION_IMAGES)
     held_out = [(x[i : min(i + 250, scoring)], y[i : min(i + 250, scoring)]) for i in range(0, scoring, 250)]
     calibration = [x[i : i + 256] for i in range(scoring, len(x), 256)]
-    result = scan(model, example, held_out, calibration, seconds=SCAN_SECONDS)
+    result = scan(model, example, held_out, calibration, ratios or RATIOS, seconds=SCAN_SECONDS)
     result["metric"] = "accuracy" if labelled else "agreement with the dense model"
     return result
 
