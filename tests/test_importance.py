@@ -227,6 +227,67 @@ def test_taylor_rejects_random_calibration(capsys, tmp_path, dense_ckpt):
 def test_unknown_criterion():
     with pytest.raises(UsageError, match="unknown importance criterion"):
         make_importance("magnitude")
-    assert {"activation", "activation-post", "l1", "l2", "group-l2", "bn", "taylor", "random"} == set(
-        CRITERIA
-    )
+    assert {
+        "activation",
+        "activation-post",
+        "l1",
+        "l2",
+        "group-l2",
+        "refit",
+        "bn",
+        "taylor",
+        "random",
+    } == set(CRITERIA)
+
+
+def test_refit_scores_are_the_error_a_least_squares_refit_leaves():
+    """Each input channel's score equals the output error of re-fitting the layer without it (ridge least
+    squares towards its weights, solved directly), on the images the scores were computed from."""
+    from prunekit.reconstruct import removal_errors
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, 3, padding=1, bias=False)
+    base = torch.randn(16, 4, 8, 8)
+    x = torch.cat([base, base[:, :2] + 0.1 * torch.randn(16, 2, 8, 8)], 1)  # channels 4, 5 near 0, 1
+    scores = removal_errors(nn.Sequential(conv), x)[conv].double()
+    cols = nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 54).double()  # rows x (c, tap)
+    w = conv.weight.detach().reshape(5, 54).double()
+    y, gram = cols @ w.T, cols.T @ cols
+    lam = 0.01 * float(torch.diagonal(gram).mean())
+    for c in range(6):
+        keep = torch.tensor([i // 9 != c for i in range(54)])
+        g = gram[keep][:, keep] + lam * torch.eye(int(keep.sum()), dtype=torch.float64)
+        refit = torch.linalg.solve(g, cols[:, keep].T @ y + lam * w[:, keep].T).T
+        error = ((y - cols[:, keep] @ refit.T) ** 2).sum() + lam * ((refit - w[:, keep]) ** 2).sum()
+        assert float(scores[c]) == pytest.approx(float(error), rel=1e-4)
+    assert max(scores[4], scores[5]) < min(scores[2], scores[3])  # a near-copy costs little to remove
+
+
+def test_refit_removes_a_duplicated_channel_that_l2_keeps():
+    """Two identical filters of large norm: l2 keeps both, refit removes one (the reader re-fits it away)."""
+    import prunekit
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.b(self.a(x).relu()).relu().mean((2, 3)))
+
+    torch.manual_seed(0)
+    base = Net()
+    nets = {name: copy.deepcopy(base) for name in ("l2", "refit")}
+    for net in nets.values():
+        with torch.no_grad():
+            net.a.weight[7] = net.a.weight[0] = net.a.weight[0] * 5
+            net.a.bias.fill_(1.0)  # no channel is dead after the ReLU: each one carries information
+    images = [torch.randn(32, 3, 12, 12)]
+    duplicate = nets["l2"].a.weight[0].detach().clone()
+    copies = {}
+    for name, net in nets.items():
+        prunekit.prune(net, images[0][:1], layers=["a"], ratio=0.125, importance=name, calibration=images)
+        assert net.a.out_channels == 7
+        copies[name] = sum(torch.equal(f, duplicate) for f in net.a.weight.detach())
+    assert copies == {"l2": 2, "refit": 1}

@@ -20,8 +20,8 @@ from torch_pruning.pruner import function
 
 from .errors import UsageError
 
-CRITERIA = ("activation", "activation-post", "l1", "l2", "group-l2", "bn", "taylor", "random")
-NEEDS_CALIBRATION = {"activation", "activation-post", "taylor"}
+CRITERIA = ("activation", "activation-post", "l1", "l2", "group-l2", "refit", "bn", "taylor", "random")
+NEEDS_CALIBRATION = {"activation", "activation-post", "refit", "taylor"}
 
 _OUT_FNS = (function.prune_conv_out_channels, function.prune_linear_out_channels)
 _IN_FNS = (function.prune_conv_in_channels, function.prune_linear_in_channels)
@@ -198,6 +198,34 @@ class ActivationImportance(ChannelImportance):
         return self.means[layer][idxs]
 
 
+class RefitImportance(ChannelImportance):
+    """``refit``: the output error removing a channel leaves in the layers that read it, after each of them
+    is re-fitted on its other inputs (what recovery then does): the structured Optimal Brain Surgeon score
+    (``reconstruct.removal_errors``), each reader's scores put on one scale by their mean. Call
+    ``calibrate`` first; a group no re-fittable layer reads is scored by its filters' L2 norm."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self.errors: dict[nn.Module, torch.Tensor] = {}
+        self._fallback = FilterNormImportance(2)
+
+    def calibrate(self, model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+        from .reconstruct import removal_errors
+
+        self.errors = removal_errors(model, torch.cat(list(batches)), self.seed)
+
+    def __call__(self, group):
+        scores = super().__call__(group)
+        return scores if scores is not None else self._fallback(group)
+
+    def layer_scores(self, layer, idxs, is_norm):
+        return None
+
+    def reader_scores(self, layer, idxs):
+        errors = self.errors.get(layer)
+        return None if errors is None else errors[idxs]
+
+
 def make_importance(name: str, seed: int = 0) -> ChannelImportance:
     """The criterion named ``name`` (one of ``CRITERIA``)."""
     if name == "l1":
@@ -206,6 +234,8 @@ def make_importance(name: str, seed: int = 0) -> ChannelImportance:
         return FilterNormImportance(2)
     if name == "group-l2":
         return GroupNormImportance()
+    if name == "refit":
+        return RefitImportance(seed)
     if name == "bn":
         return BNScaleImportance()
     if name == "taylor":
