@@ -59,13 +59,23 @@ def test_cli_writes_json_and_plot_and_never_reads_the_test_set(trained, tmp_path
     assert result["ratios"] == [0.3, 0.6] and result["held_out_images"] == 200
     assert len(result["groups"]) >= 8 and out.with_suffix(".png").stat().st_size > 1000
     assert "test" not in read
+    table = [line for line in capsys.readouterr().err.splitlines() if "points lost at 0.3,0.6:" in line]
+    assert len(table) == len([g for g in result["groups"].values() if "accuracy" in g])
 
 
 def test_cli_refusals_are_one_line_and_write_nothing(trained, tmp_path, capsys):
-    code = main(["sensitivity", str(trained), "--out", str(tmp_path / "s.json"), "--ratios", "0.5,x"])
-    err = capsys.readouterr().err
-    assert code == EXIT_USAGE and "--ratios" in err and len(err.strip().splitlines()) == 1, err
+    for ratios in ("0.5,x", "0.5,1.5"):
+        code = main(["sensitivity", str(trained), "--out", str(tmp_path / "s.json"), "--ratios", ratios])
+        err = capsys.readouterr().err
+        assert code == EXIT_USAGE and "--ratios" in err and len(err.strip().splitlines()) == 1, err
     assert not list(tmp_path.iterdir())
+    scan_file = tmp_path / "scan.json"
+    scan_file.write_text('{"ratios": [0.5]}')
+    argv = ["prune", str(trained), "--target-macs", "0.5", "--allocation", "sensitivity", "--sensitivity"]
+    code = main([*argv, str(scan_file), "--out", str(tmp_path / "p.safetensors")])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE and "not a `prunekit sensitivity` result" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.json"]
 
 
 @pytest.mark.slow

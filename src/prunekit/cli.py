@@ -613,6 +613,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from . import api
     from .pruning import PruneRequest
     from .report import print_prune
+    from .sensitivity import read_scan
 
     request = PruneRequest(
         layers=args.layer,
@@ -625,7 +626,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         ignore=args.ignore,
         round_to=args.round_to,
         allocation=args.allocation,
-        sensitivity=_read_json(args.sensitivity) if args.sensitivity else None,
+        sensitivity=read_scan(args.sensitivity) if args.sensitivity else None,
         prune_input_conv=args.prune_input_conv,
         reconstruct=args.reconstruct,
     )
@@ -646,18 +647,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_json(path: Path) -> dict:
-    import json
-
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: cannot read it as JSON ({exc})") from None
-    if not isinstance(value, dict) or "groups" not in value or "ratios" not in value:
-        raise UsageError(f"{path}: not a `prunekit sensitivity` result")
-    return value
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
 
@@ -668,11 +657,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     from . import api
+    from .report import print_scan
+    from .sensitivity import parse_ratios
 
-    try:
-        ratios = tuple(float(r) for r in args.ratios.split(","))
-    except ValueError:
-        raise UsageError(f"--ratios must be comma-separated numbers, got {args.ratios!r}") from None
     recalibration = args.recalibration_images
     if args.old_recalibration_images is not None:
         warn("sensitivity --calibration-images is deprecated: it is --recalibration-images now")
@@ -680,7 +667,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     result = api.sensitivity_checkpoint(
         args.checkpoint,
         out=args.out,
-        ratios=ratios,
+        ratios=parse_ratios(args.ratios),
         images=args.images,
         calibration_images=recalibration,
         importance=args.importance,
@@ -689,13 +676,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         seed=args.seed,
         overwrite=args.overwrite,
     )
-    dense = result["dense_accuracy"]
-    for name, row in result["groups"].items():
-        if "skipped" in row:
-            console.print(f"{name:28s} skipped: {row['skipped']}", highlight=False)
-            continue
-        drops = "  ".join(f"{(dense - a) * 100:+6.2f}" for a in row["accuracy"])
-        console.print(f"{name:28s} points lost at {args.ratios}: {drops}", highlight=False)
+    print_scan(result)
     return 0
 
 

@@ -105,6 +105,17 @@ def layer_rows(changed: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     ]
 
 
+def print_scan(result: dict[str, Any]) -> None:
+    """One line per group of a sensitivity scan: the points of accuracy lost at each ratio."""
+    dense, ratios = result["dense_accuracy"], ",".join(f"{r:g}" for r in result["ratios"])
+    for name, row in result["groups"].items():
+        if "skipped" in row:
+            console.print(f"{name:28s} skipped: {row['skipped']}", highlight=False)
+            continue
+        drops = "  ".join(f"{(dense - a) * 100:+6.2f}" for a in row["accuracy"])
+        console.print(f"{name:28s} points lost at {ratios}: {drops}", highlight=False)
+
+
 def print_prune(report: dict[str, Any]) -> None:
     """The before/after summary and the per-layer channel table of ``prunekit prune``."""
     table = Table(title=f"{report['model']} pruned by {report['importance']}")

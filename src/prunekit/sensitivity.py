@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .batchnorm import recalibrate_batchnorm
 from .console import console, progress_bar
-from .errors import UsageError
+from .errors import UsageError, arg
 from .groups import collect_groups
 from .importance import make_importance
 from .measure import autocast, bf16_supported, evaluate
@@ -443,3 +443,27 @@ def plot(result: dict[str, Any], path: str | Path) -> Path | None:
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
     plt.close(fig)
     return Path(path)
+
+
+def parse_ratios(text: str) -> tuple[float, ...]:
+    """``0.1,0.5,0.9`` as fractions of channels; a clear error for anything else."""
+    try:
+        ratios = tuple(float(r) for r in text.split(","))
+    except ValueError:
+        raise UsageError(f"{arg('ratios')} must be comma-separated numbers, got {text!r}") from None
+    if not ratios or any(not 0 < r < 1 for r in ratios):
+        raise UsageError(f"{arg('ratios')} must be fractions between 0 and 1 (exclusive), got {text!r}")
+    return ratios
+
+
+def read_scan(path: str | Path) -> dict[str, Any]:
+    """A ``prunekit sensitivity`` result from its JSON file; a clear error when it is not one."""
+    import json
+
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: cannot read it as JSON ({exc})") from None
+    if not isinstance(value, dict) or "groups" not in value or "ratios" not in value:
+        raise UsageError(f"{path}: not a `prunekit sensitivity` result")
+    return value
