@@ -9,7 +9,11 @@ python benchmarks/fewshot.py [--seeds 0,1,2] [--rows prunekit-distill,torch-prun
 (prunekit: `prunekit.prune` with its defaults given the 512 unlabelled calibration images, which means
 the global allocation and recovery; -distill: fine-tuned with the dense parent as teacher; also
 prunekit-uniform[-distill] and prunekit-sensitivity[-distill]: those allocations, the latter a scan of the
-512 calibration images)
+512 calibration images; -refit / -group-l2 name the importance criterion instead of l2; -norecon: BatchNorm recalibration
+instead of recovery)
+
+python benchmarks/fewshot.py --no-finetune --rows prunekit,prunekit-refit,torch-pruning
+only prunes (and recovers) each row and tests it: no label and no gradient step (`no_finetuning`).
 
 Every fine-tuning, the dense transfer's included, is `prunekit.finetune` with the `full` recipe, which
 re-estimates BatchNorm statistics after the last epoch (precise BN): this model's BatchNorm momentum of
@@ -118,32 +122,61 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rows", default="prunekit-distill,torch-pruning,prunekit")
     parser.add_argument("--runs", default="runs/fewshot")
+    parser.add_argument(
+        "--no-finetune",
+        action="store_true",
+        help="only prune (and recover) each row and test it: results under no_finetuning (seeds unused)",
+    )
     args = parser.parse_args()
     require(Path(args.data))
     bundle = load_data(args.data)
-    train_x, train_y = per_class(bundle.train, PER_CLASS_TRAIN)
+    train = per_class(bundle.train, PER_CLASS_TRAIN)
     test = Upsampled(*per_class(bundle.test, PER_CLASS_TEST), batch=50, train=False)
-    example = torch.zeros(1, 3, SIZE, SIZE)
     results = json.loads(OUT.read_text()) if OUT.exists() else {"rows": {}}
-    runs = Path(args.runs)
+    dense = dense_parent(Path(args.runs), results, train, test)
+    calibration = [x for x, _ in Upsampled(*train, 64, False)][:8]  # 512 unlabelled images
+    rows = args.rows.split(",")
+    if args.no_finetune:
+        table = results.setdefault("no_finetuning", {})
+        for row in (r for r in rows if r not in table):
+            model, prune_s = pruned(row, dense, calibration)
+            table[row] = {"accuracy": evaluate(model, test)["accuracy"], "prune_s": prune_s}
+            table[row]["macs_ratio"] = count_macs(model, EXAMPLE) / results["dense"]["macs"]
+            save(results)
+            print(f"{row}: {table[row]['accuracy']:.2%} with no fine-tuning", flush=True)
+        return
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for row in (r for r in rows if f"{r}/seed{seed}" not in results["rows"]):
+            results["rows"][f"{row}/seed{seed}"] = finetuned_row(
+                row, seed, dense, results["dense"], calibration, train, test
+            )
+            save(results)
+            got = results["rows"][f"{row}/seed{seed}"]
+            print(f"{row}/seed{seed}: {got['accuracy']:.2%} ({got['vs_dense']:+.2%}; "
+                  f"{got['accuracy_before_finetuning']:.2%} before fine-tuning)", flush=True)  # fmt: skip
+
+
+EXAMPLE = torch.zeros(1, 3, SIZE, SIZE)
+
+
+def dense_parent(runs: Path, results: dict, train: tuple, test: Upsampled) -> torch.nn.Module:
+    """The dense transfer every row starts from: kept in ``runs``, trained once when absent (the rows of an
+    earlier parent are then moved aside)."""
     runs.mkdir(parents=True, exist_ok=True)
     dense_file = runs / "dense.safetensors"
     if dense_file.exists():
         dense = prunekit.load(dense_file, model=pretrained())
     else:
         if results.get("rows"):  # a new transfer is a new parent: rows of the old one are kept apart
-            old = {
-                k: results.pop(k)
-                for k in ("rows", "dense", "dense_transfer_s", "dense_transfers")
-                if k in results
-            }
+            kept = ("rows", "dense", "dense_transfer_s", "dense_transfers", "no_finetuning")
+            old = {k: results.pop(k) for k in kept if k in results}
             note = "rows of an earlier dense transfer (its weights were not kept): not comparable with the rows above"
             results.setdefault("earlier_parents", []).append({"note": note, **old})
             results["rows"] = {}
         torch.manual_seed(0)  # the new classifier's initialization: the same parent in every session
         dense = pretrained()
         start = time.perf_counter()
-        prunekit.finetune(dense, Upsampled(train_x, train_y, 32, True), epochs=EPOCHS, lr=LR, recipe="full")
+        prunekit.finetune(dense, Upsampled(*train, 32, True), epochs=EPOCHS, lr=LR, recipe="full")
         prunekit.save(dense, dense_file)
         results["dense_transfer_s"] = time.perf_counter() - start
         # a transfer repeated in a later session: its accuracy recorded, to show the parent is the same
@@ -151,55 +184,74 @@ def main() -> None:
         save(results)
     dense.eval()
     if "dense" not in results:
-        results["dense"] = {"accuracy": evaluate(dense, test)["accuracy"], "macs": count_macs(dense, example)}
+        results["dense"] = {"accuracy": evaluate(dense, test)["accuracy"], "macs": count_macs(dense, EXAMPLE)}
         results["dense"]["latency_b16_ms"] = latency(copy.deepcopy(dense), SIZE, 16)["median_ms"]
         save(results)
-    calibration = [x for x, _ in Upsampled(train_x, train_y, 64, False)][:8]  # 512 unlabelled images
-    for seed in (int(s) for s in args.seeds.split(",")):
-        for row in args.rows.split(","):
-            key = f"{row}/seed{seed}"
-            if key in results["rows"]:
-                continue
-            model = copy.deepcopy(dense)
-            start = time.perf_counter()
-            if row == "torch-pruning":
-                model = torch_pruning_uniform(model, example, 0.5)
-                prunekit.recalibrate_bn(model, calibration)
-            else:  # prunekit[-uniform|-sensitivity][-distill]: the default allocation unless named
-                named = [a for a in ("uniform", "sensitivity") if f"-{a}" in row]
-                allocation = named[0] if named else None
-                prunekit.prune(
-                    model, example, target_macs=0.5, allocation=allocation, calibration=calibration
-                )
-            prune_s = time.perf_counter() - start
-            pruned_acc = evaluate(model, test)["accuracy"]
-            teacher = dense if row.endswith("distill") else None
-            prunekit.finetune(
-                model,
-                Upsampled(train_x, train_y, 32, True, seed),
-                epochs=EPOCHS,
-                lr=LR,
-                recipe="full",
-                teacher=teacher,
-                seed=seed,
-                recalibrate=False,  # each row's BatchNorm is set above
-            )
-            model.eval()
-            acc = evaluate(model, test)["accuracy"]
-            results["rows"][key] = {
-                "accuracy": acc,
-                "vs_dense": acc - results["dense"]["accuracy"],
-                "accuracy_before_finetuning": pruned_acc,
-                "macs_ratio": count_macs(model, example) / results["dense"]["macs"],
-                "latency_b16_ms": latency(copy.deepcopy(model), SIZE, 16)["median_ms"],
-                "prune_s": prune_s,
-                "seconds": time.perf_counter() - start,
-            }
-            save(results)
-            print(
-                f"{key}: {acc:.2%} ({acc - results['dense']['accuracy']:+.2%}; {pruned_acc:.2%} before fine-tuning)",
-                flush=True,
-            )
+    return dense
+
+
+def pruned(row: str, dense: torch.nn.Module, calibration: list) -> tuple[torch.nn.Module, float]:
+    """A copy of ``dense`` pruned to 2x fewer MACs as ``row`` says, and the seconds it took.
+
+    ``torch-pruning``: its recipe and BatchNorm recalibration. ``prunekit[-uniform|-sensitivity][-refit|
+    -group-l2][-norecon]...``: ``prunekit.prune`` with that allocation and criterion (the defaults where
+    none is named) on the calibration images, recovery included (``-norecon``: BatchNorm recalibration
+    instead)."""
+    model, start = copy.deepcopy(dense), time.perf_counter()
+    if row == "torch-pruning":
+        model = torch_pruning_uniform(model, EXAMPLE, 0.5)
+        prunekit.recalibrate_bn(model, calibration)
+    else:
+        allocation = next((a for a in ("uniform", "sensitivity") if f"-{a}" in row), None)
+        importance = next((c for c in ("refit", "group-l2") if f"-{c}" in row), None)
+        prunekit.prune(
+            model,
+            EXAMPLE,
+            target_macs=0.5,
+            allocation=allocation,
+            importance=importance,
+            calibration=calibration,
+            reconstruct=False if "-norecon" in row else None,
+        )
+        if "-norecon" in row:
+            prunekit.recalibrate_bn(model, calibration)
+    return model, time.perf_counter() - start
+
+
+def finetuned_row(
+    row: str,
+    seed: int,
+    dense: torch.nn.Module,
+    parent: dict,
+    calibration: list,
+    train: tuple,
+    test: Upsampled,
+) -> dict:
+    """One row: pruned, tested, fine-tuned 5 epochs (distilled from ``dense`` for ``-distill``), tested."""
+    start = time.perf_counter()
+    model, prune_s = pruned(row, dense, calibration)
+    pruned_acc = evaluate(model, test)["accuracy"]
+    prunekit.finetune(
+        model,
+        Upsampled(*train, 32, True, seed),
+        epochs=EPOCHS,
+        lr=LR,
+        recipe="full",
+        teacher=dense if row.endswith("distill") else None,
+        seed=seed,
+        recalibrate=False,  # each row's BatchNorm is set by its pruning
+    )
+    model.eval()
+    acc = evaluate(model, test)["accuracy"]
+    return {
+        "accuracy": acc,
+        "vs_dense": acc - parent["accuracy"],
+        "accuracy_before_finetuning": pruned_acc,
+        "macs_ratio": count_macs(model, EXAMPLE) / parent["macs"],
+        "latency_b16_ms": latency(copy.deepcopy(model), SIZE, 16)["median_ms"],
+        "prune_s": prune_s,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def save(results: dict) -> None:
