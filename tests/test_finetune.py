@@ -301,6 +301,30 @@ def test_precise_bn_matches_the_final_weights_and_spares_frozen_norms():
     assert recipe("full")[0].precise_bn_images == 512 and recipe("blog")[0].precise_bn_images == 0
 
 
+def test_the_default_recipe_follows_what_was_pruned(dense_ckpt, tmp_path):
+    """blog for a model pruned only at named layers (the blog's experiment), full for a target, a ratio
+    over the network or no record; the command and Python read the same rule."""
+    from prunekit.finetuning import default_recipe
+
+    assert default_recipe([{"request": {"layers": ["layer2.0.conv1"], "ratio": 0.2}}]) == "blog"
+    assert default_recipe([{"request": {"layers": [], "target_macs": 0.5}}]) == "full"
+    assert default_recipe([{"request": {"layers": ["a"]}}, {"request": {"layers": []}}]) == "full"
+    assert default_recipe(None) == default_recipe([]) == "full"
+    target = tmp_path / "target.safetensors"
+    api.prune_checkpoint(dense_ckpt, PruneRequest(target_macs=0.6), importance="l1", out=target)
+    tuned = api.finetune_checkpoint(
+        target,
+        tmp_path / "ft",
+        epochs=1,
+        recalibration_images=32,
+        device="cpu",
+        data="synthetic",
+        subset=SUBSET,
+    )
+    settings = load_checkpoint(tmp_path / "ft" / MODEL_FILE).meta["finetune"]
+    assert settings["recipe"] == "full" and settings["freeze"] == "none" and tuned
+
+
 # ---------------------------------------------------------------- the command
 
 

@@ -830,7 +830,7 @@ def finetune_checkpoint(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Recalibrate BatchNorm (``recalibrate``, default True, on ``recalibration_images``, default 2048), then
-    fine-tune a pruned checkpoint (``recipe_name`` default ``blog``, the blog post's); returns accuracy at each
+    fine-tune a pruned checkpoint (``recipe_name`` default: ``finetuning.default_recipe``); returns accuracy at each
     stage. Resumed (``resume`` and an interrupted run in ``out``), any argument given (not None) that differs
     from the run's record is refused.
 
@@ -839,7 +839,8 @@ def finetune_checkpoint(
 
     ``out`` (a directory) is locked meanwhile; one holding a run is refused unless ``resume`` or ``overwrite``.
     """
-    from .finetuning import recipe
+    from .checkpoint import read_meta
+    from .finetuning import default_recipe, recipe
 
     out = Path(out)
     if distill is False and teacher is not None:
@@ -850,7 +851,7 @@ def finetune_checkpoint(
     asked |= {"distill_temperature": distill_temperature, "distill_weight": distill_weight, "seed": seed}
     asked |= {"recalibrate": recalibrate, "recalibration_images": recalibration_images, "device": device}
     asked |= {"data": data, "data_dir": data_dir, "subset": subset}
-    recipe_name = recipe_name or "blog"
+    recipe_name = recipe_name or default_recipe(read_meta(path).get("pruning"))
     recalibrate = True if recalibrate is None else recalibrate
     recalibration_images = 2048 if recalibration_images is None else recalibration_images
     seed = 0 if seed is None else seed

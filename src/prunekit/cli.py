@@ -309,9 +309,10 @@ def _add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--recipe",
         choices=ACCEPTED_RECIPES,
-        default="blog",
+        default=None,
         help="blog: Adam lr 1e-4, 10 epochs, the blog's freezing; full: SGD cosine lr 0.01, everything "
-        "trains (seed: the old name of blog, deprecated)",
+        "trains, BatchNorm re-estimated at the end (default: blog for a model pruned at named layers, "
+        "full otherwise; seed: the old name of blog, deprecated)",
     )
     p.add_argument("--epochs", type=cli_type("epochs"), default=None)
     p.add_argument("--lr", type=cli_type("lr"), default=None)
@@ -396,7 +397,11 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--steps", type=cli_type("steps"), help="reach the target in this many prune/fine-tune rounds"
     )
-    p.add_argument("--recipe", choices=ACCEPTED_RECIPES, help="fine-tuning preset (default: blog)")
+    p.add_argument(
+        "--recipe",
+        choices=ACCEPTED_RECIPES,
+        help="fine-tuning preset (default: blog for named layers, as the blog's experiment; full for a target)",
+    )
     p.add_argument("--finetune-epochs", type=cli_type("finetune_epochs"))
     p.add_argument("--finetune-lr", type=cli_type("finetune_lr"))
     p.add_argument("--freeze", choices=ACCEPTED_FREEZE)

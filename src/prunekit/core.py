@@ -407,7 +407,7 @@ def finetune(
     train: Iterable,
     *,
     val: Iterable | None = None,
-    recipe: str = "full",
+    recipe: str | None = None,
     epochs: int | None = None,
     lr: float | None = None,
     optimizer: str | None = None,
@@ -423,12 +423,15 @@ def finetune(
     """Fine-tune ``model`` on ``train`` (a DataLoader or list of ``(images, labels)``) with prunekit's loop.
 
     BatchNorm statistics are first re-estimated on up to ``recalibration_images`` training images. The
-    recipe (``full``: SGD, cosine, everything trains; ``seed``: Adam 1e-4) or a ``TrainConfig`` sets the
+    recipe (``full``: SGD, cosine, everything trains, BatchNorm re-estimated at the end; ``blog``: Adam
+    1e-4; by default as the command line, ``finetuning.default_recipe``) or a ``TrainConfig`` sets the
     schedule; ``teacher`` adds distillation; ``out`` keeps checkpoints and metrics. Returns a ``FitResult``.
     """
+    from .finetuning import default_recipe
     from .finetuning import recipe as make_recipe
     from .train import TrainConfig, fit
 
+    recipe = recipe or default_recipe((getattr(model, "prunekit_meta", None) or {}).get("pruning"))
     if config is None:
         config, _ = make_recipe(recipe, epochs=epochs, lr=lr, optimizer=optimizer, seed=seed, device=device)
     elif not isinstance(config, TrainConfig):

@@ -37,6 +37,15 @@ RECIPES = {
 }
 
 
+def default_recipe(pruning: list[dict] | None) -> str:
+    """The default fine-tuning recipe, on the command line and in Python alike: ``blog`` for a model pruned
+    only at named layers (the blog's experiment, whose recipe retrains what was pruned), ``full`` for a
+    target or a network-wide ratio, or a model with no pruning record (``pruning``: a checkpoint's)."""
+    records = pruning or []
+    named = bool(records) and all((r.get("request") or {}).get("layers") for r in records)
+    return "blog" if named else "full"
+
+
 RENAMED = {"seed": "blog"}  # the blog experiment's recipe and freezing policy were called "seed" until 0.2
 ACCEPTED_RECIPES = (*RECIPES, *RENAMED)  # what --recipe and --freeze take, deprecated names included
 ACCEPTED_FREEZE = (*FREEZE_POLICIES, *RENAMED)

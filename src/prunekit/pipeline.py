@@ -58,7 +58,7 @@ class RunConfig:
     reconstruct: bool | None = None  # recovery without labels after each pruning (None: the default)
     reconstruction_images: int = 512
     steps: int = 1
-    recipe: str = "blog"
+    recipe: str | None = None  # finetuning.default_recipe: blog for named layers, full for a target
     finetune_epochs: int = 10
     finetune_lr: float | None = None
     freeze: str | None = None
