@@ -4,6 +4,7 @@ never saw, in residual and depthwise models; a refused or interrupted recovery l
 from __future__ import annotations
 
 import copy
+import math
 import os
 import signal
 
@@ -238,3 +239,38 @@ def test_python_defaults_follow_the_command_line_and_say_when_images_are_missing
     assert without.request["allocation"] == "global" and without.request["reconstruct"] is False
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "'global' instead of 'sensitivity'" in notes[0] and "no recovery" in notes[0]
+
+
+class StaticSamePaddingConv(nn.Conv2d):
+    """A conv that pads in its own forward and keeps ``padding=0``, as TensorFlow ports do (EfficientNet)."""
+
+    def forward(self, x):
+        pads = []
+        for size, k, s in zip(reversed(x.shape[2:]), reversed(self.kernel_size), reversed(self.stride)):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return super().forward(F.pad(x, pads))
+
+
+@pytest.mark.parametrize(
+    "conv, size",
+    [
+        (StaticSamePaddingConv(6, 5, 3, stride=2), 15),
+        (StaticSamePaddingConv(6, 5, 3, stride=2), 16),
+        (StaticSamePaddingConv(6, 5, 5, stride=1), 9),
+        (nn.Conv2d(6, 5, 3, stride=2, padding=1), 16),
+        (nn.Conv2d(6, 5, 3, padding="same", dilation=2), 11),
+    ],
+)
+def test_regression_rows_read_the_inputs_the_conv_saw(conv, size):
+    """The rows a re-fit regresses on reproduce the conv's own output with its own weights, whether the
+    conv pads by its ``padding`` or in its forward: a wrong padding shifts every patch."""
+    from prunekit.reconstruct import _flat_weight, _padding, _Rows
+
+    x = smooth_images(4, seed=5, size=size)[:, :1].repeat(1, 6, 1, 1) + torch.randn(4, 6, size, size)
+    with torch.no_grad():
+        y = conv(x)
+        rows = _Rows(conv, y, torch.Generator().manual_seed(0))
+        padded = F.pad(x, _padding(conv, x.shape[2:], y.shape[2:]))
+        got = rows.inputs(padded, 0, len(rows.index)) @ _flat_weight(conv).T
+    torch.testing.assert_close(got, rows.outputs(y), rtol=1e-4, atol=1e-4)

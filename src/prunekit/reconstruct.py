@@ -83,8 +83,10 @@ class ReconstructionReport:
 
 
 def refittable(layer: nn.Module) -> bool:
-    """A linear, or a conv that mixes all its input channels (not grouped, not depthwise)."""
-    return isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and layer.groups == 1)
+    """A linear, or a conv that mixes all its input channels (not grouped, not depthwise) and pads with zeros."""
+    if isinstance(layer, nn.Conv2d):
+        return layer.groups == 1 and layer.padding_mode == "zeros"
+    return isinstance(layer, nn.Linear)
 
 
 def readers(dense: nn.Module, pruned: nn.Module) -> list[str]:
@@ -104,16 +106,25 @@ def _in_width(layer: nn.Module) -> int:
     return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
 
 
-def _padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:  # F.pad's order
-    """(left, right, top, bottom) zero padding, for numeric and 'same'/'valid' paddings alike."""
-    if isinstance(conv.padding, str):
+def _padding(conv: nn.Conv2d, in_hw: Sequence[int], out_hw: Sequence[int]) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) zero padding the conv's input gets, in F.pad's order: the conv's own
+    padding ('same'/'valid' included) where it gives the output size seen; otherwise the conv pads in its own
+    forward (the static 'same' padding of TensorFlow ports, which leave ``padding=0``) and the padding is
+    the one that output size implies, split as TensorFlow's 'same' splits it (the extra pixel after)."""
+    own = []
+    for axis in (1, 0):  # width first
+        k, s, d = conv.kernel_size[axis], conv.stride[axis], conv.dilation[axis]
         if conv.padding == "valid":
-            return 0, 0, 0, 0
-        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
-        (th, tw) = total
-        return tw // 2, tw - tw // 2, th // 2, th - th // 2
-    ph, pw = conv.padding
-    return pw, pw, ph, ph
+            before = after = 0
+        elif conv.padding == "same":
+            before, after = d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2
+        else:
+            before = after = conv.padding[axis]
+        if (in_hw[axis] + before + after - d * (k - 1) - 1) // s + 1 != out_hw[axis]:
+            total = max((out_hw[axis] - 1) * s + d * (k - 1) + 1 - in_hw[axis], 0)
+            before, after = total // 2, total - total // 2
+        own += [before, after]
+    return tuple(own)
 
 
 class _Rows:
@@ -124,6 +135,7 @@ class _Rows:
         if isinstance(layer, nn.Conv2d):
             n, _, h, w = output.shape
             total = n * h * w
+            self.out_hw = (h, w)
         else:
             total = output.numel() // output.shape[-1]
         dims = _in_width(layer) * (math.prod(layer.kernel_size) if isinstance(layer, nn.Conv2d) else 1)
@@ -334,7 +346,7 @@ def reconstruct(
 def _refit_layer(name: str, layer: nn.Module, x: torch.Tensor, rows: _Rows, y: torch.Tensor) -> LayerFit:
     """Accumulate the normal equations of one reader chunk by chunk, solve, and write the new weights."""
     if isinstance(layer, nn.Conv2d):
-        x = F.pad(x, _padding(layer))
+        x = F.pad(x, _padding(layer, x.shape[2:], rows.out_hw))
     w0 = _flat_weight(layer).cpu()
     if y.shape[1] != w0.shape[0]:
         raise RuntimeError(f"{name}: {y.shape[1]} dense outputs kept, but the layer has {w0.shape[0]}")
@@ -369,7 +381,9 @@ def removal_errors(model: nn.Module, images: torch.Tensor, seed: int = 0) -> dic
         if module in errors or width > MAX_SCORED_INPUTS:
             return
         rows = _Rows(module, output, generator)
-        x = F.pad(inputs[0], _padding(module)) if isinstance(module, nn.Conv2d) else inputs[0]
+        x = inputs[0]
+        if isinstance(module, nn.Conv2d):
+            x = F.pad(x, _padding(module, x.shape[2:], output.shape[2:]))
         gram = torch.zeros(width, width, dtype=torch.float64)
         for begin in range(0, len(rows.index), CHUNK_ROWS):
             xs = rows.inputs(x, begin, min(begin + CHUNK_ROWS, len(rows.index)))[:, :width]  # no bias column
