@@ -202,12 +202,11 @@ def test_train_then_eval(capsys, tmp_path):
 
 def test_an_internal_error_is_one_line_with_the_traceback_in_a_log(capsys, monkeypatch, isolated_cache):
     """A bug (not a user mistake) still prints one line, exit 1, and the traceback lands in a log file."""
-    from prunekit import api
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("division by zero deep inside")
 
-    monkeypatch.setattr(api, "evaluate_checkpoint", broken)
+    monkeypatch.setattr("prunekit.commands.evaluate.evaluate_checkpoint", broken)
     code, _, err = run_cli(capsys, *["eval", "whatever.safetensors"])
     assert code == 1
     lines = err.strip().splitlines()

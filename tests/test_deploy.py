@@ -79,7 +79,9 @@ def test_eval_reports_onnxruntime_latency_against_the_dense_parent(
     from prunekit import deploy
 
     monkeypatch.setattr(deploy, "ort_latency", functools.partial(deploy.ort_latency, warmup=1, repeats=3))
-    monkeypatch.setattr(api, "latency", functools.partial(api.latency, warmup=1, repeats=3))
+    monkeypatch.setattr(
+        "prunekit.commands.evaluate.latency", functools.partial(api.latency, warmup=1, repeats=3)
+    )
     assert main(["eval", str(pruned_ckpt), "--json", str(tmp_path / "e.json")]) == 0
     results = json.loads((tmp_path / "e.json").read_text())
     assert set(results["ort_speedup"]) == {"batch1", "batch64"}
@@ -123,7 +125,9 @@ def test_run_with_quantize_reports_every_stage_against_latency(tmp_path, capsys,
     from prunekit import deploy
 
     monkeypatch.setattr(deploy, "ort_latency", functools.partial(deploy.ort_latency, warmup=1, repeats=3))
-    monkeypatch.setattr(api, "latency", functools.partial(api.latency, warmup=1, repeats=3))
+    monkeypatch.setattr(
+        "prunekit.commands.evaluate.latency", functools.partial(api.latency, warmup=1, repeats=3)
+    )
     argv = ["run", "--data", "synthetic", "--epochs", "1", "--target-macs", "0.5", "--recipe", "full"]
     argv += ["--allocation", "global"]
     argv += ["--finetune-epochs", "1", "--quantize", "--runs-dir", str(tmp_path), "--name", "q"]

@@ -10,7 +10,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prunekit import api
 from prunekit.cli import EXIT_USAGE, main
 from prunekit.errors import UsageError, cli_arg_style
 from prunekit.options import validate
@@ -111,7 +110,7 @@ def test_train_flags_succeed_or_fail_with_one_error_line(flag, others, data, tmp
         reached.append(cfg)
         return FitResult(model, [], {"accuracy": 0.5})
 
-    monkeypatch.setattr(api, "fit", fit_setup_only)
+    monkeypatch.setattr("prunekit.commands.train.fit", fit_setup_only)
     argv = ["train", "--data", "synthetic", "--out", str(tmp_path / "out")]
     for name in {flag: None, **others}:
         argv += [name, data.draw(TRAIN_FLAGS[name], label=name)]
@@ -137,7 +136,7 @@ def run_main(argv: list[str]) -> int:
 def test_run_refuses_a_bad_layer_or_missing_data_before_any_work(tmp_path, capsys, monkeypatch):
     """Checked before the baseline trains and before the run directory is written."""
     trained = []
-    monkeypatch.setattr(api, "train", lambda *a, **k: trained.append(a))
+    monkeypatch.setattr("prunekit.commands.train.train", lambda *a, **k: trained.append(a))
     runs = tmp_path / "runs"
     for argv, message in (
         (["--data", "synthetic", "--layer", "layer9.conv1"], "--layer layer9.conv1: no such layer"),

@@ -18,7 +18,6 @@ import yaml
 import prunekit.api
 import prunekit.finetuning
 from conftest import PYTHON, run_cli, subprocess_env
-from prunekit import api
 from prunekit.checkpoint import load_checkpoint
 from prunekit.cli import EXIT_INTERRUPTED, EXIT_USAGE
 from prunekit.train import MODEL_FILE, STATE_FILE, fit
@@ -36,7 +35,7 @@ def quick_latency(monkeypatch):
     def quick(model, input_size, batch_size=1, **kwargs):
         return real(model, input_size, batch_size=batch_size, warmup=1, repeats=2)
 
-    monkeypatch.setattr(prunekit.api, "latency", quick)
+    monkeypatch.setattr("prunekit.commands.evaluate.latency", quick)
 
 
 def read_state(run_dir: Path) -> dict:
@@ -105,7 +104,7 @@ def test_pipeline_end_to_end_on_the_mini_archive(mini_archive, tmp_path, capsys,
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(api, "train", stop)
+    monkeypatch.setattr("prunekit.commands.train.train", stop)
     code, _, err = run_cli(capsys, "run", "--config", run_dir / "config.yaml", "--name", "e2e2")
     assert code == EXIT_INTERRUPTED, err
     first = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -140,7 +139,7 @@ def test_config_with_an_unknown_key_is_a_usage_error(tmp_path, capsys):
 )
 def test_config_with_a_bad_value_fails_before_any_training(key, value, tmp_path, capsys, monkeypatch):
     trained = []
-    monkeypatch.setattr(api, "train", lambda *a, **k: trained.append(a))
+    monkeypatch.setattr("prunekit.commands.train.train", lambda *a, **k: trained.append(a))
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump({"data": "synthetic", "subset": 8, "epochs": 1, key: value}))
     code, _, err = run_cli(
@@ -237,7 +236,7 @@ def test_an_interrupted_finetune_resumes_to_the_same_weights(tmp_path, capsys, m
         return fit_with_hook
 
     with monkeypatch.context() as m:
-        m.setattr(api, "fit", with_hook(interrupt))
+        m.setattr("prunekit.commands.finetune.fit", with_hook(interrupt))
         code, _, _ = run_cli(capsys, "run", *args, "--name", "cut", "--baseline", baseline)
     assert code == EXIT_INTERRUPTED
     cut = runs / "cut"
@@ -247,7 +246,7 @@ def test_an_interrupted_finetune_resumes_to_the_same_weights(tmp_path, capsys, m
 
     steps: list[int] = []
     with monkeypatch.context() as m:
-        m.setattr(api, "fit", with_hook(steps.append))
+        m.setattr("prunekit.commands.finetune.fit", with_hook(steps.append))
         code, _, err = run_cli(capsys, "run", "--resume", cut)
     assert code == 0, err
     assert steps == [8, 9]  # it continued after the signalled step, not from the start

@@ -583,7 +583,9 @@ def test_request_validate_through_api(dense_ckpt, tmp_path):
 @pytest.fixture
 def fast_latency(monkeypatch):
     """Few repeats: the test checks the figures are there and sane, not the machine's speed."""
-    monkeypatch.setattr(api, "latency", functools.partial(measure_latency, warmup=1, repeats=3))
+    monkeypatch.setattr(
+        "prunekit.commands.evaluate.latency", functools.partial(measure_latency, warmup=1, repeats=3)
+    )
 
 
 @pytest.mark.slow

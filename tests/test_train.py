@@ -108,7 +108,7 @@ def test_resume_after_a_mid_epoch_sigint_matches_an_uninterrupted_run(reference,
     out = tmp_path / "interrupted"
     signalled = STEPS_PER_EPOCH + 2  # epoch 2, batch 2: that step still completes
     with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
-        m.setattr(api, "fit", functools.partial(fit, on_step=sigint_at(signalled)))
+        m.setattr("prunekit.commands.train.fit", functools.partial(fit, on_step=sigint_at(signalled)))
         run_train(out)
     assert not (out / MODEL_FILE).exists()
     state = load_checkpoint(out / STATE_FILE)

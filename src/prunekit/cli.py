@@ -523,13 +523,13 @@ WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import api
+    from .commands import train
     from .train import TrainConfig
 
     out = args.out or Path("runs") / f"{args.model}-baseline"
     if args.resume:
         asked = {k: getattr(args, k) for k in args.given - {"resume", "out", "overwrite"}}
-        result = api.resume_training(out, asked)
+        result = train.resume_training(out, asked)
         _print_trained(result, out)
         return 0
     if args.data is None:
@@ -537,7 +537,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "--data is required for a new training run (a --resume run reads the one it recorded)"
         )
     cfg = TrainConfig.from_dict(vars(args))
-    result = api.train(
+    result = train.train(
         model=args.model,
         data=args.data,
         out=out,
@@ -561,10 +561,10 @@ def _print_trained(result, out: Path) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from . import api
+    from .commands import evaluate
     from .report import print_eval
 
-    results = api.evaluate_checkpoint(
+    results = evaluate.evaluate_checkpoint(
         args.checkpoint,
         data=args.data,
         data_dir=args.data_dir,
@@ -615,7 +615,7 @@ def _add_reconstruct_args(p: argparse.ArgumentParser, defaults: bool) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from . import api
+    from .commands import prune
     from .pruning import PruneRequest
     from .report import print_prune
     from .sensitivity import read_scan
@@ -635,7 +635,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         prune_input_conv=args.prune_input_conv,
         reconstruct=args.reconstruct,
     )
-    report = api.prune_checkpoint(
+    report = prune.prune_checkpoint(
         args.checkpoint,
         request,
         importance=args.importance,
@@ -653,7 +653,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_checkpoint
+    from .commands.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.format, args.out, overwrite=args.overwrite)
     console.print(f"wrote {out}", highlight=False)
@@ -661,7 +661,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
-    from . import api
+    from .commands import sensitivity
     from .report import print_scan
     from .sensitivity import parse_ratios
 
@@ -669,7 +669,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     if args.old_recalibration_images is not None:
         warn("sensitivity --calibration-images is deprecated: it is --recalibration-images now")
         recalibration = recalibration or args.old_recalibration_images
-    result = api.sensitivity_checkpoint(
+    result = sensitivity.sensitivity_checkpoint(
         args.checkpoint,
         out=args.out,
         ratios=parse_ratios(args.ratios),
@@ -686,10 +686,10 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from . import api
+    from .commands import quantize
     from .report import print_quantize
 
-    report = api.quantize_checkpoint(
+    report = quantize.quantize_checkpoint(
         args.checkpoint,
         out=args.out,
         calibration_images=args.calibration_images,
@@ -706,13 +706,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from . import api
+    from .commands import finetune
 
     out = args.out or args.checkpoint.with_name(args.checkpoint.stem + "-finetuned")
     if args.resume:
         args = asked_only(args)
         args.resume = True
-    result = api.finetune_checkpoint(
+    result = finetune.finetune_checkpoint(
         args.checkpoint,
         out,
         recipe_name=args.recipe,

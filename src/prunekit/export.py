@@ -9,33 +9,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint
 from .errors import UsageError, arg
-from .files import DirectoryLock, atomic_write, check_outputs, clean_stale_temps
+from .files import atomic_write
 
 INPUT, OUTPUT = "images", "logits"  # the exported graph's tensor names
 FORMATS = ("onnx", "torchscript")
-
-
-def export_checkpoint(
-    path: str | Path, fmt: str, out: str | Path | None = None, opset: int = 17, overwrite: bool = False
-) -> Path:
-    """Write ``path``'s model as ONNX or TorchScript; the input is normalized images [N, 3, H, W].
-
-    Never onto ``path`` itself; an existing ``out`` is refused unless ``overwrite``.
-    """
-    _check_format(fmt)
-    suffix = ".onnx" if fmt == "onnx" else ".pt"
-    out = Path(out) if out else Path(path).with_suffix(suffix)
-    check_outputs([path], [out], overwrite)
-    with DirectoryLock(out.parent):
-        clean_stale_temps(out.parent)
-        return _export(path, fmt, out, opset)
-
-
-def _export(path: str | Path, fmt: str, out: Path, opset: int) -> Path:
-    ckpt = load_checkpoint(path)
-    return export_model(ckpt.model, out, ckpt.meta["input_size"], fmt, opset)
 
 
 def export_model(
@@ -107,3 +85,12 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset
                 )
         except Exception:
             raise UsageError(f"{type(model).__name__} cannot be exported to ONNX ({first})") from None
+
+
+def __getattr__(name: str):
+    """``export_checkpoint``, the command on paths, lives in ``prunekit.commands.export`` now."""
+    if name == "export_checkpoint":
+        from .commands.export import export_checkpoint
+
+        return export_checkpoint
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,7 +9,11 @@ from typing import Any
 
 import yaml
 
-from . import api
+from .commands import evaluate as evaluate_command
+from .commands import finetune as finetune_command
+from .commands import prune as prune_command
+from .commands import quantize as quantize_command
+from .commands import train as train_command
 from .console import info, warn
 from .errors import UsageError
 from .files import DirectoryLock, check_outputs, clean_stale_temps, write_json, write_text
@@ -243,7 +247,7 @@ def _baseline_stage(r: Run) -> Path:
     if not cfg.baseline and not r.done("baseline"):
         r.log("training the baseline")
         tcfg = TrainConfig(epochs=cfg.epochs, seed=cfg.seed, device=cfg.device)
-        api.train(
+        train_command.train(
             cfg.model,
             cfg.data,
             r.dir / "baseline",
@@ -268,7 +272,7 @@ def _prune_stage(r: Run, step: int, current: Path) -> Path:
     pruned = r.dir / f"pruned-{step}.safetensors"
     if not r.done(f"prune-{step}"):
         r.log(f"pruning (round {step}/{cfg.steps})")
-        report = api.prune_checkpoint(
+        report = prune_command.prune_checkpoint(
             current,
             cfg.prune_request(step),
             importance=cfg.importance,
@@ -292,7 +296,7 @@ def _finetune_stage(r: Run, step: int, pruned: Path, baseline: Path) -> Path:
     ft_dir = r.dir / f"finetune-{step}"
     if not r.done(f"finetune-{step}"):
         r.log(f"recalibrating BatchNorm and fine-tuning (round {step}/{cfg.steps})")
-        result = api.finetune_checkpoint(
+        result = finetune_command.finetune_checkpoint(
             pruned,
             ft_dir,
             recipe_name=cfg.recipe,
@@ -322,8 +326,8 @@ def _evaluate_stage(r: Run, baseline: Path, current: Path) -> None:
         return
     cfg = r.cfg
     r.log("evaluating the dense baseline and the final model")
-    dense = api.evaluate_checkpoint(baseline, data=cfg.data, data_dir=cfg.data_dir)
-    final = api.evaluate_checkpoint(current, data=cfg.data, data_dir=cfg.data_dir)
+    dense = evaluate_command.evaluate_checkpoint(baseline, data=cfg.data, data_dir=cfg.data_dir)
+    final = evaluate_command.evaluate_checkpoint(current, data=cfg.data, data_dir=cfg.data_dir)
     strip = ("summary_table",)
     r.complete(
         "evaluate",
@@ -340,7 +344,7 @@ def _quantize_stage(r: Run, current: Path) -> None:
         return
     cfg = r.cfg
     r.log("int8 quantization in ONNX Runtime")
-    report = api.quantize_checkpoint(
+    report = quantize_command.quantize_checkpoint(
         current,
         out=r.dir / "model-int8.onnx",
         method=cfg.calibration_method,

@@ -1,0 +1,30 @@
+"""``prunekit export``: a checkpoint's model written as ONNX or TorchScript."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..checkpoint import load_checkpoint
+from ..export import _check_format, export_model
+from ..files import DirectoryLock, check_outputs, clean_stale_temps
+
+
+def export_checkpoint(
+    path: str | Path, fmt: str, out: str | Path | None = None, opset: int = 17, overwrite: bool = False
+) -> Path:
+    """Write ``path``'s model as ONNX or TorchScript; the input is normalized images [N, 3, H, W].
+
+    Never onto ``path`` itself; an existing ``out`` is refused unless ``overwrite``.
+    """
+    _check_format(fmt)
+    suffix = ".onnx" if fmt == "onnx" else ".pt"
+    out = Path(out) if out else Path(path).with_suffix(suffix)
+    check_outputs([path], [out], overwrite)
+    with DirectoryLock(out.parent):
+        clean_stale_temps(out.parent)
+        return _export(path, fmt, out, opset)
+
+
+def _export(path: str | Path, fmt: str, out: Path, opset: int) -> Path:
+    ckpt = load_checkpoint(path)
+    return export_model(ckpt.model, out, ckpt.meta["input_size"], fmt, opset)

@@ -1,0 +1,216 @@
+"""``prunekit finetune``: BatchNorm recalibration, then fine-tuning of a pruned checkpoint (resumable)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import description, load_checkpoint
+from ..console import console
+from ..errors import UsageError, arg
+from ..files import DirectoryLock
+from ..measure import evaluate
+from ..resume import refuse_changes
+from ..train import STATE_FILE, TrainConfig, fit
+from .rundir import calibration_batches, claim_run_dir, clear_run_dir, load_data_for
+
+
+def finetune_checkpoint(
+    path: str | Path,
+    out: str | Path,
+    recipe_name: str | None = None,
+    epochs: int | None = None,
+    lr: float | None = None,
+    optimizer: str | None = None,
+    freeze: str | None = None,
+    teacher: str | Path | None = None,
+    distill: bool | None = None,
+    distill_temperature: float | None = None,
+    distill_weight: float | None = None,
+    recalibrate: bool | None = None,
+    recalibration_images: int | None = None,
+    data: str | None = None,
+    data_dir: str | None = None,
+    subset: int | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Recalibrate BatchNorm (``recalibrate``, default True, on ``recalibration_images``, default 2048), then
+    fine-tune a pruned checkpoint (``recipe_name`` default: ``finetuning.default_recipe``); returns accuracy at each
+    stage. Resumed (``resume`` and an interrupted run in ``out``), any argument given (not None) that differs
+    from the run's record is refused.
+
+    ``distill`` None distils from ``teacher``, or else from the dense parent the checkpoint was pruned from,
+    when the training split holds fewer than ``DISTILL_BELOW`` images; False never distils.
+
+    ``out`` (a directory) is locked meanwhile; one holding a run is refused unless ``resume`` or ``overwrite``.
+    """
+    from ..checkpoint import read_meta
+    from ..finetuning import default_recipe, recipe
+
+    out = Path(out)
+    if distill is False and teacher is not None:
+        off = "--no-distill" if arg("distill").startswith("--") else "distill=False"
+        raise UsageError(f"{arg('teacher')} is for distillation: it cannot go with {off}")
+    asked = {"checkpoint": str(path), "recipe": recipe_name, "epochs": epochs, "lr": lr}
+    asked |= {"optimizer": optimizer, "freeze": freeze, "teacher": teacher, "distill": distill}
+    asked |= {"distill_temperature": distill_temperature, "distill_weight": distill_weight, "seed": seed}
+    asked |= {"recalibrate": recalibrate, "recalibration_images": recalibration_images, "device": device}
+    asked |= {"data": data, "data_dir": data_dir, "subset": subset}
+    recipe_name = recipe_name or default_recipe(read_meta(path).get("pruning"))
+    recalibrate = True if recalibrate is None else recalibrate
+    recalibration_images = 2048 if recalibration_images is None else recalibration_images
+    seed = 0 if seed is None else seed
+    planned = None  # (config, freezing policy) of a fresh run; a resumed one reads its own from the state
+    if resume and (out / STATE_FILE).exists():
+        _refuse_finetune_changes(out, asked)
+    else:
+        planned = recipe(
+            recipe_name,
+            epochs=epochs,
+            lr=lr,
+            optimizer=optimizer,
+            freeze=freeze,
+            distill_temperature=distill_temperature,
+            distill_weight=distill_weight,
+            seed=seed,
+            device=device,
+        )
+        planned[0].validate()  # before the BatchNorm recalibration and evaluations
+    with DirectoryLock(out):
+        claim_run_dir(out, [path, teacher], resume, overwrite)
+        if planned is not None:
+            clear_run_dir(out)
+        return _finetune(
+            path,
+            out,
+            recipe_name,
+            planned,
+            (teacher, distill),
+            recalibrate,
+            recalibration_images,
+            data,
+            data_dir,
+            subset,
+            seed,
+        )
+
+
+def _finetune(
+    path: str | Path,
+    out: Path,
+    recipe_name: str,
+    planned: tuple[TrainConfig, str] | None,
+    distillation: tuple[str | Path | None, bool | None],
+    recalibrate: bool,
+    recalibration_images: int,
+    data: str | None,
+    data_dir: str | None,
+    subset: int | None,
+    seed: int,
+) -> dict[str, Any]:
+    from ..finetuning import recalibrate_batchnorm, trainable_filter
+    from ..groups import output_layer
+
+    if planned is None:
+        ckpt = load_checkpoint(out / STATE_FILE)
+        cfg = TrainConfig.from_dict(ckpt.meta["train"]["config"])
+        stages = dict(ckpt.meta["finetune"]["accuracy"])
+        settings = ckpt.meta["finetune"]
+    else:
+        ckpt = load_checkpoint(path)
+        cfg, policy = planned
+        stages = {}
+        settings = {"recipe": recipe_name, "freeze": policy, "recalibrate": recalibrate, "source": str(path)}
+        settings |= {"recalibration_images": recalibration_images, "data": data, "data_dir": data_dir}
+        settings |= {"subset": subset}
+    meta, model = ckpt.meta, ckpt.model
+    bundle = load_data_for(meta, data, data_dir, subset)
+    if planned is not None:
+        settings["teacher"] = _teacher_for(meta, len(bundle.train), *distillation)
+    size = meta["input_size"]
+    example = torch.zeros(1, 3, size, size)
+    classifier = output_layer(model, example)
+    changed = [name for record in meta.get("pruning", []) for name in record.get("changed_layers", [])]
+    trainable = trainable_filter(settings["freeze"], changed, classifier)
+    teacher_model = load_checkpoint(settings["teacher"]).model if settings["teacher"] else None
+    if not stages:
+        test = bundle.loader("test")
+        stages["pruned"] = evaluate(model, test, num_classes=meta["num_classes"])["accuracy"]
+        if recalibrate:
+            batches = calibration_batches(meta, bundle, recalibration_images, seed=seed)
+            recalibrate_batchnorm(model, [x for x, _ in batches])
+            stages["recalibrated"] = evaluate(model, test, num_classes=meta["num_classes"])["accuracy"]
+    settings = {**settings, "accuracy": stages}
+    base_meta = description(meta)
+    base_meta["finetune"] = settings
+    result = fit(
+        model,
+        bundle,
+        cfg,
+        out,
+        base_meta,
+        teacher=teacher_model,
+        trainable=trainable,
+        resume=ckpt if planned is None else None,
+    )
+    stages["finetuned"] = result.test["accuracy"]
+    return {
+        "accuracy": stages,
+        "history": result.history,
+        "checkpoint": str(out / "model.safetensors"),
+        "settings": settings,
+        "trainable_params": sum(
+            p.numel() for n, p in model.named_parameters() if trainable is None or trainable(n)
+        ),
+    }
+
+
+def _refuse_finetune_changes(out: Path, asked: dict[str, Any]) -> None:
+    """A resumed fine-tuning keeps its recipe, data and source: refuse a request for others."""
+    state = load_checkpoint(out / STATE_FILE)
+    settings = state.meta["finetune"]
+    recorded = {**state.meta["train"]["config"], **settings, "checkpoint": settings["source"]}
+    recorded["distill"] = settings.get("teacher") is not None
+    for key in ("checkpoint", "teacher"):  # the same file, however it is written
+        if asked[key] and recorded.get(key) and Path(asked[key]).resolve() == Path(recorded[key]).resolve():
+            asked = {**asked, key: recorded[key]}
+    refuse_changes(out, recorded, asked)
+
+
+def _teacher_for(
+    meta: dict[str, Any], train_images: int, teacher: str | Path | None, distill: bool | None
+) -> str | None:
+    """The checkpoint to distil from: ``teacher`` when given; else, unless ``distill`` is False, the dense
+    parent on a small training split (``distills_by_default``), said in one line either way."""
+    from ..finetuning import DISTILL_BELOW, distills_by_default
+
+    if teacher is not None or distill is False:
+        return str(teacher) if teacher else None
+    if distill is None and not distills_by_default(train_images):
+        return None
+    parent = (meta.get("parent") or {}).get("checkpoint")
+    if parent and Path(parent).is_file():
+        if distill is None:
+            off = "--no-distill" if arg("distill").startswith("--") else "distill=False"
+            console.print(
+                f"note: {train_images} training images (fewer than {DISTILL_BELOW}): distilling from the "
+                f"dense parent {parent} ({off} for cross-entropy alone)",
+                highlight=False,
+            )
+        return parent
+    if distill:
+        raise UsageError(
+            f"{arg('distill')} needs the dense parent, and {parent or 'no parent'} is not a file here: "
+            f"pass {arg('teacher')}"
+        )
+    console.print(
+        f"note: {train_images} training images: distillation would help, but the dense parent "
+        f"({parent or 'not recorded'}) is not at hand; pass {arg('teacher')} to distil",
+        highlight=False,
+    )
+    return None

@@ -1,0 +1,269 @@
+"""``prunekit prune``: a checkpoint pruned as a ``PruneRequest`` says, with its JSON report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import description, load_checkpoint
+from ..console import note
+from ..errors import UsageError, arg
+from ..files import DirectoryLock, check_outputs, clean_stale_temps
+from ..measure import summary
+from ..train import check_finite
+from .rundir import calibration_batches, load_data_for, scan_batches
+
+
+def prune_checkpoint(
+    path: str | Path,
+    request: Any,
+    importance: str | None = None,
+    data: str | None = None,
+    data_dir: str | None = None,
+    calibration: str = "data",
+    calibration_images: int = 256,
+    reconstruction_images: int = 512,
+    out: str | Path | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Prune a checkpoint as ``request`` (a ``PruneRequest``) says; write the pruned checkpoint and its report
+    (``out`` with a ``.json`` suffix). Outputs that exist are refused unless ``overwrite``.
+    Recovery (``request.reconstruct``) re-fits on ``reconstruction_images`` training images."""
+    from ..core import default_importance
+    from ..options import validate
+
+    request.validate()
+    validate({"reconstruction_images": reconstruction_images})
+    if request.reconstruct is None:
+        from ..core import default_reconstruct
+
+        request.reconstruct = default_reconstruct(calibration == "data", request.layers)
+    if request.reconstruct and calibration == "random":
+        raise UsageError(
+            f"{arg('reconstruct')} re-fits layers on training images; drop {arg('calibration')} random "
+            f"(or {arg('reconstruct')} off)"
+        )
+    importance = importance or default_importance(request.layers)
+    if calibration not in ("data", "random"):
+        raise UsageError(f"{arg('calibration')} must be 'data' or 'random', got {calibration}")
+    if importance == "taylor" and calibration == "random":
+        raise UsageError(
+            f"{arg('importance')} taylor needs labelled images; drop {arg('calibration')} random"
+        )
+    out = Path(out) if out else Path(path).with_name(Path(path).stem + "-pruned.safetensors")
+    report_file = report_path(out)
+    check_outputs([path], [out, report_file], overwrite)
+    with DirectoryLock(out.parent):
+        clean_stale_temps(out.parent)
+        return _prune(
+            path,
+            request,
+            importance,
+            data,
+            data_dir,
+            calibration,
+            (calibration_images, reconstruction_images),
+            out,
+            seed,
+        )
+
+
+def report_path(out: Path) -> Path:
+    """Where prune's JSON report goes: beside the checkpoint, never onto it (``--out p.json``)."""
+    report = out.with_suffix(".json")
+    return out.with_name(out.stem + ".report.json") if report == out else report
+
+
+def _prune(
+    path: str | Path,
+    request: Any,
+    importance: str,
+    data: str | None,
+    data_dir: str | None,
+    calibration: str,
+    image_counts: tuple[int, int],
+    out: Path,
+    seed: int,
+) -> dict[str, Any]:
+    from ..checkpoint import save_checkpoint
+    from ..files import write_json
+
+    ckpt = load_checkpoint(path)
+    meta, model = ckpt.meta, ckpt.model
+    batches, refit = _pruning_images(
+        meta, model, request, importance, data, data_dir, calibration, image_counts, seed
+    )
+    size = meta["input_size"]
+    before = summary(model, size)
+    result = _prune_as_requested(model, size, request, importance, batches, refit, seed)
+    after = summary(model, size)
+    report = _prune_report(
+        path, out, meta, request, result, before, after,
+        importance=importance, calibration=calibration, calibration_images=image_counts[0],
+    )  # fmt: skip
+    new_meta = _pruned_meta(path, meta, report, result)
+    check_finite(model, f"the pruned model ({out})")
+    save_checkpoint(out, model, new_meta)
+    write_json(report_path(out), report)
+    report["tables"] = {"before": before["table"], "after": after["table"]}
+    return report
+
+
+def _pruning_images(
+    meta: dict[str, Any],
+    model: torch.nn.Module,
+    request: Any,
+    importance: str,
+    data: str | None,
+    data_dir: str | None,
+    calibration: str,
+    image_counts: tuple[int, int],
+    seed: int,
+) -> tuple[list[tuple[Any, Any]] | None, list[Any] | None]:
+    """The scoring batches and the re-fit images the request needs (None where it needs none); scans the
+    model for a sensitivity allocation into ``request.sensitivity`` first when it has none."""
+    from ..importance import NEEDS_CALIBRATION
+
+    calibration_images, reconstruction_images = image_counts
+    scores_on_data = importance in NEEDS_CALIBRATION and calibration == "data"
+    spreads_by_default = request.allocation is None and request.ratio is None  # by the split's size
+    scans = request.allocation == "sensitivity" and request.sensitivity is None
+    needs_data = scores_on_data or scans or request.reconstruct or spreads_by_default
+    bundle = load_data_for(meta, data, data_dir) if needs_data else None  # loaded once for all of them
+    _resolve_allocation(request, len(bundle.train) if bundle is not None else 0)
+    scans = request.allocation == "sensitivity" and request.sensitivity is None
+    batches = refit = None
+    if importance in NEEDS_CALIBRATION:
+        batches = calibration_batches(meta, bundle if scores_on_data else None, calibration_images, seed=seed)
+    if request.reconstruct:
+        refit = [x for x, _ in calibration_batches(meta, bundle, reconstruction_images, seed=seed + 1)]
+    if scans:
+        from ..sensitivity import SCAN_CALIBRATION_IMAGES, SCAN_IMAGES, SCAN_SECONDS, scan
+
+        size = meta["input_size"]
+        held_out, recal = scan_batches(bundle, SCAN_IMAGES, SCAN_CALIBRATION_IMAGES, seed)
+        request.sensitivity = scan(
+            model, torch.zeros(1, 3, size, size), held_out, recal, seconds=SCAN_SECONDS
+        )
+    return batches, refit
+
+
+def _resolve_allocation(request: Any, training_images: int) -> None:
+    """The default allocation, from the training split's size, into ``request``; a line says when it is
+    ``global`` for want of images."""
+    from ..planning import allocation_note, default_allocation
+
+    note(allocation_note(request.allocation, request.ratio, training_images))
+    request.allocation = default_allocation(request.allocation, request.ratio, training_images)
+
+
+def _prune_as_requested(
+    model: torch.nn.Module,
+    size: int,
+    request: Any,
+    importance: str,
+    batches: list[tuple[Any, Any]] | None,
+    refit: list[Any] | None,
+    seed: int,
+) -> Any:
+    """``core.prune`` of ``model`` in place with every setting of ``request``; its ``PruneReport``."""
+    from ..core import prune
+
+    return prune(
+        model,
+        torch.zeros(1, 3, size, size),
+        allocation=request.allocation,
+        sensitivity=request.sensitivity,
+        prune_input_conv=request.prune_input_conv,
+        layers=request.layers,
+        ratio=request.ratio,
+        target_macs=request.target_macs,
+        target_params=request.target_params,
+        target_latency=request.target_latency,
+        latency_batch=request.latency_batch,
+        latency_runtime=request.latency_runtime,
+        ignore=request.ignore,
+        round_to=request.round_to,
+        importance=importance,
+        calibration=batches,
+        reconstruct=request.reconstruct,
+        reconstruction=refit,
+        seed=seed,
+    )
+
+
+def _prune_report(
+    path: str | Path,
+    out: Path,
+    meta: dict[str, Any],
+    request: Any,
+    result: Any,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    *,
+    importance: str,
+    calibration: str,
+    calibration_images: int,
+) -> dict[str, Any]:
+    """prune's JSON report: the settings and request, the summaries before and after, the measured cost
+    and what changed."""
+    from ..importance import NEEDS_CALIBRATION
+
+    return {
+        "checkpoint": str(path),
+        "pruned_checkpoint": str(out),
+        "model": meta["model"],
+        "importance": importance,
+        "calibration": calibration if importance in NEEDS_CALIBRATION else None,
+        "calibration_images": calibration_images
+        if calibration == "data" and importance in NEEDS_CALIBRATION
+        else None,
+        "request": {k: v for k, v in vars(request).items() if k != "sensitivity"},
+        "before": {k: v for k, v in before.items() if k != "table"},
+        "after": {k: v for k, v in after.items() if k != "table"},
+        "macs": {
+            "before": result.macs_before,
+            "after": result.macs_after,
+            "ratio": result.macs_after / result.macs_before,
+        },
+        "params": {
+            "before": result.params_before,
+            "after": result.params_after,
+            "ratio": result.params_after / result.params_before,
+        },
+        "removed_channels": result.removed,
+        "changed_layers": result.changed_layers,
+        "latency": result.latency,
+        "reconstruction": result.reconstruction,
+    }
+
+
+def _pruned_meta(
+    path: str | Path, meta: dict[str, Any], report: dict[str, Any], result: Any
+) -> dict[str, Any]:
+    """The pruned checkpoint's metadata: its description, its dense parent, and this pruning appended."""
+    parent = meta.get("parent") or {
+        "checkpoint": str(path),
+        "model": meta["model"],
+        "params": result.params_before,
+        "macs": result.macs_before,
+        "metrics": meta.get("metrics", {}),
+    }
+    new_meta = description(meta)
+    new_meta.update(
+        parent=parent,
+        pruning=[
+            *meta.get("pruning", []),
+            {
+                **{
+                    k: report[k]
+                    for k in ("importance", "calibration", "request", "macs", "params", "removed_channels")
+                },
+                "changed_layers": [c["layer"] for c in result.changed_layers],
+            },
+        ],
+    )
+    return new_meta
