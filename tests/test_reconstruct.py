@@ -274,3 +274,46 @@ def test_regression_rows_read_the_inputs_the_conv_saw(conv, size):
         padded = F.pad(x, _padding(conv, x.shape[2:], y.shape[2:]))
         got = rows.inputs(padded, 0, len(rows.index)) @ _flat_weight(conv).T
     torch.testing.assert_close(got, rows.outputs(y), rtol=1e-4, atol=1e-4)
+
+
+def _buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "tracked" in k}
+
+
+def test_batchnorm_statistics_are_re_estimated_when_that_brings_the_model_closer_to_the_dense_one():
+    """Statistics that no longer fit what flows into a BatchNorm (here made wrong on purpose) are replaced,
+    and the pruned model's predictions move closer to the dense model's on the comparison images."""
+    from prunekit.reconstruct import settle_batchnorm
+
+    dense = model_of(DepthwiseNet)
+    stale = copy.deepcopy(dense)
+    stale.bn2.running_var *= 25
+    stale.bn3.running_mean += 3
+    choice = settle_batchnorm(dense, stale, torch.cat(CALIBRATION), HELD_OUT[:64], batch=128)
+    assert choice["chosen"] == "re-estimated" and choice["kl_re_estimated"] < choice["kl_kept"]
+    assert not torch.equal(stale.bn2.running_var, dense.bn2.running_var * 25)
+    assert choice["images"] == 64
+
+
+def test_batchnorm_statistics_the_re_fit_matched_are_kept_exactly_when_re_estimating_is_worse():
+    """Where re-estimation would move the model away from the dense one (statistics estimated on images
+    unlike the ones it will see), every BatchNorm buffer is put back bit for bit."""
+    from prunekit.reconstruct import settle_batchnorm
+
+    dense = model_of(ResidualNet)
+    pruned = copy.deepcopy(dense)
+    before = _buffers(pruned)
+    unlike = torch.cat(CALIBRATION) * 4 + 2
+    choice = settle_batchnorm(dense, pruned, unlike, HELD_OUT[:64], batch=128)
+    assert choice["chosen"] == "kept" and choice["kl_kept"] < choice["kl_re_estimated"]
+    after = _buffers(pruned)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_recovery_reports_its_batchnorm_choice_on_images_no_regression_fitted():
+    """A pruning with recovery says which statistics it kept, compared on the held-out fifth of the
+    calibration images when they all fit in the re-fit's pass."""
+    report = prune_global(model_of(DepthwiseNet), 0.5, reconstruct=True)
+    choice = report.reconstruction["batchnorm"]
+    assert choice["chosen"] in ("kept", "re-estimated")
+    assert choice["images"] == sum(len(b) for b in CALIBRATION) // 5

@@ -69,6 +69,8 @@ class PruneReport:
         if self.reconstruction:
             r = self.reconstruction
             text += f"; {len(r['layers'])} layers re-fitted on {r['images']} images ({r['seconds']:.1f} s)"
+            if r.get("batchnorm"):
+                text += f", BatchNorm statistics {r['batchnorm']['chosen']}"
         return text
 
 

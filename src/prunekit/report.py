@@ -156,6 +156,14 @@ def print_prune(report: dict[str, Any]) -> None:
             f"relative output error on held-out images {before:.3f} -> {after:.3f})",
             highlight=False,
         )
+        if rec.get("batchnorm"):
+            bn = rec["batchnorm"]
+            console.print(
+                f"BatchNorm statistics {bn['chosen']}: KL divergence from the dense model on {bn['images']} "
+                f"held-out images {bn['kl_kept']:.4f} with the dense statistics, {bn['kl_re_estimated']:.4f} "
+                f"re-estimated",
+                highlight=False,
+            )
     console.print(f"wrote {report['pruned_checkpoint']}", highlight=False)
 
 
