@@ -20,7 +20,9 @@ re-estimates BatchNorm statistics after the last epoch (precise BN): this model'
 0.01 otherwise leaves them far behind the weights (a transfer read 37.2 % as trained, 68.5 % re-estimated).
 Parents before 2026-12-03 were transferred without it.
 
-Resumable row by row: each finished (row, seed) is written to results/fewshot.json at once.
+Resumable row by row: each finished (row, seed) is written to results/fewshot.json at once, its model kept in
+--runs. python benchmarks/fewshot.py --measure then times the dense parent and every kept row in
+alternation, on a quiet machine (the latencies taken inside the rows are not comparable).
 """
 
 from __future__ import annotations
@@ -123,6 +125,12 @@ def main() -> None:
     parser.add_argument("--rows", default="prunekit-distill,torch-pruning,prunekit")
     parser.add_argument("--runs", default="runs/fewshot")
     parser.add_argument(
+        "--measure",
+        action="store_true",
+        help="time the dense parent and every finished row's saved model in alternation (batch 16): "
+        "results under latency_b16_ms",
+    )
+    parser.add_argument(
         "--no-finetune",
         action="store_true",
         help="only prune (and recover) each row and test it: results under no_finetuning (seeds unused)",
@@ -136,6 +144,8 @@ def main() -> None:
     dense = dense_parent(Path(args.runs), results, train, test)
     calibration = [x for x, _ in Upsampled(*train, 64, False)][:8]  # 512 unlabelled images
     rows = args.rows.split(",")
+    if args.measure:
+        return measure(Path(args.runs), dense, results)
     if args.no_finetune:
         table = results.setdefault("no_finetuning", {})
         for row in (r for r in rows if r not in table):
@@ -148,7 +158,7 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
         for row in (r for r in rows if f"{r}/seed{seed}" not in results["rows"]):
             results["rows"][f"{row}/seed{seed}"] = finetuned_row(
-                row, seed, dense, results["dense"], calibration, train, test
+                row, seed, dense, results["dense"], calibration, train, test, Path(args.runs)
             )
             save(results)
             got = results["rows"][f"{row}/seed{seed}"]
@@ -226,8 +236,10 @@ def finetuned_row(
     calibration: list,
     train: tuple,
     test: Upsampled,
+    runs: Path,
 ) -> dict:
-    """One row: pruned, tested, fine-tuned 5 epochs (distilled from ``dense`` for ``-distill``), tested."""
+    """One row: pruned, tested, fine-tuned 5 epochs (distilled from ``dense`` for ``-distill``), tested,
+    and kept in ``runs`` for ``--measure``."""
     start = time.perf_counter()
     model, prune_s = pruned(row, dense, calibration)
     pruned_acc = evaluate(model, test)["accuracy"]
@@ -243,6 +255,7 @@ def finetuned_row(
     )
     model.eval()
     acc = evaluate(model, test)["accuracy"]
+    prunekit.save(model, runs / f"{row}-seed{seed}.safetensors")
     return {
         "accuracy": acc,
         "vs_dense": acc - parent["accuracy"],
@@ -252,6 +265,20 @@ def finetuned_row(
         "prune_s": prune_s,
         "seconds": time.perf_counter() - start,
     }
+
+
+def measure(runs: Path, dense: torch.nn.Module, results: dict) -> None:
+    """Batch-16 latency of the dense parent and of every finished row whose model is kept in ``runs``, all
+    timed in alternation (a quiet machine still drifts), written to ``latency_b16_ms``."""
+    rows = [r for r in results["rows"] if (runs / f"{r.replace('/', '-')}.safetensors").exists()]
+    models = [prunekit.load(runs / f"{r.replace('/', '-')}.safetensors", model=pretrained()) for r in rows]
+    timed = latency([copy.deepcopy(dense), *models], SIZE, 16, repeats=30)
+    results["latency_b16_ms"] = {"dense": timed[0]["median_ms"]}
+    results["latency_b16_ms"] |= {r: t["median_ms"] for r, t in zip(rows, timed[1:], strict=True)}
+    results["latency_b16_ms"]["threads"] = torch.get_num_threads()
+    save(results)
+    for name, ms in results["latency_b16_ms"].items():
+        print(f"{name}: {ms} ms" if name != "threads" else f"{ms} threads", flush=True)
 
 
 def save(results: dict) -> None:
