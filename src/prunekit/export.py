@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UsageError, arg
+from .errors import UsageError
 from .files import atomic_write
 
 INPUT, OUTPUT = "images", "logits"  # the exported graph's tensor names
@@ -51,8 +51,9 @@ def export_model(
 
 
 def _check_format(fmt: str) -> None:
-    if fmt not in FORMATS:
-        raise UsageError(f"{arg('format')} must be one of {', '.join(FORMATS)}, got {fmt}")
+    from .options import validate_given
+
+    validate_given({"format": fmt})
 
 
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UsageError, arg
@@ -27,6 +27,16 @@ class Option:
     choices: tuple[str, ...] | None = None
     check: Check | None = None
     nullable: bool = True  # None means "use the default"
+    choices_from: str | None = None  # "module:NAME" in prunekit holding the choices, read when first needed
+
+    def allowed(self) -> tuple[str, ...] | None:
+        """The values this option takes (``choices``, or the tuple ``choices_from`` names), None if any."""
+        if self.choices_from is None:
+            return self.choices
+        import importlib
+
+        module, name = self.choices_from.split(":")
+        return tuple(getattr(importlib.import_module(f"prunekit.{module}"), name))
 
     def validate(self, value: Any) -> Any:
         """``value`` if it is valid for this option (ints accepted for floats), else a UsageError."""
@@ -40,8 +50,9 @@ class Option:
             for item in value:
                 if not isinstance(item, str) or not item:
                     raise UsageError(f"{arg(self.name)} must be a list of names, got {item!r} in it")
-        if self.choices is not None and value not in self.choices:
-            raise UsageError(f"{arg(self.name)} must be one of {', '.join(self.choices)}, got {value!r}")
+        allowed = self.allowed()
+        if allowed is not None and value not in allowed:
+            raise UsageError(f"{arg(self.name)} must be one of {', '.join(allowed)}, got {value!r}")
         problem = self.check(value) if self.check else None
         if problem:
             raise UsageError(f"{arg(self.name)} {problem}, got {value!r}")
@@ -113,8 +124,13 @@ def device_name(v: str) -> str | None:
 
 _TABLE = [
     Option("model", str, "torchvision name, resnet18-cifar, or timm:NAME", check=nonempty),
-    Option("data", str, "cifar10 | synthetic | PATH", check=nonempty),
-    Option("data_dir", str, "where --data cifar10 is downloaded", check=nonempty),
+    Option(
+        "data",
+        str,
+        "cifar10 | synthetic | PATH (image folder, .tar.gz/.zip of one, cifar-10-python.tar.gz)",
+        check=nonempty,
+    ),
+    Option("data_dir", str, "where --data cifar10 is downloaded (default: user cache)", check=nonempty),
     Option("subset", int, "keep N training images per class", check=at_least(1)),
     Option(
         "weights", str, "pretrained weights: a weight name, 'pretrained' (timm) or a file", check=nonempty
@@ -173,6 +189,7 @@ _TABLE = [
     Option("reconstruction_images", int, "training images recovery re-fits on", check=at_least(1)),
     Option("calibration", str, choices=("data", "random")),
     Option("calibration_images", int, check=at_least(1)),
+    Option("images", int, "held-out training images a sensitivity scan scores on", check=at_least(1)),
     Option("recalibration_images", int, check=at_least(1)),
     Option("threads", int, "CPU threads", check=at_least(1)),
     Option("steps", int, "prune/fine-tune rounds", check=at_least(1)),
@@ -185,9 +202,10 @@ _TABLE = [
     Option("name", str, check=nonempty),
     Option("runs_dir", str, check=nonempty),
     Option("baseline", str, check=nonempty),
-    Option("recipe", str),
-    Option("freeze", str),
-    Option("importance", str),
+    Option("recipe", str, "fine-tuning preset", choices_from="finetuning:ACCEPTED_RECIPES"),
+    Option("freeze", str, choices_from="finetuning:ACCEPTED_FREEZE"),
+    Option("importance", str, "channel importance criterion", choices_from="importance:CRITERIA"),
+    Option("format", str, choices_from="export:FORMATS"),
 ]
 OPTIONS: dict[str, Option] = {o.name: o for o in _TABLE}
 
@@ -201,9 +219,17 @@ def validate(values: dict[str, Any], names: Iterable[str] | None = None) -> dict
     return checked
 
 
+def validate_given(values: dict[str, Any]) -> dict[str, Any]:
+    """``validate``, None refused too: for values that have no default left to fall back on."""
+    for key, value in values.items():
+        if value is None:
+            raise UsageError(f"{arg(key)} needs a value")
+    return validate(values)
+
+
 def choices(name: str) -> tuple[str, ...]:
     """The values an option allows (for argparse's ``choices=`` and for checks outside this table)."""
-    allowed = OPTIONS[name].choices
+    allowed = OPTIONS[name].allowed()
     assert allowed is not None, f"option {name} declares no choices"
     return allowed
 
@@ -214,7 +240,7 @@ def cli_type(name: str) -> Callable[[str], Any]:
 
     def parse(text: str) -> Any:
         try:
-            value = option.kind(text) if option.kind in (int, float) else text
+            value = option.kind(text) if option.kind in (int, float) else str(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {_KIND_NAMES[option.kind]}, got {text!r}") from None
         try:
@@ -224,3 +250,87 @@ def cli_type(name: str) -> Callable[[str], Any]:
 
     parse.__name__ = name  # argparse shows this in "invalid <name> value" messages
     return parse
+
+
+# ---------------------------------------------------------------- command-line flags, from the table
+
+UNSET: Any = object()  # no default given: the parser's own (None; nothing at all under ``prunekit run``)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One flag of one command. ``dest`` names it in the parsed arguments; ``option`` (default: ``dest``) is its
+    entry in the table, which gives its type and check, its choices and its help. A ``dest`` the table does not
+    hold is a flag of one command only (a path, ``--overwrite``): ``argparse`` takes its type from ``extra``.
+
+    ``flags`` are its spellings (default ``--dest-with-dashes``; one without dashes is a positional argument),
+    ``help`` replaces the table's, ``group`` puts it in an argument group of that title (or in the command's
+    one-of group, ``Command.one_of``), ``extra`` goes to ``add_argument`` as it is (``action``, ``metavar``).
+    """
+
+    dest: str
+    default: Any = UNSET
+    help: str | None = None
+    flags: tuple[str, ...] = ()
+    option: str | None = None
+    group: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def flag(dest: str, *flags: str, default: Any = UNSET, help: str | None = None, option: str | None = None,
+         group: str | None = None, **extra: Any) -> Flag:  # fmt: skip
+    """A ``Flag``, written as ``add_argument`` is: ``flag("layers", "--layer", action="append", default=[])``."""
+    return Flag(dest, default, help, tuple(flags), option, group, extra)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``prunekit`` command: its name, one line of help, its flags and the function that runs it on the
+    parsed arguments (returning the exit code). ``one_of`` is the group of flags of which exactly one is
+    required; ``suppress_defaults`` leaves flags not given out of the arguments (``run`` merges a config)."""
+
+    name: str
+    help: str
+    flags: list[Flag]
+    main: Callable[[argparse.Namespace], int]
+    one_of: str | None = None
+    suppress_defaults: bool = False
+
+
+def flag_arguments(spec: Flag) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """``add_argument``'s arguments for ``spec``: the spellings, then type, choices, default, help and dest."""
+    option = OPTIONS.get(spec.option or spec.dest)
+    names = spec.flags or ("--" + spec.dest.replace("_", "-"),)
+    kwargs = dict(spec.extra)
+    takes_value = kwargs.get("action") in (None, "append")
+    if option is not None and takes_value and option.kind is not list:
+        if option.allowed() is not None:
+            kwargs.setdefault("choices", option.allowed())
+        else:
+            kwargs.setdefault("type", cli_type(option.name))
+    help = spec.help if spec.help is not None else (option.help if option is not None else "")
+    if help:
+        kwargs["help"] = help
+    if spec.default is not UNSET:
+        kwargs["default"] = spec.default
+    if names[0].startswith("-"):
+        kwargs["dest"] = spec.dest
+    return names, kwargs
+
+
+def add_flags(parser: argparse.ArgumentParser, command: Command) -> None:
+    """``command``'s flags on ``parser``, in their order, with their groups."""
+    groups: dict[str, Any] = {}
+    for spec in command.flags:
+        target: Any = parser
+        if spec.group is not None:
+            if spec.group not in groups:
+                exclusive = spec.group == command.one_of
+                groups[spec.group] = (
+                    parser.add_mutually_exclusive_group(required=True)
+                    if exclusive
+                    else parser.add_argument_group(spec.group)
+                )
+            target = groups[spec.group]
+        names, kwargs = flag_arguments(spec)
+        target.add_argument(*names, **kwargs)

@@ -17,9 +17,7 @@ from .commands import train as train_command
 from .console import info, warn
 from .errors import UsageError
 from .files import DirectoryLock, check_outputs, clean_stale_temps, write_json, write_text
-from .finetuning import ACCEPTED_FREEZE, ACCEPTED_RECIPES
-from .importance import CRITERIA
-from .options import choices as option_choices
+from .options import validate
 from .pruning import PruneRequest
 from .resume import refuse_changes
 from .train import MODEL_FILE, TrainConfig
@@ -81,8 +79,6 @@ class RunConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise UsageError(f"unknown setting(s) in the config: {', '.join(unknown)}")
-        from .options import validate
-
         cfg = cls(**validate(values))
         if any(t is not None for t in (cfg.target_macs, cfg.target_params, cfg.target_latency)):
             # A target is global: the blog's single layer and ratio no longer apply unless named explicitly.
@@ -185,19 +181,8 @@ def check_before_work(cfg: RunConfig) -> None:
 def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     """Run (or continue) the whole pipeline; returns the final metrics."""
     cfg.prune_request(1).validate()  # fail before any work
-    if cfg.steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {cfg.steps}")
-    choices = {
-        "recipe": ACCEPTED_RECIPES,
-        "freeze": ACCEPTED_FREEZE,
-        "importance": CRITERIA,
-        "calibration": option_choices("calibration"),
-        "calibration_method": option_choices("calibration_method"),
-    }
-    for key, allowed in choices.items():  # a config file bypasses argparse's choices
-        value = getattr(cfg, key)
-        if value is not None and value not in allowed:
-            raise UsageError(f"--{key} must be one of {', '.join(allowed)}, got {value}")
+    # A config built in Python bypasses from_dict: the rest of what run needs, checked through the table.
+    validate(asdict(cfg), ("steps", "recipe", "freeze", "importance", "calibration", "calibration_method"))
     check_before_work(cfg)
     with DirectoryLock(Path(cfg.runs_dir) / cfg.name):  # one process per run directory
         return _run_locked(cfg, resume)

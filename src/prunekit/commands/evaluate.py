@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ from ..errors import UsageError
 from ..files import DirectoryLock, check_outputs
 from ..measure import REPEATS, count_macs, count_params, latency, summary
 from ..models import build_model
-from .rundir import load_data_for
+from ..options import Command, flag
+from .rundir import CHECKPOINT, DATA_FLAGS, load_data_for, overwrite_flag
 
 
 def evaluate_checkpoint(
@@ -126,3 +128,34 @@ def _ort_timing(
         )
         for b in (1, 64)
     }
+
+
+FLAGS = [
+    CHECKPOINT,
+    *DATA_FLAGS,
+    flag("batch_size", default=None, help="default: 500 at 32 px, 64 at 224 px"),
+    flag("latency", "--no-latency", action="store_false", help="skip the latency measurement"),
+    flag("json", type=Path, default=None, help="also write the results to this JSON file"),
+    overwrite_flag("the --json file"),
+]
+
+
+def main(args: argparse.Namespace) -> int:
+    """``prunekit eval``: the figures, printed (and kept in ``--json``)."""
+    from ..report import print_eval
+
+    results = evaluate_checkpoint(
+        args.checkpoint,
+        data=args.data,
+        data_dir=args.data_dir,
+        subset=args.subset,
+        batch_size=args.batch_size,
+        measure_latency=args.latency,
+        out=args.json,
+        overwrite=args.overwrite,
+    )
+    print_eval(results)
+    return 0
+
+
+COMMAND = Command("eval", "accuracy, model summary and latency of a checkpoint", FLAGS, main)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from ..checkpoint import load_checkpoint
+from ..console import console
 from ..export import _check_format, export_model
 from ..files import DirectoryLock, check_outputs, clean_stale_temps
+from ..options import Command, flag
+from .rundir import CHECKPOINT, overwrite_flag
 
 
 def export_checkpoint(
@@ -28,3 +32,21 @@ def export_checkpoint(
 def _export(path: str | Path, fmt: str, out: Path, opset: int) -> Path:
     ckpt = load_checkpoint(path)
     return export_model(ckpt.model, out, ckpt.meta["input_size"], fmt, opset)
+
+
+FLAGS = [
+    CHECKPOINT,
+    flag("format", default="onnx"),
+    flag("out", type=Path, default=None),
+    overwrite_flag("--out"),
+]
+
+
+def main(args: argparse.Namespace) -> int:
+    """``prunekit export``: the file written, named."""
+    out = export_checkpoint(args.checkpoint, args.format, args.out, overwrite=args.overwrite)
+    console.print(f"wrote {out}", highlight=False)
+    return 0
+
+
+COMMAND = Command("export", "export a checkpoint to ONNX or TorchScript", FLAGS, main)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,19 @@ from ..console import console
 from ..errors import UsageError, arg
 from ..files import DirectoryLock
 from ..measure import evaluate
+from ..options import Command, flag
 from ..resume import refuse_changes
 from ..train import STATE_FILE, TrainConfig, fit
-from .rundir import calibration_batches, claim_run_dir, clear_run_dir, load_data_for
+from .rundir import (
+    CHECKPOINT,
+    DATA_FLAGS,
+    asked_only,
+    calibration_batches,
+    claim_run_dir,
+    clear_run_dir,
+    load_data_for,
+    overwrite_flag,
+)
 
 
 def finetune_checkpoint(
@@ -214,3 +225,70 @@ def _teacher_for(
         highlight=False,
     )
     return None
+
+
+FLAGS = [
+    CHECKPOINT,
+    flag("out", type=Path, default=None, help="output directory (default: <checkpoint>-finetuned)"),
+    flag("recipe", default=None,
+         help="blog: Adam lr 1e-4, 10 epochs, the blog's freezing; full: SGD cosine lr 0.01, everything "
+         "trains, BatchNorm re-estimated at the end (default: blog for a model pruned at named layers, "
+         "full otherwise; seed: the old name of blog, deprecated)"),
+    flag("epochs", default=None),
+    flag("lr", default=None),
+    flag("optimizer", default=None),
+    flag("freeze", default=None,
+         help="blog: train only pruned blocks (with their BatchNorms) and the classifier; none: all "
+         "(seed: the old name of blog, deprecated)"),
+    flag("teacher", type=Path, default=None, help="distil from this (dense) checkpoint"),
+    flag("distill", action=argparse.BooleanOptionalAction, default=None,
+         help="distil from the dense parent (default: when the training split holds under 10,000 images)"),
+    flag("distill_temperature", default=None),
+    flag("distill_weight", default=None),
+    flag("recalibrate", "--no-recalibrate", action="store_false",
+         help="skip re-estimating BatchNorm statistics before fine-tuning"),
+    flag("recalibration_images", default=2048),
+    *DATA_FLAGS,
+    flag("seed", default=0),
+    flag("device", default=None),
+    flag("resume", action="store_true", help="continue an interrupted fine-tuning in --out"),
+    overwrite_flag("the run in --out"),
+]  # fmt: skip
+
+
+def main(args: argparse.Namespace) -> int:
+    """``prunekit finetune``: accuracy at each stage printed, and the checkpoint; a resumed run is asked only
+    what the user wrote."""
+    out = args.out or args.checkpoint.with_name(args.checkpoint.stem + "-finetuned")
+    if args.resume:
+        args = asked_only(args)
+        args.resume = True
+    result = finetune_checkpoint(
+        args.checkpoint,
+        out,
+        recipe_name=args.recipe,
+        epochs=args.epochs,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        freeze=args.freeze,
+        teacher=args.teacher,
+        distill=args.distill,
+        distill_temperature=args.distill_temperature,
+        distill_weight=args.distill_weight,
+        recalibrate=args.recalibrate,
+        recalibration_images=args.recalibration_images,
+        data=args.data,
+        data_dir=args.data_dir,
+        subset=args.subset,
+        seed=args.seed,
+        device=args.device,
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
+    for stage, acc in result["accuracy"].items():
+        console.print(f"{stage:>13}: {acc:.2%}", highlight=False)
+    console.print(f"checkpoint {result['checkpoint']}", highlight=False)
+    return 0
+
+
+COMMAND = Command("finetune", "recalibrate BatchNorm and fine-tune a pruned checkpoint", FLAGS, main)

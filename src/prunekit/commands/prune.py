@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,10 @@ from ..console import note
 from ..errors import UsageError, arg
 from ..files import DirectoryLock, check_outputs, clean_stale_temps
 from ..measure import summary
+from ..options import OPTIONS, UNSET, Command, Flag, flag
+from ..requests import PruneRequest
 from ..train import check_finite
-from .rundir import calibration_batches, load_data_for, scan_batches
+from .rundir import CHECKPOINT, DATA_FLAGS, calibration_batches, load_data_for, overwrite_flag, scan_batches
 
 
 def prune_checkpoint(
@@ -36,7 +39,7 @@ def prune_checkpoint(
     from ..options import validate
 
     request.validate()
-    validate({"reconstruction_images": reconstruction_images})
+    validate({"reconstruction_images": reconstruction_images, "calibration": calibration})
     if request.reconstruct is None:
         from ..core import default_reconstruct
 
@@ -47,8 +50,6 @@ def prune_checkpoint(
             f"(or {arg('reconstruct')} off)"
         )
     importance = importance or default_importance(request.layers)
-    if calibration not in ("data", "random"):
-        raise UsageError(f"{arg('calibration')} must be 'data' or 'random', got {calibration}")
     if importance == "taylor" and calibration == "random":
         raise UsageError(
             f"{arg('importance')} taylor needs labelled images; drop {arg('calibration')} random"
@@ -267,3 +268,98 @@ def _pruned_meta(
         ],
     )
     return new_meta
+
+
+def latency_flags(defaults: bool = True) -> list[Flag]:
+    """--latency-batch and --latency-runtime; ``defaults`` False leaves them to the parser (run's config)."""
+    batch, runtime = PruneRequest.latency_batch, PruneRequest.latency_runtime
+    return [
+        flag("latency_batch", default=batch if defaults else UNSET,
+             help=f"batch size --target-latency is measured at (default {batch})"),
+        flag("latency_runtime", default=runtime if defaults else UNSET,
+             help=f"where --target-latency is measured (default {runtime}; onnxruntime needs prunekit[export])"),
+    ]  # fmt: skip
+
+
+def reconstruct_flags(defaults: bool) -> list[Flag]:
+    """--reconstruct/--no-reconstruct and --reconstruction-images (default 512 unless ``defaults`` False)."""
+    return [
+        flag("reconstruct", action=argparse.BooleanOptionalAction, default=None,
+             help=f"recovery without labels: {OPTIONS['reconstruct'].help}"),
+        flag("reconstruction_images", default=512 if defaults else UNSET,
+             help=f"{OPTIONS['reconstruction_images'].help} (default 512)"),
+    ]  # fmt: skip
+
+
+BUDGET = "budget"  # the group of flags of which prune takes exactly one
+FLAGS = [
+    CHECKPOINT,
+    flag("layers", "--layer", action="append", default=[], metavar="LAYER",
+         help="prune this conv (repeatable); default: every prunable layer"),
+    flag("ratio", group=BUDGET),
+    flag("target_macs", group=BUDGET, help="keep this fraction of the MACs (0.5 = half), globally"),
+    flag("target_params", group=BUDGET, help="keep this fraction of the parameters, globally"),
+    flag("target_latency", group=BUDGET,
+         help="keep this fraction of the dense model's latency, measured on this machine "
+         "(per-layer latency tables, cached; the pruned model is timed to check)"),
+    *latency_flags(),
+    flag("importance", default=None, help="channel importance criterion (default: activation with --layer, else l2)"),
+    flag("calibration", default="data",
+         help="score activations on training images (data) or on the blog's random noise"),
+    flag("calibration_images", default=256),
+    *reconstruct_flags(defaults=True),
+    flag("ignore", action="append", default=[], help="never prune this layer (repeatable)"),
+    flag("prune_input_conv", action="store_true",
+         help="let a target or ratio prune the input conv's output channels (protected by default)"),
+    flag("round_to", default=1),
+    flag("allocation", default=None,
+         help="how a target is spread across layers: one importance threshold, one ratio, or equal predicted "
+         "loss from a sensitivity scan (default for a target: sensitivity, scanned on training images first, "
+         "from 10,000 training images; global below that)"),
+    flag("sensitivity", type=Path, default=None, help="a `prunekit sensitivity` JSON (default: scan now)"),
+    *DATA_FLAGS,
+    flag("seed", default=0),
+    flag("out", type=Path, default=None,
+         help="pruned checkpoint (default: <checkpoint>-pruned.safetensors); a JSON report is written beside it"),
+    overwrite_flag("the pruned checkpoint and its report"),
+]  # fmt: skip
+
+
+def main(args: argparse.Namespace) -> int:
+    """``prunekit prune``: the request the flags make, pruned, and the report printed."""
+    from ..report import print_prune
+    from ..sensitivity import read_scan
+
+    request = PruneRequest(
+        layers=args.layers,
+        ratio=args.ratio,
+        target_macs=args.target_macs,
+        target_params=args.target_params,
+        target_latency=args.target_latency,
+        latency_batch=args.latency_batch,
+        latency_runtime=args.latency_runtime,
+        ignore=args.ignore,
+        round_to=args.round_to,
+        allocation=args.allocation,
+        sensitivity=read_scan(args.sensitivity) if args.sensitivity else None,
+        prune_input_conv=args.prune_input_conv,
+        reconstruct=args.reconstruct,
+    )
+    report = prune_checkpoint(
+        args.checkpoint,
+        request,
+        importance=args.importance,
+        data=args.data,
+        data_dir=args.data_dir,
+        calibration=args.calibration,
+        calibration_images=args.calibration_images,
+        reconstruction_images=args.reconstruction_images,
+        out=args.out,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    print_prune(report)
+    return 0
+
+
+COMMAND = Command("prune", "remove channels from a trained checkpoint", FLAGS, main, one_of=BUDGET)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +14,9 @@ from ..checkpoint import load_checkpoint
 from ..console import stages
 from ..errors import UsageError, arg
 from ..files import DirectoryLock, check_outputs
+from ..options import Command, flag, validate_given
 from .evaluate import _dense_parent, _ort_timing
-from .rundir import load_data_for
+from .rundir import CHECKPOINT, DATA_FLAGS, load_data_for
 
 
 def quantize_checkpoint(
@@ -37,24 +39,10 @@ def quantize_checkpoint(
     images, the other calibration methods, the first and last layers kept in fp32); the best one is kept.
     """
 
-    from ..deploy import (
-        CALIBRATION_METHODS,
-        require_onnxruntime,
-    )
+    from ..deploy import require_onnxruntime
 
     require_onnxruntime()
-    if method not in CALIBRATION_METHODS:
-        raise UsageError(
-            f"{arg('calibration_method')} must be one of {', '.join(CALIBRATION_METHODS)}, got {method}"
-        )
-    if (
-        isinstance(calibration_images, bool)
-        or not isinstance(calibration_images, int)
-        or calibration_images < 1
-    ):
-        raise UsageError(
-            f"{arg('calibration_images')} must be a positive whole number, got {calibration_images!r}"
-        )
+    validate_given({"calibration_method": method, "calibration_images": calibration_images})
     ckpt = load_checkpoint(path)
     meta, model = ckpt.meta, ckpt.model.eval()
     out = Path(out) if out else Path(path).with_name(Path(path).stem + "-int8.onnx")
@@ -220,3 +208,46 @@ def _quantize_rows(
         },
         **rows,
     }
+
+
+FLAGS = [
+    CHECKPOINT,
+    flag("out", type=Path, default=None, help="int8 .onnx (default: <checkpoint>-int8.onnx)"),
+    flag("calibration_images", default=512, help="training images"),
+    flag("calibration_method", default="minmax"),
+    flag(
+        "keep_fp32", action="append", default=[], metavar="NODE", help="ONNX node kept in fp32 (repeatable)"
+    ),
+    flag(
+        "remedies",
+        "--no-remedies",
+        action="store_false",
+        help="do not try remedies when int8 loses > 1 point",
+    ),
+    flag("threads", default=None, help="ONNX Runtime threads (default: torch's)"),
+    flag("overwrite", action="store_true", help="replace an existing output"),
+    *DATA_FLAGS,
+]
+
+
+def main(args: argparse.Namespace) -> int:
+    """``prunekit quantize``: the int8 model written, its table printed."""
+    from ..report import print_quantize
+
+    report = quantize_checkpoint(
+        args.checkpoint,
+        out=args.out,
+        calibration_images=args.calibration_images,
+        method=args.calibration_method,
+        keep_fp32=args.keep_fp32,
+        remedies=args.remedies,
+        data=args.data,
+        data_dir=args.data_dir,
+        threads=args.threads,
+        overwrite=args.overwrite,
+    )
+    print_quantize(report)
+    return 0
+
+
+COMMAND = Command("quantize", "int8 post-training quantization in ONNX Runtime, measured", FLAGS, main)

@@ -3,6 +3,7 @@ cleared), its dataset reloaded, and the training images drawn for scoring, scans
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,24 @@ from ..console import note
 from ..data import DataBundle, load_data
 from ..errors import UsageError, arg
 from ..files import check_outputs, clean_stale_temps, is_main_process
+from ..options import Flag, flag, validate_given
 from ..train import MODEL_FILE, STATE_FILE
 
 RUN_FILES = (STATE_FILE, MODEL_FILE, "metrics.json", "train_log.txt")  # what fit writes in its out_dir
+
+# The flags of the commands that read images: the dataset, where it is downloaded, a per-class subset.
+DATA_FLAGS = [flag("data"), flag("data_dir"), flag("subset")]
+CHECKPOINT = flag("checkpoint", "checkpoint", type=Path)  # the positional input of every command but train
+
+
+def overwrite_flag(what: str) -> Flag:
+    """``--overwrite``: replace ``what`` if it exists (default: refuse)."""
+    return flag("overwrite", action="store_true", help=f"replace {what} if it exists (default: refuse)")
+
+
+def asked_only(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with every option the user did not write set to None (for a resumed run: not asked)."""
+    return argparse.Namespace(**{k: None if k in args.defaulted else v for k, v in vars(args).items()})
 
 
 def model_meta(
@@ -114,8 +130,7 @@ def calibration_batches(
         gen = torch.Generator().manual_seed(seed)
         x = torch.randn(128, 3, size, size, generator=gen)
         return [(x, torch.randint(0, meta["num_classes"], (128,), generator=gen))]
-    if images < 1:
-        raise UsageError(f"{arg('calibration_images')} must be at least 1, got {images}")
+    validate_given({"calibration_images": images})
     return bundle.sample_batches(images, batch_size, seed)
 
 

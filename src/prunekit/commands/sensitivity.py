@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..checkpoint import load_checkpoint
-from ..errors import UsageError, arg
+from ..console import warn
 from ..files import DirectoryLock, check_outputs
-from .rundir import load_data_for, scan_batches
+from ..options import Command, flag, validate
+from .rundir import CHECKPOINT, DATA_FLAGS, load_data_for, scan_batches
 
 
 def sensitivity_checkpoint(
@@ -35,9 +37,7 @@ def sensitivity_checkpoint(
     ratios = tuple(ratios or RATIOS)
     images = SCAN_IMAGES if images is None else images
     calibration_images = SCAN_CALIBRATION_IMAGES if calibration_images is None else calibration_images
-    for name, value in (("images", images), ("calibration_images", calibration_images)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UsageError(f"{arg(name)} must be a positive whole number, got {value!r}")
+    validate({"images": images, "calibration_images": calibration_images})
     out = Path(out) if out else Path(path).with_name(Path(path).stem + "-sensitivity.json")
     check_outputs([path], [out, out.with_suffix(".png")], overwrite)
     ckpt = load_checkpoint(path)
@@ -53,3 +53,50 @@ def sensitivity_checkpoint(
         write_json(out, result)
         plot(result, out.with_suffix(".png"))
     return result
+
+
+FLAGS = [
+    CHECKPOINT,
+    flag("out", type=Path, default=None, help="JSON (default: <checkpoint>-sensitivity.json); PNG beside"),
+    flag("ratios", default="0.1,0.3,0.5,0.7,0.9", help="comma-separated fractions of channels"),
+    flag("images", help="held-out training images (default 1000)"),
+    flag(
+        "recalibration_images", help="training images that re-estimate BatchNorm after each try (default 512)"
+    ),
+    # its name until 0.2: "calibration" is the images that score importance (prune --calibration-images)
+    flag("old_recalibration_images", "--calibration-images", type=int, help=argparse.SUPPRESS),
+    flag("importance", default="l2"),
+    flag("overwrite", action="store_true", help="replace existing outputs"),
+    *DATA_FLAGS,
+    flag("seed", default=0),
+]
+
+
+def main(args: argparse.Namespace) -> int:
+    """``prunekit sensitivity``: the scan written and its table printed."""
+    from ..report import print_scan
+    from ..sensitivity import parse_ratios
+
+    recalibration = args.recalibration_images
+    if args.old_recalibration_images is not None:
+        warn("sensitivity --calibration-images is deprecated: it is --recalibration-images now")
+        recalibration = recalibration or args.old_recalibration_images
+    result = sensitivity_checkpoint(
+        args.checkpoint,
+        out=args.out,
+        ratios=parse_ratios(args.ratios),
+        images=args.images,
+        calibration_images=recalibration,
+        importance=args.importance,
+        data=args.data,
+        data_dir=args.data_dir,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    print_scan(result)
+    return 0
+
+
+COMMAND = Command(
+    "sensitivity", "accuracy of each group pruned alone at several ratios (held-out train)", FLAGS, main
+)

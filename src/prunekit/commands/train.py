@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -9,14 +10,15 @@ from typing import Any
 import torch
 
 from ..checkpoint import description, load_checkpoint
-from ..console import info
+from ..console import console, info
 from ..data import describe, load_data
 from ..errors import UsageError, arg
 from ..files import DirectoryLock, clean_stale_temps, is_main_process
 from ..models import min_input_size
+from ..options import Command, Flag, flag, validate
 from ..resume import refuse_changes
 from ..train import STATE_FILE, FitResult, TrainConfig, fit
-from .rundir import claim_run_dir, clear_run_dir, load_data_for, model_meta
+from .rundir import DATA_FLAGS, claim_run_dir, clear_run_dir, load_data_for, model_meta, overwrite_flag
 
 
 def train(
@@ -46,10 +48,7 @@ def train(
         raise UsageError("a new training run needs a model and a dataset")
     config = config or TrainConfig()
     config.validate()
-    if image_size is not None and (
-        isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
-    ):
-        raise UsageError(f"{arg('image_size')} must be a positive number of pixels, got {image_size!r}")
+    validate({"image_size": image_size})
     weights_file = Path(weights) if weights and Path(weights).is_file() else None
     with DirectoryLock(out):
         claim_run_dir(out, [weights_file], resume, overwrite)
@@ -129,3 +128,71 @@ def _train_fresh(
     meta = model_meta(model, bundle, data_args, record)
     clear_run_dir(out)
     return fit(net, bundle, config, out, meta)
+
+
+def training_flags(defaults: TrainConfig) -> list[Flag]:
+    """The training recipe's flags, at ``defaults``' values."""
+    names = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule")
+    names += ("warmup_epochs", "label_smoothing")
+    flags = [flag(n, default=getattr(defaults, n)) for n in names]
+    flags += [
+        flag("bf16", "--no-bf16", action="store_false",
+             help="train in fp32 (bf16 autocast is on where the CPU supports it)"),
+        flag("channels_last", "--no-channels-last", action="store_false"),
+        flag("seed", default=defaults.seed),
+        flag("device", default=defaults.device),
+    ]  # fmt: skip
+    return [Flag(**{**vars(f), "group": "training recipe"}) for f in flags]
+
+
+FLAGS = [
+    flag("model", default="resnet18",
+         help="resnet18 (the blog's), resnet18-cifar, or any torchvision classification model name"),
+    *DATA_FLAGS,  # required for a new run; a resumed one reads its own
+    flag("weights", help="start from pretrained weights: a torchvision weight name (DEFAULT, IMAGENET1K_V1, ...), "
+         "'pretrained' for timm:NAME models, or a state-dict file (.safetensors, .pth, .pt)"),
+    flag("image_size", help="model input size (default: native for small uniform images such as CIFAR, else 224 "
+         "or the weights' own)"),
+    flag("val_split", help="hold out this fraction of train/ when there is no test/"),
+    flag("out", type=Path, default=None, help="output directory (default: runs/<model>-baseline)"),
+    flag("resume", action="store_true", help="continue the interrupted run in --out"),
+    overwrite_flag("the run in --out"),
+    *training_flags(TrainConfig()),
+]  # fmt: skip
+
+
+def main(args: argparse.Namespace) -> int:
+    """``prunekit train``: a new run, or (``--resume``) the interrupted one in ``--out``."""
+    out = args.out or Path("runs") / f"{args.model}-baseline"
+    if args.resume:
+        asked = {k: getattr(args, k) for k in args.given - {"resume", "out", "overwrite"}}
+        result = resume_training(out, asked)
+        _print_trained(result, out)
+        return 0
+    if args.data is None:
+        raise UsageError(
+            "--data is required for a new training run (a --resume run reads the one it recorded)"
+        )
+    cfg = TrainConfig.from_dict(vars(args))
+    result = train(
+        model=args.model,
+        data=args.data,
+        out=out,
+        config=cfg,
+        data_dir=args.data_dir,
+        subset=args.subset,
+        image_size=args.image_size,
+        weights=args.weights,
+        val_split=args.val_split,
+        overwrite=args.overwrite,
+    )
+    _print_trained(result, out)
+    return 0
+
+
+def _print_trained(result, out: Path) -> None:
+    if is_main_process():  # under torchrun: one line per job, not per process
+        console.print(f"test accuracy {result.test['accuracy']:.2%}; checkpoint {out / 'model.safetensors'}")
+
+
+COMMAND = Command("train", "train a baseline classifier", FLAGS, main)
