@@ -259,9 +259,9 @@ UNSET: Any = object()  # no default given: the parser's own (None; nothing at al
 
 @dataclass(frozen=True)
 class Flag:
-    """One flag of one command. ``dest`` names it in the parsed arguments; ``option`` (default: ``dest``) is its
-    entry in the table, which gives its type and check, its choices and its help. A ``dest`` the table does not
-    hold is a flag of one command only (a path, ``--overwrite``): ``argparse`` takes its type from ``extra``.
+    """One flag of one command. ``dest`` names it in the parsed arguments and is its entry in the table, which
+    gives its type and check, its choices and its help. A ``dest`` the table does not hold is a flag of one
+    command only (a path, ``--overwrite``): ``argparse`` takes its type from ``extra``.
 
     ``flags`` are its spellings (default ``--dest-with-dashes``; one without dashes is a positional argument),
     ``help`` replaces the table's, ``group`` puts it in an argument group of that title (or in the command's
@@ -272,15 +272,20 @@ class Flag:
     default: Any = UNSET
     help: str | None = None
     flags: tuple[str, ...] = ()
-    option: str | None = None
     group: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def flag(dest: str, *flags: str, default: Any = UNSET, help: str | None = None, option: str | None = None,
-         group: str | None = None, **extra: Any) -> Flag:  # fmt: skip
+def flag(
+    dest: str,
+    *flags: str,
+    default: Any = UNSET,
+    help: str | None = None,
+    group: str | None = None,
+    **extra: Any,
+) -> Flag:
     """A ``Flag``, written as ``add_argument`` is: ``flag("layers", "--layer", action="append", default=[])``."""
-    return Flag(dest, default, help, tuple(flags), option, group, extra)
+    return Flag(dest, default, help, tuple(flags), group, extra)
 
 
 @dataclass(frozen=True)
@@ -299,7 +304,7 @@ class Command:
 
 def flag_arguments(spec: Flag) -> tuple[tuple[str, ...], dict[str, Any]]:
     """``add_argument``'s arguments for ``spec``: the spellings, then type, choices, default, help and dest."""
-    option = OPTIONS.get(spec.option or spec.dest)
+    option = OPTIONS.get(spec.dest)
     names = spec.flags or ("--" + spec.dest.replace("_", "-"),)
     kwargs = dict(spec.extra)
     takes_value = kwargs.get("action") in (None, "append")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +142,7 @@ def training_flags(defaults: TrainConfig) -> list[Flag]:
         flag("seed", default=defaults.seed),
         flag("device", default=defaults.device),
     ]  # fmt: skip
-    return [Flag(**{**vars(f), "group": "training recipe"}) for f in flags]
+    return [replace(f, group="training recipe") for f in flags]
 
 
 FLAGS = [
