@@ -75,9 +75,11 @@ class PruneReport:
 
 
 def default_importance(layers: Sequence[str]) -> str:
-    """The blog's ``activation`` for named layers; ``l2`` for network-wide pruning, where it kept the most
-    accuracy of all criteria (benchmarks/results/criteria.json) and the blog's criterion collapses."""
-    return "activation" if layers else "l2"
+    """The blog's ``activation`` for named layers; ``group-l2`` (``importance.NETWORK_WIDE``) for
+    network-wide pruning, where the blog's criterion collapses (benchmarks/results/criteria.json)."""
+    from .importance import NETWORK_WIDE
+
+    return "activation" if layers else NETWORK_WIDE
 
 
 def prune(

@@ -54,7 +54,7 @@ class RunConfig:
     allocation: str | None = (
         None  # None: by the training split's size, as `prunekit prune` (default_allocation)
     )
-    importance: str | None = None  # activation for named layers, l2 for network-wide targets
+    importance: str | None = None  # activation for named layers, group-l2 for network-wide targets
     calibration: str = "data"
     calibration_images: int = 256
     reconstruct: bool | None = None  # recovery without labels after each pruning (None: the default)

@@ -22,7 +22,7 @@ from .batchnorm import recalibrate_batchnorm
 from .console import console, progress_bar
 from .errors import UsageError, arg
 from .groups import collect_groups
-from .importance import make_importance
+from .importance import NETWORK_WIDE, make_importance
 from .measure import autocast, bf16_supported, evaluate
 from .planning import LayerCosts
 from .prefix import Call, candidate_cuts, capture, running_from, trace_calls, verified
@@ -57,7 +57,9 @@ def scan_counts(available: int, images: int, calibration_images: int) -> tuple[i
     return fewer, calibration, note
 
 
-def prunable_groups(model: nn.Module, example: torch.Tensor, importance: str = "l2") -> dict[str, set[str]]:
+def prunable_groups(
+    model: nn.Module, example: torch.Tensor, importance: str = NETWORK_WIDE
+) -> dict[str, set[str]]:
     """The root conv of every group network-wide pruning would consider, with the names of its members."""
     _, groups = collect_groups(model, example, make_importance(importance), PruneRequest(ratio=0.5))
     modules = dict(model.named_modules())
@@ -69,7 +71,7 @@ def prunable_groups(model: nn.Module, example: torch.Tensor, importance: str = "
     }
 
 
-def prunable_roots(model: nn.Module, example: torch.Tensor, importance: str = "l2") -> list[str]:
+def prunable_roots(model: nn.Module, example: torch.Tensor, importance: str = NETWORK_WIDE) -> list[str]:
     """The root conv of every group network-wide pruning would consider."""
     return list(prunable_groups(model, example, importance))
 
@@ -109,7 +111,7 @@ def scan(
     held_out: Sequence[tuple[torch.Tensor, torch.Tensor]],
     calibration: Sequence[torch.Tensor],
     ratios: Sequence[float] = RATIOS,
-    importance: str = "l2",
+    importance: str = NETWORK_WIDE,
     seconds: float | None = None,
 ) -> dict[str, Any]:
     """Accuracy on ``held_out`` and divergence from the dense model for every (group, ratio), each group

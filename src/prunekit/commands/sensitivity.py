@@ -11,6 +11,7 @@ import torch
 from ..checkpoint import load_checkpoint
 from ..console import warn
 from ..files import DirectoryLock, check_outputs
+from ..importance import NETWORK_WIDE
 from ..options import Command, flag, validate
 from .rundir import CHECKPOINT, DATA_FLAGS, load_data_for, scan_batches
 
@@ -21,7 +22,7 @@ def sensitivity_checkpoint(
     ratios: tuple[float, ...] | None = None,
     images: int | None = None,
     calibration_images: int | None = None,
-    importance: str = "l2",
+    importance: str = NETWORK_WIDE,
     data: str | None = None,
     data_dir: str | None = None,
     seed: int = 0,
@@ -65,7 +66,7 @@ FLAGS = [
     ),
     # its name until 0.2: "calibration" is the images that score importance (prune --calibration-images)
     flag("old_recalibration_images", "--calibration-images", type=int, help=argparse.SUPPRESS),
-    flag("importance", default="l2"),
+    flag("importance", default=NETWORK_WIDE),
     flag("overwrite", action="store_true", help="replace existing outputs"),
     *DATA_FLAGS,
     flag("seed", default=0),
