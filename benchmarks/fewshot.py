@@ -9,8 +9,8 @@ python benchmarks/fewshot.py [--seeds 0,1,2] [--rows prunekit-distill,torch-prun
 (prunekit: `prunekit.prune` with its defaults given the 512 unlabelled calibration images, which means
 the global allocation and recovery; -distill: fine-tuned with the dense parent as teacher; also
 prunekit-uniform[-distill] and prunekit-sensitivity[-distill]: those allocations, the latter a scan of the
-512 calibration images; -refit / -group-l2 name the importance criterion instead of l2; -norecon: BatchNorm recalibration
-instead of recovery)
+512 calibration images; -refit / -group-l2 / -l2 name the importance criterion instead of the default;
+-norecon: BatchNorm recalibration instead of recovery)
 
 python benchmarks/fewshot.py --no-finetune --rows prunekit,prunekit-refit,torch-pruning
 only prunes (and recovers) each row and tests it: no label and no gradient step (`no_finetuning`).
@@ -204,7 +204,7 @@ def pruned(row: str, dense: torch.nn.Module, calibration: list) -> tuple[torch.n
     """A copy of ``dense`` pruned to 2x fewer MACs as ``row`` says, and the seconds it took.
 
     ``torch-pruning``: its recipe and BatchNorm recalibration. ``prunekit[-uniform|-sensitivity][-refit|
-    -group-l2][-norecon]...``: ``prunekit.prune`` with that allocation and criterion (the defaults where
+    -group-l2|-l2][-norecon]...``: ``prunekit.prune`` with that allocation and criterion (the defaults where
     none is named) on the calibration images, recovery included (``-norecon``: BatchNorm recalibration
     instead)."""
     model, start = copy.deepcopy(dense), time.perf_counter()
@@ -213,7 +213,7 @@ def pruned(row: str, dense: torch.nn.Module, calibration: list) -> tuple[torch.n
         prunekit.recalibrate_bn(model, calibration)
     else:
         allocation = next((a for a in ("uniform", "sensitivity") if f"-{a}" in row), None)
-        importance = next((c for c in ("refit", "group-l2") if f"-{c}" in row), None)
+        importance = next((c for c in ("refit", "group-l2", "l2") if f"-{c}" in row), None)
         prunekit.prune(
             model,
             EXAMPLE,
