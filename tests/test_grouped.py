@@ -55,7 +55,7 @@ def test_custom_grouped_conv_loses_whole_units_and_the_price_is_exact():
     assert {g.root for g in grouped} == {"a.0", "b.0"}  # both sides of the grouped conv are prunable
     plan = plan_target(groups, costs, 0.5, "macs", 1)
     predicted = costs.priced(groups, plan)
-    report = prunekit.prune(model, example, target_macs=0.5)
+    report = prunekit.prune(model, example, target_macs=0.5, importance="l2")  # the scores priced above
     in_ch, out_ch, g = grouped_convs(model)["b.0"]
     assert g == 4 and in_ch < 96 and out_ch < 128 and in_ch % 4 == 0 and out_ch % 4 == 0
     assert model.b[0].weight.shape == (out_ch, in_ch // 4, 3, 3)
