@@ -13,8 +13,8 @@ BatchNorm statistics are then kept or re-estimated, whichever leaves the pruned 
 to the dense model's on calibration images no regression fitted (``settle_batchnorm``): where the re-fits are
 close, the dense statistics are right for their outputs (re-estimating them cost 1.1-1.6 points on the
 CIFAR ResNet-18, benchmarks/results/recovery.json, rows ``+bn``); where they are loose, least squares
-shrinks each layer's output variance and the shrink compounds, which fresh statistics undo (19.1 % ->
-48.6 % on the few-shot EfficientNet-Lite1 before any fine-tuning).
+shrinks each layer's output variance and the shrink compounds, which fresh statistics undo (19.45 % ->
+47.25 % on the few-shot EfficientNet-Lite1 before any fine-tuning, l2 scores).
 
 Memory is bounded: each reader's regression uses a sample of output positions (rows), Gram matrices are
 accumulated per chunk of rows, and the images pass the model as one batch no larger than a memory budget.
