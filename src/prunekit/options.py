@@ -153,6 +153,9 @@ _TABLE = [
     Option("distill_temperature", float, check=positive),
     Option("distill_weight", float, check=fraction_closed),
     Option(
+        "distill_mixup", float, "mixup Beta(a, a) of the inputs while distilling (0: off)", check=at_least(0)
+    ),
+    Option(
         "precise_bn_images",
         int,
         "after the last epoch, re-estimate BatchNorm statistics on this many training images (0: off)",
