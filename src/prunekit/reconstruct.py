@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .batchnorm import batchnorms, recalibrate_batchnorm
+from .divergence import kl_from_dense
 from .errors import UsageError, arg
 
 # Ridge terms tried, relative to the mean diagonal of the inputs' Gram matrix: each reader takes the one with
@@ -378,12 +379,12 @@ def settle_batchnorm(
     want = _predictions(dense, check, batch)
     if want is None:
         return None
-    kept = _divergence(want, _predictions(pruned, check, batch))
+    kept = kl_from_dense(want, _predictions(pruned, check, batch), "batchmean")
     saved = [
         {k: v.clone() for k, v in m.state_dict().items() if "running" in k or "tracked" in k} for m in norms
     ]
     recalibrate_batchnorm(pruned, fit.split(batch), norms)
-    re_estimated = _divergence(want, _predictions(pruned, check, batch))
+    re_estimated = kl_from_dense(want, _predictions(pruned, check, batch), "batchmean")
     chosen = "re-estimated" if re_estimated < kept else "kept"
     if chosen == "kept":
         for m, state in zip(norms, saved, strict=True):
@@ -392,7 +393,7 @@ def settle_batchnorm(
 
 
 def _predictions(model: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor | None:
-    """Log-probabilities of ``model`` (eval mode) on ``x``; None for an output that is not one tensor of
+    """Logits of ``model`` (eval mode) on ``x``, as float; None for an output that is not one tensor of
     logits."""
     was_training = model.training
     model.eval()
@@ -402,12 +403,7 @@ def _predictions(model: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor 
         model.train(was_training)
     if not all(isinstance(o, torch.Tensor) and o.dim() == 2 for o in outs):
         return None
-    return torch.cat(outs).float().log_softmax(dim=1)
-
-
-def _divergence(want: torch.Tensor, got: torch.Tensor | None) -> float:
-    """KL(dense || pruned), mean over images."""
-    return float(F.kl_div(got, want, log_target=True, reduction="batchmean"))
+    return torch.cat(outs).float()
 
 
 def _refit_layer(name: str, layer: nn.Module, x: torch.Tensor, rows: _Rows, y: torch.Tensor) -> LayerFit:

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .batchnorm import recalibrate_batchnorm
 from .console import console, progress_bar
+from .divergence import kl_from_dense
 from .errors import UsageError, arg
 from .groups import collect_groups
 from .importance import NETWORK_WIDE, make_importance
@@ -253,10 +253,7 @@ def _point(
         recalibrate_batchnorm(pruned, feed(images.calibration, cut.calibration if cut else None))
         pruned.eval()
         logits = [pruned(x).float() for x, _ in feed(images.held_out, cut.held_out if cut else None)]
-    kl = sum(
-        float(F.kl_div(p.log_softmax(1), d.log_softmax(1), log_target=True, reduction="sum"))
-        for p, d in zip(logits, images.dense_logits, strict=True)
-    )
+    kl = sum(kl_from_dense(d, p) for p, d in zip(logits, images.dense_logits, strict=True))
     return (
         _top1(logits, images.held_out),
         kl / max(images.counts[0], 1),
