@@ -16,7 +16,7 @@ from ..files import DirectoryLock, check_outputs
 from ..measure import REPEATS, count_macs, count_params, latency, summary
 from ..models import build_model
 from ..options import Command, flag
-from .rundir import CHECKPOINT, DATA_FLAGS, load_data_for, overwrite_flag
+from .rundir import CHECKPOINT, DATA_FLAGS, load_data_for, overwrite_flag, run_printed
 
 
 def evaluate_checkpoint(
@@ -144,18 +144,9 @@ def main(args: argparse.Namespace) -> int:
     """``prunekit eval``: the figures, printed (and kept in ``--json``)."""
     from ..report import print_eval
 
-    results = evaluate_checkpoint(
-        args.checkpoint,
-        data=args.data,
-        data_dir=args.data_dir,
-        subset=args.subset,
-        batch_size=args.batch_size,
-        measure_latency=args.latency,
-        out=args.json,
-        overwrite=args.overwrite,
+    return run_printed(
+        evaluate_checkpoint, print_eval, args, args.checkpoint, measure_latency=args.latency, out=args.json
     )
-    print_eval(results)
-    return 0
 
 
 COMMAND = Command("eval", "accuracy, model summary and latency of a checkpoint", FLAGS, main)

@@ -10,7 +10,7 @@ from ..console import console
 from ..export import _check_format, export_model
 from ..files import DirectoryLock, check_outputs, clean_stale_temps
 from ..options import Command, flag
-from .rundir import CHECKPOINT, overwrite_flag
+from .rundir import CHECKPOINT, default_output, overwrite_flag, run_printed
 
 
 def export_checkpoint(
@@ -22,7 +22,7 @@ def export_checkpoint(
     """
     _check_format(fmt)
     suffix = ".onnx" if fmt == "onnx" else ".pt"
-    out = Path(out) if out else Path(path).with_suffix(suffix)
+    out = default_output(path, out, suffix)
     check_outputs([path], [out], overwrite)
     with DirectoryLock(out.parent):
         clean_stale_temps(out.parent)
@@ -44,9 +44,11 @@ FLAGS = [
 
 def main(args: argparse.Namespace) -> int:
     """``prunekit export``: the file written, named."""
-    out = export_checkpoint(args.checkpoint, args.format, args.out, overwrite=args.overwrite)
+    return run_printed(export_checkpoint, _print_written, args, args.checkpoint, args.format)
+
+
+def _print_written(out: Path) -> None:
     console.print(f"wrote {out}", highlight=False)
-    return 0
 
 
 COMMAND = Command("export", "export a checkpoint to ONNX or TorchScript", FLAGS, main)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import description, load_checkpoint
+from ..checkpoint import Checkpoint, description, load_checkpoint
 from ..console import console
 from ..errors import UsageError, arg
 from ..files import DirectoryLock
@@ -23,8 +23,10 @@ from .rundir import (
     calibration_batches,
     claim_run_dir,
     clear_run_dir,
+    default_output,
     load_data_for,
     overwrite_flag,
+    run_printed,
 )
 
 
@@ -60,7 +62,6 @@ def finetune_checkpoint(
 
     ``out`` (a directory) is locked meanwhile; one holding a run is refused unless ``resume`` or ``overwrite``.
     """
-    from ..checkpoint import read_meta
     from ..finetuning import default_recipe, recipe
 
     out = Path(out)
@@ -72,14 +73,16 @@ def finetune_checkpoint(
     asked |= {"distill_temperature": distill_temperature, "distill_weight": distill_weight, "seed": seed}
     asked |= {"recalibrate": recalibrate, "recalibration_images": recalibration_images, "device": device}
     asked |= {"data": data, "data_dir": data_dir, "subset": subset}
-    recipe_name = recipe_name or default_recipe(read_meta(path).get("pruning"))
     recalibrate = True if recalibrate is None else recalibrate
     recalibration_images = 2048 if recalibration_images is None else recalibration_images
     seed = 0 if seed is None else seed
     planned = None  # (config, freezing policy) of a fresh run; a resumed one reads its own from the state
+    source = None  # the checkpoint a fresh run starts from, read once
     if resume and (out / STATE_FILE).exists():
         _refuse_finetune_changes(out, asked)
     else:
+        source = load_checkpoint(path)
+        recipe_name = recipe_name or default_recipe(source.meta.get("pruning"))
         planned = recipe(
             recipe_name,
             epochs=epochs,
@@ -100,7 +103,7 @@ def finetune_checkpoint(
             path,
             out,
             recipe_name,
-            planned,
+            None if planned is None else (source, *planned),
             (teacher, distill),
             recalibrate,
             recalibration_images,
@@ -115,7 +118,7 @@ def _finetune(
     path: str | Path,
     out: Path,
     recipe_name: str,
-    planned: tuple[TrainConfig, str] | None,
+    planned: tuple[Checkpoint, TrainConfig, str] | None,
     distillation: tuple[str | Path | None, bool | None],
     recalibrate: bool,
     recalibration_images: int,
@@ -133,8 +136,7 @@ def _finetune(
         stages = dict(ckpt.meta["finetune"]["accuracy"])
         settings = ckpt.meta["finetune"]
     else:
-        ckpt = load_checkpoint(path)
-        cfg, policy = planned
+        ckpt, cfg, policy = planned
         stages = {}
         settings = {"recipe": recipe_name, "freeze": policy, "recalibrate": recalibrate, "source": str(path)}
         settings |= {"recalibration_images": recalibration_images, "data": data, "data_dir": data_dir}
@@ -259,36 +261,19 @@ FLAGS = [
 def main(args: argparse.Namespace) -> int:
     """``prunekit finetune``: accuracy at each stage printed, and the checkpoint; a resumed run is asked only
     what the user wrote."""
-    out = args.out or args.checkpoint.with_name(args.checkpoint.stem + "-finetuned")
+    out = default_output(args.checkpoint, args.out, "-finetuned")
     if args.resume:
         args = asked_only(args)
         args.resume = True
-    result = finetune_checkpoint(
-        args.checkpoint,
-        out,
-        recipe_name=args.recipe,
-        epochs=args.epochs,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        freeze=args.freeze,
-        teacher=args.teacher,
-        distill=args.distill,
-        distill_temperature=args.distill_temperature,
-        distill_weight=args.distill_weight,
-        recalibrate=args.recalibrate,
-        recalibration_images=args.recalibration_images,
-        data=args.data,
-        data_dir=args.data_dir,
-        subset=args.subset,
-        seed=args.seed,
-        device=args.device,
-        resume=args.resume,
-        overwrite=args.overwrite,
+    return run_printed(
+        finetune_checkpoint, _print_stages, args, args.checkpoint, out, recipe_name=args.recipe
     )
+
+
+def _print_stages(result: dict[str, Any]) -> None:
     for stage, acc in result["accuracy"].items():
         console.print(f"{stage:>13}: {acc:.2%}", highlight=False)
     console.print(f"checkpoint {result['checkpoint']}", highlight=False)
-    return 0
 
 
 COMMAND = Command("finetune", "recalibrate BatchNorm and fine-tune a pruned checkpoint", FLAGS, main)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,36 @@ from ..measure import summary
 from ..options import OPTIONS, UNSET, Command, Flag, flag
 from ..requests import PruneRequest
 from ..train import check_finite
-from .rundir import CHECKPOINT, DATA_FLAGS, calibration_batches, load_data_for, overwrite_flag, scan_batches
+from .rundir import (
+    CHECKPOINT,
+    DATA_FLAGS,
+    calibration_batches,
+    default_output,
+    load_data_for,
+    overwrite_flag,
+    run_printed,
+    scan_batches,
+)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What ``prune_checkpoint`` was asked beside the request, checked and with its defaults resolved."""
+
+    importance: str
+    calibration: str
+    calibration_images: int
+    reconstruction_images: int
+    data: str | None
+    data_dir: str | None
+    seed: int
+
+    @property
+    def scores_on_data(self) -> bool:
+        """Whether the criterion scores channels on training images (not on the blog's noise)."""
+        from ..importance import NEEDS_CALIBRATION
+
+        return self.importance in NEEDS_CALIBRATION and self.calibration == "data"
 
 
 def prune_checkpoint(
@@ -54,22 +84,15 @@ def prune_checkpoint(
         raise UsageError(
             f"{arg('importance')} taylor needs labelled images; drop {arg('calibration')} random"
         )
-    out = Path(out) if out else Path(path).with_name(Path(path).stem + "-pruned.safetensors")
+    out = default_output(path, out, "-pruned.safetensors")
     report_file = report_path(out)
     check_outputs([path], [out, report_file], overwrite)
+    settings = _Settings(
+        importance, calibration, calibration_images, reconstruction_images, data, data_dir, seed
+    )
     with DirectoryLock(out.parent):
         clean_stale_temps(out.parent)
-        return _prune(
-            path,
-            request,
-            importance,
-            data,
-            data_dir,
-            calibration,
-            (calibration_images, reconstruction_images),
-            out,
-            seed,
-        )
+        return _prune(path, out, request, settings)
 
 
 def report_path(out: Path) -> Path:
@@ -78,33 +101,27 @@ def report_path(out: Path) -> Path:
     return out.with_name(out.stem + ".report.json") if report == out else report
 
 
-def _prune(
-    path: str | Path,
-    request: Any,
-    importance: str,
-    data: str | None,
-    data_dir: str | None,
-    calibration: str,
-    image_counts: tuple[int, int],
-    out: Path,
-    seed: int,
-) -> dict[str, Any]:
+def _prune(path: str | Path, out: Path, request: Any, settings: _Settings) -> dict[str, Any]:
     from ..checkpoint import save_checkpoint
+    from ..core import prune
     from ..files import write_json
 
     ckpt = load_checkpoint(path)
     meta, model = ckpt.meta, ckpt.model
-    batches, refit = _pruning_images(
-        meta, model, request, importance, data, data_dir, calibration, image_counts, seed
-    )
+    batches, refit = _pruning_images(meta, model, request, settings)
     size = meta["input_size"]
     before = summary(model, size)
-    result = _prune_as_requested(model, size, request, importance, batches, refit, seed)
+    result = prune(  # every field of the request is a keyword of core.prune
+        model,
+        torch.zeros(1, 3, size, size),
+        **vars(request),
+        importance=settings.importance,
+        calibration=batches,
+        reconstruction=refit,
+        seed=settings.seed,
+    )
     after = summary(model, size)
-    report = _prune_report(
-        path, out, meta, request, result, before, after,
-        importance=importance, calibration=calibration, calibration_images=image_counts[0],
-    )  # fmt: skip
+    report = _prune_report(path, out, meta, request, settings, result, (before, after))
     new_meta = _pruned_meta(path, meta, report, result)
     check_finite(model, f"the pruned model ({out})")
     save_checkpoint(out, model, new_meta)
@@ -114,33 +131,27 @@ def _prune(
 
 
 def _pruning_images(
-    meta: dict[str, Any],
-    model: torch.nn.Module,
-    request: Any,
-    importance: str,
-    data: str | None,
-    data_dir: str | None,
-    calibration: str,
-    image_counts: tuple[int, int],
-    seed: int,
+    meta: dict[str, Any], model: torch.nn.Module, request: Any, settings: _Settings
 ) -> tuple[list[tuple[Any, Any]] | None, list[Any] | None]:
     """The scoring batches and the re-fit images the request needs (None where it needs none); scans the
     model for a sensitivity allocation into ``request.sensitivity`` first when it has none."""
     from ..importance import NEEDS_CALIBRATION
 
-    calibration_images, reconstruction_images = image_counts
-    scores_on_data = importance in NEEDS_CALIBRATION and calibration == "data"
+    seed = settings.seed
     spreads_by_default = request.allocation is None and request.ratio is None  # by the split's size
     scans = request.allocation == "sensitivity" and request.sensitivity is None
-    needs_data = scores_on_data or scans or request.reconstruct or spreads_by_default
-    bundle = load_data_for(meta, data, data_dir) if needs_data else None  # loaded once for all of them
+    needs_data = settings.scores_on_data or scans or request.reconstruct or spreads_by_default
+    # loaded once for all of them
+    bundle = load_data_for(meta, settings.data, settings.data_dir) if needs_data else None
     _resolve_allocation(request, len(bundle.train) if bundle is not None else 0)
     scans = request.allocation == "sensitivity" and request.sensitivity is None
     batches = refit = None
-    if importance in NEEDS_CALIBRATION:
-        batches = calibration_batches(meta, bundle if scores_on_data else None, calibration_images, seed=seed)
+    if settings.importance in NEEDS_CALIBRATION:
+        scoring = bundle if settings.scores_on_data else None
+        batches = calibration_batches(meta, scoring, settings.calibration_images, seed=seed)
     if request.reconstruct:
-        refit = [x for x, _ in calibration_batches(meta, bundle, reconstruction_images, seed=seed + 1)]
+        images = settings.reconstruction_images
+        refit = [x for x, _ in calibration_batches(meta, bundle, images, seed=seed + 1)]
     if scans:
         from ..sensitivity import SCAN_CALIBRATION_IMAGES, SCAN_IMAGES, SCAN_SECONDS, scan
 
@@ -161,67 +172,27 @@ def _resolve_allocation(request: Any, training_images: int) -> None:
     request.allocation = default_allocation(request.allocation, request.ratio, training_images)
 
 
-def _prune_as_requested(
-    model: torch.nn.Module,
-    size: int,
-    request: Any,
-    importance: str,
-    batches: list[tuple[Any, Any]] | None,
-    refit: list[Any] | None,
-    seed: int,
-) -> Any:
-    """``core.prune`` of ``model`` in place with every setting of ``request``; its ``PruneReport``."""
-    from ..core import prune
-
-    return prune(
-        model,
-        torch.zeros(1, 3, size, size),
-        allocation=request.allocation,
-        sensitivity=request.sensitivity,
-        prune_input_conv=request.prune_input_conv,
-        layers=request.layers,
-        ratio=request.ratio,
-        target_macs=request.target_macs,
-        target_params=request.target_params,
-        target_latency=request.target_latency,
-        latency_batch=request.latency_batch,
-        latency_runtime=request.latency_runtime,
-        ignore=request.ignore,
-        round_to=request.round_to,
-        importance=importance,
-        calibration=batches,
-        reconstruct=request.reconstruct,
-        reconstruction=refit,
-        seed=seed,
-    )
-
-
 def _prune_report(
     path: str | Path,
     out: Path,
     meta: dict[str, Any],
     request: Any,
+    settings: _Settings,
     result: Any,
-    before: dict[str, Any],
-    after: dict[str, Any],
-    *,
-    importance: str,
-    calibration: str,
-    calibration_images: int,
+    summaries: tuple[dict[str, Any], dict[str, Any]],
 ) -> dict[str, Any]:
-    """prune's JSON report: the settings and request, the summaries before and after, the measured cost
+    """prune's JSON report: the settings and request, the summaries (before, after), the measured cost
     and what changed."""
     from ..importance import NEEDS_CALIBRATION
 
+    before, after = summaries
     return {
         "checkpoint": str(path),
         "pruned_checkpoint": str(out),
         "model": meta["model"],
-        "importance": importance,
-        "calibration": calibration if importance in NEEDS_CALIBRATION else None,
-        "calibration_images": calibration_images
-        if calibration == "data" and importance in NEEDS_CALIBRATION
-        else None,
+        "importance": settings.importance,
+        "calibration": settings.calibration if settings.importance in NEEDS_CALIBRATION else None,
+        "calibration_images": settings.calibration_images if settings.scores_on_data else None,
         "request": {k: v for k, v in vars(request).items() if k != "sensitivity"},
         "before": {k: v for k, v in before.items() if k != "table"},
         "after": {k: v for k, v in after.items() if k != "table"},
@@ -345,21 +316,7 @@ def main(args: argparse.Namespace) -> int:
         prune_input_conv=args.prune_input_conv,
         reconstruct=args.reconstruct,
     )
-    report = prune_checkpoint(
-        args.checkpoint,
-        request,
-        importance=args.importance,
-        data=args.data,
-        data_dir=args.data_dir,
-        calibration=args.calibration,
-        calibration_images=args.calibration_images,
-        reconstruction_images=args.reconstruction_images,
-        out=args.out,
-        seed=args.seed,
-        overwrite=args.overwrite,
-    )
-    print_prune(report)
-    return 0
+    return run_printed(prune_checkpoint, print_prune, args, args.checkpoint, request)
 
 
 COMMAND = Command("prune", "remove channels from a trained checkpoint", FLAGS, main, one_of=BUDGET)

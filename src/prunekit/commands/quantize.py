@@ -16,7 +16,7 @@ from ..errors import UsageError, arg
 from ..files import DirectoryLock, check_outputs
 from ..options import Command, flag, validate_given
 from .evaluate import _dense_parent, _ort_timing
-from .rundir import CHECKPOINT, DATA_FLAGS, load_data_for
+from .rundir import CHECKPOINT, DATA_FLAGS, default_output, load_data_for, run_printed
 
 
 def quantize_checkpoint(
@@ -45,7 +45,7 @@ def quantize_checkpoint(
     validate_given({"calibration_method": method, "calibration_images": calibration_images})
     ckpt = load_checkpoint(path)
     meta, model = ckpt.meta, ckpt.model.eval()
-    out = Path(out) if out else Path(path).with_name(Path(path).stem + "-int8.onnx")
+    out = default_output(path, out, "-int8.onnx")
     if out.suffix != ".onnx":
         raise UsageError(f"{arg('out')} {out}: an int8 model is written as .onnx")
     check_outputs([path], [out, out.with_suffix(".json")], overwrite)
@@ -234,20 +234,9 @@ def main(args: argparse.Namespace) -> int:
     """``prunekit quantize``: the int8 model written, its table printed."""
     from ..report import print_quantize
 
-    report = quantize_checkpoint(
-        args.checkpoint,
-        out=args.out,
-        calibration_images=args.calibration_images,
-        method=args.calibration_method,
-        keep_fp32=args.keep_fp32,
-        remedies=args.remedies,
-        data=args.data,
-        data_dir=args.data_dir,
-        threads=args.threads,
-        overwrite=args.overwrite,
+    return run_printed(
+        quantize_checkpoint, print_quantize, args, args.checkpoint, method=args.calibration_method
     )
-    print_quantize(report)
-    return 0
 
 
 COMMAND = Command("quantize", "int8 post-training quantization in ONNX Runtime, measured", FLAGS, main)

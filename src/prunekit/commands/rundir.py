@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,28 @@ def overwrite_flag(what: str) -> Flag:
 def asked_only(args: argparse.Namespace) -> argparse.Namespace:
     """``args`` with every option the user did not write set to None (for a resumed run: not asked)."""
     return argparse.Namespace(**{k: None if k in args.defaulted else v for k, v in vars(args).items()})
+
+
+def default_output(path: str | Path, out: str | Path | None, suffix: str) -> Path:
+    """``out``, else beside the checkpoint ``path``: its stem and ``suffix`` (``-pruned.safetensors``)."""
+    return Path(out) if out else Path(path).with_name(Path(path).stem + suffix)
+
+
+def run_printed(
+    function: Callable[..., Any],
+    printer: Callable[[Any], None],
+    args: argparse.Namespace,
+    *positional: Any,
+    **given: Any,
+) -> int:
+    """A command's body: ``function`` called with ``positional``, then each of its other parameters from the
+    flag of the same name in ``args`` (``given`` instead, for one computed or named otherwise); its result
+    shown by ``printer``. The exit code: 0."""
+    parameters = list(inspect.signature(function).parameters)[len(positional) :]
+    flags = vars(args)
+    keywords = {name: flags[name] for name in parameters if name in flags and name not in given}
+    printer(function(*positional, **keywords, **given))
+    return 0
 
 
 def model_meta(

@@ -13,7 +13,7 @@ from ..console import warn
 from ..files import DirectoryLock, check_outputs
 from ..importance import NETWORK_WIDE
 from ..options import Command, flag, validate
-from .rundir import CHECKPOINT, DATA_FLAGS, load_data_for, scan_batches
+from .rundir import CHECKPOINT, DATA_FLAGS, default_output, load_data_for, run_printed, scan_batches
 
 
 def sensitivity_checkpoint(
@@ -39,7 +39,7 @@ def sensitivity_checkpoint(
     images = SCAN_IMAGES if images is None else images
     calibration_images = SCAN_CALIBRATION_IMAGES if calibration_images is None else calibration_images
     validate({"images": images, "calibration_images": calibration_images})
-    out = Path(out) if out else Path(path).with_name(Path(path).stem + "-sensitivity.json")
+    out = default_output(path, out, "-sensitivity.json")
     check_outputs([path], [out, out.with_suffix(".png")], overwrite)
     ckpt = load_checkpoint(path)
     meta = ckpt.meta
@@ -82,20 +82,14 @@ def main(args: argparse.Namespace) -> int:
     if args.old_recalibration_images is not None:
         warn("sensitivity --calibration-images is deprecated: it is --recalibration-images now")
         recalibration = recalibration or args.old_recalibration_images
-    result = sensitivity_checkpoint(
+    return run_printed(
+        sensitivity_checkpoint,
+        print_scan,
+        args,
         args.checkpoint,
-        out=args.out,
         ratios=parse_ratios(args.ratios),
-        images=args.images,
         calibration_images=recalibration,
-        importance=args.importance,
-        data=args.data,
-        data_dir=args.data_dir,
-        seed=args.seed,
-        overwrite=args.overwrite,
     )
-    print_scan(result)
-    return 0
 
 
 COMMAND = Command(
