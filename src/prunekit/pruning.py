@@ -16,10 +16,10 @@ import torch_pruning as tp
 from .errors import UsageError, arg, arg_values
 from .groups import Group, collect_groups, tolerant_reshapes, validate_names
 from .importance import ChannelImportance
-from .measure import count_macs, count_params
+from .measure import COUNTER_TOLERANCES, count_macs, count_params, macs_by_counters
 from .planning import (
     MIN_KEEP_FRACTION,
-    TOLERANCE,
+    WIDER_TOLERANCE,
     LayerCosts,
     default_allocation,
     plan_ratio,
@@ -80,30 +80,13 @@ def _prune_planned(
     latency = None
     if request.target_latency is not None:
         removed, latency, kept = _prune_to_latency(model, request, importance, example, expected)
-    else:
+    elif request.ratio is not None:
         DG, groups = collect_groups(model, example, importance, request)
-        if request.ratio is not None:
-            plan = plan_ratio(groups, request.ratio, request.round_to)
-        else:
-            metric = "macs" if request.target_macs is not None else "params"
-            target = request.target_macs if metric == "macs" else request.target_params
-            plan = plan_target(
-                groups, costs, target, metric, request.round_to, request.allocation, request.sensitivity
-            )
+        plan = plan_ratio(groups, request.ratio, request.round_to)
         kept = kept_outputs(model, groups, plan)
-        removed, state = _surgery(model, request, importance, example, expected, DG, groups, plan)
-        if request.ratio is None:  # the target is checked on the measured model, not on the plan's estimate
-            reached = (
-                count_macs(model, example) / macs_before
-                if metric == "macs"
-                else count_params(model) / params_before
-            )
-            if abs(reached - target) > TOLERANCE * target:
-                restore(state)
-                raise UsageError(
-                    f"{arg('target_' + metric)} {target}: the closest prunekit got is {reached:.3f} (channel "
-                    f"steps are too coarse here); try a nearby target or {arg('round_to')} 1"
-                )
+        removed, _ = _surgery(model, request, importance, example, expected, DG, groups, plan)
+    else:
+        removed, kept = _prune_to_target(model, request, importance, example, expected, costs)
     after = module_shapes(model)
     changed = [
         {"layer": name, **{k: [before[name][k], v] for k, v in attrs.items() if before[name].get(k) != v}}
@@ -120,6 +103,54 @@ def _prune_planned(
         params_after=count_params(model),
         latency=latency,
         kept=kept,
+    )
+
+
+def _prune_to_target(
+    model: nn.Module,
+    request: PruneRequest,
+    importance: ChannelImportance,
+    example: torch.Tensor,
+    expected: Any,
+    costs: LayerCosts,
+) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+    """Plan and apply a MACs or params target, then check it on the measured model (not on the plan's
+    estimate): params by prunekit's count, MACs by every counter of ``COUNTER_TOLERANCES``. Where only
+    Torch-Pruning's counter misses, the plan is made again holding its estimate of that counter closer (a
+    network copy and a count per try); any other miss undoes the surgery and is one error."""
+    metric = "macs" if request.target_macs is not None else "params"
+    target = request.target_macs if metric == "macs" else request.target_params
+    count = (
+        (lambda m: macs_by_counters(m, example))
+        if metric == "macs"
+        else (lambda m: {"prunekit": count_params(m)})
+    )
+    dense = count(model)
+    for attempt in range(3):
+        DG, groups = collect_groups(model, example, importance, request)
+        plan = plan_target(
+            groups, costs, target, metric, request.round_to, request.allocation, request.sensitivity,
+            WIDER_TOLERANCE / 2**attempt,
+        )  # fmt: skip
+        kept = kept_outputs(model, groups, plan)
+        removed, state = _surgery(model, request, importance, example, expected, DG, groups, plan)
+        reached = {name: n / dense[name] for name, n in count(model).items() if dense.get(name)}
+        misses = {n: r for n, r in reached.items() if abs(r - target) > COUNTER_TOLERANCES[n] * target}
+        if not misses:
+            return removed, kept
+        restore(state)
+        if set(misses) != {"torch_pruning"}:
+            break
+    if "prunekit" in misses:
+        raise UsageError(
+            f"{arg('target_' + metric)} {target}: the closest prunekit got is {misses['prunekit']:.3f} "
+            f"(channel steps are too coarse here); try a nearby target or {arg('round_to')} 1"
+        )
+    name, ratio = next(iter(misses.items()))
+    raise UsageError(
+        f"{arg('target_macs')} {target}: prunekit's count reads {reached['prunekit']:.3f}, but {name}'s reads "
+        f"{ratio:.3f}, more than {COUNTER_TOLERANCES[name]:.0%} off (it counts other operations); try a nearby "
+        f"target or {arg('round_to')} 1"
     )
 
 
