@@ -56,9 +56,9 @@ class RunConfig:
     )
     importance: str | None = None  # activation for named layers, group-l2 for network-wide targets
     calibration: str = "data"
-    calibration_images: int = 256
+    calibration_images: int = prune_command.CALIBRATION_IMAGES
     reconstruct: bool | None = None  # recovery without labels after each pruning (None: the default)
-    reconstruction_images: int = 512
+    reconstruction_images: int = prune_command.RECONSTRUCTION_IMAGES
     steps: int = 1
     recipe: str | None = None  # finetuning.default_recipe: blog for named layers, full for a target
     finetune_epochs: int = 10
@@ -69,7 +69,7 @@ class RunConfig:
     distill_weight: float | None = None
     recalibrate: bool = True
     quantize: bool = False
-    calibration_method: str = "minmax"
+    calibration_method: str = quantize_command.CALIBRATION_METHOD
     seed: int = 0
     device: str = "auto"
 

@@ -29,6 +29,8 @@ from .rundir import (
     run_printed,
 )
 
+RECALIBRATION_IMAGES = 2048  # training images BatchNorm is re-estimated on before fine-tuning
+
 
 def finetune_checkpoint(
     path: str | Path,
@@ -52,7 +54,7 @@ def finetune_checkpoint(
     resume: bool = False,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Recalibrate BatchNorm (``recalibrate``, default True, on ``recalibration_images``, default 2048), then
+    """Recalibrate BatchNorm (``recalibrate``, default True, on ``recalibration_images``, default ``RECALIBRATION_IMAGES``), then
     fine-tune a pruned checkpoint (``recipe_name`` default: ``finetuning.default_recipe``); returns accuracy at each
     stage. Resumed (``resume`` and an interrupted run in ``out``), any argument given (not None) that differs
     from the run's record is refused.
@@ -74,7 +76,7 @@ def finetune_checkpoint(
     asked |= {"recalibrate": recalibrate, "recalibration_images": recalibration_images, "device": device}
     asked |= {"data": data, "data_dir": data_dir, "subset": subset}
     recalibrate = True if recalibrate is None else recalibrate
-    recalibration_images = 2048 if recalibration_images is None else recalibration_images
+    recalibration_images = RECALIBRATION_IMAGES if recalibration_images is None else recalibration_images
     seed = 0 if seed is None else seed
     planned = None  # (config, freezing policy) of a fresh run; a resumed one reads its own from the state
     source = None  # the checkpoint a fresh run starts from, read once
@@ -249,7 +251,7 @@ FLAGS = [
     flag("distill_weight", default=None),
     flag("recalibrate", "--no-recalibrate", action="store_false",
          help="skip re-estimating BatchNorm statistics before fine-tuning"),
-    flag("recalibration_images", default=2048),
+    flag("recalibration_images", default=RECALIBRATION_IMAGES),
     *DATA_FLAGS,
     flag("seed", default=0),
     flag("device", default=None),

@@ -13,6 +13,7 @@ from ..checkpoint import description, load_checkpoint
 from ..console import note
 from ..errors import UsageError, arg
 from ..files import DirectoryLock, check_outputs, clean_stale_temps
+from ..importance import NETWORK_WIDE
 from ..measure import summary
 from ..options import OPTIONS, UNSET, Command, Flag, flag
 from ..requests import PruneRequest
@@ -27,6 +28,10 @@ from .rundir import (
     run_printed,
     scan_batches,
 )
+
+# The defaults of prune_checkpoint, its flags and prunekit run's config, stated once.
+CALIBRATION_IMAGES = 256  # training images that score importance
+RECONSTRUCTION_IMAGES = 512  # training images recovery re-fits on
 
 
 @dataclass(frozen=True)
@@ -56,8 +61,8 @@ def prune_checkpoint(
     data: str | None = None,
     data_dir: str | None = None,
     calibration: str = "data",
-    calibration_images: int = 256,
-    reconstruction_images: int = 512,
+    calibration_images: int = CALIBRATION_IMAGES,
+    reconstruction_images: int = RECONSTRUCTION_IMAGES,
     out: str | Path | None = None,
     seed: int = 0,
     overwrite: bool = False,
@@ -253,16 +258,17 @@ def latency_flags(defaults: bool = True) -> list[Flag]:
 
 
 def reconstruct_flags(defaults: bool) -> list[Flag]:
-    """--reconstruct/--no-reconstruct and --reconstruction-images (default 512 unless ``defaults`` False)."""
+    """--reconstruct/--no-reconstruct and --reconstruction-images (with its default unless ``defaults`` False)."""
     return [
         flag("reconstruct", action=argparse.BooleanOptionalAction, default=None,
              help=f"recovery without labels: {OPTIONS['reconstruct'].help}"),
-        flag("reconstruction_images", default=512 if defaults else UNSET,
-             help=f"{OPTIONS['reconstruction_images'].help} (default 512)"),
+        flag("reconstruction_images", default=RECONSTRUCTION_IMAGES if defaults else UNSET,
+             help=f"{OPTIONS['reconstruction_images'].help} (default {RECONSTRUCTION_IMAGES})"),
     ]  # fmt: skip
 
 
 BUDGET = "budget"  # the group of flags of which prune takes exactly one
+IMPORTANCE_HELP = f"channel importance criterion (default: activation with --layer, else {NETWORK_WIDE})"
 FLAGS = [
     CHECKPOINT,
     flag("layers", "--layer", action="append", default=[], metavar="LAYER",
@@ -274,10 +280,10 @@ FLAGS = [
          help="keep this fraction of the dense model's latency, measured on this machine "
          "(per-layer latency tables, cached; the pruned model is timed to check)"),
     *latency_flags(),
-    flag("importance", default=None, help="channel importance criterion (default: activation with --layer, else l2)"),
+    flag("importance", default=None, help=IMPORTANCE_HELP),
     flag("calibration", default="data",
          help="score activations on training images (data) or on the blog's random noise"),
-    flag("calibration_images", default=256),
+    flag("calibration_images", default=CALIBRATION_IMAGES),
     *reconstruct_flags(defaults=True),
     flag("ignore", action="append", default=[], help="never prune this layer (repeatable)"),
     flag("prune_input_conv", action="store_true",

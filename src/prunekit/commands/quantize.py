@@ -18,12 +18,16 @@ from ..options import Command, flag, validate_given
 from .evaluate import _dense_parent, _ort_timing
 from .rundir import CHECKPOINT, DATA_FLAGS, default_output, load_data_for, run_printed
 
+# The defaults of quantize_checkpoint, its flags and prunekit run's config, stated once.
+CALIBRATION_IMAGES = 512  # training images int8 is calibrated on
+CALIBRATION_METHOD = "minmax"
+
 
 def quantize_checkpoint(
     path: str | Path,
     out: str | Path | None = None,
-    calibration_images: int = 512,
-    method: str = "minmax",
+    calibration_images: int = CALIBRATION_IMAGES,
+    method: str = CALIBRATION_METHOD,
     keep_fp32: list[str] | None = None,
     remedies: bool = True,
     data: str | None = None,
@@ -213,8 +217,8 @@ def _quantize_rows(
 FLAGS = [
     CHECKPOINT,
     flag("out", type=Path, default=None, help="int8 .onnx (default: <checkpoint>-int8.onnx)"),
-    flag("calibration_images", default=512, help="training images"),
-    flag("calibration_method", default="minmax"),
+    flag("calibration_images", default=CALIBRATION_IMAGES, help="training images"),
+    flag("calibration_method", default=CALIBRATION_METHOD),
     flag(
         "keep_fp32", action="append", default=[], metavar="NODE", help="ONNX node kept in fp32 (repeatable)"
     ),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..console import console
 from ..options import Command, flag
-from .prune import latency_flags, reconstruct_flags
+from .prune import IMPORTANCE_HELP, latency_flags, reconstruct_flags
 
 # No defaults here: a flag not given leaves its key out, so a --config file (or RunConfig's default) holds.
 FLAGS = [
@@ -35,7 +35,7 @@ FLAGS = [
     flag("prune_input_conv", action="store_true", help="see prune --prune-input-conv"),
     flag("round_to"),
     flag("allocation", help="see prune --allocation"),
-    flag("importance", help="default: activation with --layer, else l2"),
+    flag("importance", help=IMPORTANCE_HELP),
     flag("calibration"),
     flag("calibration_images"),
     *reconstruct_flags(defaults=False),

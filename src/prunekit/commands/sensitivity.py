@@ -13,6 +13,7 @@ from ..console import warn
 from ..files import DirectoryLock, check_outputs
 from ..importance import NETWORK_WIDE
 from ..options import Command, flag, validate
+from ..sensitivity import RATIOS, SCAN_CALIBRATION_IMAGES, SCAN_IMAGES
 from .rundir import CHECKPOINT, DATA_FLAGS, default_output, load_data_for, run_printed, scan_batches
 
 
@@ -32,7 +33,7 @@ def sensitivity_checkpoint(
     ``images`` and ``calibration_images`` default to ``SCAN_IMAGES`` and ``SCAN_CALIBRATION_IMAGES``, both
     shrunk to finish in about ``SCAN_SECONDS``; counts given are used as they are."""
     from ..files import write_json
-    from ..sensitivity import RATIOS, SCAN_CALIBRATION_IMAGES, SCAN_IMAGES, SCAN_SECONDS, plot, scan
+    from ..sensitivity import SCAN_SECONDS, plot, scan
 
     seconds = SCAN_SECONDS if images is None and calibration_images is None else None
     ratios = tuple(ratios or RATIOS)
@@ -59,10 +60,11 @@ def sensitivity_checkpoint(
 FLAGS = [
     CHECKPOINT,
     flag("out", type=Path, default=None, help="JSON (default: <checkpoint>-sensitivity.json); PNG beside"),
-    flag("ratios", default="0.1,0.3,0.5,0.7,0.9", help="comma-separated fractions of channels"),
-    flag("images", help="held-out training images (default 1000)"),
+    flag("ratios", default=",".join(map(str, RATIOS)), help="comma-separated fractions of channels"),
+    flag("images", help=f"held-out training images (default {SCAN_IMAGES})"),
     flag(
-        "recalibration_images", help="training images that re-estimate BatchNorm after each try (default 512)"
+        "recalibration_images",
+        help=f"training images that re-estimate BatchNorm after each try (default {SCAN_CALIBRATION_IMAGES})",
     ),
     # its name until 0.2: "calibration" is the images that score importance (prune --calibration-images)
     flag("old_recalibration_images", "--calibration-images", type=int, help=argparse.SUPPRESS),
