@@ -78,8 +78,8 @@ def finetune_checkpoint(
     recalibrate = True if recalibrate is None else recalibrate
     recalibration_images = RECALIBRATION_IMAGES if recalibration_images is None else recalibration_images
     seed = 0 if seed is None else seed
-    planned = None  # (config, freezing policy) of a fresh run; a resumed one reads its own from the state
-    source = None  # the checkpoint a fresh run starts from, read once
+    # A fresh run's (config, freezing policy) and source checkpoint, read once; a resumed one reads its state.
+    planned = source = None
     if resume and (out / STATE_FILE).exists():
         _refuse_finetune_changes(out, asked)
     else:
@@ -101,19 +101,11 @@ def finetune_checkpoint(
         claim_run_dir(out, [path, teacher], resume, overwrite)
         if planned is not None:
             clear_run_dir(out)
+        fresh = None if planned is None else (source, *planned)
         return _finetune(
-            path,
-            out,
-            recipe_name,
-            None if planned is None else (source, *planned),
-            (teacher, distill),
-            recalibrate,
-            recalibration_images,
-            data,
-            data_dir,
-            subset,
-            seed,
-        )
+            path, out, recipe_name, fresh, (teacher, distill), recalibrate, recalibration_images,
+            data, data_dir, subset, seed,
+        )  # fmt: skip
 
 
 def _finetune(
