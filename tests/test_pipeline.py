@@ -55,6 +55,10 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 @pytest.mark.slow
 def test_pipeline_end_to_end_on_the_mini_archive(mini_archive, tmp_path, capsys, monkeypatch):
     runs = tmp_path / "runs"
+    # A stage slower than dense (which runtimes it is in, report.slower_stages's own test) is named in
+    # the report and in the command's output: here one is made up, whatever the timings say.
+    slower = "final is slower than dense in ONNX Runtime at batch 1 (made up by the test)"
+    monkeypatch.setattr("prunekit.report.slower_stages", lambda stages: [slower])
     code, _, err = run_cli(
         capsys,
         "run",
@@ -98,6 +102,7 @@ def test_pipeline_end_to_end_on_the_mini_archive(mini_archive, tmp_path, capsys,
         assert re.search(rf"^\| {stage} \| \d+\.\d\d% \|$", report, re.M), stage
     assert "![channels](channels.png)" in report and "![curves](curves.png)" in report
     assert "dense" in err and "final" in err
+    assert f"**Slower than dense:** {slower}." in report and slower in err
 
     # The recorded config reproduces the run: the same resolved settings under a new name.
     # (Stop it before training: only the config it resolves matters here.)
