@@ -234,6 +234,35 @@ def test_a_macs_target_holds_by_torchinfo_and_torch_pruning(name, target, seed, 
     assert abs(ops - target) <= 0.03 * target, ops
 
 
+def test_a_conv_other_counters_cannot_see_does_not_block_a_target():
+    """A Conv2d subclass with its own forward (EfficientNet-Lite's static 'same' padding): torchinfo and
+    Torch-Pruning count none of its MACs, so their ratios say nothing and must not refuse the plan."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from prunekit.importance import make_importance
+    from prunekit.measure import count_macs, macs_by_counters
+    from prunekit.pruning import PruneRequest, prune_model
+
+    class PaddedConv(nn.Conv2d):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.static_padding = nn.ZeroPad2d(1)
+
+        def forward(self, x):
+            x = self.static_padding(x)
+            return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+    torch.manual_seed(0)
+    layers = [PaddedConv(3, 32, 3), nn.BatchNorm2d(32), nn.ReLU(), PaddedConv(32, 64, 3), nn.BatchNorm2d(64)]
+    model = nn.Sequential(*layers, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+    example = torch.zeros(1, 3, 32, 32)
+    dense = macs_by_counters(model, example)
+    assert all(dense[n] < dense["prunekit"] / 10 for n in dense if n != "prunekit"), dense  # blind to them
+    prune_model(model, PruneRequest(target_macs=0.5), make_importance("l1"), example)
+    assert abs(count_macs(model, example) / dense["prunekit"] - 0.5) <= 0.02 * 0.5
+
+
 def test_the_elementwise_price_is_what_torch_pruning_counts():
     """The planner's estimate of Torch-Pruning's count, on a dense and a pruned MobileNetV2, within 0.5 %."""
     tp = pytest.importorskip("torch_pruning")
