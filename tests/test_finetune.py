@@ -419,3 +419,35 @@ def test_the_old_name_seed_still_works_with_a_warning(capsys):
     assert "recipe seed is deprecated: it is called blog now" in err
     assert "freeze seed is deprecated: it is called blog now" in err
     assert trainable_filter("seed", ["layer1.0.conv1"], "fc")("fc.weight")  # an old checkpoint's record
+
+
+def test_distill_mixup_feeds_teacher_and_student_the_same_mixed_images():
+    """With ``distill_mixup`` the teacher sees mixed images, not the batch, the same ones on every run (a
+    resume redraws them from the step); without a teacher the batch is left alone."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    batch = [(torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))) for _ in range(2)]
+
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+            self.seen = []
+
+        def forward(self, x):
+            self.seen.append(x.detach().clone())
+            return self.net(x)
+
+    def teacher_inputs(config: TrainConfig) -> list[torch.Tensor]:
+        teacher = Recorder()
+        fit(Recorder(), batch, config, teacher=teacher)
+        return teacher.seen
+
+    mixed = teacher_inputs(tiny_fit_config(distill_mixup=1.0, channels_last=False))
+    plain = teacher_inputs(tiny_fit_config(channels_last=False))
+    assert len(mixed) == len(plain) == 2
+    assert all(torch.equal(p, x) for p, (x, _) in zip(plain, batch, strict=True))
+    assert not any(torch.allclose(m, x) for m, (x, _) in zip(mixed, batch, strict=True))
+    again = teacher_inputs(tiny_fit_config(distill_mixup=1.0, channels_last=False))
+    assert all(torch.equal(a, m) for a, m in zip(again, mixed, strict=True))
