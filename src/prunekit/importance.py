@@ -19,6 +19,7 @@ import torch_pruning as tp
 from torch_pruning.pruner import function
 
 from .errors import UsageError
+from .modes import eval_mode
 
 CRITERIA = ("activation", "activation-post", "l1", "l2", "group-l2", "refit", "bn", "taylor", "random")
 # Network-wide pruning's criterion: on a pretrained EfficientNet-Lite1 pruned 2x (recovery, no fine-tuning)
@@ -179,15 +180,9 @@ class ActivationImportance(ChannelImportance):
 
         kinds = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
         handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model, handles):
             for x in batches:
                 model(x)
-        finally:
-            for h in handles:
-                h.remove()
-            model.train(was_training)
         self.means = {m: (sums[m] / counts[m]).float() for m in sums}
 
     def __call__(self, group):

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .modes import eval_mode
+
 REPEATS = 30  # timed runs per model behind every latency median prunekit reports
 
 
@@ -111,14 +113,8 @@ def forward_with_hooks(model: nn.Module, inputs: torch.Tensor, hook: Any) -> Any
     handles = [
         m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
     ]
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model, handles):
         return model(inputs)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
 
 
 MACS_MEANING = (
@@ -162,16 +158,12 @@ def macs_by_counters(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
         "torchinfo": lambda: torchinfo.summary(model, input_data=example, verbose=0).total_mult_adds,
         "torch_pruning": lambda: tp.utils.count_ops_and_params(model, example)[0],
     }
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for name, count in others.items():
             try:
                 counts[name] = int(count())
             except Exception:  # another tool's limit is not a reason to refuse a plan
                 continue
-    finally:
-        model.train(was_training)
     return counts
 
 
@@ -179,10 +171,8 @@ def summary(model: nn.Module, input_size: int) -> dict[str, Any]:
     """The blog's torchinfo figures: total params, mult-adds, params size, estimated total size (input 1x3xHxW)."""
     import torchinfo
 
-    was_training = model.training
-    model.eval()
-    stats = torchinfo.summary(model, input_size=(1, 3, input_size, input_size), verbose=0, device="cpu")
-    model.train(was_training)
+    with eval_mode(model):
+        stats = torchinfo.summary(model, input_size=(1, 3, input_size, input_size), verbose=0, device="cpu")
     params_bytes = stats.total_param_bytes
     total_bytes = stats.total_input + stats.total_output_bytes + params_bytes
     return {

@@ -14,6 +14,7 @@ import torch.nn as nn
 from .errors import UsageError, arg
 from .groups import Group, is_depthwise, lowest_channels, unit_size
 from .measure import count_params, forward_with_hooks, layer_macs
+from .modes import eval_mode
 
 TOLERANCE = 0.02  # a target is met when the measured figure is within 2 % of it
 # Plans aim closer, so the target also holds by counters that count more than convs and linears
@@ -124,14 +125,8 @@ def elementwise_work(model: nn.Module, example: torch.Tensor) -> dict[nn.Module,
 
     kinds = ACTIVATIONS + POOLS + CHANNEL_LAYERS
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model, handles):
         model(example)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
     return work
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .modes import eval_mode
+
 
 @dataclass
 class Call:
@@ -54,15 +56,8 @@ def trace_calls(model: nn.Module, example: torch.Tensor) -> dict[str, Call]:
         if name:
             handles.append(module.register_forward_pre_hook(enter(name)))
             handles.append(module.register_forward_hook(leave(name)))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    with eval_mode(model, handles), torch.no_grad():
+        model(example)
     return calls
 
 

@@ -17,6 +17,7 @@ from .errors import UsageError, arg, arg_values
 from .groups import Group, collect_groups, tolerant_reshapes, validate_names
 from .importance import ChannelImportance
 from .measure import COUNTER_TOLERANCES, count_macs, count_params, macs_by_counters
+from .modes import eval_mode
 from .planning import (
     MIN_KEEP_FRACTION,
     WIDER_TOLERANCE,
@@ -58,13 +59,8 @@ def prune_model(
     validate_names(model, request)
     if request.allocation is None:  # no images at hand at this level: the rule without a scan
         request.allocation = default_allocation(None, request.ratio, 0)
-    was_training = model.training
-    model.eval()
-    try:
-        with tolerant_reshapes():  # torch-pruning re-maps reshapes on every group query, not only once
-            return _prune_planned(model, request, importance, example)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), tolerant_reshapes():  # torch-pruning re-maps reshapes on every group query
+        return _prune_planned(model, request, importance, example)
 
 
 def _prune_planned(

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from .batchnorm import batchnorms, recalibrate_batchnorm
 from .divergence import kl_from_dense
 from .errors import UsageError, arg
+from .modes import eval_mode
 
 # Ridge terms tried, relative to the mean diagonal of the inputs' Gram matrix: each reader takes the one with
 # the lowest error on the images held out of its fit (every fifth), then is solved again on all of them.
@@ -395,12 +396,8 @@ def settle_batchnorm(
 def _predictions(model: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor | None:
     """Logits of ``model`` (eval mode) on ``x``, as float; None for an output that is not one tensor of
     logits."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         outs = [model(chunk) for chunk in x.split(batch)]
-    finally:
-        model.train(was_training)
     if not all(isinstance(o, torch.Tensor) and o.dim() == 2 for o in outs):
         return None
     return torch.cat(outs).float()
@@ -481,11 +478,5 @@ def _run_with_hooks(model: nn.Module, x: torch.Tensor, hooks: dict[nn.Module, An
         (lambda m, h: m.register_forward_pre_hook(h)) if pre else (lambda m, h: m.register_forward_hook(h))
     )
     handles = [register(m, h) for m, h in hooks.items()]
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model, handles):
         model(x)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()

@@ -24,6 +24,7 @@ from .errors import UsageError, arg
 from .groups import collect_groups
 from .importance import NETWORK_WIDE, make_importance
 from .measure import autocast, bf16_supported, evaluate
+from .modes import eval_mode
 from .planning import LayerCosts
 from .prefix import Call, candidate_cuts, capture, running_from, trace_calls, verified
 from .pruning import prune_model
@@ -397,11 +398,8 @@ def scan_calibration(
     if labelled:
         y = torch.cat([b[1] for b in batches])
     else:
-        with torch.no_grad():
-            was_training = model.training
-            model.eval()
+        with torch.no_grad(), eval_mode(model):
             y = torch.cat([model(x[i : i + 256]).argmax(1) for i in range(0, len(x), 256)])
-            model.train(was_training)
     if len(x) < 3:
         raise UsageError(f"a sensitivity scan needs at least 3 calibration images, got {len(x)}")
     scoring = len(x) * SCAN_IMAGES // (SCAN_IMAGES + SCAN_CALIBRATION_IMAGES)
