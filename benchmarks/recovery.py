@@ -5,13 +5,15 @@ every row sees the same 512 unlabelled training images; accuracy is on the full 
 
 python benchmarks/recovery.py runs/bench9/baseline/model.safetensors
 
-Resumable row by row: each finished row is written to results/recovery.json at once.
+Resumable row by row: each finished row is written to results/recovery.json at once; rows of another
+baseline checkpoint (one trained again) are moved under `earlier_baselines` first.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -49,6 +51,28 @@ def rows() -> list[str]:
 
 def load() -> dict:
     return json.loads(OUT.read_text()) if OUT.exists() else {"rows": {}}
+
+
+def for_baseline(results: dict, baseline: Path) -> dict:
+    """``results`` for the checkpoint at ``baseline``: rows measured on another checkpoint (a baseline trained
+    again, on another machine, under the same path) are moved under ``earlier_baselines``."""
+    digest = hashlib.sha256(baseline.read_bytes()).hexdigest()[:16]
+    if results.get("rows") and results.get("baseline_sha256") != digest:
+        kept = (
+            "baseline",
+            "baseline_sha256",
+            "dense_accuracy",
+            "scan_seconds",
+            "scan_images",
+            "rows",
+            "machine",
+        )
+        earlier = {k: results.pop(k) for k in kept if k in results}
+        results.setdefault("earlier_baselines", []).append(earlier)
+        results["rows"] = {}
+    results.setdefault("rows", {})
+    results.update(baseline=str(baseline), baseline_sha256=digest)
+    return results
 
 
 def write(results: dict) -> None:
@@ -114,8 +138,7 @@ def main() -> None:
     ckpt = load_checkpoint(args.baseline)
     bundle = load_data_for(ckpt.meta, args.data, None)
     test = bundle.loader("test")
-    results = load()
-    results.setdefault("baseline", str(args.baseline))
+    results = for_baseline(load(), args.baseline)
     if "dense_accuracy" not in results:
         results["dense_accuracy"] = evaluate(ckpt.model, test)["accuracy"]
         write(results)
