@@ -142,7 +142,7 @@ FLAGS = [
 
 def main(args: argparse.Namespace) -> int:
     """``prunekit eval``: the figures, printed (and kept in ``--json``)."""
-    from ..report import print_eval
+    from ..printing import print_eval
 
     return run_printed(
         evaluate_checkpoint, print_eval, args, args.checkpoint, measure_latency=args.latency, out=args.json

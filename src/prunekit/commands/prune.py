@@ -304,7 +304,7 @@ FLAGS = [
 
 def main(args: argparse.Namespace) -> int:
     """``prunekit prune``: the request the flags make, pruned, and the report printed."""
-    from ..report import print_prune
+    from ..printing import print_prune
     from ..sensitivity import read_scan
 
     request = PruneRequest(

@@ -236,7 +236,7 @@ FLAGS = [
 
 def main(args: argparse.Namespace) -> int:
     """``prunekit quantize``: the int8 model written, its table printed."""
-    from ..report import print_quantize
+    from ..printing import print_quantize
 
     return run_printed(
         quantize_checkpoint, print_quantize, args, args.checkpoint, method=args.calibration_method

@@ -77,7 +77,7 @@ FLAGS = [
 
 def main(args: argparse.Namespace) -> int:
     """``prunekit sensitivity``: the scan written and its table printed."""
-    from ..report import print_scan
+    from ..printing import print_scan
     from ..sensitivity import parse_ratios
 
     recalibration = args.recalibration_images
