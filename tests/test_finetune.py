@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import prunekit.train
+import prunekit.losses
 from prunekit import api
 from prunekit.checkpoint import load_checkpoint, save_checkpoint
 from prunekit.cli import EXIT_USAGE, main
@@ -53,15 +53,16 @@ def pruned_ckpt(dense_ckpt, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def count_distillation(monkeypatch) -> list[tuple]:
-    """Replace ``prunekit.train.distillation_loss`` with a wrapper recording (student, teacher, T) per call."""
+    """Replace ``prunekit.losses.distillation_loss`` (the one the loop calls) with a wrapper recording
+    (student, teacher, T) per call."""
     calls: list[tuple] = []
-    real = prunekit.train.distillation_loss
+    real = prunekit.losses.distillation_loss
 
     def counting(student, teacher, temperature):
         calls.append((student.shape, teacher.shape, temperature))
         return real(student, teacher, temperature)
 
-    monkeypatch.setattr(prunekit.train, "distillation_loss", counting)
+    monkeypatch.setattr(prunekit.losses, "distillation_loss", counting)
     return calls
 
 

@@ -15,7 +15,7 @@ from .core import (  # noqa: E402
 )
 from .deploy import quantize_model  # noqa: E402
 from .export import export_model  # noqa: E402
-from .train import TrainConfig  # noqa: E402
+from .train_config import TrainConfig  # noqa: E402
 
 __all__ = [
     "PruneReport",

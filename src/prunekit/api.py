@@ -28,7 +28,9 @@ from .commands.train import resume_training, train
 from .data import DataBundle, describe, load_data
 from .errors import UsageError, arg
 from .measure import REPEATS, count_macs, count_params, evaluate, latency, summary
-from .train import MODEL_FILE, STATE_FILE, FitResult, TrainConfig, check_finite, fit
+from .train import FitResult, fit
+from .train_config import TrainConfig
+from .training_state import MODEL_FILE, STATE_FILE, check_finite
 
 __all__ = [
     "MODEL_FILE",

@@ -433,7 +433,8 @@ def finetune(
     """
     from .finetuning import default_recipe
     from .finetuning import recipe as make_recipe
-    from .train import TrainConfig, fit
+    from .train import fit
+    from .train_config import TrainConfig
 
     recipe = recipe or default_recipe((getattr(model, "prunekit_meta", None) or {}).get("pruning"))
     if config is None:

@@ -8,7 +8,7 @@ from dataclasses import replace
 from .batchnorm import recalibrate_batchnorm  # noqa: F401  (re-exported: prunekit.finetuning's API)
 from .console import warn
 from .errors import UsageError, arg
-from .train import TrainConfig
+from .train_config import TrainConfig
 
 FREEZE_POLICIES = ("blog", "none")
 RECIPES = {

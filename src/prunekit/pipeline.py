@@ -20,7 +20,8 @@ from .files import DirectoryLock, check_outputs, clean_stale_temps, write_json, 
 from .options import validate
 from .pruning import PruneRequest
 from .resume import refuse_changes
-from .train import MODEL_FILE, TrainConfig
+from .train_config import TrainConfig
+from .training_state import MODEL_FILE
 
 CONFIG_FILE = "config.yaml"
 STATE_FILE = "state.json"

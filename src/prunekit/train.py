@@ -1,17 +1,17 @@
-"""The one training loop: baseline training, fine-tuning, distillation, and torch.distributed runs."""
+"""The one training loop: baseline training, fine-tuning, distillation, and torch.distributed runs.
+
+The loop's parts live beside it: the recipe in ``train_config``, the losses in ``losses``, the files it
+writes and reads back in ``training_state``, the device, torchrun job and signals in ``runtime``.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
 import math
-import os
-import random
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,182 +20,51 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .batchnorm import batchnorms, recalibrate_batchnorm
-from .checkpoint import Checkpoint, save_checkpoint
+from .checkpoint import Checkpoint
 from .console import info, progress_bar
 from .data import DataBundle
 from .errors import UsageError, arg
-from .files import DirectoryLock, clean_stale_temps, is_main_process, write_json, write_text
+from .files import DirectoryLock, clean_stale_temps, is_main_process
+from .losses import distillation_loss, mixup, with_distillation
 from .measure import autocast, bf16_supported, evaluate
+from .runtime import Distributed, StopOnSignal, init_distributed, resolve_device, stop_requested
+from .train_config import TrainConfig, learning_rate, make_optimizer
+from .training_state import (
+    MODEL_FILE,
+    STATE_FILE,
+    TrainingDiverged,
+    check_finite,
+    fresh_totals,
+    resumed,
+    save_state,
+    say_interrupted,
+    write_final,
+    write_log,
+)
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
-STATE_FILE = "checkpoint.safetensors"  # training state after every epoch (and on interrupt)
-MODEL_FILE = "model.safetensors"  # the final weights
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of the loop; saved in each checkpoint so ``--resume`` continues with the same recipe."""
-
-    epochs: int = 20
-    batch_size: int = 128
-    optimizer: str = "sgd"  # sgd | adam | adamw
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "onecycle"  # cosine | onecycle | constant
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    bf16: bool = True
-    channels_last: bool = True
-    seed: int = 0
-    device: str = "auto"
-    distill_temperature: float = 4.0
-    distill_weight: float = 0.5
-    # Mixup of the inputs while distilling (Beta(a, a) weights; 0: off): the teacher labels any image, so
-    # mixed ones widen what a few hundred training images show the student ("function matching").
-    distill_mixup: float = 0.0
-    # After the last epoch, BatchNorm statistics re-estimated on this many training images with the final
-    # weights ("precise BN"; 0: off). A small BatchNorm momentum (0.01 in TF-ported models) leaves them
-    # far behind a short fine-tuning: 37.2 % -> 68.5 % on the few-shot EfficientNet-Lite1.
-    precise_bn_images: int = 0
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-    def validate(self) -> None:
-        """Every field checked through the one options table (type, range, finite)."""
-        from .options import validate
-
-        for key, value in validate(asdict(self)).items():
-            setattr(self, key, value)
-
-
-class TrainingDiverged(UsageError):
-    """The loss or the weights became NaN/inf; nothing of the broken state was saved."""
-
-
-def non_finite_tensor(model: nn.Module) -> str | None:
-    """The name of the first parameter or buffer holding NaN or inf, else None."""
-    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return name
-    return None
-
-
-def check_finite(model: nn.Module, what: str) -> None:
-    """Refuse to go on (and to write ``what``) when the model holds NaN or inf."""
-    bad = non_finite_tensor(model)
-    if bad is not None:
-        raise TrainingDiverged(
-            f"{what}: the model holds NaN/inf values (first in {bad}); nothing was written"
-        )
-
-
-class StopOnSignal:
-    """While active, SIGINT and SIGTERM only set ``requested``; the loop stops at its next step boundary.
-
-    Only the main thread can install handlers; elsewhere this is inert (signals keep their handlers).
-    Further signals while stopping are ignored, so a second Ctrl-C cannot cut the final save in half.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.requested: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested is None:
-            self.requested = signum
-
-    def __enter__(self) -> StopOnSignal:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-
-@dataclass
-class Distributed:
-    """This process's place in a torchrun job (rank 0 of 1 when not distributed)."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> Distributed:
-    """Join the torchrun job described by the environment, if any (gloo on CPU, nccl on GPU)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return Distributed()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Distributed(dist.get_rank(), dist.get_world_size())
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def learning_rate(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
-    """The schedule as a pure function of the global step, so resuming needs no scheduler state."""
-    warmup = int(cfg.warmup_epochs * steps_per_epoch) if cfg.schedule == "cosine" else 0
-    if cfg.schedule == "constant":
-        return cfg.lr
-    if cfg.schedule == "onecycle":
-        peak = max(1, int(0.25 * total_steps))
-        if step < peak:
-            return cfg.lr * (0.04 + 0.96 * step / peak)
-        progress = (step - peak) / max(1, total_steps - peak)
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0
-        )
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton's soft-target loss: KL(teacher || student) at temperature T, scaled by T^2."""
-    t = temperature
-    return (
-        F.kl_div(
-            F.log_softmax(student / t, 1),
-            F.log_softmax(teacher / t, 1),
-            reduction="batchmean",
-            log_target=True,
-        )
-        * t
-        * t
-    )
+# What callers import from here: the loop, and names whose homes are the modules above.
+__all__ = [
+    "MODEL_FILE",
+    "STATE_FILE",
+    "Distributed",
+    "FitResult",
+    "IterableBatches",
+    "StopOnSignal",
+    "TrainConfig",
+    "TrainingDiverged",
+    "as_loader",
+    "check_finite",
+    "distillation_loss",
+    "fit",
+    "init_distributed",
+    "learning_rate",
+    "make_optimizer",
+    "resolve_device",
+    "train_one_epoch",
+]
 
 
 class IterableBatches:
@@ -303,6 +172,15 @@ class _Loop:
     def total_steps(self) -> int:
         return self.cfg.epochs * self.steps_per_epoch
 
+    @property
+    def writes_to(self) -> Path | None:
+        """``out_dir`` on the process that writes (the main one), else None."""
+        return self.out_dir if self.dist_info.is_main else None
+
+    def file_meta(self) -> dict[str, Any]:
+        """The caller's metadata with the recipe and the history so far, as every file the loop writes has it."""
+        return {**self.meta, "train": {"config": asdict(self.cfg)}, "history": self.history}
+
 
 def _fit(
     model: nn.Module,
@@ -331,7 +209,7 @@ def _fit(
         raise UsageError(
             f"no training batches: the training data is empty (or smaller than {arg('batch_size')})"
         )
-    history, start_epoch, start_batch, carried = _resumed(resume, optimizer)
+    history, start_epoch, start_batch, carried = resumed(resume, optimizer)
     train_model: nn.Module = model
     if dist_info.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(
@@ -360,12 +238,12 @@ def _fit(
     )
     if run.log and out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_text(run.log, _log_text(history))  # the log is the history: no lines repeated after a resume
+        write_log(run.log, history)  # the log is the history: no lines repeated after a resume
     last_test, epoch_ran = None, False
     with progress_bar(transient=False) as bar:
         for epoch in range(start_epoch, cfg.epochs):
             first = start_batch if epoch == start_epoch else 0
-            running = dict(carried) if epoch == start_epoch else _fresh_totals()
+            running = dict(carried) if epoch == start_epoch else fresh_totals()
             task = train_one_epoch(run, bar, epoch, first, running)
             last_test, epoch_ran = _end_epoch(run, bar, task, epoch, running), True
 
@@ -373,7 +251,7 @@ def _fit(
         last_test if epoch_ran else _evaluate_test(run)
     ) or {}  # the last epoch's test is the final model's
     _write_final(run, final)
-    if _stop_requested(stop, dist_info, device):
+    if stop_requested(stop, dist_info, device):
         raise KeyboardInterrupt  # arrived during the final evaluation or save: both are complete
     return FitResult(model, history, final)
 
@@ -419,23 +297,6 @@ def _loaders(
     return as_loader(data), as_loader(test) if test is not None else None, classes
 
 
-def _resumed(
-    resume: Checkpoint | None, optimizer: torch.optim.Optimizer
-) -> tuple[list[dict[str, Any]], int, int, dict[str, float]]:
-    """History, epoch, batch and running sums where ``resume`` left off (a fresh start without it); restores
-    the optimizer's state and the RNG saved with it."""
-    if resume is None:
-        return [], 0, 0, _fresh_totals()
-    state = resume.meta.get("train_state") or {}
-    history = list(resume.meta.get("history", []))
-    carried = state.get("running", _fresh_totals())
-    if resume.optimizer_state is not None:
-        optimizer.load_state_dict(resume.optimizer_state)
-    if "rng" in resume.extra:
-        torch.set_rng_state(resume.extra["rng"])
-    return history, state.get("epoch", 0), state.get("batch", 0), carried
-
-
 def train_one_epoch(run: _Loop, bar: Progress, epoch: int, first: int, running: dict[str, float]) -> TaskID:
     """Train ``epoch`` from batch ``first`` on, adding to ``running``; returns its progress-bar task.
 
@@ -458,12 +319,12 @@ def train_one_epoch(run: _Loop, bar: Progress, epoch: int, first: int, running: 
             lr = _train_step(run, epoch, batch, x, y, running)
             next_batch = batch + 1
             _show_step(run, bar, task, epoch, batch, lr, running, tick)
-            if _stop_requested(run.stop, run.dist_info, run.device):
+            if stop_requested(run.stop, run.dist_info, run.device):
                 raise KeyboardInterrupt  # at a step boundary: the state below is exact
     except KeyboardInterrupt:
         running["seconds"] += time.perf_counter() - tick
         _save_state(run, epoch, next_batch, running)
-        _say_interrupted(run.dist_info, run.out_dir, epoch, next_batch)
+        say_interrupted(run.writes_to, epoch, next_batch)
         raise
     running["seconds"] += time.perf_counter() - tick
     return task
@@ -483,7 +344,7 @@ def _train_step(
     x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
     if cfg.channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
-    mixed = _mixup(x, y, cfg, step) if run.teacher is not None and cfg.distill_mixup > 0 else None
+    mixed = mixup(x, y, cfg, step) if run.teacher is not None and cfg.distill_mixup > 0 else None
     if mixed is not None:
         x, y_other, weight = mixed
     with autocast(run.device, run.use_bf16):
@@ -493,7 +354,7 @@ def _train_step(
             other = F.cross_entropy(logits.float(), y_other, label_smoothing=cfg.label_smoothing)
             loss = weight * loss + (1 - weight) * other
         if run.teacher is not None:
-            loss = _with_distillation(cfg, run.teacher, x, logits, loss)
+            loss = with_distillation(cfg, run.teacher, x, logits, loss)
     loss_value = _checked_loss(loss, epoch, batch, run.steps_per_epoch, cfg)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -502,28 +363,6 @@ def _train_step(
     running["correct"] += float((logits.argmax(1) == y).sum())
     running["seen"] += len(y)
     return lr
-
-
-def _mixup(
-    x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, step: int
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``x`` mixed with a shuffled copy of itself by a Beta(a, a) weight drawn for ``step`` (the same on
-    resume), the shuffled labels, and the weight."""
-    seed = cfg.seed * 1_000_003 + step  # drawn from the step, not the global RNG: the same on resume
-    weight = random.Random(seed).betavariate(cfg.distill_mixup, cfg.distill_mixup)
-    weight = max(weight, 1 - weight)  # the first image dominates: its label is the running accuracy's
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).to(x.device)
-    return weight * x + (1 - weight) * x[order], y[order], weight
-
-
-def _with_distillation(
-    cfg: TrainConfig, teacher: nn.Module, x: torch.Tensor, logits: torch.Tensor, loss: torch.Tensor
-) -> torch.Tensor:
-    """``loss`` blended with the soft-target loss against ``teacher`` on ``x`` (called under the step's autocast)."""
-    with torch.no_grad():
-        soft = teacher(x).float()
-    kd = distillation_loss(logits.float(), soft, cfg.distill_temperature)
-    return (1 - cfg.distill_weight) * loss + cfg.distill_weight * kd
 
 
 def _show_step(
@@ -559,9 +398,9 @@ def _end_epoch(
     record = _epoch_record(run, epoch, running, test)
     run.history.append(record)
     _log_epoch(run, bar, task, epoch, record, test)
-    _save_state(run, epoch + 1, 0, _fresh_totals())
-    if _stop_requested(run.stop, run.dist_info, run.device):
-        _say_interrupted(run.dist_info, run.out_dir, epoch + 1, 0)
+    _save_state(run, epoch + 1, 0, fresh_totals())
+    if stop_requested(run.stop, run.dist_info, run.device):
+        say_interrupted(run.writes_to, epoch + 1, 0)
         raise KeyboardInterrupt
     return test
 
@@ -631,52 +470,12 @@ def _log_epoch(
         f"{tested}{record['images_per_s']:.0f} img/s",
     )
     if run.log:
-        write_text(run.log, _log_text(run.history))
+        write_log(run.log, run.history)
         if not bar.console.is_terminal:
             info(
                 f"epoch {epoch + 1}/{run.cfg.epochs}: loss {record['train_loss']:.4f} "
                 f"{tested}({record['images_per_s']:.0f} img/s)"
             )
-
-
-def _save_state(run: _Loop, epoch: int, batch: int, running: dict[str, float]) -> None:
-    """The training state to resume from at (``epoch``, ``batch``), RNG included; main process, out_dir only."""
-    if not run.dist_info.is_main or run.out_dir is None:
-        return
-    check_finite(run.model, f"training diverged by epoch {epoch + 1}, batch {batch}; lower {arg('lr')}")
-    train_meta = {
-        **run.meta,
-        "train": {"config": asdict(run.cfg)},
-        "history": run.history,
-        "train_state": {"epoch": epoch, "batch": batch, "running": running},
-    }
-    save_checkpoint(
-        run.out_dir / STATE_FILE,
-        run.model,
-        train_meta,
-        optimizer=run.optimizer,
-        extra={"rng": torch.get_rng_state()},
-    )
-
-
-def _write_final(run: _Loop, final: dict[str, Any]) -> None:
-    """The final weights and metrics.json (main process, with an out_dir); the model stays on its device."""
-    if not run.dist_info.is_main or run.out_dir is None:
-        return
-    out_dir, history = run.out_dir, run.history
-    check_finite(run.model, f"the trained model ({out_dir / MODEL_FILE})")
-    names = run.classes or [str(i) for i in range(len(final.get("per_class", [])))]
-    metrics = {
-        "test_accuracy": final.get("accuracy"),
-        "test_loss": final.get("loss"),
-        "per_class_accuracy": dict(zip(names, final.get("per_class", []), strict=True)),
-        "train_seconds": sum(h["seconds"] for h in history),
-        "bf16_active": run.use_bf16,  # the flag asks; this says whether the hardware allowed it
-    }
-    final_meta = {**run.meta, "train": {"config": asdict(run.cfg)}, "history": history, "metrics": metrics}
-    save_checkpoint(out_dir / MODEL_FILE, run.model.to("cpu"), final_meta)
-    write_json(out_dir / "metrics.json", {"history": history, **metrics})
-    run.model.to(run.device)
 
 
 def _checked_loss(
@@ -693,39 +492,6 @@ def _checked_loss(
     return value
 
 
-def _stop_requested(stop: StopOnSignal, dist_info: Distributed, device: torch.device) -> bool:
-    """Whether a signal asked to stop; in a torchrun job, whether any rank was asked, so all stop together."""
-    wanted = stop.requested is not None
-    if dist_info.world_size > 1:
-        import torch.distributed as dist
-
-        flag = torch.tensor([1.0 if wanted else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        wanted = bool(flag.item())
-    return wanted
-
-
-def _say_interrupted(dist_info: Distributed, out_dir: Path | None, epoch: int, batch: int) -> None:
-    if dist_info.is_main and out_dir is not None:
-        info(
-            f"\ninterrupted: saved {out_dir / STATE_FILE} at epoch {epoch + 1}, batch {batch}; "
-            f"continue with {arg('resume')}"
-        )
-
-
-def _log_text(history: list[dict[str, Any]]) -> str:
-    """``train_log.txt``: one line per finished epoch."""
-    return "".join(
-        " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()) + "\n"
-        for record in history
-    )
-
-
-def _fresh_totals() -> dict[str, float]:
-    """Running sums of one epoch (kept in the checkpoint so a mid-epoch resume reports the whole epoch)."""
-    return {"loss": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0}
-
-
 def _fully_frozen_norms(model: nn.Module) -> list[nn.Module]:
     """Norm layers none of whose parameters train; kept in eval mode so their statistics stay put."""
     return [
@@ -733,3 +499,26 @@ def _fully_frozen_norms(model: nn.Module) -> list[nn.Module]:
         for m in model.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters())
     ]
+
+
+def _save_state(run: _Loop, epoch: int, batch: int, running: dict[str, float]) -> None:
+    """The training state to resume from at (``epoch``, ``batch``), RNG included; main process, out_dir only."""
+    if run.writes_to is None:
+        return
+    state = {"epoch": epoch, "batch": batch, "running": running}
+    save_state(run.writes_to, run.model, run.optimizer, run.file_meta(), state)
+
+
+def _write_final(run: _Loop, final: dict[str, Any]) -> None:
+    """The final weights and metrics.json (main process, with an out_dir); the model stays on its device."""
+    if run.writes_to is None:
+        return
+    names = run.classes or [str(i) for i in range(len(final.get("per_class", [])))]
+    metrics = {
+        "test_accuracy": final.get("accuracy"),
+        "test_loss": final.get("loss"),
+        "per_class_accuracy": dict(zip(names, final.get("per_class", []), strict=True)),
+        "train_seconds": sum(h["seconds"] for h in run.history),
+        "bf16_active": run.use_bf16,  # the flag asks; this says whether the hardware allowed it
+    }
+    write_final(run.writes_to, run.model, run.file_meta(), metrics, run.device)

@@ -15,7 +15,9 @@ from ..files import DirectoryLock
 from ..measure import evaluate
 from ..options import Command, flag
 from ..resume import refuse_changes
-from ..train import STATE_FILE, TrainConfig, fit
+from ..train import fit
+from ..train_config import TrainConfig
+from ..training_state import STATE_FILE
 from .rundir import (
     CHECKPOINT,
     DATA_FLAGS,

@@ -17,7 +17,7 @@ from ..importance import NETWORK_WIDE
 from ..measure import summary
 from ..options import OPTIONS, UNSET, Command, Flag, flag
 from ..requests import PruneRequest
-from ..train import check_finite
+from ..training_state import check_finite
 from .rundir import (
     CHECKPOINT,
     DATA_FLAGS,

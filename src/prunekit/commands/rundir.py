@@ -18,7 +18,7 @@ from ..data import DataBundle, load_data
 from ..errors import UsageError, arg
 from ..files import check_outputs, clean_stale_temps, is_main_process
 from ..options import Flag, flag, validate_given
-from ..train import MODEL_FILE, STATE_FILE
+from ..training_state import MODEL_FILE, STATE_FILE
 
 RUN_FILES = (STATE_FILE, MODEL_FILE, "metrics.json", "train_log.txt")  # what fit writes in its out_dir
 

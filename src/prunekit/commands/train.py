@@ -17,7 +17,9 @@ from ..files import DirectoryLock, clean_stale_temps, is_main_process
 from ..models import min_input_size
 from ..options import Command, Flag, flag, validate
 from ..resume import refuse_changes
-from ..train import STATE_FILE, FitResult, TrainConfig, fit
+from ..train import FitResult, fit
+from ..train_config import TrainConfig
+from ..training_state import STATE_FILE
 from .rundir import DATA_FLAGS, claim_run_dir, clear_run_dir, load_data_for, model_meta, overwrite_flag
 
 
