@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import prunekit.sources as sources_mod
+import prunekit.decoding as decoding_mod
 from conftest import make_image_tree, write_image
 from prunekit.data import (
     CIFAR10_CLASSES,
@@ -240,7 +240,7 @@ def test_second_load_is_served_from_the_cache(image_tree, isolated_cache, monkey
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again instead of reading the cache")
 
-    monkeypatch.setattr(sources_mod, "_decode_image", no_decoding)
+    monkeypatch.setattr(decoding_mod, "_decode_image", no_decoding)
     second = load_data(str(image_tree))
     assert torch.equal(first.train.images, second.train.images)
     assert torch.equal(first.test.labels, second.test.labels)

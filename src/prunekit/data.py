@@ -1,5 +1,6 @@
 """Datasets: small uniform images held in memory (memory.py), anything larger streamed from disk (stream.py);
-``load_data``'s decisions, splits, sizes and statistics. Types: ``datatypes.py``; reading: ``sources.py``."""
+``load_data``'s decisions, splits, sizes and statistics. Types: ``datatypes.py``; reading: ``sources.py``,
+``decoding.py`` and ``layout.py``."""
 
 from __future__ import annotations
 
@@ -14,22 +15,16 @@ from .console import warn
 from .datatypes import Batches as Batches
 from .datatypes import DataBundle, Split
 from .datatypes import eval_batch_size as eval_batch_size
+from .decoding import CIFAR10_CLASSES as CIFAR10_CLASSES
+from .decoding import most_common_size
 from .errors import UsageError, arg
 from .files import cache_dir
+from .layout import join_path
 from .memory import CHUNK_BYTES as CHUNK_BYTES
 from .memory import BatchLoader as BatchLoader
 from .memory import channel_stats, resize_images
 from .memory import random_crop_flip as random_crop_flip
-from .sources import CIFAR10_CLASSES as CIFAR10_CLASSES
-from .sources import (
-    cached,
-    cifar10_download,
-    join_path,
-    local_source,
-    most_common_size,
-    probe_source,
-    stream_bundle,
-)
+from .sources import cached, cifar10_download, local_source, probe_source, stream_bundle
 from .stream import ImageFiles as ImageFiles
 from .stream import StreamLoader as StreamLoader
 from .stream import channel_stats as stream_channel_stats
