@@ -53,73 +53,64 @@ def quantize_checkpoint(
     if out.suffix != ".onnx":
         raise UsageError(f"{arg('out')} {out}: an int8 model is written as .onnx")
     check_outputs([path], [out, out.with_suffix(".json")], overwrite)
+    asked = _Int8Ask(
+        calibration_images=calibration_images,
+        method=method,
+        keep_fp32=list(keep_fp32 or []),
+        remedies=remedies,
+        data=data,
+        data_dir=data_dir,
+        threads=threads,
+        seed=seed,
+    )
     with DirectoryLock(out.parent):
-        return _quantize(
-            path,
-            out,
-            meta,
-            model,
-            calibration_images,
-            method,
-            keep_fp32,
-            remedies,
-            data,
-            data_dir,
-            threads,
-            seed,
-        )
+        return _quantize(path, out, meta, model, asked)
 
 
 @dataclass
 class _Int8Ask:
-    """How ``prunekit quantize`` was asked to calibrate, and whether it may try the remedies."""
+    """How ``prunekit quantize`` was asked to calibrate (on which data, with which seed), whether it may try
+    the remedies, and the ONNX Runtime threads it measures with (None: torch's)."""
 
     calibration_images: int
     method: str
     keep_fp32: list[str]
     remedies: bool
+    data: str | None = None
+    data_dir: str | None = None
+    threads: int | None = None
+    seed: int = 0
 
 
 def _quantize(
-    path: str | Path,
-    out: Path,
-    meta: dict[str, Any],
-    model: torch.nn.Module,
-    calibration_images: int,
-    method: str,
-    keep_fp32: list[str] | None,
-    remedies: bool,
-    data: str | None,
-    data_dir: str | None,
-    threads: int | None,
-    seed: int,
+    path: str | Path, out: Path, meta: dict[str, Any], model: torch.nn.Module, asked: _Int8Ask
 ) -> dict[str, Any]:
+    """The int8 model of ``model`` written to ``out`` as ``asked``, measured against fp32; the report."""
     import shutil
     import tempfile
 
     from ..deploy import ort_accuracy, session, write_onnx
     from ..files import atomic_write, write_json
 
-    bundle = load_data_for(meta, data, data_dir)
+    bundle = load_data_for(meta, asked.data, asked.data_dir)
     batch = 32
-    available = min(calibration_images, len(bundle.train))
+    available = min(asked.calibration_images, len(bundle.train))
     if available < batch:
         raise UsageError(
             f"{arg('calibration_images')}: {available} calibration image(s), fewer than one batch of {batch}; "
             "give more (at least 256 is usual)"
         )
-    threads = threads or torch.get_num_threads()
+    threads = asked.threads or torch.get_num_threads()
     size = meta["input_size"]
     test = list(bundle.loader("test", 256, channels_last=False))
 
     def calibration(n: int) -> list[torch.Tensor]:
-        return [x for x, _ in bundle.sample_batches(min(n, len(bundle.train)), batch, seed)]
+        return [x for x, _ in bundle.sample_batches(min(n, len(bundle.train)), batch, asked.seed)]
 
     with tempfile.TemporaryDirectory() as tmp, stages() as stage:
         tmp = Path(tmp)
         fp32 = write_onnx(model, size, tmp / "fp32.onnx")
         fp32_acc = ort_accuracy(session(fp32, threads), test, stage("fp32 accuracy", len(test)))["accuracy"]
-        asked = _Int8Ask(calibration_images, method, list(keep_fp32 or []), remedies)
         tries = _int8_tries(fp32, fp32_acc, asked, calibration, test, threads, stage)
         best = max(tries, key=lambda t: t["accuracy"])
         shutil.copyfile(best["file"], tmp / "best.onnx")
