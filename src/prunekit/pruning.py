@@ -123,6 +123,8 @@ def _prune_to_target(
     )
     dense = _comparable(count(model))
     for attempt in range(3):
+        # collected again each try: a surgery also edits torch-pruning's graph (its concat and split sizes),
+        # which restoring the model's modules does not undo, so a graph from before a restore is stale
         DG, groups = collect_groups(model, example, importance, request)
         plan = plan_target(
             groups, costs, target, metric, request.round_to, request.allocation, request.sensitivity,
