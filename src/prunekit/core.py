@@ -18,8 +18,10 @@ import torch.nn as nn
 
 from .console import note
 from .errors import UsageError, arg
+from .finetuning import RECALIBRATION_IMAGES
 from .groups import validate_names
 from .importance import NEEDS_CALIBRATION, ChannelImportance, accumulate_gradients, make_importance
+from .options import SEED
 from .planning import allocation_note, default_allocation
 from .pruning import PruneRequest, prune_model
 from .reconstruct import reconstruct as refit_readers
@@ -89,20 +91,20 @@ def prune(
     target_macs: float | None = None,
     target_params: float | None = None,
     target_latency: float | None = None,
-    latency_batch: int = 64,
-    latency_runtime: str = "pytorch",
+    latency_batch: int = PruneRequest.latency_batch,
+    latency_runtime: str = PruneRequest.latency_runtime,
     ratio: float | None = None,
     layers: Sequence[str] | None = None,
     importance: str | ChannelImportance | None = None,
     calibration: Iterable | torch.Tensor | None = None,
     ignore: Sequence[str] | None = None,
-    round_to: int = 1,
+    round_to: int = PruneRequest.round_to,
     allocation: str | None = None,
     sensitivity: dict[str, Any] | None = None,
-    prune_input_conv: bool = False,
+    prune_input_conv: bool = PruneRequest.prune_input_conv,
     reconstruct: bool | None = None,
     reconstruction: Iterable | torch.Tensor | None = None,
-    seed: int = 0,
+    seed: int = SEED,
 ) -> PruneReport:
     """Remove whole channels from ``model`` in place; return what was removed and the measured cost.
 
@@ -419,10 +421,10 @@ def finetune(
     teacher: nn.Module | None = None,
     trainable: Any = None,
     recalibrate: bool = True,
-    recalibration_images: int = 2048,
+    recalibration_images: int = RECALIBRATION_IMAGES,
     out: str | Path | None = None,
     device: str | None = None,
-    seed: int = 0,
+    seed: int = SEED,
 ) -> Any:
     """Fine-tune ``model`` on ``train`` (a DataLoader or list of ``(images, labels)``) with prunekit's loop.
 

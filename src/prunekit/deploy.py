@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UsageError, arg
-from .export import INPUT, export_onnx
+from .export import INPUT, OPSET, export_onnx
 from .files import atomic_write
 from .measure import REPEATS, timing_row
 from .options import choices
@@ -32,7 +32,9 @@ def require_onnxruntime() -> Any:
     return onnxruntime
 
 
-def write_onnx(model: nn.Module, input_size: int | torch.Tensor, path: str | Path, opset: int = 17) -> Path:
+def write_onnx(
+    model: nn.Module, input_size: int | torch.Tensor, path: str | Path, opset: int = OPSET
+) -> Path:
     """Export ``model`` (normalized images [N, 3, H, W] -> logits) to ONNX with a dynamic batch axis; the
     input is a square of side ``input_size`` or shaped like an example tensor."""
     require_onnxruntime()

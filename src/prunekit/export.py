@@ -14,6 +14,7 @@ from .files import atomic_write
 
 INPUT, OUTPUT = "images", "logits"  # the exported graph's tensor names
 FORMATS = ("onnx", "torchscript")
+OPSET = 17  # the ONNX opset exports are written at
 
 
 def export_model(
@@ -21,7 +22,7 @@ def export_model(
     path: str | Path,
     example_inputs: int | torch.Tensor,
     format: str = "onnx",
-    opset: int = 17,
+    opset: int = OPSET,
 ) -> Path:
     """Write an in-memory ``model`` to ``path`` (atomically) as ONNX with a dynamic batch, or TorchScript;
     ``example_inputs`` is an input tensor or the side of a square image."""

@@ -101,6 +101,7 @@ def trainable_filter(
     return trainable
 
 
+RECALIBRATION_IMAGES = 2048  # training images BatchNorm is re-estimated on before fine-tuning
 DISTILL_BELOW = 10_000  # training images: below this, fine-tuning distils from the dense parent by default
 
 

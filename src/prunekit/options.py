@@ -212,6 +212,9 @@ _TABLE = [
 ]
 OPTIONS: dict[str, Option] = {o.name: o for o in _TABLE}
 
+# A default several commands share, stated once (a default of one command is stated in its module).
+SEED = 0  # --seed: the images drawn to score, calibrate and scan, and training's initialization
+
 
 def validate(values: dict[str, Any], names: Iterable[str] | None = None) -> dict[str, Any]:
     """Check every known option in ``values`` (or only ``names``); returns them with floats as float."""

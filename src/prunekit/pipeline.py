@@ -17,7 +17,7 @@ from .commands import train as train_command
 from .console import info, warn
 from .errors import UsageError
 from .files import DirectoryLock, check_outputs, clean_stale_temps, write_json, write_text
-from .options import validate
+from .options import SEED, validate
 from .pruning import PruneRequest
 from .resume import refuse_changes
 from .train_config import TrainConfig
@@ -33,7 +33,7 @@ class RunConfig:
 
     name: str = "blog"
     runs_dir: str = "runs"
-    model: str = "resnet18"
+    model: str = train_command.MODEL
     data: str = "cifar10"
     data_dir: str | None = None
     subset: int | None = None
@@ -50,13 +50,13 @@ class RunConfig:
     latency_batch: int = PruneRequest.latency_batch
     latency_runtime: str = PruneRequest.latency_runtime
     ignore: list[str] = field(default_factory=list)
-    prune_input_conv: bool = False
-    round_to: int = 1
+    prune_input_conv: bool = PruneRequest.prune_input_conv
+    round_to: int = PruneRequest.round_to
     allocation: str | None = (
         None  # None: by the training split's size, as `prunekit prune` (default_allocation)
     )
     importance: str | None = None  # activation for named layers, group-l2 for network-wide targets
-    calibration: str = "data"
+    calibration: str = prune_command.CALIBRATION
     calibration_images: int = prune_command.CALIBRATION_IMAGES
     reconstruct: bool | None = None  # recovery without labels after each pruning (None: the default)
     reconstruction_images: int = prune_command.RECONSTRUCTION_IMAGES
@@ -71,8 +71,8 @@ class RunConfig:
     recalibrate: bool = True
     quantize: bool = False
     calibration_method: str = quantize_command.CALIBRATION_METHOD
-    seed: int = 0
-    device: str = "auto"
+    seed: int = SEED
+    device: str = TrainConfig.device
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .options import SEED
+
 
 @dataclass
 class TrainConfig:
@@ -25,7 +27,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     bf16: bool = True
     channels_last: bool = True
-    seed: int = 0
+    seed: int = SEED
     device: str = "auto"
     distill_temperature: float = 4.0
     distill_weight: float = 0.5

@@ -7,14 +7,14 @@ from pathlib import Path
 
 from ..checkpoint import load_checkpoint
 from ..console import console
-from ..export import _check_format, export_model
+from ..export import OPSET, _check_format, export_model
 from ..files import DirectoryLock, check_outputs, clean_stale_temps
 from ..options import Command, flag
 from .rundir import CHECKPOINT, default_output, overwrite_flag, run_printed
 
 
 def export_checkpoint(
-    path: str | Path, fmt: str, out: str | Path | None = None, opset: int = 17, overwrite: bool = False
+    path: str | Path, fmt: str, out: str | Path | None = None, opset: int = OPSET, overwrite: bool = False
 ) -> Path:
     """Write ``path``'s model as ONNX or TorchScript; the input is normalized images [N, 3, H, W].
 

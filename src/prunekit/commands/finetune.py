@@ -12,8 +12,9 @@ from ..checkpoint import Checkpoint, description, load_checkpoint
 from ..console import console
 from ..errors import UsageError, arg
 from ..files import DirectoryLock
+from ..finetuning import DISTILL_BELOW, RECALIBRATION_IMAGES
 from ..measure import evaluate
-from ..options import Command, flag
+from ..options import SEED, Command, flag
 from ..resume import refuse_changes
 from ..train import fit
 from ..train_config import TrainConfig
@@ -30,8 +31,6 @@ from .rundir import (
     overwrite_flag,
     run_printed,
 )
-
-RECALIBRATION_IMAGES = 2048  # training images BatchNorm is re-estimated on before fine-tuning
 
 
 def finetune_checkpoint(
@@ -79,7 +78,7 @@ def finetune_checkpoint(
     asked |= {"data": data, "data_dir": data_dir, "subset": subset}
     recalibrate = True if recalibrate is None else recalibrate
     recalibration_images = RECALIBRATION_IMAGES if recalibration_images is None else recalibration_images
-    seed = 0 if seed is None else seed
+    seed = SEED if seed is None else seed
     # A fresh run's (config, freezing policy) and source checkpoint, read once; a resumed one reads its state.
     planned = source = None
     if resume and (out / STATE_FILE).exists():
@@ -240,14 +239,14 @@ FLAGS = [
          "(seed: the old name of blog, deprecated)"),
     flag("teacher", type=Path, default=None, help="distil from this (dense) checkpoint"),
     flag("distill", action=argparse.BooleanOptionalAction, default=None,
-         help="distil from the dense parent (default: when the training split holds under 10,000 images)"),
+         help=f"distil from the dense parent (default: when the training split holds under {DISTILL_BELOW:,} images)"),
     flag("distill_temperature", default=None),
     flag("distill_weight", default=None),
     flag("recalibrate", "--no-recalibrate", action="store_false",
          help="skip re-estimating BatchNorm statistics before fine-tuning"),
     flag("recalibration_images", default=RECALIBRATION_IMAGES),
     *DATA_FLAGS,
-    flag("seed", default=0),
+    flag("seed", default=SEED),
     flag("device", default=None),
     flag("resume", action="store_true", help="continue an interrupted fine-tuning in --out"),
     overwrite_flag("the run in --out"),

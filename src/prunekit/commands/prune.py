@@ -15,7 +15,8 @@ from ..errors import UsageError, arg
 from ..files import DirectoryLock, check_outputs, clean_stale_temps
 from ..importance import NETWORK_WIDE
 from ..measure import summary
-from ..options import OPTIONS, UNSET, Command, Flag, flag
+from ..options import OPTIONS, SEED, UNSET, Command, Flag, flag
+from ..planning import SENSITIVITY_FROM
 from ..requests import PruneRequest
 from ..training_state import check_finite
 from .rundir import (
@@ -30,6 +31,7 @@ from .rundir import (
 )
 
 # The defaults of prune_checkpoint, its flags and prunekit run's config, stated once.
+CALIBRATION = "data"  # what data-driven criteria score on: training images ("random": the blog's noise)
 CALIBRATION_IMAGES = 256  # training images that score importance
 RECONSTRUCTION_IMAGES = 512  # training images recovery re-fits on
 
@@ -60,11 +62,11 @@ def prune_checkpoint(
     importance: str | None = None,
     data: str | None = None,
     data_dir: str | None = None,
-    calibration: str = "data",
+    calibration: str = CALIBRATION,
     calibration_images: int = CALIBRATION_IMAGES,
     reconstruction_images: int = RECONSTRUCTION_IMAGES,
     out: str | Path | None = None,
-    seed: int = 0,
+    seed: int = SEED,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Prune a checkpoint as ``request`` (a ``PruneRequest``) says; write the pruned checkpoint and its report
@@ -281,21 +283,21 @@ FLAGS = [
          "(per-layer latency tables, cached; the pruned model is timed to check)"),
     *latency_flags(),
     flag("importance", default=None, help=IMPORTANCE_HELP),
-    flag("calibration", default="data",
+    flag("calibration", default=CALIBRATION,
          help="score activations on training images (data) or on the blog's random noise"),
     flag("calibration_images", default=CALIBRATION_IMAGES),
     *reconstruct_flags(defaults=True),
     flag("ignore", action="append", default=[], help="never prune this layer (repeatable)"),
     flag("prune_input_conv", action="store_true",
          help="let a target or ratio prune the input conv's output channels (protected by default)"),
-    flag("round_to", default=1),
+    flag("round_to", default=PruneRequest.round_to),
     flag("allocation", default=None,
          help="how a target is spread across layers: one importance threshold, one ratio, or equal predicted "
          "loss from a sensitivity scan (default for a target: sensitivity, scanned on training images first, "
-         "from 10,000 training images; global below that)"),
+         f"from {SENSITIVITY_FROM:,} training images; global below that)"),
     flag("sensitivity", type=Path, default=None, help="a `prunekit sensitivity` JSON (default: scan now)"),
     *DATA_FLAGS,
-    flag("seed", default=0),
+    flag("seed", default=SEED),
     flag("out", type=Path, default=None,
          help="pruned checkpoint (default: <checkpoint>-pruned.safetensors); a JSON report is written beside it"),
     overwrite_flag("the pruned checkpoint and its report"),

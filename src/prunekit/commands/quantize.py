@@ -14,7 +14,7 @@ from ..checkpoint import load_checkpoint
 from ..console import stages
 from ..errors import UsageError, arg
 from ..files import DirectoryLock, check_outputs
-from ..options import Command, flag, validate_given
+from ..options import SEED, Command, flag, validate_given
 from .evaluate import _dense_parent, _ort_timing
 from .rundir import CHECKPOINT, DATA_FLAGS, default_output, load_data_for, run_printed
 
@@ -33,7 +33,7 @@ def quantize_checkpoint(
     data: str | None = None,
     data_dir: str | None = None,
     threads: int | None = None,
-    seed: int = 0,
+    seed: int = SEED,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Static int8 quantization of a checkpoint in ONNX Runtime, calibrated on training images; measures
@@ -79,7 +79,7 @@ class _Int8Ask:
     data: str | None = None
     data_dir: str | None = None
     threads: int | None = None
-    seed: int = 0
+    seed: int = SEED
 
 
 def _quantize(

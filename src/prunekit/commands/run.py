@@ -6,17 +6,22 @@ import argparse
 from pathlib import Path
 
 from ..console import console
+from ..finetuning import DISTILL_BELOW
 from ..options import Command, flag
+from ..pipeline import RunConfig
 from .prune import IMPORTANCE_HELP, latency_flags, reconstruct_flags
 
-# No defaults here: a flag not given leaves its key out, so a --config file (or RunConfig's default) holds.
+# No defaults here: a flag not given leaves its key out, so a --config file (or RunConfig's default) holds;
+# the help names RunConfig's defaults.
+_DEFAULT = RunConfig()
+_LAYERS = ", ".join(_DEFAULT.layers)
 FLAGS = [
     flag("config", type=Path, help="YAML file holding any of these flags (flags given here win)"),
     flag("resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped"),
-    flag("name", help="run directory name under --runs-dir (default: blog)"),
-    flag("runs_dir", help="where run directories go (default: runs)"),
-    flag("model", help="default: resnet18"),
-    flag("data", help="default: cifar10"),
+    flag("name", help=f"run directory name under --runs-dir (default: {_DEFAULT.name})"),
+    flag("runs_dir", help=f"where run directories go (default: {_DEFAULT.runs_dir})"),
+    flag("model", help=f"default: {_DEFAULT.model}"),
+    flag("data", help=f"default: {_DEFAULT.data}"),
     flag("data_dir"),
     flag("subset"),
     flag("baseline", help="reuse this dense checkpoint instead of training one"),
@@ -24,9 +29,9 @@ FLAGS = [
     flag("image_size", help="model input size (see train --image-size)"),
     flag("val_split", help="hold out this fraction of train/ when there is no test/"),
     flag("epochs", help="baseline training epochs"),
-    flag("layers", "--layer", action="append", help="default: layer2.0.conv1"),
-    flag("ratio", help="with --layer: per named layer (default: layer2.0.conv1 by 0.2); alone: every prunable "
-         "layer, as in prune"),
+    flag("layers", "--layer", action="append", help=f"default: {_LAYERS}"),
+    flag("ratio", help=f"with --layer: per named layer (default: {_LAYERS} by {_DEFAULT.ratio:g}); alone: every "
+         "prunable layer, as in prune"),
     flag("target_macs"),
     flag("target_params"),
     flag("target_latency", help="see prune --target-latency"),
@@ -46,7 +51,8 @@ FLAGS = [
     flag("finetune_lr"),
     flag("freeze"),
     flag("distill", action=argparse.BooleanOptionalAction, default=None,
-         help="distil from the dense baseline (default: when the training split holds under 10,000 images)"),
+         help=f"distil from the dense baseline (default: when the training split holds under {DISTILL_BELOW:,} "
+         "images)"),
     flag("distill_temperature"),
     flag("distill_weight"),
     flag("recalibrate", "--no-recalibrate", action="store_false"),
@@ -59,7 +65,7 @@ FLAGS = [
 
 def main(args: argparse.Namespace) -> int:
     """``prunekit run``: the config (a file, then the flags given here), run or resumed; a line of results."""
-    from ..pipeline import RunConfig, load_config, resumed_config, run
+    from ..pipeline import load_config, resumed_config, run
 
     skip = ("func", "config", "resume", "command", "given", "defaulted")
     values = load_config(args.config) if getattr(args, "config", None) is not None else {}

@@ -12,7 +12,7 @@ from ..checkpoint import load_checkpoint
 from ..console import warn
 from ..files import DirectoryLock, check_outputs
 from ..importance import NETWORK_WIDE
-from ..options import Command, flag, validate
+from ..options import SEED, Command, flag, validate
 from ..sensitivity import RATIOS, SCAN_CALIBRATION_IMAGES, SCAN_IMAGES
 from .rundir import CHECKPOINT, DATA_FLAGS, default_output, load_data_for, run_printed, scan_batches
 
@@ -26,7 +26,7 @@ def sensitivity_checkpoint(
     importance: str = NETWORK_WIDE,
     data: str | None = None,
     data_dir: str | None = None,
-    seed: int = 0,
+    seed: int = SEED,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Sensitivity scan of a checkpoint on held-out training images; writes ``out`` (JSON) and a PNG beside it.
@@ -71,7 +71,7 @@ FLAGS = [
     flag("importance", default=NETWORK_WIDE),
     flag("overwrite", action="store_true", help="replace existing outputs"),
     *DATA_FLAGS,
-    flag("seed", default=0),
+    flag("seed", default=SEED),
 ]
 
 

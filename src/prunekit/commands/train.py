@@ -22,6 +22,8 @@ from ..train_config import TrainConfig
 from ..training_state import STATE_FILE
 from .rundir import DATA_FLAGS, claim_run_dir, clear_run_dir, load_data_for, model_meta, overwrite_flag
 
+MODEL = "resnet18"  # the baseline --model of prunekit train and prunekit run (the blog's)
+
 
 def train(
     model: str | None,
@@ -148,7 +150,7 @@ def training_flags(defaults: TrainConfig) -> list[Flag]:
 
 
 FLAGS = [
-    flag("model", default="resnet18",
+    flag("model", default=MODEL,
          help="resnet18 (the blog's), resnet18-cifar, or any torchvision classification model name"),
     *DATA_FLAGS,  # required for a new run; a resumed one reads its own
     flag("weights", help="start from pretrained weights: a torchvision weight name (DEFAULT, IMAGENET1K_V1, ...), "
