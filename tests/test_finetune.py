@@ -452,3 +452,109 @@ def test_distill_mixup_feeds_teacher_and_student_the_same_mixed_images():
     assert not any(torch.allclose(m, x) for m, (x, _) in zip(mixed, batch, strict=True))
     again = teacher_inputs(tiny_fit_config(distill_mixup=1.0, channels_last=False))
     assert all(torch.equal(a, m) for a, m in zip(again, mixed, strict=True))
+
+
+# ---------------------------------------------------------------- feature distillation
+
+
+def _small_cnn(seed: int) -> torch.nn.Module:
+    from torch import nn
+
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 4),
+    ).eval()
+
+
+def test_pruning_records_which_classifier_inputs_it_kept_over_two_prunings(tmp_path):
+    """The record names the dense classifier's columns the pruned classifier holds (compared on the weights
+    themselves: the surgery copies them), composed over a second pruning, and a checkpoint keeps it."""
+    import copy
+
+    import prunekit
+    from prunekit.schema import KEPT_ATTRIBUTE
+
+    dense = _small_cnn(0)
+    model = copy.deepcopy(dense)
+    example = torch.randn(1, 3, 8, 8)
+    prunekit.prune(model, example, ratio=0.25, allocation="uniform", reconstruct=False)
+    prunekit.prune(model, example, ratio=0.25, allocation="uniform", reconstruct=False)
+    kept = getattr(model, KEPT_ATTRIBUTE)
+    assert model[8].in_features == len(kept) < 32
+    assert torch.equal(model[8].weight, dense[8].weight[:, kept])
+    prunekit.save(model, tmp_path / "pruned.safetensors")
+    again = prunekit.load(tmp_path / "pruned.safetensors", model=_small_cnn(3))
+    assert torch.equal(getattr(again, KEPT_ATTRIBUTE), kept)
+
+
+def test_feature_distillation_pulls_the_pruned_features_towards_the_teachers():
+    """Fine-tuned with the feature term, a pruned model's classifier inputs end nearer the teacher's (at the
+    kept features, on held-out images) than fine-tuned on logits alone, from the same start."""
+    import copy
+
+    import prunekit
+    from prunekit.schema import KEPT_ATTRIBUTE
+
+    gen = torch.Generator().manual_seed(1)
+    teacher = _small_cnn(0)
+    prunekit.recalibrate_bn(teacher, [torch.randn(64, 3, 8, 8, generator=gen) for _ in range(4)])
+    start = copy.deepcopy(teacher)
+    prunekit.prune(
+        start,
+        torch.randn(1, 3, 8, 8),
+        ratio=0.5,
+        allocation="uniform",
+        reconstruct=False,
+        prune_input_conv=True,
+    )
+    batches = [
+        (torch.randn(16, 3, 8, 8, generator=gen), torch.randint(0, 4, (16,), generator=gen)) for _ in range(8)
+    ]
+    held_out = torch.randn(64, 3, 8, 8, generator=gen)
+
+    def feature_error(model: torch.nn.Module) -> float:
+        kept = getattr(model, KEPT_ATTRIBUTE)
+        with torch.no_grad():
+            s, t = model.eval()[:8](held_out), teacher[:8](held_out)[:, kept]
+        return float(((s - t) ** 2).mean() / (t**2).mean())
+
+    def tuned(weight: float) -> torch.nn.Module:
+        model = copy.deepcopy(start)
+        fit(
+            model,
+            batches,
+            tiny_fit_config(epochs=4, distill_features=weight, channels_last=False),
+            teacher=teacher,
+        )
+        return model
+
+    assert feature_error(start) > 0.3  # the pruning moved them
+    assert feature_error(tuned(5.0)) < 0.75 * feature_error(tuned(0.0))
+
+
+def test_feature_distillation_without_a_record_warns_and_distils_the_logits(capsys):
+    """A student whose classifier reads fewer features than the teacher's, with no record of which, is
+    told so in one line and trains on the logits alone."""
+    from torch import nn
+
+    from prunekit.losses import feature_match
+
+    teacher = _small_cnn(0)
+    student = _small_cnn(1)
+    student[3], student[4], student[8] = nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.Linear(24, 4)
+    match, why = feature_match(tiny_fit_config(distill_features=1.0), student, teacher)
+    assert match is None and "reads 24 features, the teacher's 32" in why
+    batches = [(torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,)))]
+    fit(student, batches, tiny_fit_config(distill_features=1.0, channels_last=False), teacher=teacher)
+    assert "distilling the logits only" in capsys.readouterr().err
+    same, why = feature_match(tiny_fit_config(distill_features=1.0), _small_cnn(2), teacher)
+    assert same is not None and same.kept is None and why is None
+    same.close()

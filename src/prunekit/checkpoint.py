@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from .errors import UsageError
 from .files import atomic_write
 from .models import build_model
-from .schema import CUSTOM_PREFIX, SHAPE_ATTRS, validate
+from .schema import CUSTOM_PREFIX, KEPT_ATTRIBUTE, SHAPE_ATTRS, validate
 
 FORMAT = "prunekit-checkpoint"
 FORMAT_VERSION = 1
@@ -66,6 +66,9 @@ def save_checkpoint(
         "shapes": module_shapes(model),
         "state_versions": state_versions(state),
     }
+    kept = getattr(model, KEPT_ATTRIBUTE, None)
+    if kept is not None:  # which dense classifier inputs a pruned model reads: distillation matches them
+        meta[KEPT_ATTRIBUTE] = [int(i) for i in kept]
     if optimizer is not None:
         optim_tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
         tensors.update(optim_tensors)
@@ -127,6 +130,8 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> Checkpo
         detail = " ".join(str(exc).split())
         raise UsageError(f"{path}: the weights do not fit a {name} model ({detail})") from None
     model.eval()
+    if isinstance(meta.get(KEPT_ATTRIBUTE), list):
+        setattr(model, KEPT_ATTRIBUTE, torch.tensor(meta[KEPT_ATTRIBUTE], dtype=torch.long))
     optim = None
     if "optimizer" in meta:
         optim = _unflatten_optimizer(

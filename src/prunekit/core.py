@@ -25,8 +25,10 @@ from .options import SEED
 from .planning import allocation_note, default_allocation
 from .pruning import PruneRequest, prune_model
 from .reconstruct import reconstruct as refit_readers
+from .schema import KEPT_ATTRIBUTE
 from .sensitivity import scan_calibration
 from .surgery import restore, snapshot
+from .weights import find_classifier
 
 
 @dataclass
@@ -160,7 +162,19 @@ def prune(
             model, request, criterion, label, example, calibration, images, seed
         )
         seconds = time.perf_counter() - start
+    record_kept_features(model, result.kept)
     return _prune_report(label, request, result, recovery, seconds)
+
+
+def record_kept_features(model: nn.Module, kept: Any) -> None:
+    """Note on ``model`` which of the dense classifier's inputs its classifier still reads (composed over
+    repeated prunings), for distillation's feature term (``losses.FeatureMatch``)."""
+    name, _ = find_classifier(model)
+    now = getattr(kept, "inputs", {}).get(name)
+    if now is None:
+        return
+    before = getattr(model, KEPT_ATTRIBUTE, None)
+    setattr(model, KEPT_ATTRIBUTE, now if before is None else before[now])
 
 
 @contextlib.contextmanager

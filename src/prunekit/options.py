@@ -156,6 +156,12 @@ _TABLE = [
         "distill_mixup", float, "mixup Beta(a, a) of the inputs while distilling (0: off)", check=at_least(0)
     ),
     Option(
+        "distill_features",
+        float,
+        "weight of matching the classifier's input features to the teacher's while distilling (0: off)",
+        check=at_least(0),
+    ),
+    Option(
         "precise_bn_images",
         int,
         "after the last epoch, re-estimate BatchNorm statistics on this many training images (0: off)",

@@ -25,6 +25,9 @@ SHAPE_ATTRS = (
     "num_groups",
 )
 CUSTOM_PREFIX = "custom:"
+# The model attribute (and checkpoint key) holding the dense indices of the classifier inputs a pruned
+# model kept: prunekit.prune sets it, checkpoints carry it, distillation's feature term reads it
+KEPT_ATTRIBUTE = "prunekit_classifier_inputs"
 MAX_INPUT_SIZE = 16384  # pixels per side; larger is a corrupt file, not an image
 
 

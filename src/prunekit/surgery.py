@@ -41,25 +41,36 @@ def apply_plan(DG: tp.DependencyGraph, groups: list[Group], plan: dict[str, torc
     return removed
 
 
-def kept_outputs(
-    model: nn.Module, groups: list[Group], plan: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """For each conv or linear whose output channels ``plan`` removes, the indices of those it keeps
-    (computed on the dense model, before the surgery)."""
+class KeptChannels(dict):
+    """For each conv or linear whose output channels a plan removes, the dense indices of those it keeps;
+    ``inputs``: the same for each layer whose input channels (or flattened input features) it removes."""
+
+    def __init__(self, outputs: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]):
+        super().__init__(outputs)
+        self.inputs = inputs
+
+
+def kept_outputs(model: nn.Module, groups: list[Group], plan: dict[str, torch.Tensor]) -> KeptChannels:
+    """The channels ``plan`` keeps, on both sides of every layer it touches (computed on the dense model,
+    before the surgery)."""
     names = {m: n for n, m in model.named_modules()}
-    removed: dict[nn.Module, set[int]] = {}
+    removed: dict[tuple[nn.Module, bool], set[int]] = {}
     for g in groups:
         mask = plan.get(g.root)
         if mask is None or not mask.any():
             continue
         for (layer, is_out, root_idx), idxs in zip(g.members, g.layer_idxs, strict=True):
-            if is_out and isinstance(layer, (nn.Conv2d, nn.Linear)):
-                removed.setdefault(layer, set()).update(idxs[mask[root_idx]].tolist())
-    kept = {}
-    for layer, gone in removed.items():
-        width = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-        kept[names[layer]] = torch.tensor([c for c in range(width) if c not in gone], dtype=torch.long)
-    return kept
+            if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                removed.setdefault((layer, is_out), set()).update(idxs[mask[root_idx]].tolist())
+    kept: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] = ({}, {})
+    for (layer, is_out), gone in removed.items():
+        if is_out:
+            width = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        else:
+            width = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+        indices = torch.tensor([c for c in range(width) if c not in gone], dtype=torch.long)
+        kept[0 if is_out else 1][names[layer]] = indices
+    return KeptChannels(*kept)
 
 
 def snapshot(model: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:

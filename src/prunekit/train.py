@@ -21,11 +21,11 @@ import torch.nn.functional as F
 
 from .batchnorm import batchnorms, recalibrate_batchnorm
 from .checkpoint import Checkpoint
-from .console import info, progress_bar
+from .console import info, progress_bar, warn
 from .data import DataBundle
 from .errors import UsageError, arg
 from .files import DirectoryLock, clean_stale_temps, is_main_process
-from .losses import distillation_loss, mixup, with_distillation
+from .losses import FeatureMatch, distillation_loss, feature_match, mixup, with_distillation
 from .measure import autocast, bf16_supported, evaluate
 from .runtime import Distributed, StopOnSignal, init_distributed, resolve_device, stop_requested
 from .train_config import TrainConfig, learning_rate, make_optimizer
@@ -167,6 +167,7 @@ class _Loop:
     log: Path | None  # train_log.txt, on the main process when writing
     stop: StopOnSignal
     on_step: Callable[[int], None] | None
+    features: FeatureMatch | None = None  # the classifier inputs matched while distilling
 
     @property
     def total_steps(self) -> int:
@@ -239,13 +240,7 @@ def _fit(
     if run.log and out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_log(run.log, history)  # the log is the history: no lines repeated after a resume
-    last_test, epoch_ran = None, False
-    with progress_bar(transient=False) as bar:
-        for epoch in range(start_epoch, cfg.epochs):
-            first = start_batch if epoch == start_epoch else 0
-            running = dict(carried) if epoch == start_epoch else fresh_totals()
-            task = train_one_epoch(run, bar, epoch, first, running)
-            last_test, epoch_ran = _end_epoch(run, bar, task, epoch, running), True
+    last_test, epoch_ran = _train_epochs(run, start_epoch, start_batch, carried)
 
     final = (
         last_test if epoch_ran else _evaluate_test(run)
@@ -254,6 +249,27 @@ def _fit(
     if stop_requested(stop, dist_info, device):
         raise KeyboardInterrupt  # arrived during the final evaluation or save: both are complete
     return FitResult(model, history, final)
+
+
+def _train_epochs(
+    run: _Loop, start_epoch: int, start_batch: int, carried: dict[str, float]
+) -> tuple[dict[str, Any] | None, bool]:
+    """The epochs left, from ``start_batch`` of ``start_epoch``: (the last epoch's test, whether one ran)."""
+    last_test, epoch_ran = None, False
+    run.features, why_not = feature_match(run.cfg, run.model, run.teacher)
+    if why_not and run.dist_info.is_main:
+        warn(f"{arg('distill_features')}: {why_not}; distilling the logits only")
+    try:
+        with progress_bar(transient=False) as bar:
+            for epoch in range(start_epoch, run.cfg.epochs):
+                first = start_batch if epoch == start_epoch else 0
+                running = dict(carried) if epoch == start_epoch else fresh_totals()
+                task = train_one_epoch(run, bar, epoch, first, running)
+                last_test, epoch_ran = _end_epoch(run, bar, task, epoch, running), True
+    finally:
+        if run.features is not None:
+            run.features.close()
+    return last_test, epoch_ran
 
 
 def _place(
@@ -354,7 +370,7 @@ def _train_step(
             other = F.cross_entropy(logits.float(), y_other, label_smoothing=cfg.label_smoothing)
             loss = weight * loss + (1 - weight) * other
         if run.teacher is not None:
-            loss = with_distillation(cfg, run.teacher, x, logits, loss)
+            loss = with_distillation(cfg, run.teacher, x, logits, loss, run.features)
     loss_value = _checked_loss(loss, epoch, batch, run.steps_per_epoch, cfg)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()

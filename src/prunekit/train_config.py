@@ -34,6 +34,9 @@ class TrainConfig:
     # Mixup of the inputs while distilling (Beta(a, a) weights; 0: off): the teacher labels any image, so
     # mixed ones widen what a few hundred training images show the student ("function matching").
     distill_mixup: float = 0.0
+    # Weight of matching the student's classifier inputs to the teacher's while distilling (0: off):
+    # ``losses.FeatureMatch``.
+    distill_features: float = 0.0
     # After the last epoch, BatchNorm statistics re-estimated on this many training images with the final
     # weights ("precise BN"; 0: off). A small BatchNorm momentum (0.01 in TF-ported models) leaves them
     # far behind a short fine-tuning: 37.2 % -> 68.5 % on the few-shot EfficientNet-Lite1.
