@@ -157,11 +157,8 @@ def main() -> None:
         return
     for seed in (int(s) for s in args.seeds.split(",")):
         for row in (r for r in rows if f"{r}/seed{seed}" not in results["rows"]):
-            results["rows"][f"{row}/seed{seed}"] = finetuned_row(
-                row, seed, dense, results["dense"], calibration, train, test, Path(args.runs)
-            )
-            save(results)
-            got = results["rows"][f"{row}/seed{seed}"]
+            got = finetuned_row(row, seed, dense, results["dense"], calibration, train, test, Path(args.runs))
+            results = save_row(f"{row}/seed{seed}", got)
             print(f"{row}/seed{seed}: {got['accuracy']:.2%} ({got['vs_dense']:+.2%}; "
                   f"{got['accuracy_before_finetuning']:.2%} before fine-tuning)", flush=True)  # fmt: skip
 
@@ -283,6 +280,15 @@ def measure(runs: Path, dense: torch.nn.Module, results: dict) -> None:
 
 def save(results: dict) -> None:
     OUT.write_text(json.dumps({**results, "machine": machine()}, indent=1) + "\n")
+
+
+def save_row(key: str, row: dict) -> dict:
+    """``row`` added to the results as they are on disk now (another run, on the other core, may have
+    added its own rows since this one started); the results written."""
+    results = json.loads(OUT.read_text())
+    results["rows"][key] = row
+    save(results)
+    return results
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ benchmark's pruned EfficientNet-Lite1 (`fewshot.py`'s parent and its `prunekit` 
 5 epochs by each recipe below, chosen on 1,000 *held-out training* images (the next 100 a class of the
 training split, which no row trains on); the test accuracy is recorded beside it, never used to choose.
 
-python benchmarks/fewshot_recipes.py [--recipes kd0.5,kd1,kd0.5-mixup,ce] [--seed 0]
+python benchmarks/fewshot_recipes.py [--recipes kd0.5,kd1,kd0.5-mixup,kd0.5-feat1,kd0.5-feat4,ce] [--seed 0]
 
 Needs fewshot.py's dense parent in --runs (`python benchmarks/fewshot.py` makes it). Resumable recipe by
 recipe: each finished one is written to results/fewshot_recipes.json at once.
@@ -22,9 +22,11 @@ import torch
 import prunekit
 from common import FULL_ARCHIVE, RESULTS, machine, require
 from fewshot import EPOCHS, LR, PER_CLASS_TEST, PER_CLASS_TRAIN, Upsampled, per_class, pretrained, pruned
+from prunekit.checkpoint import read_meta
 from prunekit.data import load_data
 from prunekit.finetuning import recipe
 from prunekit.measure import evaluate
+from prunekit.schema import KEPT_ATTRIBUTE
 
 OUT = RESULTS / "fewshot_recipes.json"
 # TrainConfig overrides of the `full` recipe, by name; every recipe but `ce` distils from the dense parent
@@ -33,6 +35,9 @@ RECIPES = {
     "kd0.5": {},  # the defaults before 2026-12-03: half cross-entropy, half soft targets
     "kd1": {"distill_weight": 1.0},  # soft targets only
     "kd0.5-mixup": {"distill_mixup": 1.0},
+    # the soft targets and the classifier's input features matched at this weight (losses.FeatureMatch)
+    "kd0.5-feat1": {"distill_features": 1.0},
+    "kd0.5-feat4": {"distill_features": 4.0},
 }
 
 
@@ -45,7 +50,7 @@ def held_out(split, skip: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(FULL_ARCHIVE))
-    parser.add_argument("--recipes", default="kd0.5,kd1,kd0.5-mixup,ce")
+    parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", default="runs/fewshot")
     args = parser.parse_args()
@@ -62,11 +67,16 @@ def main() -> None:
     dense = prunekit.load(runs / "dense.safetensors", model=pretrained()).eval()
     start = pruned_once(runs, dense, train)
     results = json.loads(OUT.read_text()) if OUT.exists() else {"recipes": {}}
-    if "dense" not in results:  # the parent on the same images, for reference
-        results["dense"] = {
-            "held_out": evaluate(dense, val)["accuracy"],
-            "test": evaluate(dense, test)["accuracy"],
-        }
+    parent = {"held_out": evaluate(dense, val)["accuracy"], "test": evaluate(dense, test)["accuracy"]}
+    if results.get("dense") != parent:  # another dense transfer: its recipes are kept apart
+        if results.get("recipes"):
+            earlier = {
+                "dense": results.get("dense"),
+                "recipes": results["recipes"],
+                "machine": results.get("machine"),
+            }
+            results.setdefault("earlier_parents", []).append(earlier)
+        results["dense"], results["recipes"] = parent, {}
     for name in (r for r in args.recipes.split(",") if f"{r}/seed{args.seed}" not in results["recipes"]):
         began, model = time.perf_counter(), copy.deepcopy(start)
         config, _ = recipe("full", epochs=EPOCHS, lr=LR, seed=args.seed, **RECIPES[name])
@@ -85,7 +95,7 @@ def pruned_once(runs: Path, dense: torch.nn.Module, train: tuple) -> torch.nn.Mo
     """fewshot.py's `prunekit` row before fine-tuning (its defaults, recovery on 512 calibration images),
     kept in ``runs`` so every recipe starts from the same pruned weights."""
     path = runs / "pruned-prunekit.safetensors"
-    if path.exists():
+    if path.exists() and KEPT_ATTRIBUTE in read_meta(path):  # (older files lack the feature record)
         return prunekit.load(path, model=pretrained())
     calibration = [x for x, _ in Upsampled(*train, 64, False)][:8]
     model, _ = pruned("prunekit", dense, calibration)
