@@ -225,6 +225,20 @@ def pruned(row: str, dense: torch.nn.Module, calibration: list) -> tuple[torch.n
     return model, time.perf_counter() - start
 
 
+def pruned_once(
+    row: str, dense: torch.nn.Module, calibration: list, runs: Path
+) -> tuple[torch.nn.Module, float]:
+    """``pruned(row, ...)``, kept in ``runs`` for the row's other seeds (pruning does not depend on the
+    seed: the same calibration images, the same plan), with the seconds the first pruning took."""
+    path = runs / f"pruned-{row}.safetensors"
+    if path.exists():
+        model = prunekit.load(path, model=pretrained())
+        return model, model.prunekit_meta["prune_s"]
+    model, prune_s = pruned(row, dense, calibration)
+    prunekit.save(model, path, meta={"prune_s": prune_s})
+    return model, prune_s
+
+
 def finetuned_row(
     row: str,
     seed: int,
@@ -238,7 +252,7 @@ def finetuned_row(
     """One row: pruned, tested, fine-tuned 5 epochs (distilled from ``dense`` for ``-distill``), tested,
     and kept in ``runs`` for ``--measure``."""
     start = time.perf_counter()
-    model, prune_s = pruned(row, dense, calibration)
+    model, prune_s = pruned_once(row, dense, calibration, runs)
     pruned_acc = evaluate(model, test)["accuracy"]
     prunekit.finetune(
         model,
