@@ -17,16 +17,22 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 import prunekit
 from common import FULL_ARCHIVE, RESULTS, machine, require
-from fewshot import EPOCHS, LR, PER_CLASS_TEST, PER_CLASS_TRAIN, Upsampled, per_class, pretrained, pruned
-from prunekit.checkpoint import read_meta
+from fewshot import (
+    EPOCHS,
+    LR,
+    PER_CLASS_TEST,
+    PER_CLASS_TRAIN,
+    Upsampled,
+    held_out,
+    per_class,
+    pretrained,
+    pruned_once,
+)
 from prunekit.data import load_data
 from prunekit.finetuning import recipe
 from prunekit.measure import evaluate
-from prunekit.schema import KEPT_ATTRIBUTE
 
 OUT = RESULTS / "fewshot_recipes.json"
 # TrainConfig overrides of the `full` recipe, by name; every recipe but `ce` distils from the dense parent
@@ -39,12 +45,6 @@ RECIPES = {
     "kd0.5-feat1": {"distill_features": 1.0},
     "kd0.5-feat4": {"distill_features": 4.0},
 }
-
-
-def held_out(split, skip: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` images a class after the first ``skip`` of each: training images no row trains on."""
-    keep = torch.cat([torch.nonzero(split.labels == c).flatten()[skip : skip + n] for c in range(10)])
-    return split.images[keep], split.labels[keep]
 
 
 def main() -> None:
@@ -65,7 +65,8 @@ def main() -> None:
     val = Upsampled(*held_out(bundle.train, PER_CLASS_TRAIN, PER_CLASS_TRAIN), batch=50, train=False)
     test = Upsampled(*per_class(bundle.test, PER_CLASS_TEST), batch=50, train=False)
     dense = prunekit.load(runs / "dense.safetensors", model=pretrained()).eval()
-    start = pruned_once(runs, dense, train)
+    calibration = [x for x, _ in Upsampled(*train, 64, False)][:8]  # fewshot.py's 512 unlabelled images
+    start, _ = pruned_once("prunekit", dense, calibration, runs)  # its `prunekit` row, pruned once
     results = json.loads(OUT.read_text()) if OUT.exists() else {"recipes": {}}
     parent = {"held_out": evaluate(dense, val)["accuracy"], "test": evaluate(dense, test)["accuracy"]}
     if results.get("dense") != parent:  # another dense transfer: its recipes are kept apart
@@ -89,18 +90,6 @@ def main() -> None:
                                                          "seconds": time.perf_counter() - began}  # fmt: skip
         OUT.write_text(json.dumps({**results, "machine": machine()}, indent=1) + "\n")
         print(f"{name}/seed{args.seed}: {row['held_out']:.2%} held-out, {row['test']:.2%} test", flush=True)
-
-
-def pruned_once(runs: Path, dense: torch.nn.Module, train: tuple) -> torch.nn.Module:
-    """fewshot.py's `prunekit` row before fine-tuning (its defaults, recovery on 512 calibration images),
-    kept in ``runs`` so every recipe starts from the same pruned weights."""
-    path = runs / "pruned-prunekit.safetensors"
-    if path.exists() and KEPT_ATTRIBUTE in read_meta(path):  # (older files lack the feature record)
-        return prunekit.load(path, model=pretrained())
-    calibration = [x for x, _ in Upsampled(*train, 64, False)][:8]
-    model, _ = pruned("prunekit", dense, calibration)
-    prunekit.save(model, path)
-    return model
 
 
 if __name__ == "__main__":
