@@ -254,11 +254,12 @@ def test_the_default_allocation_follows_the_images_at_hand(trained, tmp_path, ca
     assert default_allocation(None, 0.3, 50_000) == default_allocation(None, None, 0) == "global"
     assert default_allocation("uniform", None, 5) == "uniform"
     argv = ["prune", str(trained), "--target-macs", "0.5", "--reconstruction-images", "64"]
+    monkeypatch.setattr("prunekit.planning.SENSITIVITY_FROM", 2_000)  # more than the mini archive holds
     assert main([*argv, "--out", str(tmp_path / "small.safetensors")]) == 0  # the mini archive: ~1,000
     err = capsys.readouterr().err
     assert json.loads((tmp_path / "small.json").read_text())["request"]["allocation"] == "global"
     notes = [line for line in err.splitlines() if line.startswith("note: allocation global")]
-    assert len(notes) == 1 and "below 10,000 images" in notes[0] and "--allocation sensitivity" in notes[0]
+    assert len(notes) == 1 and "below 2,000 images" in notes[0] and "--allocation sensitivity" in notes[0]
     monkeypatch.setattr("prunekit.planning.SENSITIVITY_FROM", 100)  # the same split, now enough to scan
     monkeypatch.setattr("prunekit.sensitivity.scan", lambda model, *a, **k: _fake_scan(model))
     assert main([*argv, "--out", str(tmp_path / "large.safetensors")]) == 0

@@ -118,7 +118,7 @@ def prune(
     ``allocation`` spreads a target across layers: ``global`` (one importance threshold), ``uniform`` (one
     ratio) or ``sensitivity`` (equal predicted loss, from ``sensitivity``: the result of
     ``prunekit.sensitivity.scan``, or a scan of ``calibration`` run here). The default is the command
-    line's: ``sensitivity`` for a target when ``calibration`` holds at least 10,000 images
+    line's: ``sensitivity`` for a target when ``calibration`` holds at least 500 images
     (``planning.SENSITIVITY_FROM``), else ``global`` (and a note says so). The input conv and the output layer are protected unless named;
     ``prune_input_conv`` lets a target or ratio prune the input conv's outputs too. ``target_latency`` keeps that fraction of the dense model's latency,
     measured on this machine at ``latency_batch`` in ``latency_runtime`` (``pytorch`` or ``onnxruntime``):

@@ -168,15 +168,16 @@ def plan_ratio(groups: list[Group], ratio: float, round_to: int) -> dict[str, to
 ALLOCATIONS = ("global", "uniform", "sensitivity")
 
 
-SENSITIVITY_FROM = 10_000  # images at hand from which a target's default allocation is a sensitivity scan
+SENSITIVITY_FROM = 500  # images at hand from which a target's default allocation is a sensitivity scan
 
 
 def default_allocation(allocation: str | None, ratio: float | None, images_at_hand: int | None) -> str:
     """The default allocation, on the command line and in Python alike: ``sensitivity`` for a target when at
     least ``SENSITIVITY_FROM`` images are at hand (the training split; ``calibration=`` in Python; None:
-    uncounted, taken as enough), ``global`` for a ratio or fewer images. ``sensitivity`` kept the most
-    accuracy on 50,000 CIFAR-10 images (benchmarks/results/allocation.json); on 1,000 images of a pretrained
-    EfficientNet-Lite1 it lost 24-30 points to ``global`` (fewshot.json). Sizes between were not measured."""
+    uncounted, taken as enough), ``global`` for a ratio or fewer images. ``sensitivity`` (its scan read by
+    the divergence from the dense model) kept the most accuracy on 50,000 CIFAR-10 images
+    (benchmarks/results/allocation.json, recovery.json) and on 512 unlabelled images of a pretrained
+    EfficientNet-Lite1 (fewshot.json, its held-out images); fewer images were not measured."""
     if allocation is not None:
         return allocation
     if ratio is not None or images_at_hand == 0:
@@ -192,8 +193,7 @@ def allocation_note(allocation: str | None, ratio: float | None, images_at_hand:
         return None
     return (
         f"allocation global (the default below {SENSITIVITY_FROM:,} images; {images_at_hand:,} at hand): "
-        f"a sensitivity scan of so few images lost to it in benchmarks; {arg('allocation')} sensitivity "
-        f"scans anyway"
+        f"too few to scan; {arg('allocation')} sensitivity scans anyway"
     )
 
 
