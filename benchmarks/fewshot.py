@@ -7,9 +7,8 @@ fine-tunes 5 epochs on the same 1,000 images (the same budget for every row), se
 
 python benchmarks/fewshot.py [--seeds 0,1,2] [--rows prunekit-distill,torch-pruning,prunekit]
 (prunekit: `prunekit.prune` with its defaults given the 512 unlabelled calibration images, which means
-the global allocation and recovery; -distill: fine-tuned with the dense parent as teacher; also
-prunekit-uniform[-distill] and prunekit-sensitivity[-distill]: those allocations, the latter a scan of the
-512 calibration images; -refit / -group-l2 / -l2 name the importance criterion instead of the default;
+a sensitivity scan of them and recovery (global allocation before 2026-12-04); -distill: fine-tuned with
+the dense parent as teacher; also prunekit-uniform|-sensitivity|-global[-distill]: that allocation; -refit / -group-l2 / -l2 name the importance criterion instead of the default;
 -norecon: BatchNorm recalibration instead of recovery)
 
 python benchmarks/fewshot.py --no-finetune --rows prunekit,prunekit-refit,torch-pruning
@@ -158,6 +157,7 @@ def main() -> None:
 
 
 EXAMPLE = torch.zeros(1, 3, SIZE, SIZE)
+ALLOCATIONS = ("uniform", "sensitivity", "global")  # a row's -ALLOCATION names one; else prunekit's default
 
 
 def held_out(split, skip: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +233,7 @@ def pruned(row: str, dense: torch.nn.Module, calibration: list) -> tuple[torch.n
         model = torch_pruning_uniform(model, EXAMPLE, 0.5)
         prunekit.recalibrate_bn(model, calibration)
     else:
-        allocation = next((a for a in ("uniform", "sensitivity") if f"-{a}" in row), None)
+        allocation = next((a for a in ALLOCATIONS if f"-{a}" in row), None)
         importance = next((c for c in ("refit", "group-l2", "l2") if f"-{c}" in row), None)
         prunekit.prune(
             model,
