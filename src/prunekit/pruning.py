@@ -27,7 +27,7 @@ from .planning import (
     plan_target,
 )
 from .requests import PruneRequest
-from .surgery import SurgeryError, apply_checked, kept_outputs, output_shapes, restore, snapshot
+from .surgery import SurgeryError, apply_checked, kept_channels, output_shapes, restore, snapshot
 
 
 @dataclass
@@ -79,7 +79,7 @@ def _prune_planned(
     elif request.ratio is not None:
         DG, groups = collect_groups(model, example, importance, request)
         plan = plan_ratio(groups, request.ratio, request.round_to)
-        kept = kept_outputs(model, groups, plan)
+        kept = kept_channels(model, groups, plan)
         removed, _ = _surgery(model, request, importance, example, expected, DG, groups, plan)
     else:
         removed, kept = _prune_to_target(model, request, importance, example, expected, costs)
@@ -130,7 +130,7 @@ def _prune_to_target(
             groups, costs, target, metric, request.round_to, request.allocation, request.sensitivity,
             WIDER_TOLERANCE / 2**attempt,
         )  # fmt: skip
-        kept = kept_outputs(model, groups, plan)
+        kept = kept_channels(model, groups, plan)
         removed, state = _surgery(model, request, importance, example, expected, DG, groups, plan)
         reached = {name: n / dense[name] for name, n in count(model).items() if dense.get(name)}
         misses = {n: r for n, r in reached.items() if abs(r - target) > COUNTER_TOLERANCES[n] * target}
@@ -274,7 +274,7 @@ def _prune_to_latency(
             if attempts:  # the restored modules get a fresh graph (same scores: the plan stands)
                 DG, groups = collect_groups(model, example, importance, request)
                 planner.groups = groups
-            kept = kept_outputs(model, groups, plan)
+            kept = kept_channels(model, groups, plan)
             removed, state = _surgery(model, request, importance, example, expected, DG, groups, plan)
             dense_ms, pruned_ms = planner.measure([dense, model])
             measured = measured_plans[key] = pruned_ms / dense_ms

@@ -50,7 +50,7 @@ class KeptChannels(dict):
         self.inputs = inputs
 
 
-def kept_outputs(model: nn.Module, groups: list[Group], plan: dict[str, torch.Tensor]) -> KeptChannels:
+def kept_channels(model: nn.Module, groups: list[Group], plan: dict[str, torch.Tensor]) -> KeptChannels:
     """The channels ``plan`` keeps, on both sides of every layer it touches (computed on the dense model,
     before the surgery)."""
     names = {m: n for n, m in model.named_modules()}
