@@ -7,7 +7,6 @@ writes and reads back in ``training_state``, the device, torchrun job and signal
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -25,6 +24,7 @@ from .console import info, progress_bar, warn
 from .data import DataBundle
 from .errors import UsageError, arg
 from .files import DirectoryLock, clean_stale_temps, is_main_process
+from .loaders import IterableBatches, as_loader, loaders
 from .losses import FeatureMatch, distillation_loss, feature_match, mixup, with_distillation
 from .measure import autocast, bf16_supported, evaluate
 from .runtime import Distributed, StopOnSignal, init_distributed, resolve_device, stop_requested
@@ -65,45 +65,6 @@ __all__ = [
     "resolve_device",
     "train_one_epoch",
 ]
-
-
-class IterableBatches:
-    """Any re-iterable of ``(images, labels)`` with a length (a DataLoader, a list) as the loop's loader.
-
-    Resuming mid-epoch replays the iterable and skips the batches already done, which is exact when the
-    iterable yields the same batches each time for the same epoch (a seeded sampler, a list).
-    """
-
-    def __init__(self, batches: Iterable):
-        try:
-            len(batches)  # type: ignore[arg-type]
-        except TypeError:
-            raise UsageError(
-                "training batches need a length (a DataLoader, a list of (images, labels)); "
-                f"got a {type(batches).__name__}"
-            ) from None
-        self.source = batches
-
-    def __len__(self) -> int:
-        return len(self.source)  # type: ignore[arg-type]
-
-    def __iter__(self) -> Iterator:
-        return iter(self.source)
-
-    def set_epoch(self, epoch: int) -> None:
-        sampler = getattr(self.source, "sampler", None)
-        if hasattr(sampler, "set_epoch"):  # DistributedSampler reshuffles per epoch
-            sampler.set_epoch(epoch)
-
-    def batches(self, start: int = 0) -> Iterator:
-        return itertools.islice(iter(self.source), start, None)
-
-
-def as_loader(batches: Any) -> Any:
-    """The loop's loader protocol (``__len__``, ``set_epoch``, ``batches(start)``) over ``batches``."""
-    if all(hasattr(batches, a) for a in ("__len__", "set_epoch", "batches")):
-        return batches
-    return IterableBatches(batches)
 
 
 @dataclass
@@ -204,7 +165,7 @@ def _fit(
     use_bf16 = cfg.bf16 and (device.type == "cuda" or bf16_supported())
     torch.manual_seed(cfg.seed)
     optimizer = _place(model, teacher, trainable, cfg, device)
-    loader, test_loader, classes = _loaders(data, test, classes, cfg, dist_info)
+    loader, test_loader, classes = loaders(data, test, classes, cfg, dist_info)
     steps_per_epoch = len(loader)
     if steps_per_epoch < 1:
         raise UsageError(
@@ -294,23 +255,6 @@ def _place(
         if cfg.channels_last:
             teacher.to(memory_format=torch.channels_last)
     return optimizer
-
-
-def _loaders(
-    data: DataBundle | Iterable,
-    test: Iterable | None,
-    classes: list[str] | None,
-    cfg: TrainConfig,
-    dist_info: Distributed,
-) -> tuple[Any, Any, list[str] | None]:
-    """The training loader, the test loader (or None) and the class names, from a bundle or from batches."""
-    if isinstance(data, DataBundle):
-        place = {"rank": dist_info.rank, "world_size": dist_info.world_size}
-        loader = data.loader(
-            "train", cfg.batch_size, train=True, seed=cfg.seed, channels_last=cfg.channels_last, **place
-        )
-        return loader, data.loader("test", channels_last=cfg.channels_last, **place), data.classes
-    return as_loader(data), as_loader(test) if test is not None else None, classes
 
 
 def train_one_epoch(run: _Loop, bar: Progress, epoch: int, first: int, running: dict[str, float]) -> TaskID:
