@@ -182,9 +182,7 @@ def no_finetuning(
             "held_out": evaluate(model, val)["accuracy"],
             "macs_ratio": count_macs(model, EXAMPLE) / results["dense"]["macs"],
         }
-        results = json.loads(OUT.read_text())  # as on disk now: another run may have added rows
-        results.setdefault("no_finetuning", {})[row] = got
-        save(results)
+        save_row(row, got, table="no_finetuning")
         print(
             f"{row}: {got['accuracy']:.2%} test, {got['held_out']:.2%} held-out, no fine-tuning", flush=True
         )
@@ -320,11 +318,11 @@ def save(results: dict) -> None:
     OUT.write_text(json.dumps({**results, "machine": machine()}, indent=1) + "\n")
 
 
-def save_row(key: str, row: dict) -> dict:
-    """``row`` added to the results as they are on disk now (another run, on the other core, may have
-    added its own rows since this one started); the results written."""
+def save_row(key: str, row: dict, table: str = "rows") -> dict:
+    """``row`` added to ``table`` of the results as they are on disk now (another run, on the other core,
+    may have added its own rows since this one started); the results written."""
     results = json.loads(OUT.read_text())
-    results["rows"][key] = row
+    results.setdefault(table, {})[key] = row
     save(results)
     return results
 

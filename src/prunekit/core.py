@@ -27,7 +27,7 @@ from .pruning import PruneRequest, prune_model
 from .reconstruct import reconstruct as refit_readers
 from .schema import KEPT_ATTRIBUTE
 from .sensitivity import scan_calibration
-from .surgery import restore, snapshot
+from .surgery import KeptChannels, restore, snapshot
 from .weights import find_classifier
 
 
@@ -166,11 +166,11 @@ def prune(
     return _prune_report(label, request, result, recovery, seconds)
 
 
-def record_kept_features(model: nn.Module, kept: Any) -> None:
+def record_kept_features(model: nn.Module, kept: KeptChannels) -> None:
     """Note on ``model`` which of the dense classifier's inputs its classifier still reads (composed over
     repeated prunings), for distillation's feature term (``losses.FeatureMatch``)."""
     name, _ = find_classifier(model)
-    now = getattr(kept, "inputs", {}).get(name)
+    now = kept.inputs.get(name)
     if now is None:
         return
     before = getattr(model, KEPT_ATTRIBUTE, None)

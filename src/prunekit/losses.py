@@ -47,14 +47,13 @@ class FeatureMatch:
     model from a few hundred images. Both classifiers are watched by forward pre-hooks; ``close`` removes them."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, kept: torch.Tensor | None):
-        from .weights import find_classifier
-
-        name, layer = find_classifier(student)
+        """``student`` and ``teacher``: the two classifiers; ``kept``: the teacher's inputs the student's
+        reads, in order (None: all)."""
         self.kept = kept
         self.inputs: dict[str, torch.Tensor] = {}
         self.handles = [
-            layer.register_forward_pre_hook(self._watch("student")),
-            dict(teacher.named_modules())[name].register_forward_pre_hook(self._watch("teacher")),
+            student.register_forward_pre_hook(self._watch("student")),
+            teacher.register_forward_pre_hook(self._watch("teacher")),
         ]
 
     def _watch(self, side: str):
@@ -81,6 +80,7 @@ def feature_match(
     """The feature term ``cfg.distill_features`` asks for, or None with the reason when the student's
     classifier inputs cannot be matched to the teacher's (no teacher, no record of which features a
     pruning kept)."""
+    from .reconstruct import in_width
     from .weights import find_classifier
 
     if teacher is None or not cfg.distill_features:
@@ -90,7 +90,7 @@ def feature_match(
     if theirs is None or type(theirs) is not type(layer):
         return None, f"the teacher has no {type(layer).__name__} called {name} to match features at"
     kept = getattr(student, KEPT_ATTRIBUTE, None)
-    width, dense = _in_width(layer), _in_width(theirs)
+    width, dense = in_width(layer), in_width(theirs)
     if kept is not None and (len(kept) != width or int(kept.max()) >= dense):
         kept = None  # a record from another pruning than the one this student came from
     if kept is None and width != dense:
@@ -98,11 +98,7 @@ def feature_match(
             f"the student's {name} reads {width} features, the teacher's {dense}, and no record says which of "
             f"them the student kept (prunekit.prune keeps one on the model)"
         )
-    return FeatureMatch(student, teacher, kept if width != dense else None), None
-
-
-def _in_width(layer: nn.Module) -> int:
-    return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+    return FeatureMatch(layer, theirs, kept if width != dense else None), None
 
 
 def with_distillation(

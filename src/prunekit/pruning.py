@@ -27,7 +27,15 @@ from .planning import (
     plan_target,
 )
 from .requests import PruneRequest
-from .surgery import SurgeryError, apply_checked, kept_channels, output_shapes, restore, snapshot
+from .surgery import (
+    KeptChannels,
+    SurgeryError,
+    apply_checked,
+    kept_channels,
+    output_shapes,
+    restore,
+    snapshot,
+)
 
 
 @dataclass
@@ -40,8 +48,9 @@ class PruneResult:
     params_before: int
     params_after: int
     latency: dict[str, Any] | None = None  # what a latency target measured
-    # for each conv/linear whose outputs were pruned, the dense channel indices it kept (for recovery)
-    kept: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the dense channel indices each pruned conv/linear kept, of its outputs (for recovery) and, in
+    # ``kept.inputs``, of its inputs (the classifier's: for distillation's feature term)
+    kept: KeptChannels = field(default_factory=lambda: KeptChannels({}, {}))
 
 
 def prune_model(

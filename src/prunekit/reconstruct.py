@@ -105,12 +105,13 @@ def readers(dense: nn.Module, pruned: nn.Module) -> list[str]:
         before = dense_modules.get(name)
         if not refittable(layer) or before is None:
             continue
-        if _in_width(layer) != _in_width(before):
+        if in_width(layer) != in_width(before):
             names.append(name)
     return names
 
 
-def _in_width(layer: nn.Module) -> int:
+def in_width(layer: nn.Module) -> int:
+    """The input channels of a conv, the input features of a linear."""
     return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
 
 
@@ -146,7 +147,7 @@ class _Rows:
             self.out_hw = (h, w)
         else:
             total = output.numel() // output.shape[-1]
-        dims = _in_width(layer) * (math.prod(layer.kernel_size) if isinstance(layer, nn.Conv2d) else 1)
+        dims = in_width(layer) * (math.prod(layer.kernel_size) if isinstance(layer, nn.Conv2d) else 1)
         want = min(max(MIN_ROWS, ROWS_PER_INPUT * dims), MAX_ROWS)
         picked = torch.randperm(total, generator=generator)[:want] if total > want else torch.arange(total)
         self.index = picked.sort().values
@@ -437,7 +438,7 @@ def removal_errors(model: nn.Module, images: torch.Tensor, seed: int = 0) -> dic
     errors: dict[nn.Module, torch.Tensor] = {}
 
     def hook(module, inputs, output):
-        width = _in_width(module) * (math.prod(module.kernel_size) if isinstance(module, nn.Conv2d) else 1)
+        width = in_width(module) * (math.prod(module.kernel_size) if isinstance(module, nn.Conv2d) else 1)
         if module in errors or width > MAX_SCORED_INPUTS:
             return
         rows = _Rows(module, output, generator)
