@@ -6,7 +6,8 @@
 Each row prunes the baseline (or, for ``dense-control``, leaves it whole), then fine-tunes it with one recipe
 (``full``, ``--epochs`` epochs, no BatchNorm recalibration, the fine-tuning seed varied). Rows are resumable:
 each finished row is appended to ``results/allocation.json`` (and committed with ``--commit``), an interrupted
-one resumes its fine-tuning. Latency is measured in a separate pass, on a quiet machine, dense and pruned
+one resumes its fine-tuning; rows of another baseline checkpoint (one trained again) are moved under
+``earlier_baselines`` first. Latency is measured in a separate pass, on a quiet machine, dense and pruned
 timed in alternation. The latency-targeted rows ask for the measured latency of the ``sensitivity`` rows (same
 allocation, a MACs budget), so they run after ``--measure`` has timed those.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import FULL_ARCHIVE, RESULTS, ROOT, machine, require, torch_pruning_uniform
+from common import FULL_ARCHIVE, RESULTS, ROOT, for_baseline, machine, require, torch_pruning_uniform
 from prunekit import api
 from prunekit.checkpoint import load_checkpoint
 from prunekit.measure import count_macs, count_params, latency
@@ -111,7 +112,7 @@ def run_row(row: str, seed: int, args: argparse.Namespace, results: dict) -> dic
     result = api.finetune_checkpoint(
         source,
         finetune,
-        recipe_name="full",
+        recipe="full",
         epochs=args.epochs,
         recalibrate=False,
         data=args.data,
@@ -244,7 +245,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.data == str(FULL_ARCHIVE):
         require(FULL_ARCHIVE)
-    results = load_results(args.results)
+    kept = ("rows", "latency", "recipe", "baseline", "machine")
+    results = for_baseline(load_results(args.results), args.baseline, kept)
+    results.setdefault("latency", {})
     results["commands"] = sorted(
         set(results.get("commands", []))
         | {
@@ -255,6 +258,7 @@ def main() -> None:
     results["recipe"] = {"finetune": "full", "epochs": args.epochs, "recalibrate": False}
     baseline = load_checkpoint(args.baseline).meta.get("metrics", {})
     results["baseline"] = {"checkpoint": str(args.baseline), "accuracy": baseline.get("test_accuracy")}
+    save_results(args.results, results, None)  # rows of an earlier baseline moved aside before any row runs
     if args.measure:
         measure(results, args.baseline, args.repeats, args.remeasure)
         args.results.with_suffix(".md").write_text(table(results))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import sys
@@ -43,6 +44,20 @@ def require(path: Path) -> Path:
     if not path.exists():
         sys.exit(f"{path} is missing: these benchmarks read CIFAR-10 from ../shared/data/")
     return path
+
+
+def for_baseline(results: dict, baseline: Path, kept: tuple[str, ...]) -> dict:
+    """``results`` for the checkpoint at ``baseline``: the ``kept`` entries of rows measured on another
+    checkpoint (a baseline trained again, on another machine, under the same path) are moved under
+    ``earlier_baselines``, so rows are only ever compared on one parent."""
+    digest = hashlib.sha256(baseline.read_bytes()).hexdigest()[:16]
+    if results.get("rows") and results.get("baseline_sha256") != digest:
+        earlier = {k: results.pop(k) for k in ("baseline_sha256", *kept) if k in results}
+        results.setdefault("earlier_baselines", []).append(earlier)
+        results["rows"] = {}
+    results.setdefault("rows", {})
+    results.update(baseline_sha256=digest)
+    return results
 
 
 def save(name: str, result: dict) -> Path:

@@ -32,7 +32,7 @@ def torch_pruning_reference(baseline: Path, data: str, epochs: int, target: floa
     result = api.finetune_checkpoint(
         out / "pruned.safetensors",
         out / "finetune",
-        recipe_name="full",
+        recipe="full",
         epochs=epochs,
         recalibrate=False,
         data=data,

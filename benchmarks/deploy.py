@@ -91,7 +91,7 @@ def main() -> None:
     if not finetuned.exists():
         resume = (RUN / f"finetune{tag}" / "checkpoint.safetensors").exists()
         api.finetune_checkpoint(
-            pruned, RUN / f"finetune{tag}", recipe_name="full", epochs=args.finetune_epochs, resume=resume
+            pruned, RUN / f"finetune{tag}", recipe="full", epochs=args.finetune_epochs, resume=resume
         )
     runs = [
         api.quantize_checkpoint(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 import prunekit
-from common import FULL_ARCHIVE, RESULTS, machine, require, torch_pruning_uniform
+from common import FULL_ARCHIVE, RESULTS, for_baseline, machine, require, torch_pruning_uniform
 from prunekit.api import calibration_batches, load_data_for, scan_batches
 from prunekit.checkpoint import load_checkpoint
 from prunekit.finetuning import recalibrate_batchnorm
@@ -53,26 +52,7 @@ def load() -> dict:
     return json.loads(OUT.read_text()) if OUT.exists() else {"rows": {}}
 
 
-def for_baseline(results: dict, baseline: Path) -> dict:
-    """``results`` for the checkpoint at ``baseline``: rows measured on another checkpoint (a baseline trained
-    again, on another machine, under the same path) are moved under ``earlier_baselines``."""
-    digest = hashlib.sha256(baseline.read_bytes()).hexdigest()[:16]
-    if results.get("rows") and results.get("baseline_sha256") != digest:
-        kept = (
-            "baseline",
-            "baseline_sha256",
-            "dense_accuracy",
-            "scan_seconds",
-            "scan_images",
-            "rows",
-            "machine",
-        )
-        earlier = {k: results.pop(k) for k in kept if k in results}
-        results.setdefault("earlier_baselines", []).append(earlier)
-        results["rows"] = {}
-    results.setdefault("rows", {})
-    results.update(baseline=str(baseline), baseline_sha256=digest)
-    return results
+RECOVERY_KEPT = ("baseline", "dense_accuracy", "scan_seconds", "scan_images", "rows", "machine")
 
 
 def write(results: dict) -> None:
@@ -138,7 +118,8 @@ def main() -> None:
     ckpt = load_checkpoint(args.baseline)
     bundle = load_data_for(ckpt.meta, args.data, None)
     test = bundle.loader("test")
-    results = for_baseline(load(), args.baseline)
+    results = for_baseline(load(), args.baseline, RECOVERY_KEPT)
+    results["baseline"] = str(args.baseline)
     if "dense_accuracy" not in results:
         results["dense_accuracy"] = evaluate(ckpt.model, test)["accuracy"]
         write(results)

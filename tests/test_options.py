@@ -161,3 +161,53 @@ def test_run_config_values_of_the_wrong_type_are_one_line_errors(tmp_path, capsy
         code = run_main(["run", "--config", str(config), "--runs-dir", str(tmp_path / "runs")])
         err = capsys.readouterr().err
         assert code == EXIT_USAGE and message in err and "Traceback" not in err, err
+
+
+# Each command's flags and the Python function behind it: a flag's dest is a keyword of that function (or a
+# field of the request it takes), so a flag can never be parsed and then dropped on its way to the core.
+def _command_functions():
+    from prunekit.commands import evaluate, export, finetune, prune, quantize, run, sensitivity, train
+    from prunekit.pipeline import RunConfig
+    from prunekit.requests import PruneRequest
+
+    return {
+        "train": (train.COMMAND, train.train, TrainConfig),
+        "evaluate": (evaluate.COMMAND, evaluate.evaluate_checkpoint, None),
+        "prune": (prune.COMMAND, prune.prune_checkpoint, PruneRequest),
+        "finetune": (finetune.COMMAND, finetune.finetune_checkpoint, None),
+        "quantize": (quantize.COMMAND, quantize.quantize_checkpoint, None),
+        "sensitivity": (sensitivity.COMMAND, sensitivity.sensitivity_checkpoint, None),
+        "export": (export.COMMAND, export.export_checkpoint, None),
+        "run": (run.COMMAND, None, RunConfig),
+    }
+
+
+# The flags that are the command line's own: the checkpoint (the functions' first argument, ``path``), the
+# run config file, and deprecated spellings kept for one release (mapped by the command's ``main``).
+CLI_ONLY = {"checkpoint", "config", "old_recalibration_images"}
+
+
+@pytest.mark.parametrize(
+    "name", ["train", "evaluate", "prune", "finetune", "quantize", "sensitivity", "export", "run"]
+)
+def test_every_flag_reaches_the_python_function_under_its_own_name(name):
+    import dataclasses
+    import inspect
+
+    command, function, request = _command_functions()[name]
+    names = set(inspect.signature(function).parameters) if function else set()
+    if request is not None:
+        names |= {f.name for f in dataclasses.fields(request)}
+    if command.name == "run":
+        names.add("resume")  # run(cfg, resume=...)
+    dropped = [f.dest for f in command.flags if f.dest not in names | CLI_ONLY]
+    assert not dropped, f"prunekit {command.name}: flags no Python keyword takes: {dropped}"
+
+
+def test_a_renamed_python_keyword_still_works_with_a_warning(tmp_path, capsys):
+    from prunekit.console import renamed_keyword
+
+    assert renamed_keyword("f", "old", "new", None, 3) == 3
+    assert capsys.readouterr().err == ""
+    assert renamed_keyword("f", "old", "new", 5, None) == 5
+    assert "f(old=) is deprecated: it is new= now" in capsys.readouterr().err

@@ -52,6 +52,15 @@ def warn(message: str) -> None:
     console.print(f"[yellow]warning:[/] {message}", highlight=False)
 
 
+def renamed_keyword(function: str, old: str, new: str, old_value, new_value):
+    """The value of keyword ``new``, or of its deprecated name ``old`` (with a warning) where only that was
+    given: a keyword renamed keeps its old name for one release."""
+    if old_value is None:
+        return new_value
+    warn(f"{function}({old}=) is deprecated: it is {new}= now")
+    return old_value if new_value is None else new_value
+
+
 def info(message: str) -> None:
     console.print(message, highlight=False)
 

@@ -14,6 +14,7 @@ from .files import atomic_write
 
 INPUT, OUTPUT = "images", "logits"  # the exported graph's tensor names
 FORMATS = ("onnx", "torchscript")
+FORMAT = "onnx"  # the default of export_checkpoint and --format
 OPSET = 17  # the ONNX opset exports are written at
 
 

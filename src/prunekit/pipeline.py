@@ -264,6 +264,7 @@ def _prune_stage(r: Run, step: int, current: Path) -> Path:
             importance=cfg.importance,
             data=cfg.data,
             data_dir=cfg.data_dir,
+            subset=cfg.subset,
             calibration=cfg.calibration,
             calibration_images=cfg.calibration_images,
             reconstruction_images=cfg.reconstruction_images,
@@ -285,7 +286,7 @@ def _finetune_stage(r: Run, step: int, pruned: Path, baseline: Path) -> Path:
         result = finetune_command.finetune_checkpoint(
             pruned,
             ft_dir,
-            recipe_name=cfg.recipe,
+            recipe=cfg.recipe,
             epochs=max(1, cfg.finetune_epochs // cfg.steps),
             lr=cfg.finetune_lr,
             freeze=cfg.freeze,
@@ -333,8 +334,10 @@ def _quantize_stage(r: Run, current: Path) -> None:
     report = quantize_command.quantize_checkpoint(
         current,
         out=r.dir / "model-int8.onnx",
-        method=cfg.calibration_method,
+        calibration_method=cfg.calibration_method,
         data=cfg.data,
+        data_dir=cfg.data_dir,
+        subset=cfg.subset,
         seed=cfg.seed,
     )
     r.complete("quantize", report)

@@ -134,8 +134,8 @@ FLAGS = [
     CHECKPOINT,
     *DATA_FLAGS,
     flag("batch_size", default=None, help="default: 500 at 32 px, 64 at 224 px"),
-    flag("latency", "--no-latency", action="store_false", help="skip the latency measurement"),
-    flag("json", type=Path, default=None, help="also write the results to this JSON file"),
+    flag("measure_latency", "--no-latency", action="store_false", help="skip the latency measurement"),
+    flag("out", "--json", type=Path, default=None, help="also write the results to this JSON file"),
     overwrite_flag("the --json file"),
 ]
 
@@ -144,9 +144,7 @@ def main(args: argparse.Namespace) -> int:
     """``prunekit eval``: the figures, printed (and kept in ``--json``)."""
     from ..printing import print_eval
 
-    return run_printed(
-        evaluate_checkpoint, print_eval, args, args.checkpoint, measure_latency=args.latency, out=args.json
-    )
+    return run_printed(evaluate_checkpoint, print_eval, args, args.checkpoint)
 
 
 COMMAND = Command("eval", "accuracy, model summary and latency of a checkpoint", FLAGS, main)

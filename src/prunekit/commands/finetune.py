@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import Checkpoint, description, load_checkpoint
-from ..console import console
+from ..console import console, renamed_keyword
 from ..errors import UsageError, arg
 from ..files import DirectoryLock
 from ..finetuning import DISTILL_BELOW, RECALIBRATION_IMAGES
@@ -36,7 +36,7 @@ from .rundir import (
 def finetune_checkpoint(
     path: str | Path,
     out: str | Path,
-    recipe_name: str | None = None,
+    recipe: str | None = None,
     epochs: int | None = None,
     lr: float | None = None,
     optimizer: str | None = None,
@@ -54,10 +54,11 @@ def finetune_checkpoint(
     device: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    recipe_name: str | None = None,
 ) -> dict[str, Any]:
     """Recalibrate BatchNorm (``recalibrate``, default True, on ``recalibration_images``, default ``RECALIBRATION_IMAGES``), then
-    fine-tune a pruned checkpoint (``recipe_name`` default: ``finetuning.default_recipe``); returns accuracy at each
-    stage. Resumed (``resume`` and an interrupted run in ``out``), any argument given (not None) that differs
+    fine-tune a pruned checkpoint (``recipe`` default: ``finetuning.default_recipe``; ``recipe_name`` is its
+    name until 0.2); returns accuracy at each stage. Resumed (``resume`` and an interrupted run in ``out``), any argument given (not None) that differs
     from the run's record is refused.
 
     ``distill`` None distils from ``teacher``, or else from the dense parent the checkpoint was pruned from,
@@ -65,9 +66,11 @@ def finetune_checkpoint(
 
     ``out`` (a directory) is locked meanwhile; one holding a run is refused unless ``resume`` or ``overwrite``.
     """
-    from ..finetuning import default_recipe, recipe
+    from ..finetuning import default_recipe
+    from ..finetuning import recipe as recipe_config
 
     out = Path(out)
+    recipe_name = renamed_keyword("finetune_checkpoint", "recipe_name", "recipe", recipe_name, recipe)
     if distill is False and teacher is not None:
         off = "--no-distill" if arg("distill").startswith("--") else "distill=False"
         raise UsageError(f"{arg('teacher')} is for distillation: it cannot go with {off}")
@@ -86,7 +89,7 @@ def finetune_checkpoint(
     else:
         source = load_checkpoint(path)
         recipe_name = recipe_name or default_recipe(source.meta.get("pruning"))
-        planned = recipe(
+        planned = recipe_config(
             recipe_name,
             epochs=epochs,
             lr=lr,
@@ -260,9 +263,7 @@ def main(args: argparse.Namespace) -> int:
     if args.resume:
         args = asked_only(args)
         args.resume = True
-    return run_printed(
-        finetune_checkpoint, _print_stages, args, args.checkpoint, out, recipe_name=args.recipe
-    )
+    return run_printed(finetune_checkpoint, _print_stages, args, args.checkpoint, out)
 
 
 def _print_stages(result: dict[str, Any]) -> None:

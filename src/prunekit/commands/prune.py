@@ -46,6 +46,7 @@ class _Settings:
     reconstruction_images: int
     data: str | None
     data_dir: str | None
+    subset: int | None
     seed: int
 
     @property
@@ -62,6 +63,7 @@ def prune_checkpoint(
     importance: str | None = None,
     data: str | None = None,
     data_dir: str | None = None,
+    subset: int | None = None,
     calibration: str = CALIBRATION,
     calibration_images: int = CALIBRATION_IMAGES,
     reconstruction_images: int = RECONSTRUCTION_IMAGES,
@@ -95,7 +97,7 @@ def prune_checkpoint(
     report_file = report_path(out)
     check_outputs([path], [out, report_file], overwrite)
     settings = _Settings(
-        importance, calibration, calibration_images, reconstruction_images, data, data_dir, seed
+        importance, calibration, calibration_images, reconstruction_images, data, data_dir, subset, seed
     )
     with DirectoryLock(out.parent):
         clean_stale_temps(out.parent)
@@ -149,7 +151,7 @@ def _pruning_images(
     scans = request.allocation == "sensitivity" and request.sensitivity is None
     needs_data = settings.scores_on_data or scans or request.reconstruct or spreads_by_default
     # loaded once for all of them
-    bundle = load_data_for(meta, settings.data, settings.data_dir) if needs_data else None
+    bundle = load_data_for(meta, settings.data, settings.data_dir, settings.subset) if needs_data else None
     _resolve_allocation(request, len(bundle.train) if bundle is not None else 0)
     scans = request.allocation == "sensitivity" and request.sensitivity is None
     batches = refit = None

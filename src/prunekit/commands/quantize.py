@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import load_checkpoint
-from ..console import stages
+from ..console import stages, warn
 from ..errors import UsageError, arg
 from ..files import DirectoryLock, check_outputs
 from ..options import SEED, Command, flag, validate_given
@@ -27,14 +27,16 @@ def quantize_checkpoint(
     path: str | Path,
     out: str | Path | None = None,
     calibration_images: int = CALIBRATION_IMAGES,
-    method: str = CALIBRATION_METHOD,
+    calibration_method: str = CALIBRATION_METHOD,
     keep_fp32: list[str] | None = None,
     remedies: bool = True,
     data: str | None = None,
     data_dir: str | None = None,
+    subset: int | None = None,
     threads: int | None = None,
     seed: int = SEED,
     overwrite: bool = False,
+    method: str | None = None,
 ) -> dict[str, Any]:
     """Static int8 quantization of a checkpoint in ONNX Runtime, calibrated on training images; measures
     dense fp32 -> model fp32 -> model int8 (accuracy, size on disk, ORT latency at batch 1 and 64).
@@ -46,7 +48,10 @@ def quantize_checkpoint(
     from ..deploy import require_onnxruntime
 
     require_onnxruntime()
-    validate_given({"calibration_method": method, "calibration_images": calibration_images})
+    if method is not None:  # its name until 0.2
+        warn("quantize_checkpoint(method=) is deprecated: it is calibration_method= now")
+        calibration_method = method
+    validate_given({"calibration_method": calibration_method, "calibration_images": calibration_images})
     ckpt = load_checkpoint(path)
     meta, model = ckpt.meta, ckpt.model.eval()
     out = default_output(path, out, "-int8.onnx")
@@ -55,11 +60,12 @@ def quantize_checkpoint(
     check_outputs([path], [out, out.with_suffix(".json")], overwrite)
     asked = _Int8Ask(
         calibration_images=calibration_images,
-        method=method,
+        method=calibration_method,
         keep_fp32=list(keep_fp32 or []),
         remedies=remedies,
         data=data,
         data_dir=data_dir,
+        subset=subset,
         threads=threads,
         seed=seed,
     )
@@ -78,6 +84,7 @@ class _Int8Ask:
     remedies: bool
     data: str | None = None
     data_dir: str | None = None
+    subset: int | None = None
     threads: int | None = None
     seed: int = SEED
 
@@ -92,7 +99,7 @@ def _quantize(
     from ..deploy import ort_accuracy, session, write_onnx
     from ..files import atomic_write, write_json
 
-    bundle = load_data_for(meta, asked.data, asked.data_dir)
+    bundle = load_data_for(meta, asked.data, asked.data_dir, asked.subset)
     batch = 32
     available = min(asked.calibration_images, len(bundle.train))
     if available < batch:
@@ -229,9 +236,7 @@ def main(args: argparse.Namespace) -> int:
     """``prunekit quantize``: the int8 model written, its table printed."""
     from ..printing import print_quantize
 
-    return run_printed(
-        quantize_checkpoint, print_quantize, args, args.checkpoint, method=args.calibration_method
-    )
+    return run_printed(quantize_checkpoint, print_quantize, args, args.checkpoint)
 
 
 COMMAND = Command("quantize", "int8 post-training quantization in ONNX Runtime, measured", FLAGS, main)

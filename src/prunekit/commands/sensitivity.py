@@ -22,30 +22,36 @@ def sensitivity_checkpoint(
     out: str | Path | None = None,
     ratios: tuple[float, ...] | None = None,
     images: int | None = None,
-    calibration_images: int | None = None,
+    recalibration_images: int | None = None,
     importance: str = NETWORK_WIDE,
     data: str | None = None,
     data_dir: str | None = None,
+    subset: int | None = None,
     seed: int = SEED,
     overwrite: bool = False,
+    calibration_images: int | None = None,
 ) -> dict[str, Any]:
     """Sensitivity scan of a checkpoint on held-out training images; writes ``out`` (JSON) and a PNG beside it.
-    ``images`` and ``calibration_images`` default to ``SCAN_IMAGES`` and ``SCAN_CALIBRATION_IMAGES``, both
-    shrunk to finish in about ``SCAN_SECONDS``; counts given are used as they are."""
+    ``images`` and ``recalibration_images`` (BatchNorm re-estimation after each try) default to
+    ``SCAN_IMAGES`` and ``SCAN_CALIBRATION_IMAGES``, both shrunk to finish in about ``SCAN_SECONDS``; counts
+    given are used as they are. ``calibration_images`` is ``recalibration_images``' name until 0.2."""
     from ..files import write_json
     from ..sensitivity import SCAN_SECONDS, plot, scan
 
-    seconds = SCAN_SECONDS if images is None and calibration_images is None else None
+    if calibration_images is not None:
+        warn("sensitivity_checkpoint(calibration_images=) is deprecated: it is recalibration_images= now")
+        recalibration_images = recalibration_images or calibration_images
+    seconds = SCAN_SECONDS if images is None and recalibration_images is None else None
     ratios = tuple(ratios or RATIOS)
     images = SCAN_IMAGES if images is None else images
-    calibration_images = SCAN_CALIBRATION_IMAGES if calibration_images is None else calibration_images
-    validate({"images": images, "calibration_images": calibration_images})
+    recalibration_images = SCAN_CALIBRATION_IMAGES if recalibration_images is None else recalibration_images
+    validate({"images": images, "recalibration_images": recalibration_images})
     out = default_output(path, out, "-sensitivity.json")
     check_outputs([path], [out, out.with_suffix(".png")], overwrite)
     ckpt = load_checkpoint(path)
     meta = ckpt.meta
-    bundle = load_data_for(meta, data, data_dir)
-    held_out, calibration = scan_batches(bundle, images, calibration_images, seed)
+    bundle = load_data_for(meta, data, data_dir, subset)
+    held_out, calibration = scan_batches(bundle, images, recalibration_images, seed)
     size = meta["input_size"]
     with DirectoryLock(out.parent):
         result = scan(
@@ -90,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
         args,
         args.checkpoint,
         ratios=parse_ratios(args.ratios),
-        calibration_images=recalibration,
+        recalibration_images=recalibration,
     )
 
 
