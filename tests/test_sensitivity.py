@@ -271,3 +271,17 @@ def test_the_default_allocation_follows_the_images_at_hand(trained, tmp_path, ca
     )
     assert _run_request({"target_macs": 0.5}).allocation is None  # resolved where the data is loaded
     assert _run_request({"target_macs": 0.5, "allocation": "uniform"}).allocation == "uniform"
+
+
+def test_a_time_capped_scan_picks_the_same_images_on_a_busier_machine():
+    from prunekit.sensitivity import _fitted_counts
+
+    suffix = [1.0, 0.8, 0.5]  # what each try runs of the model
+    counts = {
+        _fitted_counts((1000, 512), per_image, suffix, ratios=3, per_try=0.5, seconds=240.0)
+        for per_image in (0.050, 0.055, 0.060)  # one machine's timings, up to 20 % apart under load
+    }
+    assert len(counts) == 1, counts
+    (held_out, calibration), *_ = counts
+    assert held_out < 1000 and calibration < 512  # the cap applied
+    assert held_out & (held_out - 1) == 0 and calibration & (calibration - 1) == 0  # powers of two

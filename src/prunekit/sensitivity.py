@@ -355,12 +355,18 @@ def _fitted_counts(
     per_try: float,
     seconds: float,
 ) -> tuple[int, int]:
-    """Both image counts scaled alike so the scan's estimate fits ``seconds`` (never below
-    ``MIN_SCAN_IMAGES`` each where that many are offered)."""
+    """Both image counts scaled alike so the scan's estimate fits ``seconds``, each rounded down to a power
+    of two (never below ``MIN_SCAN_IMAGES`` where that many are offered): timings move with the machine's
+    load, and without the rounding a busier run scanned on other images and planned another model (37
+    against 39 scoring images on the few-shot EfficientNet-Lite1, benchmarks/results/fewshot.json)."""
     tries = per_try * len(suffix) * ratios
     data = _estimate(per_image, offered, suffix, ratios, 0.0)
     scale = max(seconds - tries, 0.0) / max(data, 1e-9)
-    return tuple(min(n, max(MIN_SCAN_IMAGES, int(n * scale))) for n in offered)  # type: ignore[return-value]
+    return tuple(min(n, _power_of_two_below(max(MIN_SCAN_IMAGES, int(n * scale)))) for n in offered)  # type: ignore[return-value]
+
+
+def _power_of_two_below(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
 
 
 def _first(batches: Sequence[Any], n: int) -> list[Any]:
