@@ -21,6 +21,7 @@ import torch
 
 import prunekit
 from common import FULL_ARCHIVE, RESULTS, for_baseline, machine, require, torch_pruning_uniform
+from prunekit import reconstruct
 from prunekit.api import calibration_batches, load_data_for, scan_batches
 from prunekit.checkpoint import load_checkpoint
 from prunekit.finetuning import recalibrate_batchnorm
@@ -34,8 +35,9 @@ OUT = RESULTS / "recovery.json"
 
 
 def rows() -> list[str]:
-    """``torch-pruning-T``, and ``ALLOCATION[+recovery[+bn]][/CRITERION]-T`` (criterion l2 unless named;
-    ``+bn``: BatchNorm statistics re-estimated on the same images after the re-fit)."""
+    """``torch-pruning-T``, and ``ALLOCATION[+recovery[+bn|+plainsums]][/CRITERION]-T`` (criterion l2 unless
+    named; ``+bn``: BatchNorm statistics re-estimated on the same images after the re-fit; ``+plainsums``:
+    layers writing into residual sums fitted to their own outputs, not to the sums)."""
     names = []
     for target in TARGETS:
         names.append(f"torch-pruning-{target}")
@@ -43,6 +45,8 @@ def rows() -> list[str]:
             names += [f"{allocation}-{target}", f"{allocation}+recovery-{target}"]
             names.append(f"{allocation}+recovery+bn-{target}")  # BatchNorm re-estimated after the re-fit
             names.append(f"{allocation}+recovery/group-l2-{target}")
+            # every layer fitted to its own dense output, residual sums too (recovery before 2026-12-06)
+            names.append(f"{allocation}+recovery+plainsums/group-l2-{target}")
         # the same scan, its curves read as points of accuracy instead of divergence from the dense model
         names.append(f"sensitivity(accuracy)+recovery-{target}")
     return names
@@ -72,19 +76,23 @@ def prune_row(row: str, dense: torch.nn.Module, context: dict) -> tuple[torch.nn
         recalibrate_batchnorm(model, images)
         return model, {**info, "seconds": time.perf_counter() - start}
     kind, _, criterion = kind.partition("/")
-    allocation, _, recovery = kind.partition("+")
+    allocation, *steps = kind.split("+")
     model = copy.deepcopy(dense)
-    report = prunekit.prune(
-        model,
-        torch.zeros(1, 3, 32, 32),
-        target_macs=TARGETS[target],
-        allocation=allocation.partition("(")[0],
-        sensitivity=read_as(context["scan"], allocation),
-        calibration=images,
-        importance=criterion or "l2",
-        reconstruct=bool(recovery),
-    )
-    if recovery != "recovery":  # recalibration only, or after the re-fit (+bn)
+    reconstruct.SHORTCUTS = "plainsums" not in steps  # +plainsums: each layer fitted to its own output
+    try:
+        report = prunekit.prune(
+            model,
+            torch.zeros(1, 3, 32, 32),
+            target_macs=TARGETS[target],
+            allocation=allocation.partition("(")[0],
+            sensitivity=read_as(context["scan"], allocation),
+            calibration=images,
+            importance=criterion or "l2",
+            reconstruct="recovery" in steps,
+        )
+    finally:
+        reconstruct.SHORTCUTS = True
+    if "recovery" not in steps or "bn" in steps:  # recalibration only, or after the re-fit (+bn)
         recalibrate_batchnorm(model, images)
     info = {"macs_ratio": report.macs_ratio, "seconds": time.perf_counter() - start}
     if report.reconstruction:

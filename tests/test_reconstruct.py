@@ -318,3 +318,77 @@ def test_recovery_reports_its_batchnorm_choice_on_images_no_regression_fitted():
     choice = report.reconstruction["batchnorm"]
     assert choice["chosen"] in ("kept", "re-estimated")
     assert choice["images"] == sum(len(b) for b in CALIBRATION) // 5
+
+
+class TwoBlockNet(nn.Module):
+    """Two inverted-residual blocks on one residual stream; the second block's projection is a conv that
+    pads in its own forward (as EfficientNet's TensorFlow port does)."""
+
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.expand1, self.bn1 = nn.Conv2d(16, 64, 1, bias=False), nn.BatchNorm2d(64)
+        self.project1, self.bn2 = nn.Conv2d(64, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.expand2, self.bn3 = nn.Conv2d(16, 64, 1, bias=False), nn.BatchNorm2d(64)
+        self.project2, self.bn4 = StaticSamePaddingConv(64, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        x = x + self.bn2(self.project1(F.relu(self.bn1(self.expand1(x)))))
+        x = x + self.bn4(self.project2(F.relu(self.bn3(self.expand2(x)))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_the_layers_writing_into_residual_sums_are_found_with_their_shortcuts():
+    """torchvision's ResNet adds its downsample shortcut after the main branch, so there the downsample
+    conv is the one fitted to the sum; a conv subclass that pads in its forward is still one layer."""
+    import torchvision
+
+    from prunekit.shortcuts import shortcut_sums
+
+    _, sums = shortcut_sums(torchvision.models.resnet18())
+    assert sums["layer1.0.conv2"].norm == "layer1.0.bn2"
+    assert sums["layer2.0.downsample.0"].norm == "layer2.0.downsample.1"
+    assert "layer2.0.conv2" not in sums and "layer1.0.conv1" not in sums
+    _, sums = shortcut_sums(torchvision.models.mobilenet_v2())
+    assert "features.3.conv.2" in sums and "features.2.conv.2" not in sums  # features.2 has no shortcut
+    traced, sums = shortcut_sums(model_of(TwoBlockNet))
+    assert set(sums) == {"project1", "project2"} and sums["project2"].norm == "bn4"
+    x = smooth_images(4, seed=7)
+    torch.testing.assert_close(traced(x), model_of(TwoBlockNet)(x))
+
+
+def residual_stream(model: TwoBlockNet, x: torch.Tensor) -> torch.Tensor:
+    """The residual stream after block 2 (what the head pools)."""
+    stream = F.relu(outputs(model, "bn0", x))
+    return stream + outputs(model, "bn2", x) + outputs(model, "bn4", x)
+
+
+def test_fitting_to_the_dense_sum_corrects_the_error_the_shortcut_brings():
+    """With the residual stream pruned, the stream's error after block 1 reaches block 2 through its
+    shortcut: fitted to the dense sum, block 2's projection makes up part of it, on images it never saw."""
+    import prunekit.core as core
+    from prunekit.reconstruct import reconstruct
+
+    dense, captured = model_of(TwoBlockNet), {}
+    real = core.refit_readers
+
+    def capture(d, pruned, kept, images, seed=0):
+        captured.update(pruned=copy.deepcopy(pruned), kept=kept, images=images)
+        return real(d, pruned, kept, images, seed=seed)
+
+    core.refit_readers = capture
+    try:
+        prune_global(copy.deepcopy(dense), 0.5, reconstruct=True)
+    finally:
+        core.refit_readers = real
+    kept = captured["kept"]["project2"]
+    assert len(kept) < 16  # the stream was pruned
+    want = residual_stream(dense, HELD_OUT)[:, kept]  # block 2's sum, on the channels kept
+    errors = {}
+    for shortcuts in (False, True):
+        model = copy.deepcopy(captured["pruned"])
+        reconstruct(dense, model, captured["kept"], captured["images"], shortcuts=shortcuts)
+        errors[shortcuts] = relative_error(residual_stream(model, HELD_OUT), want)
+    assert errors[True] < errors[False], errors

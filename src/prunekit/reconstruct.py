@@ -6,7 +6,9 @@ pruning with weight reconstruction: for each reader, least squares of the dense 
 layer's inputs, over the kept input channels (and the bias), with a small ridge term that pulls the solution
 towards the surgery's weights where the images do not determine it. Readers are solved in forward order, and
 each sees the inputs of the *pruned* model with every earlier reader already re-fitted, so the errors of one
-layer are corrected by the next instead of piling up. A depthwise conv reads each channel alone: pruning a
+layer are corrected by the next instead of piling up; a layer that writes into a residual sum is fitted so
+that the *sum* matches the dense one, which also corrects the error its shortcut carries in
+(``prunekit.shortcuts``). A depthwise conv reads each channel alone: pruning a
 channel removes its filter and there is nothing to re-fit, so the conv after it is re-fitted instead.
 
 BatchNorm statistics are then kept or re-estimated, whichever leaves the pruned model's predictions closer
@@ -45,6 +47,10 @@ ROWS_PER_INPUT = 8  # regression rows sampled per input dimension of a reader ..
 MIN_ROWS, MAX_ROWS = 4096, 32768  # ... within these bounds (all rows when the images hold fewer)
 CHUNK_ROWS = 4096  # rows gathered at once while accumulating a Gram matrix
 MEMORY_BUDGET = 6 * 2**30  # bytes of activations one pass may hold (the images go through as one batch)
+# A layer writing into a residual sum is fitted to the dense sum, not to its own output: on the few-shot
+# EfficientNet-Lite1 it kept 56.90 % of the held-out images before fine-tuning against 56.10 % (and a
+# lower divergence from the dense model either way the BatchNorm statistics went).
+SHORTCUTS = True
 
 
 @dataclass
@@ -289,12 +295,14 @@ def reconstruct(
     kept_outputs: dict[str, torch.Tensor],
     images: torch.Tensor | Sequence[torch.Tensor],
     seed: int = 0,
+    shortcuts: bool | None = None,
 ) -> ReconstructionReport:
     """Re-fit every layer of ``pruned`` that reads pruned channels to ``dense``'s outputs on ``images``.
 
     ``kept_outputs``: for each layer whose own outputs were pruned, the dense channel indices it kept.
     ``images`` are unlabelled input batches; they pass both models as one batch (as many as fit in
-    ``MEMORY_BUDGET``). ``pruned`` is changed in place; ``dense`` is not.
+    ``MEMORY_BUDGET``). ``pruned`` is changed in place; ``dense`` is not. ``shortcuts`` (default
+    ``SHORTCUTS``) fits a layer that writes into a residual sum to the dense sum (``prunekit.shortcuts``).
     """
     try:
         every = images if isinstance(images, torch.Tensor) else torch.cat(list(images))
@@ -317,15 +325,16 @@ def reconstruct(
     generator = torch.Generator().manual_seed(seed)
     rows: dict[str, _Rows] = {}
     targets: dict[str, torch.Tensor] = {}
+    sums = _Sums(dense, pruned, names) if (SHORTCUTS if shortcuts is None else shortcuts) else _Sums.none()
 
     def record(name: str):
         def hook(module, _inputs, output):
             if name in targets:  # a layer called twice is fitted to its first call
                 return
             rows[name] = _Rows(module, output, generator)
-            y = rows[name].outputs(output)
             kept = kept_outputs.get(name)
-            targets[name] = y[:, kept] if kept is not None else y
+            targets[name] = _kept(rows[name].outputs(output), kept)
+            sums.record_dense(name, rows[name], kept)
 
         return hook
 
@@ -335,7 +344,8 @@ def reconstruct(
                 return
             done.add(name)
             bar.update(task, info=name)
-            report.layers.append(_refit_layer(name, module, inputs[0], rows[name], targets.pop(name)))
+            y = sums.target(name, rows[name], targets.pop(name), pruned_modules)
+            report.layers.append(_refit_layer(name, module, inputs[0], rows[name], y))
             bar.update(task, advance=1)
 
         return pre_hook
@@ -345,9 +355,11 @@ def reconstruct(
     done: set[str] = set()
     with progress_bar() as bar:
         task = bar.add_task("recovery", total=len(names) + 1, info="dense outputs")
-        _run_with_hooks(dense, x, {dense_modules[n]: record(n) for n in names}, pre=False)
+        hooks = {dense_modules[n]: record(n) for n in names}
+        _run_with_hooks(dense, x, hooks, pre=False, run=sums.runner(dense=True))
         bar.update(task, advance=1)
-        _run_with_hooks(pruned, x, {pruned_modules[n]: refit(n) for n in names}, pre=True)
+        hooks = {pruned_modules[n]: refit(n) for n in names}
+        _run_with_hooks(pruned, x, hooks, pre=True, run=sums.runner(dense=False))
     report.batchnorm = settle_batchnorm(dense, pruned, *_check_split(every, len(x)), batch=len(x))
     report.seconds = time.perf_counter() - report.started
     return report
@@ -474,10 +486,65 @@ def _channel_errors(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     return (total - lam * (w**2).sum((0, 2))).clamp_min(0).float()
 
 
-def _run_with_hooks(model: nn.Module, x: torch.Tensor, hooks: dict[nn.Module, Any], pre: bool) -> None:
+def _kept(y: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
+    return y[:, kept] if kept is not None else y
+
+
+class _Sums:
+    """The residual sums the re-fitted layers write into (``prunekit.shortcuts``): the shortcut's values
+    recorded in each pass, and each such layer's target moved by the shortcut's error."""
+
+    def __init__(self, dense: nn.Module | None, pruned: nn.Module | None, names: Sequence[str]):
+        from .shortcuts import shortcut_sums
+
+        self.dense_traced, found = shortcut_sums(dense) if dense is not None else (None, {})
+        self.sums = {n: s for n, s in found.items() if n in names}
+        self.pruned_traced = shortcut_sums(pruned)[0] if self.sums else None
+        if self.pruned_traced is None:
+            self.sums = {}
+        self.values: dict[str, torch.Tensor] = {}  # shortcut node -> its value in the pass running
+        self.dense_shortcut: dict[str, torch.Tensor] = {}  # layer -> the dense shortcut at its rows
+
+    @classmethod
+    def none(cls) -> _Sums:
+        return cls(None, None, ())
+
+    def runner(self, dense: bool) -> Any:
+        """How a pass runs the model: through the traced graph, recording the shortcuts, where there are
+        sums; else None (the model itself)."""
+        if not self.sums:
+            return None
+        from .shortcuts import run_recording
+
+        traced = self.dense_traced if dense else self.pruned_traced
+        wanted = {s.shortcut for s in self.sums.values()}
+        self.values = {}
+        return lambda x: run_recording(traced, x, wanted, self.values)
+
+    def record_dense(self, name: str, rows: _Rows, kept: torch.Tensor | None) -> None:
+        if name in self.sums:
+            self.dense_shortcut[name] = _kept(rows.outputs(self.values[self.sums[name].shortcut]), kept)
+
+    def target(self, name: str, rows: _Rows, y: torch.Tensor, modules: dict[str, nn.Module]) -> torch.Tensor:
+        """``y`` (the dense layer's output), or for a layer writing into a sum, what makes the sum the
+        dense one: ``y + (s_dense - s_pruned) / a``."""
+        if name not in self.sums:
+            return y
+        from .shortcuts import batchnorm_scale
+
+        total = self.sums[name]
+        error = self.dense_shortcut.pop(name) - rows.outputs(self.values[total.shortcut])
+        scale = batchnorm_scale(modules[total.norm])
+        safe = torch.where(scale < 0, -1.0, 1.0) * scale.abs().clamp_min(1e-6)  # a dead channel: no blow-up
+        return y + error / safe
+
+
+def _run_with_hooks(
+    model: nn.Module, x: torch.Tensor, hooks: dict[nn.Module, Any], pre: bool, run: Any = None
+) -> None:
     register = (
         (lambda m, h: m.register_forward_pre_hook(h)) if pre else (lambda m, h: m.register_forward_hook(h))
     )
     handles = [register(m, h) for m, h in hooks.items()]
     with eval_mode(model, handles):
-        model(x)
+        (run or model)(x)
