@@ -9,7 +9,8 @@ python benchmarks/fewshot.py [--seeds 0,1,2] [--rows prunekit-distill,torch-prun
 (prunekit: `prunekit.prune` with its defaults given the 512 unlabelled calibration images, which means
 a sensitivity scan of them and recovery (global allocation before 2026-12-04); -distill: fine-tuned with
 the dense parent as teacher; also prunekit-uniform|-sensitivity|-global[-distill]: that allocation; -refit / -group-l2 / -l2 name the importance criterion instead of the default;
--norecon: BatchNorm recalibration instead of recovery)
+-norecon: BatchNorm recalibration instead of recovery; -plainsums: recovery fitting every layer to its own
+output, residual sums included, as before 2026-12-06)
 
 python benchmarks/fewshot.py --no-finetune --rows prunekit,prunekit-refit,torch-pruning
 only prunes (and recovers) each row and tests it: no label and no gradient step (`no_finetuning`).
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 
 import prunekit
 from common import FULL_ARCHIVE, RESULTS, machine, require
+from prunekit import reconstruct
 from prunekit.data import load_data
 from prunekit.measure import count_macs, evaluate, latency
 
@@ -233,15 +235,19 @@ def pruned(row: str, dense: torch.nn.Module, calibration: list) -> tuple[torch.n
     else:
         allocation = next((a for a in ALLOCATIONS if f"-{a}" in row), None)
         importance = next((c for c in ("refit", "group-l2", "l2") if f"-{c}" in row), None)
-        prunekit.prune(
-            model,
-            EXAMPLE,
-            target_macs=0.5,
-            allocation=allocation,
-            importance=importance,
-            calibration=calibration,
-            reconstruct=False if "-norecon" in row else None,
-        )
+        reconstruct.SHORTCUTS = "-plainsums" not in row
+        try:
+            prunekit.prune(
+                model,
+                EXAMPLE,
+                target_macs=0.5,
+                allocation=allocation,
+                importance=importance,
+                calibration=calibration,
+                reconstruct=False if "-norecon" in row else None,
+            )
+        finally:
+            reconstruct.SHORTCUTS = True
         if "-norecon" in row:
             prunekit.recalibrate_bn(model, calibration)
     return model, time.perf_counter() - start

@@ -38,6 +38,7 @@ from .batchnorm import batchnorms, recalibrate_batchnorm
 from .divergence import kl_from_dense
 from .errors import UsageError, arg
 from .modes import eval_mode
+from .shortcuts import ShortcutTargets, select_kept
 
 # Ridge terms tried, relative to the mean diagonal of the inputs' Gram matrix: each reader takes the one with
 # the lowest error on the images held out of its fit (every fifth), then is solved again on all of them.
@@ -47,9 +48,8 @@ ROWS_PER_INPUT = 8  # regression rows sampled per input dimension of a reader ..
 MIN_ROWS, MAX_ROWS = 4096, 32768  # ... within these bounds (all rows when the images hold fewer)
 CHUNK_ROWS = 4096  # rows gathered at once while accumulating a Gram matrix
 MEMORY_BUDGET = 6 * 2**30  # bytes of activations one pass may hold (the images go through as one batch)
-# A layer writing into a residual sum is fitted to the dense sum, not to its own output: on the few-shot
-# EfficientNet-Lite1 it kept 56.90 % of the held-out images before fine-tuning against 56.10 % (and a
-# lower divergence from the dense model either way the BatchNorm statistics went).
+# A layer writing into a residual sum is fitted to the dense sum, not to its own output (benchmarks/results:
+# the -plainsums rows of fewshot.json and +plainsums rows of recovery.json measure without it).
 SHORTCUTS = True
 
 
@@ -325,7 +325,7 @@ def reconstruct(
     generator = torch.Generator().manual_seed(seed)
     rows: dict[str, _Rows] = {}
     targets: dict[str, torch.Tensor] = {}
-    sums = _Sums(dense, pruned, names) if (SHORTCUTS if shortcuts is None else shortcuts) else _Sums.none()
+    sums = ShortcutTargets(dense, pruned, names, SHORTCUTS if shortcuts is None else shortcuts)
 
     def record(name: str):
         def hook(module, _inputs, output):
@@ -333,7 +333,7 @@ def reconstruct(
                 return
             rows[name] = _Rows(module, output, generator)
             kept = kept_outputs.get(name)
-            targets[name] = _kept(rows[name].outputs(output), kept)
+            targets[name] = select_kept(rows[name].outputs(output), kept)
             sums.record_dense(name, rows[name], kept)
 
         return hook
@@ -484,59 +484,6 @@ def _channel_errors(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     # the ridge on the weights that moved), as ``solve`` would leave it
     total = torch.einsum("oci,cij,ocj->c", w, torch.linalg.inv(blocks), w)
     return (total - lam * (w**2).sum((0, 2))).clamp_min(0).float()
-
-
-def _kept(y: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
-    return y[:, kept] if kept is not None else y
-
-
-class _Sums:
-    """The residual sums the re-fitted layers write into (``prunekit.shortcuts``): the shortcut's values
-    recorded in each pass, and each such layer's target moved by the shortcut's error."""
-
-    def __init__(self, dense: nn.Module | None, pruned: nn.Module | None, names: Sequence[str]):
-        from .shortcuts import shortcut_sums
-
-        self.dense_traced, found = shortcut_sums(dense) if dense is not None else (None, {})
-        self.sums = {n: s for n, s in found.items() if n in names}
-        self.pruned_traced = shortcut_sums(pruned)[0] if self.sums else None
-        if self.pruned_traced is None:
-            self.sums = {}
-        self.values: dict[str, torch.Tensor] = {}  # shortcut node -> its value in the pass running
-        self.dense_shortcut: dict[str, torch.Tensor] = {}  # layer -> the dense shortcut at its rows
-
-    @classmethod
-    def none(cls) -> _Sums:
-        return cls(None, None, ())
-
-    def runner(self, dense: bool) -> Any:
-        """How a pass runs the model: through the traced graph, recording the shortcuts, where there are
-        sums; else None (the model itself)."""
-        if not self.sums:
-            return None
-        from .shortcuts import run_recording
-
-        traced = self.dense_traced if dense else self.pruned_traced
-        wanted = {s.shortcut for s in self.sums.values()}
-        self.values = {}
-        return lambda x: run_recording(traced, x, wanted, self.values)
-
-    def record_dense(self, name: str, rows: _Rows, kept: torch.Tensor | None) -> None:
-        if name in self.sums:
-            self.dense_shortcut[name] = _kept(rows.outputs(self.values[self.sums[name].shortcut]), kept)
-
-    def target(self, name: str, rows: _Rows, y: torch.Tensor, modules: dict[str, nn.Module]) -> torch.Tensor:
-        """``y`` (the dense layer's output), or for a layer writing into a sum, what makes the sum the
-        dense one: ``y + (s_dense - s_pruned) / a``."""
-        if name not in self.sums:
-            return y
-        from .shortcuts import batchnorm_scale
-
-        total = self.sums[name]
-        error = self.dense_shortcut.pop(name) - rows.outputs(self.values[total.shortcut])
-        scale = batchnorm_scale(modules[total.norm])
-        safe = torch.where(scale < 0, -1.0, 1.0) * scale.abs().clamp_min(1e-6)  # a dead channel: no blow-up
-        return y + error / safe
 
 
 def _run_with_hooks(

@@ -10,6 +10,7 @@ BatchNorm's scale in eval mode). Found with ``torch.fx``; a model it cannot trac
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,3 +91,49 @@ def run_recording(traced: Any, x: torch.Tensor, wanted: set[str], store: dict[st
             return value
 
     Recorder(traced).run(x)
+
+
+def select_kept(y: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
+    """The columns (channels) of ``y`` that ``kept`` names; all of them for None."""
+    return y[:, kept] if kept is not None else y
+
+
+class ShortcutTargets:
+    """Recovery's targets for the layers that write into residual sums: the shortcuts' values recorded in
+    each pass (through the traced graphs), and each such layer's target moved by its shortcut's error.
+    ``rows`` are recovery's sampled output positions of a layer (``outputs(tensor)``: rows x channels)."""
+
+    def __init__(self, dense: nn.Module, pruned: nn.Module, layers: Sequence[str], enabled: bool = True):
+        self.dense_traced, found = shortcut_sums(dense) if enabled else (None, {})
+        self.sums = {n: s for n, s in found.items() if n in layers}
+        self.pruned_traced = shortcut_sums(pruned)[0] if self.sums else None
+        if self.pruned_traced is None:
+            self.sums = {}
+        self.values: dict[str, torch.Tensor] = {}  # shortcut node -> its value in the pass running
+        self.dense_shortcut: dict[str, torch.Tensor] = {}  # layer -> the dense shortcut at its rows
+
+    def runner(self, dense: bool) -> Any:
+        """How a pass runs the model: through the traced graph, recording the shortcuts, where there are
+        sums; else None (the model itself)."""
+        if not self.sums:
+            return None
+        traced = self.dense_traced if dense else self.pruned_traced
+        wanted = {s.shortcut for s in self.sums.values()}
+        self.values = {}
+        return lambda x: run_recording(traced, x, wanted, self.values)
+
+    def record_dense(self, name: str, rows: Any, kept: torch.Tensor | None) -> None:
+        """In the dense pass: the shortcut of layer ``name`` at its rows, on the channels it keeps."""
+        if name in self.sums:
+            self.dense_shortcut[name] = select_kept(rows.outputs(self.values[self.sums[name].shortcut]), kept)
+
+    def target(self, name: str, rows: Any, y: torch.Tensor, modules: dict[str, nn.Module]) -> torch.Tensor:
+        """In the pruned pass: ``y`` (the dense layer's output), or for a layer writing into a sum, what
+        makes the sum the dense one: ``y + (s_dense - s_pruned) / a``."""
+        if name not in self.sums:
+            return y
+        total = self.sums[name]
+        error = self.dense_shortcut.pop(name) - rows.outputs(self.values[total.shortcut])
+        scale = batchnorm_scale(modules[total.norm])
+        safe = torch.where(scale < 0, -1.0, 1.0) * scale.abs().clamp_min(1e-6)  # a dead channel: no blow-up
+        return y + error / safe
