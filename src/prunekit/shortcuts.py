@@ -10,6 +10,7 @@ BatchNorm's scale in eval mode). Found with ``torch.fx``; a model it cannot trac
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +111,7 @@ class ShortcutTargets:
         if self.pruned_traced is None:
             self.sums = {}
         self.values: dict[str, torch.Tensor] = {}  # shortcut node -> its value in the pass running
+        self.uses: Counter[str] = Counter()  # shortcut node -> layers yet to read it in this pass
         self.dense_shortcut: dict[str, torch.Tensor] = {}  # layer -> the dense shortcut at its rows
 
     def runner(self, dense: bool) -> Any:
@@ -118,14 +120,24 @@ class ShortcutTargets:
         if not self.sums:
             return None
         traced = self.dense_traced if dense else self.pruned_traced
-        wanted = {s.shortcut for s in self.sums.values()}
+        self.uses = Counter(s.shortcut for s in self.sums.values())
         self.values = {}
-        return lambda x: run_recording(traced, x, wanted, self.values)
+        return lambda x: run_recording(traced, x, set(self.uses), self.values)
+
+    def _read(self, name: str, rows: Any) -> torch.Tensor:
+        """Layer ``name``'s shortcut at its rows; a whole shortcut tensor is let go once read by every layer
+        that reads it (at 224 px a ResNet-50's shortcuts hold gigabytes)."""
+        node = self.sums[name].shortcut
+        value = rows.outputs(self.values[node])
+        self.uses[node] -= 1
+        if not self.uses[node]:
+            del self.values[node]
+        return value
 
     def record_dense(self, name: str, rows: Any, kept: torch.Tensor | None) -> None:
         """In the dense pass: the shortcut of layer ``name`` at its rows, on the channels it keeps."""
         if name in self.sums:
-            self.dense_shortcut[name] = select_kept(rows.outputs(self.values[self.sums[name].shortcut]), kept)
+            self.dense_shortcut[name] = select_kept(self._read(name, rows), kept)
 
     def target(self, name: str, rows: Any, y: torch.Tensor, modules: dict[str, nn.Module]) -> torch.Tensor:
         """In the pruned pass: ``y`` (the dense layer's output), or for a layer writing into a sum, what
@@ -133,7 +145,7 @@ class ShortcutTargets:
         if name not in self.sums:
             return y
         total = self.sums[name]
-        error = self.dense_shortcut.pop(name) - rows.outputs(self.values[total.shortcut])
+        error = self.dense_shortcut.pop(name) - self._read(name, rows)
         scale = batchnorm_scale(modules[total.norm])
         safe = torch.where(scale < 0, -1.0, 1.0) * scale.abs().clamp_min(1e-6)  # a dead channel: no blow-up
         return y + error / safe
