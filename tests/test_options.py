@@ -211,3 +211,4 @@ def test_a_renamed_python_keyword_still_works_with_a_warning(tmp_path, capsys):
     assert capsys.readouterr().err == ""
     assert renamed_keyword("f", "old", "new", 5, None) == 5
     assert "f(old=) is deprecated: it is new= now" in capsys.readouterr().err
+    assert renamed_keyword("f", "old", "new", "entropy", "minmax") == "entropy"  # the new one's default

@@ -53,12 +53,12 @@ def warn(message: str) -> None:
 
 
 def renamed_keyword(function: str, old: str, new: str, old_value, new_value):
-    """The value of keyword ``new``, or of its deprecated name ``old`` (with a warning) where only that was
-    given: a keyword renamed keeps its old name for one release."""
+    """The value of keyword ``new``, or of its deprecated name ``old`` where that was given (with a
+    warning): a keyword renamed keeps its old name for one release."""
     if old_value is None:
         return new_value
     warn(f"{function}({old}=) is deprecated: it is {new}= now")
-    return old_value if new_value is None else new_value
+    return old_value
 
 
 def info(message: str) -> None:

@@ -58,8 +58,8 @@ def finetune_checkpoint(
 ) -> dict[str, Any]:
     """Recalibrate BatchNorm (``recalibrate``, default True, on ``recalibration_images``, default ``RECALIBRATION_IMAGES``), then
     fine-tune a pruned checkpoint (``recipe`` default: ``finetuning.default_recipe``; ``recipe_name`` is its
-    name until 0.2); returns accuracy at each stage. Resumed (``resume`` and an interrupted run in ``out``), any argument given (not None) that differs
-    from the run's record is refused.
+    name until 0.2); returns accuracy at each stage. Resumed (``resume`` and an interrupted run in ``out``),
+    any argument given (not None) that differs from the run's record is refused.
 
     ``distill`` None distils from ``teacher``, or else from the dense parent the checkpoint was pruned from,
     when the training split holds fewer than ``DISTILL_BELOW`` images; False never distils.

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import load_checkpoint
-from ..console import stages, warn
+from ..console import renamed_keyword, stages
 from ..errors import UsageError, arg
 from ..files import DirectoryLock, check_outputs
 from ..options import SEED, Command, flag, validate_given
@@ -48,9 +48,9 @@ def quantize_checkpoint(
     from ..deploy import require_onnxruntime
 
     require_onnxruntime()
-    if method is not None:  # its name until 0.2
-        warn("quantize_checkpoint(method=) is deprecated: it is calibration_method= now")
-        calibration_method = method
+    calibration_method = renamed_keyword(
+        "quantize_checkpoint", "method", "calibration_method", method, calibration_method
+    )
     validate_given({"calibration_method": calibration_method, "calibration_images": calibration_images})
     ckpt = load_checkpoint(path)
     meta, model = ckpt.meta, ckpt.model.eval()

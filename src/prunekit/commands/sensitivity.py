@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import load_checkpoint
-from ..console import warn
+from ..console import renamed_keyword, warn
 from ..files import DirectoryLock, check_outputs
 from ..importance import NETWORK_WIDE
 from ..options import SEED, Command, flag, validate
@@ -38,9 +38,10 @@ def sensitivity_checkpoint(
     from ..files import write_json
     from ..sensitivity import SCAN_SECONDS, plot, scan
 
-    if calibration_images is not None:
-        warn("sensitivity_checkpoint(calibration_images=) is deprecated: it is recalibration_images= now")
-        recalibration_images = recalibration_images or calibration_images
+    recalibration_images = renamed_keyword(
+        "sensitivity_checkpoint", "calibration_images", "recalibration_images", calibration_images,
+        recalibration_images,
+    )  # fmt: skip
     seconds = SCAN_SECONDS if images is None and recalibration_images is None else None
     ratios = tuple(ratios or RATIOS)
     images = SCAN_IMAGES if images is None else images
