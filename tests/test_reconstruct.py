@@ -187,8 +187,13 @@ def test_interrupted_recovery_undoes_the_surgery_too(monkeypatch):
         return fitted[-1]
 
     monkeypatch.setattr(reconstruct, "_refit_layer", refit_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        prune_global(model, 0.5, reconstruct=True)
+    # Python's own SIGINT handler, whatever an earlier test in this worker left installed
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            prune_global(model, 0.5, reconstruct=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert len(fitted) == 2  # interrupted inside the re-fit, not before or after it
     assert_unchanged(model, before)
 
