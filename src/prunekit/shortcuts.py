@@ -66,7 +66,8 @@ def shortcut_sums(model: nn.Module) -> tuple[Any, dict[str, ShortcutSum]]:
 
 def _normalized_layer(node: Any, modules: dict[str, nn.Module]) -> Any:
     """The layer node behind ``node`` when ``node`` is a BatchNorm applied to a layer's only use."""
-    if getattr(node, "op", None) != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
+    norm = modules[node.target] if getattr(node, "op", None) == "call_module" else None
+    if not isinstance(norm, nn.BatchNorm2d) or norm.running_var is None:  # batch statistics: no fixed scale
         return None
     layer = node.args[0] if node.args else None
     if len(node.users) != 1 or getattr(layer, "op", None) != "call_module" or len(layer.users) != 1:
@@ -76,7 +77,8 @@ def _normalized_layer(node: Any, modules: dict[str, nn.Module]) -> Any:
 
 def batchnorm_scale(norm: nn.BatchNorm2d) -> torch.Tensor:
     """The per-channel factor an eval-mode BatchNorm multiplies its input by."""
-    return (norm.weight.detach() / torch.sqrt(norm.running_var + norm.eps)).float().cpu()
+    weight = norm.weight.detach() if norm.weight is not None else torch.ones_like(norm.running_var)
+    return (weight / torch.sqrt(norm.running_var + norm.eps)).float().cpu()
 
 
 def run_recording(traced: Any, x: torch.Tensor, wanted: set[str], store: dict[str, torch.Tensor]) -> None:
