@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -58,6 +60,19 @@ def for_baseline(results: dict, baseline: Path, kept: tuple[str, ...]) -> dict:
     results.setdefault("rows", {})
     results.update(baseline_sha256=digest)
     return results
+
+
+@contextlib.contextmanager
+def residual_sums(fit: bool) -> Iterator[None]:
+    """Recovery inside the block fits residual sums to the dense sum (``fit``) or every layer to its own
+    output, as before 2026-12-06 (the ``plainsums`` rows); the setting before is restored after."""
+    from prunekit import reconstruct
+
+    before, reconstruct.SHORTCUTS = reconstruct.SHORTCUTS, fit
+    try:
+        yield
+    finally:
+        reconstruct.SHORTCUTS = before
 
 
 def save(name: str, result: dict) -> Path:

@@ -37,8 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import prunekit
-from common import FULL_ARCHIVE, RESULTS, machine, require
-from prunekit import reconstruct
+from common import FULL_ARCHIVE, RESULTS, machine, require, residual_sums
 from prunekit.data import load_data
 from prunekit.measure import count_macs, evaluate, latency
 
@@ -235,8 +234,7 @@ def pruned(row: str, dense: torch.nn.Module, calibration: list) -> tuple[torch.n
     else:
         allocation = next((a for a in ALLOCATIONS if f"-{a}" in row), None)
         importance = next((c for c in ("refit", "group-l2", "l2") if f"-{c}" in row), None)
-        reconstruct.SHORTCUTS = "-plainsums" not in row
-        try:
+        with residual_sums("-plainsums" not in row):
             prunekit.prune(
                 model,
                 EXAMPLE,
@@ -246,8 +244,6 @@ def pruned(row: str, dense: torch.nn.Module, calibration: list) -> tuple[torch.n
                 calibration=calibration,
                 reconstruct=False if "-norecon" in row else None,
             )
-        finally:
-            reconstruct.SHORTCUTS = True
         if "-norecon" in row:
             prunekit.recalibrate_bn(model, calibration)
     return model, time.perf_counter() - start

@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 
 import prunekit
-from common import FULL_ARCHIVE, RESULTS, for_baseline, machine, require, torch_pruning_uniform
-from prunekit import reconstruct
+from common import FULL_ARCHIVE, RESULTS, for_baseline, machine, require, residual_sums, torch_pruning_uniform
 from prunekit.api import calibration_batches, load_data_for, scan_batches
 from prunekit.checkpoint import load_checkpoint
 from prunekit.finetuning import recalibrate_batchnorm
@@ -78,8 +77,7 @@ def prune_row(row: str, dense: torch.nn.Module, context: dict) -> tuple[torch.nn
     kind, _, criterion = kind.partition("/")
     allocation, *steps = kind.split("+")
     model = copy.deepcopy(dense)
-    reconstruct.SHORTCUTS = "plainsums" not in steps  # +plainsums: each layer fitted to its own output
-    try:
+    with residual_sums("plainsums" not in steps):  # +plainsums: each layer fitted to its own output
         report = prunekit.prune(
             model,
             torch.zeros(1, 3, 32, 32),
@@ -90,8 +88,6 @@ def prune_row(row: str, dense: torch.nn.Module, context: dict) -> tuple[torch.nn
             importance=criterion or "l2",
             reconstruct="recovery" in steps,
         )
-    finally:
-        reconstruct.SHORTCUTS = True
     if "recovery" not in steps or "bn" in steps:  # recalibration only, or after the re-fit (+bn)
         recalibrate_batchnorm(model, images)
     info = {"macs_ratio": report.macs_ratio, "seconds": time.perf_counter() - start}
