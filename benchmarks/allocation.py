@@ -36,7 +36,10 @@ ROWS = [
     *(f"latency-{t}" for t in TARGETS),
     # "+stem": the input conv pruned too (prunekit protects it by default; Torch-Pruning's recipe does not)
     *(f"global+stem-{t}" for t in TARGETS),
+    # "+kd": the pruned model of the row without it, fine-tuned with the baseline as teacher (distillation)
+    *(f"{kind}+kd-{t}" for t in TARGETS for kind in ("torch-pruning", "sensitivity")),
 ]
+DISTILLED = "+kd"
 LATENCY_BATCH = 64
 RESULT = RESULTS / "allocation.json"
 
@@ -95,14 +98,17 @@ def prune_row(row: str, baseline: Path, out: Path, results: dict, data: str) -> 
 
 def run_row(row: str, seed: int, args: argparse.Namespace, results: dict) -> dict | None:
     out = Path(args.runs_dir) / row / f"seed{seed}"
-    pruned = out / "pruned.safetensors"
-    info_file = out / "pruned.info.json"
+    pruned_by = (
+        Path(args.runs_dir) / row.replace(DISTILLED, "") / f"seed{seed}"
+    )  # "+kd" rows: the same pruning
+    pruned = pruned_by / "pruned.safetensors"
+    info_file = pruned_by / "pruned.info.json"
     if row == "dense-control":
         source, info = args.baseline, {"prune_s": 0.0}
     elif info_file.exists():  # pruned before an interruption: the fine-tuning resumes below
         source, info = pruned, json.loads(info_file.read_text())
     else:
-        info = prune_row(row, args.baseline, pruned, results, args.data)
+        info = prune_row(row.replace(DISTILLED, ""), args.baseline, pruned, results, args.data)
         if info is None:
             return None
         info_file.write_text(json.dumps(info, indent=1))
@@ -117,6 +123,8 @@ def run_row(row: str, seed: int, args: argparse.Namespace, results: dict) -> dic
         recalibrate=False,
         data=args.data,
         seed=seed,
+        teacher=args.baseline if DISTILLED in row else None,
+        distill=True if DISTILLED in row else None,
         resume=(finetune / "checkpoint.safetensors").exists(),
         overwrite=not (finetune / "checkpoint.safetensors").exists(),
     )

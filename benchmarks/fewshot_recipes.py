@@ -44,6 +44,10 @@ RECIPES = {
     # the soft targets and the classifier's input features matched at this weight (losses.FeatureMatch)
     "kd0.5-feat1": {"distill_features": 1.0},
     "kd0.5-feat4": {"distill_features": 4.0},
+    # the learning rate (0.01 in the `full` recipe) and a warm-up from zero over the first epoch
+    "kd0.5-lr0.005": {"lr": 0.005},
+    "kd0.5-lr0.02": {"lr": 0.02},
+    "kd0.5-warmup1": {"warmup_epochs": 1.0},
 }
 
 
@@ -80,7 +84,7 @@ def main() -> None:
         results["dense"], results["recipes"] = parent, {}
     for name in (r for r in args.recipes.split(",") if f"{r}/seed{args.seed}" not in results["recipes"]):
         began, model = time.perf_counter(), copy.deepcopy(start)
-        config, _ = recipe("full", epochs=EPOCHS, lr=LR, seed=args.seed, **RECIPES[name])
+        config, _ = recipe("full", **{"epochs": EPOCHS, "lr": LR, "seed": args.seed, **RECIPES[name]})
         teacher = None if name == "ce" else dense
         prunekit.finetune(model, Upsampled(*train, 32, True, args.seed), config=config, teacher=teacher,
                           recalibrate=False)  # fmt: skip
