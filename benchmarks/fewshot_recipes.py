@@ -90,6 +90,8 @@ def main() -> None:
                           recalibrate=False)  # fmt: skip
         model.eval()
         row = {"held_out": evaluate(model, val)["accuracy"], "test": evaluate(model, test)["accuracy"]}
+        if OUT.exists():  # rows another process wrote meanwhile are kept (one process a recipe list)
+            results["recipes"] = {**json.loads(OUT.read_text()).get("recipes", {}), **results["recipes"]}
         results["recipes"][f"{name}/seed{args.seed}"] = {**row, "overrides": RECIPES[name],
                                                          "seconds": time.perf_counter() - began}  # fmt: skip
         OUT.write_text(json.dumps({**results, "machine": machine()}, indent=1) + "\n")
