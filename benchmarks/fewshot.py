@@ -21,8 +21,8 @@ re-estimates BatchNorm statistics after the last epoch (precise BN): this model'
 Parents before 2026-12-03 were transferred without it.
 
 Resumable row by row: each finished (row, seed) is written to results/fewshot.json at once, its model kept in
---runs. python benchmarks/fewshot.py --measure then times the dense parent and every kept row in
-alternation, on a quiet machine (the latencies taken inside the rows are not comparable).
+--runs. python benchmarks/fewshot.py --measure then times the dense parent and every kept pruned model (one a
+row) in alternation, on a quiet machine (the latencies taken inside the rows are not comparable).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument(
         "--measure",
         action="store_true",
-        help="time the dense parent and every finished row's saved model in alternation (batch 16): "
+        help="time the dense parent and every kept pruned model in alternation (batch 16): "
         "results under latency_b16_ms",
     )
     parser.add_argument(
@@ -145,7 +145,7 @@ def main() -> None:
     calibration = [x for x, _ in Upsampled(*train, 64, False)][:8]  # 512 unlabelled images
     rows = args.rows.split(",")
     if args.measure:
-        return measure(Path(args.runs), dense, results)
+        return measure(Path(args.runs), dense)
     if args.no_finetune:
         val = Upsampled(*held_out(bundle.train, PER_CLASS_TRAIN, PER_CLASS_TRAIN), batch=50, train=False)
         return no_finetuning(rows, dense, calibration, test, val, Path(args.runs))
@@ -274,7 +274,7 @@ def finetuned_row(
     runs: Path,
 ) -> dict:
     """One row: pruned, tested, fine-tuned 5 epochs (distilled from ``dense`` for ``-distill``), tested,
-    and kept in ``runs`` for ``--measure``."""
+    and kept in ``runs``."""
     start = time.perf_counter()
     model, prune_s = pruned_once(row, dense, calibration, runs)
     pruned_acc = evaluate(model, test)["accuracy"]
@@ -302,18 +302,24 @@ def finetuned_row(
     }
 
 
-def measure(runs: Path, dense: torch.nn.Module, results: dict) -> None:
-    """Batch-16 latency of the dense parent and of every finished row whose model is kept in ``runs``, all
-    timed in alternation (a quiet machine still drifts), written to ``latency_b16_ms``."""
-    rows = [r for r in results["rows"] if (runs / f"{r.replace('/', '-')}.safetensors").exists()]
-    models = [prunekit.load(runs / f"{r.replace('/', '-')}.safetensors", model=pretrained()) for r in rows]
+def measure(runs: Path, dense: torch.nn.Module) -> None:
+    """Batch-16 latency of the dense parent and of every pruned model kept in ``runs`` (one a row: the seeds
+    of a row share its architecture), all timed in alternation (a quiet machine still drifts), written to
+    ``latency_b16_ms``; the measurement it replaces is kept under ``earlier_latency_b16_ms``."""
+    plans = sorted(runs.glob("pruned-*.safetensors"))
+    models = [prunekit.load(path, model=pretrained()) for path in plans]
     timed = latency([copy.deepcopy(dense), *models], SIZE, 16, repeats=30)
-    results["latency_b16_ms"] = {"dense": timed[0]["median_ms"]}
-    results["latency_b16_ms"] |= {r: t["median_ms"] for r, t in zip(rows, timed[1:], strict=True)}
-    results["latency_b16_ms"]["threads"] = torch.get_num_threads()
+    results = json.loads(OUT.read_text())
+    if results.get("latency_b16_ms"):
+        results.setdefault("earlier_latency_b16_ms", []).append(results["latency_b16_ms"])
+    measured = {"dense": timed[0]["median_ms"]}
+    measured |= {
+        p.stem.removeprefix("pruned-"): t["median_ms"] for p, t in zip(plans, timed[1:], strict=True)
+    }
+    results["latency_b16_ms"] = {**measured, "threads": torch.get_num_threads(), "date": machine()["date"]}
     save(results)
-    for name, ms in results["latency_b16_ms"].items():
-        print(f"{name}: {ms} ms" if name != "threads" else f"{ms} threads", flush=True)
+    for name, value in results["latency_b16_ms"].items():
+        print(f"{name}: {value}", flush=True)
 
 
 def save(results: dict) -> None:
