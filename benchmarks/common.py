@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -68,11 +69,28 @@ def residual_sums(fit: bool) -> Iterator[None]:
     output, as before 2026-12-06 (the ``plainsums`` rows); the setting before is restored after."""
     from prunekit import reconstruct
 
-    before, reconstruct.SHORTCUTS = reconstruct.SHORTCUTS, fit
+    with _setting(reconstruct, "SHORTCUTS", fit):
+        yield
+
+
+@contextlib.contextmanager
+def scan_budget(seconds: float) -> Iterator[None]:
+    """The sensitivity scan shrinks its image counts to finish in about ``seconds`` instead of its default."""
+    from prunekit import sensitivity
+
+    with _setting(sensitivity, "SCAN_SECONDS", seconds):
+        yield
+
+
+@contextlib.contextmanager
+def _setting(module: Any, name: str, value: Any) -> Iterator[None]:
+    """``module.name`` set to ``value`` for the block, the value it had restored after."""
+    before = getattr(module, name)
+    setattr(module, name, value)
     try:
         yield
     finally:
-        reconstruct.SHORTCUTS = before
+        setattr(module, name, before)
 
 
 def save(name: str, result: dict) -> Path:

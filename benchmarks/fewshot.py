@@ -10,7 +10,8 @@ python benchmarks/fewshot.py [--seeds 0,1,2] [--rows prunekit-distill,torch-prun
 a sensitivity scan of them and recovery (global allocation before 2026-12-04); -distill: fine-tuned with
 the dense parent as teacher; also prunekit-uniform|-sensitivity|-global[-distill]: that allocation; -refit / -group-l2 / -l2 name the importance criterion instead of the default;
 -norecon: BatchNorm recalibration instead of recovery; -plainsums: recovery fitting every layer to its own
-output, residual sums included, as before 2026-12-06)
+output, residual sums included, as before 2026-12-06; -longscan: the scan given 2x its time budget, so about
+2x the scoring images)
 
 python benchmarks/fewshot.py --no-finetune --rows prunekit,prunekit-refit,torch-pruning
 only prunes (and recovers) each row and tests it: no label and no gradient step (`no_finetuning`).
@@ -37,9 +38,10 @@ import torch
 import torch.nn.functional as F
 
 import prunekit
-from common import FULL_ARCHIVE, RESULTS, machine, require, residual_sums
+from common import FULL_ARCHIVE, RESULTS, machine, require, residual_sums, scan_budget
 from prunekit.data import load_data
 from prunekit.measure import count_macs, evaluate, latency
+from prunekit.sensitivity import SCAN_SECONDS
 
 SIZE, PER_CLASS_TRAIN, PER_CLASS_TEST, EPOCHS, LR = 240, 100, 200, 5, 0.01
 MEAN, STD = (
@@ -47,6 +49,7 @@ MEAN, STD = (
     torch.tensor([0.229, 0.224, 0.225])[:, None, None],
 )
 OUT = RESULTS / "fewshot.json"
+LONG_SCAN = 2  # the -longscan rows: the scan's time budget (so its image counts) times this
 
 
 class Upsampled:
@@ -234,7 +237,8 @@ def pruned(row: str, dense: torch.nn.Module, calibration: list) -> tuple[torch.n
     else:
         allocation = next((a for a in ALLOCATIONS if f"-{a}" in row), None)
         importance = next((c for c in ("refit", "group-l2", "l2") if f"-{c}" in row), None)
-        with residual_sums("-plainsums" not in row):
+        budget = SCAN_SECONDS * LONG_SCAN if "-longscan" in row else SCAN_SECONDS
+        with residual_sums("-plainsums" not in row), scan_budget(budget):
             prunekit.prune(
                 model,
                 EXAMPLE,
