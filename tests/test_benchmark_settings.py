@@ -1,0 +1,32 @@
+"""The benchmarks' switches of prunekit's module settings hold only inside their block, an error included."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+from common import residual_sums, scan_budget  # noqa: E402
+from prunekit import reconstruct, sensitivity  # noqa: E402
+
+
+def test_scan_budget_is_set_inside_and_restored_after_an_error():
+    before = sensitivity.SCAN_SECONDS
+    with pytest.raises(RuntimeError), scan_budget(before * 2):
+        assert before * 2 == sensitivity.SCAN_SECONDS
+        raise RuntimeError("a row failed")
+    assert before == sensitivity.SCAN_SECONDS
+
+
+def test_residual_sums_restore_the_setting_they_found():
+    before = reconstruct.SHORTCUTS
+    try:
+        reconstruct.SHORTCUTS = False  # not the default: a switch that forced it back on would show
+        with residual_sums(True):
+            assert reconstruct.SHORTCUTS is True
+        assert reconstruct.SHORTCUTS is False
+    finally:
+        reconstruct.SHORTCUTS = before
