@@ -98,9 +98,8 @@ def prune_row(row: str, baseline: Path, out: Path, results: dict, data: str) -> 
 
 def run_row(row: str, seed: int, args: argparse.Namespace, results: dict) -> dict | None:
     out = Path(args.runs_dir) / row / f"seed{seed}"
-    pruned_by = (
-        Path(args.runs_dir) / row.replace(DISTILLED, "") / f"seed{seed}"
-    )  # "+kd" rows: the same pruning
+    # a "+kd" row fine-tunes the pruned model of the row without "+kd"
+    pruned_by = Path(args.runs_dir) / row.replace(DISTILLED, "") / f"seed{seed}"
     pruned = pruned_by / "pruned.safetensors"
     info_file = pruned_by / "pruned.info.json"
     if row == "dense-control":
