@@ -2,7 +2,7 @@
 serve for timing): recovery at 2x fewer MACs on 512 calibration images, and the whole sensitivity scan at its
 default counts (1,000 scoring + 512 BatchNorm images offered, shrunk to its time budget).
 
-python benchmarks/scale.py
+python benchmarks/scale.py [--plain-sums]   (--plain-sums: recovery timed again without residual-sum targets)
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 import prunekit
-from common import save
+from common import residual_sums, save
 from prunekit import sensitivity
 from prunekit.finetuning import recalibrate_batchnorm
 
@@ -25,6 +25,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--no-scan", action="store_true", help="time recovery only")
+    parser.add_argument(
+        "--plain-sums", action="store_true", help="time recovery again without residual-sum targets"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     model = torchvision.models.resnet50(num_classes=10).eval()
@@ -33,11 +36,26 @@ def main() -> None:
     recalibrate_batchnorm(model, images[:2])
     result: dict = {"model": "resnet50 (random weights)", "image_size": args.size}
 
+    result["recovery"] = time_recovery(model, example, images)
+    print(result["recovery"], flush=True)
+    if args.plain_sums:  # the same, residual sums not targeted: what fitting them costs
+        with residual_sums(False):
+            result["recovery_plain_sums"] = time_recovery(model, example, images)
+        print(result["recovery_plain_sums"], flush=True)
+
+    if not args.no_scan:
+        result["scan"] = time_scan(model, example, args.size)
+        print(result["scan"], flush=True)
+    save("scale", result)
+
+
+def time_recovery(model: torch.nn.Module, example: torch.Tensor, images: list[torch.Tensor]) -> dict:
+    """Pruning a copy of ``model`` to 2x fewer MACs (``global``: no scan) with recovery on ``images``."""
     pruned = copy.deepcopy(model)
     start = time.perf_counter()
     report = prunekit.prune(pruned, example, target_macs=0.5, allocation="global", calibration=images)
     rec = report.reconstruction
-    result["recovery"] = {
+    return {
         "prune_and_recover_s": time.perf_counter() - start,
         "recovery_s": rec["seconds"],
         "images_given": rec["images_given"],
@@ -45,12 +63,6 @@ def main() -> None:
         "layers": len(rec["layers"]),
         "macs_ratio": report.macs_ratio,
     }
-    print(result["recovery"], flush=True)
-
-    if not args.no_scan:
-        result["scan"] = time_scan(model, example, args.size)
-        print(result["scan"], flush=True)
-    save("scale", result)
 
 
 def time_scan(model: torch.nn.Module, example: torch.Tensor, size: int) -> dict:
