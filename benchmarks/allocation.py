@@ -98,8 +98,8 @@ def prune_row(row: str, baseline: Path, out: Path, results: dict, data: str) -> 
 
 def run_row(row: str, seed: int, args: argparse.Namespace, results: dict) -> dict | None:
     out = Path(args.runs_dir) / row / f"seed{seed}"
-    # a "+kd" row fine-tunes the pruned model of the row without "+kd"
-    pruned_by = Path(args.runs_dir) / row.replace(DISTILLED, "") / f"seed{seed}"
+    distilled, pruning = DISTILLED in row, row.replace(DISTILLED, "")  # "+kd": that row's pruned model
+    pruned_by = Path(args.runs_dir) / pruning / f"seed{seed}"
     pruned = pruned_by / "pruned.safetensors"
     info_file = pruned_by / "pruned.info.json"
     if row == "dense-control":
@@ -107,7 +107,7 @@ def run_row(row: str, seed: int, args: argparse.Namespace, results: dict) -> dic
     elif info_file.exists():  # pruned before an interruption: the fine-tuning resumes below
         source, info = pruned, json.loads(info_file.read_text())
     else:
-        info = prune_row(row.replace(DISTILLED, ""), args.baseline, pruned, results, args.data)
+        info = prune_row(pruning, args.baseline, pruned, results, args.data)
         if info is None:
             return None
         info_file.write_text(json.dumps(info, indent=1))
@@ -122,8 +122,8 @@ def run_row(row: str, seed: int, args: argparse.Namespace, results: dict) -> dic
         recalibrate=False,
         data=args.data,
         seed=seed,
-        teacher=args.baseline if DISTILLED in row else None,
-        distill=True if DISTILLED in row else None,
+        teacher=args.baseline if distilled else None,
+        distill=True if distilled else None,
         resume=(finetune / "checkpoint.safetensors").exists(),
         overwrite=not (finetune / "checkpoint.safetensors").exists(),
     )

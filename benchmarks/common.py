@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from unittest import mock
 
 import torch
 
@@ -63,34 +62,20 @@ def for_baseline(results: dict, baseline: Path, kept: tuple[str, ...]) -> dict:
     return results
 
 
-@contextlib.contextmanager
-def residual_sums(fit: bool) -> Iterator[None]:
+def residual_sums(fit: bool) -> AbstractContextManager:
     """Recovery inside the block fits residual sums to the dense sum (``fit``) or every layer to its own
     output, as before 2026-12-06 (the ``plainsums`` rows); the setting before is restored after."""
     from prunekit import reconstruct
 
-    with _setting(reconstruct, "SHORTCUTS", fit):
-        yield
+    return mock.patch.object(reconstruct, "SHORTCUTS", fit)
 
 
-@contextlib.contextmanager
-def scan_budget(seconds: float) -> Iterator[None]:
-    """The sensitivity scan shrinks its image counts to finish in about ``seconds`` instead of its default."""
+def scan_budget(seconds: float) -> AbstractContextManager:
+    """The sensitivity scan shrinks its image counts to finish in about ``seconds`` instead of its default
+    (for the block; restored after)."""
     from prunekit import sensitivity
 
-    with _setting(sensitivity, "SCAN_SECONDS", seconds):
-        yield
-
-
-@contextlib.contextmanager
-def _setting(module: Any, name: str, value: Any) -> Iterator[None]:
-    """``module.name`` set to ``value`` for the block, the value it had restored after."""
-    before = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, before)
+    return mock.patch.object(sensitivity, "SCAN_SECONDS", seconds)
 
 
 def save(name: str, result: dict) -> Path:

@@ -370,7 +370,7 @@ def residual_stream(model: TwoBlockNet, x: torch.Tensor) -> torch.Tensor:
     return stream + outputs(model, "bn2", x) + outputs(model, "bn4", x)
 
 
-def test_fitting_to_the_dense_sum_corrects_the_error_the_shortcut_brings():
+def test_fitting_to_the_dense_sum_corrects_the_error_the_shortcut_brings(monkeypatch):
     """With the residual stream pruned, the stream's error after block 1 reaches block 2 through its
     shortcut: fitted to the dense sum, block 2's projection makes up part of it, on images it never saw."""
     import prunekit.core as core
@@ -383,11 +383,8 @@ def test_fitting_to_the_dense_sum_corrects_the_error_the_shortcut_brings():
         captured.update(pruned=copy.deepcopy(pruned), kept=kept, images=images)
         return real(d, pruned, kept, images, seed=seed)
 
-    core.refit_readers = capture
-    try:
-        prune_global(copy.deepcopy(dense), 0.5, reconstruct=True)
-    finally:
-        core.refit_readers = real
+    monkeypatch.setattr(core, "refit_readers", capture)
+    prune_global(copy.deepcopy(dense), 0.5, reconstruct=True)
     kept = captured["kept"]["project2"]
     assert len(kept) < 16  # the stream was pruned
     want = residual_stream(dense, HELD_OUT)[:, kept]  # block 2's sum, on the channels kept
