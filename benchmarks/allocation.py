@@ -23,7 +23,17 @@ from pathlib import Path
 
 import torch
 
-from common import FULL_ARCHIVE, RESULTS, ROOT, for_baseline, machine, require, torch_pruning_uniform
+from common import (
+    FULL_ARCHIVE,
+    RESULTS,
+    ROOT,
+    for_baseline,
+    machine,
+    min_keep,
+    require,
+    scan_recovery,
+    torch_pruning_uniform,
+)
 from prunekit import api
 from prunekit.checkpoint import load_checkpoint
 from prunekit.measure import count_macs, count_params, latency
@@ -35,9 +45,13 @@ ROWS = [
     *(f"{kind}-{t}" for t in TARGETS for kind in ("torch-pruning", "global", "uniform", "sensitivity")),
     *(f"latency-{t}" for t in TARGETS),
     # "+stem": the input conv pruned too (prunekit protects it by default; Torch-Pruning's recipe does not)
-    *(f"global+stem-{t}" for t in TARGETS),
+    *(f"{kind}+stem-{t}" for t in TARGETS for kind in ("global", "sensitivity")),
     # "+kd": the pruned model of the row without it, fine-tuned with the baseline as teacher (distillation)
     *(f"{kind}+kd-{t}" for t in TARGETS for kind in ("torch-pruning", "sensitivity")),
+    # "+keepNN": no group planned below NN % of its channels (planning.MIN_KEEP_FRACTION; 5 % by default)
+    *(f"sensitivity+keep{k}-{t}" for t in TARGETS for k in (25, 35)),
+    # "+refitscan": the sensitivity scan scores each try after recovery (sensitivity.RECOVER)
+    *(f"sensitivity+refitscan-{t}" for t in TARGETS),
 ]
 DISTILLED = "+kd"
 LATENCY_BATCH = 64
@@ -76,6 +90,7 @@ def prune_row(row: str, baseline: Path, out: Path, results: dict, data: str) -> 
     if kind == "torch-pruning":
         info = torch_pruning_uniform(baseline, TARGETS[target], out)
     else:
+        allocation, _, modifier = kind.partition("+")
         if kind == "latency":
             fraction = latency_target(results, target)
             if fraction is None:
@@ -85,11 +100,14 @@ def prune_row(row: str, baseline: Path, out: Path, results: dict, data: str) -> 
                 target_latency=fraction, latency_batch=LATENCY_BATCH, allocation=LATENCY_ALLOCATION
             )
         else:
-            allocation, _, stem = kind.partition("+")
             request = PruneRequest(
-                target_macs=TARGETS[target], allocation=allocation, prune_input_conv=stem == "stem"
+                target_macs=TARGETS[target], allocation=allocation, prune_input_conv=modifier == "stem"
             )
-        report = api.prune_checkpoint(baseline, request, data=data, out=out, overwrite=True)
+        with (
+            min_keep(int(modifier[4:]) / 100 if modifier.startswith("keep") else None),
+            scan_recovery(modifier == "refitscan"),
+        ):
+            report = api.prune_checkpoint(baseline, request, data=data, out=out, overwrite=True)
         info = {"request": report["request"], "macs_ratio": report["macs"]["ratio"]}
         if report.get("latency"):  # what the latency target measured: plans tried, fast counts per group
             info["latency_target"] = report["latency"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -76,6 +77,24 @@ def scan_budget(seconds: float) -> AbstractContextManager:
     from prunekit import sensitivity
 
     return mock.patch.object(sensitivity, "SCAN_SECONDS", seconds)
+
+
+def scan_recovery(recover: bool) -> AbstractContextManager:
+    """Each sensitivity try re-fits the group's readers before it is scored (``recover``), or only
+    re-estimates BatchNorm (for the block; restored after)."""
+    from prunekit import sensitivity
+
+    return mock.patch.object(sensitivity, "RECOVER", recover)
+
+
+def min_keep(fraction: float | None) -> AbstractContextManager:
+    """A target's plan keeps at least ``fraction`` of every group's channels (for the block; restored after;
+    None: the default)."""
+    from prunekit import planning
+
+    if fraction is None:
+        return contextlib.nullcontext()
+    return mock.patch.object(planning, "MIN_KEEP_FRACTION", fraction)
 
 
 def save(name: str, result: dict) -> Path:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import prunekit
-from common import FULL_ARCHIVE, RESULTS, machine, require, residual_sums, scan_budget
+from common import FULL_ARCHIVE, RESULTS, machine, require, residual_sums, scan_budget, scan_recovery
 from prunekit.data import load_data
 from prunekit.measure import count_macs, evaluate, latency
 from prunekit.sensitivity import SCAN_SECONDS
@@ -238,7 +238,11 @@ def pruned(row: str, dense: torch.nn.Module, calibration: list) -> tuple[torch.n
         allocation = next((a for a in ALLOCATIONS if f"-{a}" in row), None)
         importance = next((c for c in ("refit", "group-l2", "l2") if f"-{c}" in row), None)
         budget = SCAN_SECONDS * LONG_SCAN if "-longscan" in row else SCAN_SECONDS
-        with residual_sums("-plainsums" not in row), scan_budget(budget):
+        with (
+            residual_sums("-plainsums" not in row),
+            scan_budget(budget),
+            scan_recovery("-refitscan" in row),
+        ):
             prunekit.prune(
                 model,
                 EXAMPLE,

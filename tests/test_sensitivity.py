@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import prunekit
 from prunekit import api
 from prunekit.cli import EXIT_USAGE, main
 from prunekit.sensitivity import prunable_roots, scan
@@ -35,6 +36,17 @@ def test_scan_shape_determinism_and_the_model_untouched():
         assert row["macs_saved"] == sorted(row["macs_saved"]) and row["macs_saved"][0] > 0
     assert first["held_out_images"] == 32 and first["calibration_images"] == 32
     assert_unchanged(model, before)
+
+
+def test_a_target_that_may_prune_the_input_conv_scans_and_prunes_its_group():
+    held_out, calibration = _batches(2, 0), [x for x, _ in _batches(2, 1)]
+    assert "conv2" not in scan(fresh(ResidualNet), X, held_out, calibration, ratios=(0.5,))["groups"]
+    result = scan(fresh(ResidualNet), X, held_out, calibration, ratios=(0.5,), prune_input_conv=True)
+    assert result["groups"]["conv2"]["macs_saved"][0] > 0  # the stream the stem writes (root conv2)
+    model = fresh(ResidualNet)
+    images = [x for x, _ in _batches(32, 2)]  # 512: enough for the default sensitivity allocation
+    prunekit.prune(model, X, target_macs=0.4, calibration=images, prune_input_conv=True)
+    assert model.stem.out_channels < 16  # without the group in the scan, its curve was empty: never pruned
 
 
 def test_scan_refuses_ratios_outside_zero_one():

@@ -278,7 +278,10 @@ def _prune_on_data(
                 f"{arg('calibration')} images to scan"
             )
         request.sensitivity = scan_calibration(
-            model, example, _fitting(model, calibration_inputs(calibration, device))
+            model,
+            example,
+            _fitting(model, calibration_inputs(calibration, device)),
+            prune_input_conv=request.prune_input_conv,
         )
     if not request.reconstruct:
         return prune_model(model, request, criterion, example), None  # traces autograd: no no_grad

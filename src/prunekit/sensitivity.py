@@ -28,6 +28,7 @@ from .modes import eval_mode
 from .planning import LayerCosts
 from .prefix import Call, candidate_cuts, capture, running_from, trace_calls, verified
 from .pruning import prune_model
+from .reconstruct import reconstruct
 from .requests import PruneRequest
 from .surgery import SurgeryError
 
@@ -37,6 +38,7 @@ SCAN_SECONDS = 240.0  # a scan at the default counts shrinks them to finish in a
 MIN_SCAN_IMAGES = 32  # ... but scores and recalibrates on at least this many
 CACHE_BYTES = 4 << 30  # a cut's cached outputs stay below this; past it, tries run the whole model
 LOSS = "kl"  # what allocation reads from a scan: "kl" (divergence from the dense model) or "accuracy"
+RECOVER = False  # each try re-fits the group's readers (prunekit.reconstruct) before it is scored
 
 
 def scan_counts(available: int, images: int, calibration_images: int) -> tuple[int, int, str | None]:
@@ -59,10 +61,12 @@ def scan_counts(available: int, images: int, calibration_images: int) -> tuple[i
 
 
 def prunable_groups(
-    model: nn.Module, example: torch.Tensor, importance: str = NETWORK_WIDE
+    model: nn.Module, example: torch.Tensor, importance: str = NETWORK_WIDE, prune_input_conv: bool = False
 ) -> dict[str, set[str]]:
-    """The root conv of every group network-wide pruning would consider, with the names of its members."""
-    _, groups = collect_groups(model, example, make_importance(importance), PruneRequest(ratio=0.5))
+    """The root conv of every group network-wide pruning would consider (the input conv's with
+    ``prune_input_conv``), with the names of its members."""
+    request = PruneRequest(ratio=0.5, prune_input_conv=prune_input_conv)
+    _, groups = collect_groups(model, example, make_importance(importance), request)
     modules = dict(model.named_modules())
     names = {m: n for n, m in modules.items()}
     return {
@@ -114,10 +118,12 @@ def scan(
     ratios: Sequence[float] = RATIOS,
     importance: str = NETWORK_WIDE,
     seconds: float | None = None,
+    prune_input_conv: bool = False,
 ) -> dict[str, Any]:
     """Accuracy on ``held_out`` and divergence from the dense model for every (group, ratio), each group
     pruned alone after BN recalibration. With ``seconds``, both image sets shrink (never below
-    ``MIN_SCAN_IMAGES``) so the scan's estimate fits that time.
+    ``MIN_SCAN_IMAGES``) so the scan's estimate fits that time; ``prune_input_conv`` scans the input
+    conv's group too.
 
     ``model`` itself is not changed. Groups whose surgery fails are recorded with the reason, not scored.
     """
@@ -126,7 +132,7 @@ def scan(
     model.eval()
     start = time.perf_counter()
     example = _surgery_example(model, example)
-    groups = prunable_groups(model, example, importance)
+    groups = prunable_groups(model, example, importance, prune_input_conv)
     calls = trace_calls(model, example)
     costs = LayerCosts(model, example)
     dense_macs = sum(costs.macs.values())
@@ -250,16 +256,29 @@ def _point(
         pruned, PruneRequest(layers=[root], ratio=ratio), make_importance(importance), example
     )
     device = next(model.parameters()).device
+    if RECOVER:
+        reconstruct(model, pruned, report.kept, images.calibration)
+        recovered = _scored(pruned, images, cut)
     with _from_cut(pruned, cut) as feed, torch.no_grad(), autocast(device, images.bf16):
         recalibrate_batchnorm(pruned, feed(images.calibration, cut.calibration if cut else None))
-        pruned.eval()
-        logits = [pruned(x).float() for x, _ in feed(images.held_out, cut.held_out if cut else None)]
+    logits = _scored(pruned, images, cut)
     kl = sum(kl_from_dense(d, p) for p, d in zip(logits, images.dense_logits, strict=True))
+    if RECOVER:  # as recovery does, the statistics that leave the model closer to the dense one
+        kept = sum(kl_from_dense(d, p) for p, d in zip(recovered, images.dense_logits, strict=True))
+        logits, kl = (recovered, kept) if kept < kl else (logits, kl)
     return (
         _top1(logits, images.held_out),
         kl / max(images.counts[0], 1),
         report.macs_before - report.macs_after,
     )
+
+
+def _scored(pruned: nn.Module, images: _Images, cut: _Cut | None) -> list[torch.Tensor]:
+    """``pruned``'s logits on the scoring images (run from the cut where there is one)."""
+    device = next(pruned.parameters()).device
+    pruned.eval()
+    with _from_cut(pruned, cut) as feed, torch.no_grad(), autocast(device, images.bf16):
+        return [pruned(x).float() for x, _ in feed(images.held_out, cut.held_out if cut else None)]
 
 
 @contextmanager
@@ -396,6 +415,7 @@ def scan_calibration(
     example: torch.Tensor,
     batches: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
     ratios: Sequence[float] | None = None,
+    prune_input_conv: bool = False,
 ) -> dict[str, Any]:
     """A scan on the caller's calibration batches: two thirds score, one third re-estimates BatchNorm (the
     commands' 1,000 : 512). Unlabelled images are scored by agreement with the dense model's predictions."""
@@ -411,7 +431,15 @@ def scan_calibration(
     scoring = len(x) * SCAN_IMAGES // (SCAN_IMAGES + SCAN_CALIBRATION_IMAGES)
     held_out = [(x[i : min(i + 250, scoring)], y[i : min(i + 250, scoring)]) for i in range(0, scoring, 250)]
     calibration = [x[i : i + 256] for i in range(scoring, len(x), 256)]
-    result = scan(model, example, held_out, calibration, ratios or RATIOS, seconds=SCAN_SECONDS)
+    result = scan(
+        model,
+        example,
+        held_out,
+        calibration,
+        ratios or RATIOS,
+        seconds=SCAN_SECONDS,
+        prune_input_conv=prune_input_conv,
+    )
     result["metric"] = "accuracy" if labelled else "agreement with the dense model"
     return result
 
