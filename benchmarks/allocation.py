@@ -30,6 +30,7 @@ from common import (
     for_baseline,
     machine,
     min_keep,
+    priced,
     require,
     scan_recovery,
     torch_pruning_uniform,
@@ -52,6 +53,8 @@ ROWS = [
     *(f"sensitivity+keep{k}-{t}" for t in TARGETS for k in (25, 35)),
     # "+refitscan": the sensitivity scan scores each try after recovery (sensitivity.RECOVER)
     *(f"sensitivity+refitscan-{t}" for t in TARGETS),
+    # "+priced": sensitivity allocation for least total predicted loss per MACs saved (planning.PRICED)
+    *(f"sensitivity+priced-{t}" for t in TARGETS),
 ]
 DISTILLED = "+kd"
 LATENCY_BATCH = 64
@@ -106,6 +109,7 @@ def prune_row(row: str, baseline: Path, out: Path, results: dict, data: str) -> 
         with (
             min_keep(int(modifier[4:]) / 100 if modifier.startswith("keep") else None),
             scan_recovery(modifier == "refitscan"),
+            priced(modifier == "priced"),
         ):
             report = api.prune_checkpoint(baseline, request, data=data, out=out, overwrite=True)
         info = {"request": report["request"], "macs_ratio": report["macs"]["ratio"]}

@@ -87,6 +87,14 @@ def scan_recovery(recover: bool) -> AbstractContextManager:
     return mock.patch.object(sensitivity, "RECOVER", recover)
 
 
+def priced(on: bool) -> AbstractContextManager:
+    """The sensitivity allocation chooses ratios for least total predicted loss per MACs saved (``on``)
+    instead of equal loss per group (for the block; restored after)."""
+    from prunekit import planning
+
+    return mock.patch.object(planning, "PRICED", on)
+
+
 def min_keep(fraction: float | None) -> AbstractContextManager:
     """A target's plan keeps at least ``fraction`` of every group's channels (for the block; restored after;
     None: the default)."""
