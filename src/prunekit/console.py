@@ -20,8 +20,9 @@ from rich.progress import (
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 
-def progress_bar(transient: bool = True) -> Progress:
-    """A progress bar with a free-text field for live metrics (loss, accuracy, images/s)."""
+def progress_bar(transient: bool = True, quiet: bool = False) -> Progress:
+    """A progress bar with a free-text field for live metrics (loss, accuracy, images/s); ``quiet``: none
+    shown (work inside another bar's step: rich before 14 refuses two live displays at once)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -31,7 +32,7 @@ def progress_bar(transient: bool = True) -> Progress:
         TextColumn("{task.fields[info]}"),
         console=console,
         transient=transient,
-        disable=not console.is_terminal,
+        disable=quiet or not console.is_terminal,
     )
 
 

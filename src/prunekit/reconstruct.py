@@ -296,13 +296,15 @@ def reconstruct(
     images: torch.Tensor | Sequence[torch.Tensor],
     seed: int = 0,
     shortcuts: bool | None = None,
+    quiet: bool = False,
 ) -> ReconstructionReport:
     """Re-fit every layer of ``pruned`` that reads pruned channels to ``dense``'s outputs on ``images``.
 
     ``kept_outputs``: for each layer whose own outputs were pruned, the dense channel indices it kept.
     ``images`` are unlabelled input batches; they pass both models as one batch (as many as fit in
     ``MEMORY_BUDGET``). ``pruned`` is changed in place; ``dense`` is not. ``shortcuts`` (default
-    ``SHORTCUTS``) fits a layer that writes into a residual sum to the dense sum (``prunekit.shortcuts``).
+    ``SHORTCUTS``) fits a layer that writes into a residual sum to the dense sum (``prunekit.shortcuts``);
+    ``quiet``: no progress bar.
     """
     try:
         every = images if isinstance(images, torch.Tensor) else torch.cat(list(images))
@@ -353,7 +355,7 @@ def reconstruct(
     from .console import progress_bar
 
     done: set[str] = set()
-    with progress_bar() as bar:
+    with progress_bar(quiet=quiet) as bar:
         task = bar.add_task("recovery", total=len(names) + 1, info="dense outputs")
         hooks = {dense_modules[n]: record(n) for n in names}
         _run_with_hooks(dense, x, hooks, pre=False, run=sums.runner(dense=True))

@@ -38,7 +38,8 @@ SCAN_SECONDS = 240.0  # a scan at the default counts shrinks them to finish in a
 MIN_SCAN_IMAGES = 32  # ... but scores and recalibrates on at least this many
 CACHE_BYTES = 4 << 30  # a cut's cached outputs stay below this; past it, tries run the whole model
 LOSS = "kl"  # what allocation reads from a scan: "kl" (divergence from the dense model) or "accuracy"
-RECOVER = False  # each try re-fits the group's readers (prunekit.reconstruct) before it is scored
+RECOVER = False  # each try re-fits the group's readers (prunekit.reconstruct) before it is scored ...
+RECOVERY_IMAGES = 64  # ... on the first this many BatchNorm images
 
 
 def scan_counts(available: int, images: int, calibration_images: int) -> tuple[int, int, str | None]:
@@ -191,12 +192,12 @@ def _within_budget(
     images; the line that says how long it will take."""
     per_image = _seconds_per_image(model, held_out)
     timer = time.perf_counter()
-    prune_model(
-        copy.deepcopy(model),
-        PruneRequest(layers=[next(iter(groups))], ratio=0.5),
-        make_importance(importance),
-        example,
+    pruned = copy.deepcopy(model)
+    report = prune_model(
+        pruned, PruneRequest(layers=[next(iter(groups))], ratio=0.5), make_importance(importance), example
     )
+    if RECOVER:
+        _recover(model, pruned, report.kept, calibration)
     per_try = time.perf_counter() - timer
     offered = (sum(len(y) for _, y in held_out), sum(len(x) for x in calibration))
     counts = offered
@@ -257,7 +258,7 @@ def _point(
     )
     device = next(model.parameters()).device
     if RECOVER:
-        reconstruct(model, pruned, report.kept, images.calibration)
+        _recover(model, pruned, report.kept, images.calibration)
         recovered = _scored(pruned, images, cut)
     with _from_cut(pruned, cut) as feed, torch.no_grad(), autocast(device, images.bf16):
         recalibrate_batchnorm(pruned, feed(images.calibration, cut.calibration if cut else None))
@@ -271,6 +272,13 @@ def _point(
         kl / max(images.counts[0], 1),
         report.macs_before - report.macs_after,
     )
+
+
+def _recover(
+    dense: nn.Module, pruned: nn.Module, kept: dict[str, torch.Tensor], calibration: Sequence
+) -> None:
+    """A try's recovery: ``pruned``'s readers of what was removed re-fitted on the first BatchNorm images."""
+    reconstruct(dense, pruned, kept, _first(calibration, RECOVERY_IMAGES), quiet=True)
 
 
 def _scored(pruned: nn.Module, images: _Images, cut: _Cut | None) -> list[torch.Tensor]:
