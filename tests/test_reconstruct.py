@@ -155,6 +155,24 @@ def test_residual_stream_refits_every_reader_of_the_shared_channels():
     assert any(f["error_after"] < 0.9 * f["error_before"] for f in fits.values())
 
 
+def test_recovery_passes_stop_after_the_last_layer_they_re_fit():
+    """Pruning the block's inner channels leaves conv2 the only reader: neither pass runs the layers after it
+    (with 4 images no BatchNorm choice runs either)."""
+    from prunekit.importance import make_importance
+    from prunekit.pruning import PruneRequest, prune_model
+    from prunekit.reconstruct import reconstruct
+
+    dense = model_of(ResidualNet)
+    model = copy.deepcopy(dense)
+    result = prune_model(model, PruneRequest(layers=["conv1"], ratio=0.5), make_importance("l2"), X)
+    calls = []
+    for m in (dense, model):
+        m.down.register_forward_hook(lambda *_: calls.append(1))
+    report = reconstruct(dense, model, result.kept, torch.randn(4, 3, 16, 16), shortcuts=False)
+    assert [f.layer for f in report.layers] == ["conv2"]
+    assert len(calls) == 1  # only the one-image pass that sizes the batch (images_per_pass) ran it
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -24,6 +24,7 @@ accumulated per chunk of rows, and the images pass the model as one batch no lar
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -337,6 +338,8 @@ def reconstruct(
             kept = kept_outputs.get(name)
             targets[name] = select_kept(rows[name].outputs(output), kept)
             sums.record_dense(name, rows[name], kept)
+            if len(rows) == len(names):
+                raise _PassDone  # the rest of the network holds nothing to record
 
         return hook
 
@@ -349,6 +352,8 @@ def reconstruct(
             y = sums.target(name, rows[name], targets.pop(name), pruned_modules)
             report.layers.append(_refit_layer(name, module, inputs[0], rows[name], y))
             bar.update(task, advance=1)
+            if done >= rows.keys():
+                raise _PassDone  # every reader re-fitted: the rest of the pass is not needed
 
         return pre_hook
 
@@ -495,5 +500,9 @@ def _run_with_hooks(
         (lambda m, h: m.register_forward_pre_hook(h)) if pre else (lambda m, h: m.register_forward_hook(h))
     )
     handles = [register(m, h) for m, h in hooks.items()]
-    with eval_mode(model, handles):
+    with eval_mode(model, handles), contextlib.suppress(_PassDone):
         (run or model)(x)
+
+
+class _PassDone(Exception):
+    """Raised by a hook once a pass has given recovery all it needs from it."""
