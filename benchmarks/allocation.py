@@ -32,7 +32,6 @@ from common import (
     min_keep,
     priced,
     require,
-    scan_recovery,
     torch_pruning_uniform,
 )
 from prunekit import api
@@ -51,7 +50,7 @@ ROWS = [
     *(f"{kind}+kd-{t}" for t in TARGETS for kind in ("torch-pruning", "sensitivity")),
     # "+keepNN": no group planned below NN % of its channels (planning.MIN_KEEP_FRACTION; 5 % by default)
     *(f"sensitivity+keep{k}-{t}" for t in TARGETS for k in (25, 35)),
-    # "+refitscan": the sensitivity scan scores each try after recovery (sensitivity.RECOVER)
+    # "+refitscan": the sensitivity scan scores each try after recovery (scan_recovery)
     *(f"sensitivity+refitscan-{t}" for t in TARGETS),
     # "+priced": sensitivity allocation for least total predicted loss per MACs saved (planning.PRICED)
     *(f"sensitivity+priced-{t}" for t in TARGETS),
@@ -104,11 +103,13 @@ def prune_row(row: str, baseline: Path, out: Path, results: dict, data: str) -> 
             )
         else:
             request = PruneRequest(
-                target_macs=TARGETS[target], allocation=allocation, prune_input_conv=modifier == "stem"
+                target_macs=TARGETS[target],
+                allocation=allocation,
+                prune_input_conv=modifier == "stem",
+                scan_recovery=modifier == "refitscan",
             )
         with (
             min_keep(int(modifier[4:]) / 100 if modifier.startswith("keep") else None),
-            scan_recovery(modifier == "refitscan"),
             priced(modifier == "priced"),
         ):
             report = api.prune_checkpoint(baseline, request, data=data, out=out, overwrite=True)

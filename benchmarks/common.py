@@ -79,14 +79,6 @@ def scan_budget(seconds: float) -> AbstractContextManager:
     return mock.patch.object(sensitivity, "SCAN_SECONDS", seconds)
 
 
-def scan_recovery(recover: bool) -> AbstractContextManager:
-    """Each sensitivity try re-fits the group's readers before it is scored (``recover``), or only
-    re-estimates BatchNorm (for the block; restored after)."""
-    from prunekit import sensitivity
-
-    return mock.patch.object(sensitivity, "RECOVER", recover)
-
-
 def priced(on: bool) -> AbstractContextManager:
     """The sensitivity allocation chooses ratios for least total predicted loss per MACs saved (``on``)
     instead of equal loss per group (for the block; restored after)."""

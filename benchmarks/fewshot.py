@@ -11,7 +11,7 @@ a sensitivity scan of them and recovery (global allocation before 2026-12-04); -
 the dense parent as teacher; also prunekit-uniform|-sensitivity|-global[-distill]: that allocation; -refit / -group-l2 / -l2 name the importance criterion instead of the default;
 -norecon: BatchNorm recalibration instead of recovery; -plainsums: recovery fitting every layer to its own
 output, residual sums included, as before 2026-12-06; -longscan: the scan given 2x its time budget, so about
-2x the scoring images)
+2x the scoring images; -refitscan: the scan's tries recovered before they are scored, `scan_recovery=True`)
 
 python benchmarks/fewshot.py --no-finetune --rows prunekit,prunekit-refit,torch-pruning
 only prunes (and recovers) each row and tests it: no label and no gradient step (`no_finetuning`).
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import prunekit
-from common import FULL_ARCHIVE, RESULTS, machine, require, residual_sums, scan_budget, scan_recovery
+from common import FULL_ARCHIVE, RESULTS, machine, require, residual_sums, scan_budget
 from prunekit.data import load_data
 from prunekit.measure import count_macs, evaluate, latency
 from prunekit.sensitivity import SCAN_SECONDS
@@ -238,11 +238,7 @@ def pruned(row: str, dense: torch.nn.Module, calibration: list) -> tuple[torch.n
         allocation = next((a for a in ALLOCATIONS if f"-{a}" in row), None)
         importance = next((c for c in ("refit", "group-l2", "l2") if f"-{c}" in row), None)
         budget = SCAN_SECONDS * LONG_SCAN if "-longscan" in row else SCAN_SECONDS
-        with (
-            residual_sums("-plainsums" not in row),
-            scan_budget(budget),
-            scan_recovery("-refitscan" in row),
-        ):
+        with residual_sums("-plainsums" not in row), scan_budget(budget):
             prunekit.prune(
                 model,
                 EXAMPLE,
@@ -251,6 +247,7 @@ def pruned(row: str, dense: torch.nn.Module, calibration: list) -> tuple[torch.n
                 importance=importance,
                 calibration=calibration,
                 reconstruct=False if "-norecon" in row else None,
+                scan_recovery="-refitscan" in row,
             )
         if "-norecon" in row:
             prunekit.recalibrate_bn(model, calibration)

@@ -49,6 +49,32 @@ def test_a_target_that_may_prune_the_input_conv_scans_and_prunes_its_group():
     assert model.stem.out_channels < 16  # without the group in the scan, its curve was empty: never pruned
 
 
+def test_recovered_tries_leave_the_pruned_model_closer_to_the_dense_one():
+    """With ``recover`` each try's readers are re-fitted before it is scored: its divergence from the dense
+    model is lower than BatchNorm recalibration alone leaves, and the model scanned is left alone."""
+    model = fresh(ResidualNet)
+    before = fingerprint(model)
+    held_out, calibration = _batches(2, 0), [x for x, _ in _batches(4, 1)]
+    plain = scan(model, X, held_out, calibration, ratios=(0.5, 0.75))
+    recovered = scan(model, X, held_out, calibration, ratios=(0.5, 0.75), recover=True)
+    assert recovered["recovered"] and not plain["recovered"]
+    kl = {name: sum(row["kl"]) for name, row in plain["groups"].items()}
+    assert all(sum(row["kl"]) < 0.9 * kl[name] for name, row in recovered["groups"].items()), (plain, recovered)
+    assert_unchanged(model, before)
+
+
+def test_scan_recovery_reaches_the_scan_from_python_and_the_run_config(monkeypatch):
+    import prunekit.sensitivity as sensitivity
+
+    asked, real = [], sensitivity.scan
+    monkeypatch.setattr(sensitivity, "scan", lambda *a, **k: asked.append(k["recover"]) or real(*a, **k))
+    images = [x for x, _ in _batches(32, 2)]
+    for recover in (False, True):
+        prunekit.prune(fresh(ResidualNet), X, target_macs=0.6, calibration=images, scan_recovery=recover)
+    assert asked == [False, True]
+    assert _run_request({"target_macs": 0.5, "scan_recovery": True}).scan_recovery
+
+
 def test_scan_refuses_ratios_outside_zero_one():
     with pytest.raises(api.UsageError, match="ratios"):
         scan(fresh(ResidualNet), X, _batches(1, 0), [torch.randn(4, 3, 16, 16)], ratios=(0.5, 1.0))

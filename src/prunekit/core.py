@@ -106,6 +106,7 @@ def prune(
     prune_input_conv: bool = PruneRequest.prune_input_conv,
     reconstruct: bool | None = None,
     reconstruction: Iterable | torch.Tensor | None = None,
+    scan_recovery: bool = PruneRequest.scan_recovery,
     seed: int = SEED,
 ) -> PruneReport:
     """Remove whole channels from ``model`` in place; return what was removed and the measured cost.
@@ -126,6 +127,8 @@ def prune(
     ``reconstruct`` then re-fits every layer that reads pruned channels to the dense model's outputs on
     unlabelled images (``reconstruction``, or else ``calibration``): recovery without labels
     (``prunekit.reconstruct``; BatchNorm statistics are left as the re-fit matched them).
+    ``scan_recovery`` recovers each try of the sensitivity scan run here before scoring it (slower; the
+    plan kept 2-3 points more of a few-shot pretrained model, benchmarks/results/fewshot.json).
     """
     at_hand = _image_count(calibration)
     request = PruneRequest(
@@ -142,6 +145,7 @@ def prune(
         sensitivity=sensitivity,
         prune_input_conv=prune_input_conv,
         reconstruct=reconstruct,
+        scan_recovery=scan_recovery,
     )
     request.validate()
     if not isinstance(model, nn.Module):
@@ -282,6 +286,7 @@ def _prune_on_data(
             example,
             _fitting(model, calibration_inputs(calibration, device)),
             prune_input_conv=request.prune_input_conv,
+            recover=request.scan_recovery,
         )
     if not request.reconstruct:
         return prune_model(model, request, criterion, example), None  # traces autograd: no no_grad

@@ -196,6 +196,12 @@ _TABLE = [
         "re-fit the layers that read pruned channels to the dense model's outputs on unlabelled images",
     ),
     Option("reconstruction_images", int, "training images recovery re-fits on", check=at_least(1)),
+    Option(
+        "scan_recovery",
+        bool,
+        "re-fit each sensitivity try before scoring it, so the plan ranks groups by what survives recovery "
+        "(a slower scan)",
+    ),
     Option("calibration", str, choices=("data", "random")),
     Option("calibration_images", int, check=at_least(1)),
     Option("images", int, "held-out training images a sensitivity scan scores on", check=at_least(1)),

@@ -38,8 +38,7 @@ SCAN_SECONDS = 240.0  # a scan at the default counts shrinks them to finish in a
 MIN_SCAN_IMAGES = 32  # ... but scores and recalibrates on at least this many
 CACHE_BYTES = 4 << 30  # a cut's cached outputs stay below this; past it, tries run the whole model
 LOSS = "kl"  # what allocation reads from a scan: "kl" (divergence from the dense model) or "accuracy"
-RECOVER = False  # each try re-fits the group's readers (prunekit.reconstruct) before it is scored ...
-RECOVERY_IMAGES = 64  # ... on the first this many BatchNorm images
+RECOVERY_IMAGES = 64  # a recovered try (scan_recovery) re-fits on the first this many BatchNorm images
 
 
 def scan_counts(available: int, images: int, calibration_images: int) -> tuple[int, int, str | None]:
@@ -120,11 +119,14 @@ def scan(
     importance: str = NETWORK_WIDE,
     seconds: float | None = None,
     prune_input_conv: bool = False,
+    recover: bool = False,
 ) -> dict[str, Any]:
     """Accuracy on ``held_out`` and divergence from the dense model for every (group, ratio), each group
     pruned alone after BN recalibration. With ``seconds``, both image sets shrink (never below
     ``MIN_SCAN_IMAGES``) so the scan's estimate fits that time; ``prune_input_conv`` scans the input
-    conv's group too.
+    conv's group too. ``recover``: each try's readers are re-fitted (``prunekit.reconstruct``) before it is
+    scored, with whichever BatchNorm statistics leave it closer to the dense model: the plan then ranks
+    groups by what survives recovery (slower: a recovery a try).
 
     ``model`` itself is not changed. Groups whose surgery fails are recorded with the reason, not scored.
     """
@@ -139,7 +141,7 @@ def scan(
     dense_macs = sum(costs.macs.values())
     suffix = _suffix_fractions(model, calls, costs, groups)
     ratios, held_out, calibration = _within_budget(
-        model, example, groups, suffix, importance, ratios, held_out, calibration, seconds
+        model, example, groups, suffix, importance, ratios, held_out, calibration, seconds, recover
     )
     images = _dense_pass(model, held_out, calibration)
     scoring, recal = images.counts
@@ -150,6 +152,7 @@ def scan(
         "held_out_images": scoring,
         "calibration_images": recal,
         "loss": LOSS,
+        "recovered": recover,
         "groups": {},
     }
     cut: _Cut | None = None
@@ -162,7 +165,7 @@ def scan(
             for ratio in ratios:
                 bar.update(task, advance=1, info=f"{root} {ratio:.0%}")
                 try:
-                    accuracy, kl, macs = _point(model, example, root, ratio, importance, images, cut)
+                    accuracy, kl, macs = _point(model, example, root, ratio, importance, images, cut, recover)
                 except (UsageError, SurgeryError) as exc:
                     bar.update(task, advance=len(ratios) - 1 - len(row["accuracy"]))
                     row = {"skipped": str(exc)}
@@ -187,6 +190,7 @@ def _within_budget(
     held_out: Sequence[tuple[torch.Tensor, torch.Tensor]],
     calibration: Sequence[torch.Tensor],
     seconds: float | None,
+    recover: bool,
 ) -> tuple[Sequence[float], list, list]:
     """The ratios and images a scan uses: as given, or (over ``seconds``) a coarser default grid and fewer
     images; the line that says how long it will take."""
@@ -196,7 +200,7 @@ def _within_budget(
     report = prune_model(
         pruned, PruneRequest(layers=[next(iter(groups))], ratio=0.5), make_importance(importance), example
     )
-    if RECOVER:
+    if recover:
         _recover(model, pruned, report.kept, calibration)
     per_try = time.perf_counter() - timer
     offered = (sum(len(y) for _, y in held_out), sum(len(x) for x in calibration))
@@ -249,6 +253,7 @@ def _point(
     importance: str,
     images: _Images,
     cut: _Cut | None,
+    recover: bool,
 ) -> tuple[float, float, int]:
     """One try: ``root``'s group pruned by ``ratio`` in a copy, BatchNorm re-estimated, then (accuracy, mean
     KL divergence from the dense model's predictions, MACs saved) on the scoring images."""
@@ -257,14 +262,14 @@ def _point(
         pruned, PruneRequest(layers=[root], ratio=ratio), make_importance(importance), example
     )
     device = next(model.parameters()).device
-    if RECOVER:
+    if recover:
         _recover(model, pruned, report.kept, images.calibration)
         recovered = _scored(pruned, images, cut)
     with _from_cut(pruned, cut) as feed, torch.no_grad(), autocast(device, images.bf16):
         recalibrate_batchnorm(pruned, feed(images.calibration, cut.calibration if cut else None))
     logits = _scored(pruned, images, cut)
     kl = sum(kl_from_dense(d, p) for p, d in zip(logits, images.dense_logits, strict=True))
-    if RECOVER:  # as recovery does, the statistics that leave the model closer to the dense one
+    if recover:  # as recovery does, the statistics that leave the model closer to the dense one
         kept = sum(kl_from_dense(d, p) for p, d in zip(recovered, images.dense_logits, strict=True))
         logits, kl = (recovered, kept) if kept < kl else (logits, kl)
     return (
@@ -424,6 +429,7 @@ def scan_calibration(
     batches: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
     ratios: Sequence[float] | None = None,
     prune_input_conv: bool = False,
+    recover: bool = False,
 ) -> dict[str, Any]:
     """A scan on the caller's calibration batches: two thirds score, one third re-estimates BatchNorm (the
     commands' 1,000 : 512). Unlabelled images are scored by agreement with the dense model's predictions."""
@@ -447,6 +453,7 @@ def scan_calibration(
         ratios or RATIOS,
         seconds=SCAN_SECONDS,
         prune_input_conv=prune_input_conv,
+        recover=recover,
     )
     result["metric"] = "accuracy" if labelled else "agreement with the dense model"
     return result

@@ -298,6 +298,7 @@ FLAGS = [
          "loss from a sensitivity scan (default for a target: sensitivity, scanned on training images first, "
          f"from {SENSITIVITY_FROM:,} training images; global below that)"),
     flag("sensitivity", type=Path, default=None, help="a `prunekit sensitivity` JSON (default: scan now)"),
+    flag("scan_recovery", action="store_true", help=OPTIONS["scan_recovery"].help),
     *DATA_FLAGS,
     flag("seed", default=SEED),
     flag("out", type=Path, default=None,
@@ -325,6 +326,7 @@ def main(args: argparse.Namespace) -> int:
         sensitivity=read_scan(args.sensitivity) if args.sensitivity else None,
         prune_input_conv=args.prune_input_conv,
         reconstruct=args.reconstruct,
+        scan_recovery=args.scan_recovery,
     )
     return run_printed(prune_checkpoint, print_prune, args, args.checkpoint, request)
 
