@@ -59,7 +59,10 @@ def test_recovered_tries_leave_the_pruned_model_closer_to_the_dense_one():
     recovered = scan(model, X, held_out, calibration, ratios=(0.5, 0.75), recover=True)
     assert recovered["recovered"] and not plain["recovered"]
     kl = {name: sum(row["kl"]) for name, row in plain["groups"].items()}
-    assert all(sum(row["kl"]) < 0.9 * kl[name] for name, row in recovered["groups"].items()), (plain, recovered)
+    assert all(sum(row["kl"]) < 0.9 * kl[name] for name, row in recovered["groups"].items()), (
+        plain,
+        recovered,
+    )
     assert_unchanged(model, before)
 
 
