@@ -314,6 +314,23 @@ def test_the_default_allocation_follows_the_images_at_hand(trained, tmp_path, ca
     assert _run_request({"target_macs": 0.5, "allocation": "uniform"}).allocation == "uniform"
 
 
+def test_prune_command_scans_as_its_flags_say(trained, tmp_path, monkeypatch):
+    """``prunekit prune`` runs its own scan: --scan-recovery and --prune-input-conv reach it (the scan
+    ignored both until 2026-12-07, so the input conv's group was never scanned, never pruned)."""
+    asked = []
+
+    def spy(model, *args, **kwargs):
+        asked.append((kwargs["recover"], kwargs["prune_input_conv"]))
+        return _fake_scan(model)
+
+    monkeypatch.setattr("prunekit.sensitivity.scan", spy)
+    argv = ["prune", str(trained), "--target-macs", "0.5", "--allocation", "sensitivity"]
+    assert main([*argv, "--reconstruction-images", "64", "--out", str(tmp_path / "a.safetensors")]) == 0
+    flags = ["--scan-recovery", "--prune-input-conv", "--no-reconstruct"]
+    assert main([*argv, *flags, "--out", str(tmp_path / "b.safetensors")]) == 0
+    assert asked == [(False, False), (True, True)]
+
+
 def test_a_time_capped_scan_picks_the_same_images_on_a_busier_machine():
     from prunekit.sensitivity import _fitted_counts
 

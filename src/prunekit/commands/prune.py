@@ -167,7 +167,13 @@ def _pruning_images(
         size = meta["input_size"]
         held_out, recal = scan_batches(bundle, SCAN_IMAGES, SCAN_CALIBRATION_IMAGES, seed)
         request.sensitivity = scan(
-            model, torch.zeros(1, 3, size, size), held_out, recal, seconds=SCAN_SECONDS
+            model,
+            torch.zeros(1, 3, size, size),
+            held_out,
+            recal,
+            seconds=SCAN_SECONDS,
+            prune_input_conv=request.prune_input_conv,
+            recover=request.scan_recovery,
         )
     return batches, refit
 
