@@ -30,7 +30,6 @@ from common import (
     for_baseline,
     machine,
     min_keep,
-    priced,
     require,
     torch_pruning_uniform,
 )
@@ -52,8 +51,6 @@ ROWS = [
     *(f"sensitivity+keep{k}-{t}" for t in TARGETS for k in (25, 35)),
     # "+refitscan": the sensitivity scan scores each try after recovery (scan_recovery)
     *(f"sensitivity+refitscan-{t}" for t in TARGETS),
-    # "+priced": sensitivity allocation for least total predicted loss per MACs saved (planning.PRICED)
-    *(f"sensitivity+priced-{t}" for t in TARGETS),
 ]
 DISTILLED = "+kd"
 LATENCY_BATCH = 64
@@ -108,10 +105,7 @@ def prune_row(row: str, baseline: Path, out: Path, results: dict, data: str) -> 
                 prune_input_conv=modifier == "stem",
                 scan_recovery=modifier == "refitscan",
             )
-        with (
-            min_keep(int(modifier[4:]) / 100 if modifier.startswith("keep") else None),
-            priced(modifier == "priced"),
-        ):
+        with min_keep(int(modifier[4:]) / 100 if modifier.startswith("keep") else None):
             report = api.prune_checkpoint(baseline, request, data=data, out=out, overwrite=True)
         info = {"request": report["request"], "macs_ratio": report["macs"]["ratio"]}
         if report.get("latency"):  # what the latency target measured: plans tried, fast counts per group

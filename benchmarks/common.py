@@ -79,14 +79,6 @@ def scan_budget(seconds: float) -> AbstractContextManager:
     return mock.patch.object(sensitivity, "SCAN_SECONDS", seconds)
 
 
-def priced(on: bool) -> AbstractContextManager:
-    """The sensitivity allocation chooses ratios for least total predicted loss per MACs saved (``on``)
-    instead of equal loss per group (for the block; restored after)."""
-    from prunekit import planning
-
-    return mock.patch.object(planning, "PRICED", on)
-
-
 def min_keep(fraction: float | None) -> AbstractContextManager:
     """A target's plan keeps at least ``fraction`` of every group's channels (for the block; restored after;
     None: the default)."""

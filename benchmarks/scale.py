@@ -3,19 +3,21 @@ serve for timing): recovery at 2x fewer MACs on 512 calibration images, and the 
 default counts (1,000 scoring + 512 BatchNorm images offered, shrunk to its time budget).
 
 python benchmarks/scale.py [--plain-sums]   (--plain-sums: recovery timed again without residual-sum targets)
+python benchmarks/scale.py --scan-recovery   (only the scan, its tries recovered: kept beside the figures above)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import time
 
 import torch
 import torchvision
 
 import prunekit
-from common import residual_sums, save
+from common import RESULTS, machine, residual_sums, save
 from prunekit import sensitivity
 from prunekit.finetuning import recalibrate_batchnorm
 
@@ -28,12 +30,23 @@ def main() -> None:
     parser.add_argument(
         "--plain-sums", action="store_true", help="time recovery again without residual-sum targets"
     )
+    parser.add_argument(
+        "--scan-recovery",
+        action="store_true",
+        help="time only the scan with recovered tries (scan_recovered)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     model = torchvision.models.resnet50(num_classes=10).eval()
     example = torch.zeros(1, 3, args.size, args.size)
     images = [torch.randn(64, 3, args.size, args.size) for _ in range(args.images // 64)]
     recalibrate_batchnorm(model, images[:2])
+    if args.scan_recovery:  # added to the last full run's figures, with its own machine and date
+        kept = json.loads(RESULTS.joinpath("scale.json").read_text())
+        kept["scan_recovered"] = {"machine": machine(), **time_scan(model, example, args.size, recover=True)}
+        print(kept["scan_recovered"], flush=True)
+        RESULTS.joinpath("scale.json").write_text(json.dumps(kept, indent=2) + "\n")
+        return
     result: dict = {"model": "resnet50 (random weights)", "image_size": args.size}
 
     result["recovery"] = time_recovery(model, example, images)
@@ -65,9 +78,9 @@ def time_recovery(model: torch.nn.Module, example: torch.Tensor, images: list[to
     }
 
 
-def time_scan(model: torch.nn.Module, example: torch.Tensor, size: int) -> dict:
-    """The whole scan as ``prunekit prune`` runs it by default: 1,000 scoring + 512 BatchNorm images offered,
-    shrunk to its time budget."""
+def time_scan(model: torch.nn.Module, example: torch.Tensor, size: int, recover: bool = False) -> dict:
+    """The whole scan as ``prunekit prune`` runs it by default (``recover``: with --scan-recovery): 1,000
+    scoring + 512 BatchNorm images offered, shrunk to its time budget."""
     gen = torch.Generator().manual_seed(1)
     held_out = [
         (torch.randn(50, 3, size, size, generator=gen), torch.randint(0, 10, (50,), generator=gen))
@@ -78,7 +91,9 @@ def time_scan(model: torch.nn.Module, example: torch.Tensor, size: int) -> dict:
         for _ in range(sensitivity.SCAN_CALIBRATION_IMAGES // 64)
     ]
     start = time.perf_counter()
-    scan = sensitivity.scan(model, example, held_out, calibration, seconds=sensitivity.SCAN_SECONDS)
+    scan = sensitivity.scan(
+        model, example, held_out, calibration, seconds=sensitivity.SCAN_SECONDS, recover=recover
+    )
     return {
         "seconds": time.perf_counter() - start,
         "groups": len(scan["groups"]),

@@ -342,8 +342,6 @@ def allocation_knob(
         return lambda t: {g.root: int((scaled[g.root] < t).sum()) for g in groups}, lo, hi
     if allocation == "uniform":
         return lambda r: {g.root: int(g.channels * min(r * f[g.root], 1.0)) for g in groups}, 0.0, stretch
-    if allocation == "sensitivity" and PRICED:
-        return _priced_knob(groups, sensitivity, f)
     if allocation == "sensitivity":
         curves, worst = _loss_curves(groups, sensitivity)
         # the knob is a budget of loss (points of accuracy, or hundredths of a nat of divergence)
@@ -355,56 +353,23 @@ def allocation_knob(
     raise UsageError(f"{arg('allocation')} must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
 
 
-PRICED = False  # sensitivity: least total predicted loss for the MACs saved, instead of equal loss per group
-GRID = 100  # the ratios a priced allocation chooses among, per group
-
-
-def _priced_knob(
-    groups: list[Group], sensitivity: dict[str, Any] | None, f: dict[str, float]
-) -> tuple[Callable[[float], dict[str, int]], float, float]:
-    """The knob of a priced sensitivity allocation: a price per share of the dense MACs saved. Each group
-    takes the ratio whose predicted loss less the price of the MACs it saves is least: a Lagrangian
-    relaxation of least total loss for a MACs budget, whose ratios never fall as the price rises."""
-    points, highest = _loss_points(groups, sensitivity)
-    grid = torch.linspace(0, max(sensitivity["ratios"]), GRID + 1)  # type: ignore[index]
-    table = {}
-    for g in groups:
-        if g.root not in points:
-            continue
-        ratios, losses, saved = (torch.tensor(v) for v in points[g.root])
-        table[g.root] = (_interpolate(grid, ratios, losses), _interpolate(grid, ratios, saved))
-
-    def counts(price: float) -> dict[str, int]:
-        chosen = {r: int(torch.argmin(loss - price * f[r] * saved)) for r, (loss, saved) in table.items()}
-        return {
-            g.root: int(g.channels * float(grid[chosen[g.root]])) if g.root in chosen else 0 for g in groups
-        }
-
-    return counts, -1.0, (highest + 1) * 1e4
-
-
-def _interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
-    """Piecewise-linear ``fp`` over ``xp`` (increasing) at ``x``, as numpy.interp."""
-    i = torch.searchsorted(xp, x).clamp(1, len(xp) - 1)
-    w = ((x - xp[i - 1]) / (xp[i] - xp[i - 1]).clamp_min(1e-12)).clamp(0, 1)
-    return fp[i - 1] + w * (fp[i] - fp[i - 1])
-
-
-def _loss_points(
+def _loss_curves(
     groups: list[Group], sensitivity: dict[str, Any] | None
-) -> tuple[dict[str, tuple[list[float], list[float], list[float]]], float]:
-    """For each scanned group, (ratios, measured loss made non-decreasing, share of dense MACs saved), from
-    ratio 0; groups the scan lacks are left out. The loss is the scan's ``loss``: divergence from the dense
-    model ("kl", x100) or points of accuracy (older scans); with the largest loss any curve reaches."""
+) -> tuple[dict[str, Callable[[float], float]], float]:
+    """For each group, the largest ratio whose measured loss (made non-decreasing) stays within a budget,
+    interpolated between the scanned ratios; groups the scan lacks are not pruned. The loss is the scan's
+    ``loss``: divergence from the dense model ("kl", x100) or points of accuracy (older scans); with the
+    largest loss any curve reaches."""
     if not sensitivity or "groups" not in sensitivity:
         raise UsageError(f"{arg('allocation')} sensitivity needs a sensitivity scan (prunekit sensitivity)")
     ratios = [0.0, *sensitivity["ratios"]]
     by_kl = sensitivity.get("loss") == "kl"
     dense = sensitivity["dense_accuracy"]
-    points, highest = {}, 100.0
+    curves, highest = {}, 100.0
     for g in groups:
         row = sensitivity["groups"].get(g.root)
         if not row or "accuracy" not in row or (by_kl and "kl" not in row):
+            curves[g.root] = lambda budget: 0.0
             continue
         measured = (
             [kl * 100 for kl in row["kl"]] if by_kl else [(dense - acc) * 100 for acc in row["accuracy"]]
@@ -415,25 +380,8 @@ def _loss_points(
             worst = max(worst, loss)
             losses.append(worst + 0.01 * ratio)
         highest = max(highest, losses[-1])
-        points[g.root] = (ratios, losses, [0.0, *row.get("macs_saved", [0.0] * len(measured))])
-    return points, highest
 
-
-def _loss_curves(
-    groups: list[Group], sensitivity: dict[str, Any] | None
-) -> tuple[dict[str, Callable[[float], float]], float]:
-    """For each group, the largest ratio whose measured loss (``_loss_points``) stays within a budget,
-    interpolated between the scanned ratios; groups the scan lacks are not pruned. With the largest loss
-    any curve reaches."""
-    points, highest = _loss_points(groups, sensitivity)
-    curves = {}
-    for g in groups:
-        if g.root not in points:
-            curves[g.root] = lambda budget: 0.0
-            continue
-        ratios, losses, _ = points[g.root]
-
-        def ratio_within(budget: float, ratios=ratios, losses=losses) -> float:
+        def ratio_within(budget: float, losses=losses) -> float:
             if budget < 0:
                 return 0.0
             for i in range(1, len(ratios)):
