@@ -298,6 +298,7 @@ def reconstruct(
     seed: int = 0,
     shortcuts: bool | None = None,
     quiet: bool = False,
+    settle: bool = True,
 ) -> ReconstructionReport:
     """Re-fit every layer of ``pruned`` that reads pruned channels to ``dense``'s outputs on ``images``.
 
@@ -305,7 +306,8 @@ def reconstruct(
     ``images`` are unlabelled input batches; they pass both models as one batch (as many as fit in
     ``MEMORY_BUDGET``). ``pruned`` is changed in place; ``dense`` is not. ``shortcuts`` (default
     ``SHORTCUTS``) fits a layer that writes into a residual sum to the dense sum (``prunekit.shortcuts``);
-    ``quiet``: no progress bar.
+    ``quiet``: no progress bar; ``settle``: then choose the BatchNorm statistics (``settle_batchnorm``; else
+    the dense ones stay).
     """
     try:
         every = images if isinstance(images, torch.Tensor) else torch.cat(list(images))
@@ -367,7 +369,8 @@ def reconstruct(
         bar.update(task, advance=1)
         hooks = {pruned_modules[n]: refit(n) for n in names}
         _run_with_hooks(pruned, x, hooks, pre=True, run=sums.runner(dense=False))
-    report.batchnorm = settle_batchnorm(dense, pruned, *_check_split(every, len(x)), batch=len(x))
+    if settle:
+        report.batchnorm = settle_batchnorm(dense, pruned, *_check_split(every, len(x)), batch=len(x))
     report.seconds = time.perf_counter() - report.started
     return report
 

@@ -255,8 +255,10 @@ def _point(
     cut: _Cut | None,
     recover: bool,
 ) -> tuple[float, float, int]:
-    """One try: ``root``'s group pruned by ``ratio`` in a copy, BatchNorm re-estimated, then (accuracy, mean
-    KL divergence from the dense model's predictions, MACs saved) on the scoring images."""
+    """One try: ``root``'s group pruned by ``ratio`` in a copy, BatchNorm re-estimated (with ``recover``:
+    its readers re-fitted first, and the dense statistics kept where they leave it closer to the dense
+    model), then (accuracy, mean KL divergence from the dense model's predictions, MACs saved) on the
+    scoring images."""
     pruned = copy.deepcopy(model)
     report = prune_model(
         pruned, PruneRequest(layers=[root], ratio=ratio), make_importance(importance), example
@@ -282,8 +284,10 @@ def _point(
 def _recover(
     dense: nn.Module, pruned: nn.Module, kept: dict[str, torch.Tensor], calibration: Sequence
 ) -> None:
-    """A try's recovery: ``pruned``'s readers of what was removed re-fitted on the first BatchNorm images."""
-    reconstruct(dense, pruned, kept, _first(calibration, RECOVERY_IMAGES), quiet=True)
+    """A try's recovery: ``pruned``'s readers of what was removed re-fitted on the first BatchNorm images.
+    The BatchNorm statistics are left to the try, which re-estimates them after the cut only (the prefix
+    its cached outputs stand for must stay the dense model's)."""
+    reconstruct(dense, pruned, kept, _first(calibration, RECOVERY_IMAGES), quiet=True, settle=False)
 
 
 def _scored(pruned: nn.Module, images: _Images, cut: _Cut | None) -> list[torch.Tensor]:
