@@ -331,6 +331,23 @@ def test_prune_command_scans_as_its_flags_say(trained, tmp_path, monkeypatch):
     assert asked == [(False, False), (True, True)]
 
 
+def test_a_recovered_scan_from_the_command_line_and_a_plain_one_given_with_scan_recovery(
+    trained, tmp_path, capsys
+):
+    out = tmp_path / "s.json"
+    argv = ["sensitivity", str(trained), "--out", str(out), "--ratios", "0.5", "--images", "32"]
+    assert main([*argv, "--recalibration-images", "32", "--scan-recovery"]) == 0, capsys.readouterr().err
+    assert json.loads(out.read_text())["recovered"] is True
+    plain = _fake_scan(fresh(ResidualNet))
+    images = [x for x, _ in _batches(2, 2)]
+    prunekit.prune(fresh(ResidualNet), X, target_macs=0.6, calibration=images, sensitivity=plain)
+    assert "scan_recovery" not in capsys.readouterr().err
+    prunekit.prune(
+        fresh(ResidualNet), X, target_macs=0.6, calibration=images, sensitivity=plain, scan_recovery=True
+    )
+    assert "scan given was scored without recovery" in capsys.readouterr().err
+
+
 def test_a_time_capped_scan_picks_the_same_images_on_a_busier_machine():
     from prunekit.sensitivity import _fitted_counts
 

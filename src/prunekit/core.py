@@ -159,6 +159,11 @@ def prune(
     if images is None and not request.layers:
         _note_without_images(allocation, ratio, reconstruct)
     note(allocation_note(allocation, ratio, at_hand))
+    if scan_recovery and sensitivity is not None and not sensitivity.get("recovered"):
+        note(
+            f"{arg('scan_recovery')}: the scan given was scored without recovery and is used as it is "
+            f"(a recovered one: prunekit sensitivity --scan-recovery)"
+        )
     request.reconstruct = _reconstruct(reconstruct, images, request.layers)
     with _callers_gradients(model):
         start = time.perf_counter()
@@ -384,13 +389,14 @@ def sensitivity_scan(
     example_inputs: Any,
     calibration: Iterable | torch.Tensor,
     ratios: Sequence[float] | None = None,
+    scan_recovery: bool = False,
 ) -> dict[str, Any]:
     """Each prunable group pruned alone at ``ratios`` (default 0.1, 0.3, ..., 0.9) on ``calibration`` (input
-    batches, labels optional), as ``prunekit sensitivity`` does: the result ``prune(sensitivity=)`` takes.
-    ``model`` is not changed."""
+    batches, labels optional), as ``prunekit sensitivity`` does: the result ``prune(sensitivity=)`` takes;
+    ``scan_recovery``: each try recovered before it is scored. ``model`` is not changed."""
     example = _example(model, example_inputs)
     batches = _fitting(model, calibration_inputs(calibration, example.device))
-    return scan_calibration(model, example, batches, ratios)
+    return scan_calibration(model, example, batches, ratios, recover=scan_recovery)
 
 
 def recalibrate_bn(model: nn.Module, batches: Iterable) -> int:

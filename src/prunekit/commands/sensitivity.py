@@ -12,7 +12,7 @@ from ..checkpoint import load_checkpoint
 from ..console import renamed_keyword, warn
 from ..files import DirectoryLock, check_outputs
 from ..importance import NETWORK_WIDE
-from ..options import SEED, Command, flag, validate
+from ..options import OPTIONS, SEED, Command, flag, validate
 from ..sensitivity import RATIOS, SCAN_CALIBRATION_IMAGES, SCAN_IMAGES
 from .rundir import CHECKPOINT, DATA_FLAGS, default_output, load_data_for, run_printed, scan_batches
 
@@ -30,11 +30,13 @@ def sensitivity_checkpoint(
     seed: int = SEED,
     overwrite: bool = False,
     calibration_images: int | None = None,
+    scan_recovery: bool = False,
 ) -> dict[str, Any]:
     """Sensitivity scan of a checkpoint on held-out training images; writes ``out`` (JSON) and a PNG beside it.
     ``images`` and ``recalibration_images`` (BatchNorm re-estimation after each try) default to
     ``SCAN_IMAGES`` and ``SCAN_CALIBRATION_IMAGES``, both shrunk to finish in about ``SCAN_SECONDS``; counts
-    given are used as they are. ``calibration_images`` is ``recalibration_images``' name until 0.2."""
+    given are used as they are. ``calibration_images`` is ``recalibration_images``' name until 0.2.
+    ``scan_recovery``: each try recovered before it is scored (``prunekit prune --scan-recovery``)."""
     from ..files import write_json
     from ..sensitivity import SCAN_SECONDS, plot, scan
 
@@ -56,7 +58,14 @@ def sensitivity_checkpoint(
     size = meta["input_size"]
     with DirectoryLock(out.parent):
         result = scan(
-            ckpt.model, torch.zeros(1, 3, size, size), held_out, calibration, ratios, importance, seconds
+            ckpt.model,
+            torch.zeros(1, 3, size, size),
+            held_out,
+            calibration,
+            ratios,
+            importance,
+            seconds,
+            recover=scan_recovery,
         )
         result["checkpoint"] = str(path)
         write_json(out, result)
@@ -76,6 +85,7 @@ FLAGS = [
     # its name until 0.2: "calibration" is the images that score importance (prune --calibration-images)
     flag("old_recalibration_images", "--calibration-images", type=int, help=argparse.SUPPRESS),
     flag("importance", default=NETWORK_WIDE),
+    flag("scan_recovery", action="store_true", help=OPTIONS["scan_recovery"].help),
     flag("overwrite", action="store_true", help="replace existing outputs"),
     *DATA_FLAGS,
     flag("seed", default=SEED),
