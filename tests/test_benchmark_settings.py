@@ -9,8 +9,8 @@ import pytest
 from conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-from common import residual_sums, scan_budget  # noqa: E402
-from prunekit import reconstruct, sensitivity  # noqa: E402
+from common import min_keep, residual_sums, scan_budget  # noqa: E402
+from prunekit import planning, reconstruct, sensitivity  # noqa: E402
 
 
 def test_scan_budget_is_set_inside_and_restored_after_an_error():
@@ -30,3 +30,12 @@ def test_residual_sums_restore_the_setting_they_found():
         assert reconstruct.SHORTCUTS is False
     finally:
         reconstruct.SHORTCUTS = before
+
+
+def test_min_keep_holds_inside_only_and_none_leaves_the_default():
+    before = planning.MIN_KEEP_FRACTION
+    with min_keep(0.25):
+        assert planning.MIN_KEEP_FRACTION == 0.25
+    with min_keep(None):
+        assert before == planning.MIN_KEEP_FRACTION
+    assert before == planning.MIN_KEEP_FRACTION
