@@ -152,18 +152,9 @@ def prune(
         raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     example = _example(model, example_inputs)
     validate_names(model, request)
-    name = importance if importance is not None else default_importance(request.layers)
-    criterion = name if isinstance(name, ChannelImportance) else make_importance(name, seed)
-    label = name if isinstance(name, str) else type(name).__name__
+    criterion, label = _criterion(importance, request.layers, seed)
     images = reconstruction if reconstruction is not None else calibration
-    if images is None and not request.layers:
-        _note_without_images(allocation, ratio, reconstruct)
-    note(allocation_note(allocation, ratio, at_hand))
-    if scan_recovery and sensitivity is not None and not sensitivity.get("recovered"):
-        note(
-            f"{arg('scan_recovery')}: the scan given was scored without recovery and is used as it is "
-            f"(a recovered one: prunekit sensitivity --scan-recovery)"
-        )
+    _note_defaults(request, allocation, reconstruct, images is not None, at_hand)
     request.reconstruct = _reconstruct(reconstruct, images, request.layers)
     with _callers_gradients(model):
         start = time.perf_counter()
@@ -218,6 +209,33 @@ def _prune_report(
         latency=result.latency,
         reconstruction=recovery,
     )
+
+
+def _criterion(
+    importance: str | ChannelImportance | None, layers: Sequence[str], seed: int
+) -> tuple[ChannelImportance, str]:
+    """The importance criterion ``prune`` scores with (its default for ``layers`` when None), and its name."""
+    name = importance if importance is not None else default_importance(layers)
+    criterion = name if isinstance(name, ChannelImportance) else make_importance(name, seed)
+    return criterion, name if isinstance(name, str) else type(name).__name__
+
+
+def _note_defaults(
+    request: PruneRequest,
+    allocation: str | None,
+    reconstruct: bool | None,
+    images_given: bool,
+    at_hand: int | None,
+) -> None:
+    """The one-line notes on what the caller left to the defaults and what they did with it."""
+    if not images_given and not request.layers:
+        _note_without_images(allocation, request.ratio, reconstruct)
+    note(allocation_note(allocation, request.ratio, at_hand))
+    if request.scan_recovery and request.sensitivity is not None and not request.sensitivity.get("recovered"):
+        note(
+            f"{arg('scan_recovery')}: the scan given was scored without recovery and is used as it is "
+            f"(a recovered one: prunekit sensitivity --scan-recovery)"
+        )
 
 
 def _note_without_images(allocation: str | None, ratio: float | None, reconstruct: bool | None) -> None:

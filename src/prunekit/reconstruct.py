@@ -309,20 +309,9 @@ def reconstruct(
     ``quiet``: no progress bar; ``settle``: then choose the BatchNorm statistics (``settle_batchnorm``; else
     the dense ones stay).
     """
-    try:
-        every = images if isinstance(images, torch.Tensor) else torch.cat(list(images))
-        given = len(every)
-        x = every[: images_per_pass(dense, every)]
-    except RuntimeError as exc:
-        shapes = sorted({tuple(b.shape) for b in ([images] if isinstance(images, torch.Tensor) else images)})
-        raise UsageError(
-            f"the {arg('calibration')} images (batches of shape {', '.join(map(str, shapes[:3]))}) do not run "
-            f"through the model: {' '.join(str(exc).split())[:200]}"
-        ) from None
-    if not given:
-        raise UsageError(f"reconstruction needs {arg('calibration')} images; none were given")
+    every, x = _pass_images(dense, images)
     names = readers(dense, pruned)
-    report = ReconstructionReport(images=len(x), images_given=given)
+    report = ReconstructionReport(images=len(x), images_given=len(every))
     if not names:
         report.seconds = time.perf_counter() - report.started
         return report
@@ -373,6 +362,25 @@ def reconstruct(
         report.batchnorm = settle_batchnorm(dense, pruned, *_check_split(every, len(x)), batch=len(x))
     report.seconds = time.perf_counter() - report.started
     return report
+
+
+def _pass_images(
+    dense: nn.Module, images: torch.Tensor | Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(every image given, the first of them one pass holds); a clear error for none, or for images the model
+    cannot run."""
+    try:
+        every = images if isinstance(images, torch.Tensor) else torch.cat(list(images))
+        x = every[: images_per_pass(dense, every)]
+    except RuntimeError as exc:
+        shapes = sorted({tuple(b.shape) for b in ([images] if isinstance(images, torch.Tensor) else images)})
+        raise UsageError(
+            f"the {arg('calibration')} images (batches of shape {', '.join(map(str, shapes[:3]))}) do not run "
+            f"through the model: {' '.join(str(exc).split())[:200]}"
+        ) from None
+    if not len(every):
+        raise UsageError(f"reconstruction needs {arg('calibration')} images; none were given")
+    return every, x
 
 
 MIN_CHECK_IMAGES, MAX_CHECK_IMAGES = 8, 256  # images the BatchNorm choice compares the models on

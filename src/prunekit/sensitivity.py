@@ -269,11 +269,9 @@ def _point(
         recovered = _scored(pruned, images, cut)
     with _from_cut(pruned, cut) as feed, torch.no_grad(), autocast(device, images.bf16):
         recalibrate_batchnorm(pruned, feed(images.calibration, cut.calibration if cut else None))
-    logits = _scored(pruned, images, cut)
-    kl = sum(kl_from_dense(d, p) for p, d in zip(logits, images.dense_logits, strict=True))
-    if recover:  # as recovery does, the statistics that leave the model closer to the dense one
-        kept = sum(kl_from_dense(d, p) for p, d in zip(recovered, images.dense_logits, strict=True))
-        logits, kl = (recovered, kept) if kept < kl else (logits, kl)
+    # with recover, as recovery does: the statistics that leave the model closer to the dense one
+    tried = [_scored(pruned, images, cut), *([recovered] if recover else [])]
+    kl, logits = min(((_divergence(lg, images), lg) for lg in tried), key=lambda c: c[0])
     return (
         _top1(logits, images.held_out),
         kl / max(images.counts[0], 1),
@@ -288,6 +286,11 @@ def _recover(
     The BatchNorm statistics are left to the try, which re-estimates them after the cut only (the prefix
     its cached outputs stand for must stay the dense model's)."""
     reconstruct(dense, pruned, kept, _first(calibration, RECOVERY_IMAGES), quiet=True, settle=False)
+
+
+def _divergence(logits: Sequence[torch.Tensor], images: _Images) -> float:
+    """The summed KL divergence of ``logits`` from the dense model's on the scoring images."""
+    return sum(kl_from_dense(d, p) for p, d in zip(logits, images.dense_logits, strict=True))
 
 
 def _scored(pruned: nn.Module, images: _Images, cut: _Cut | None) -> list[torch.Tensor]:
