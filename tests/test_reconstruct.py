@@ -412,3 +412,31 @@ def test_fitting_to_the_dense_sum_corrects_the_error_the_shortcut_brings(monkeyp
         reconstruct(dense, model, captured["kept"], captured["images"], shortcuts=shortcuts)
         errors[shortcuts] = relative_error(residual_stream(model, HELD_OUT), want)
     assert errors[True] < errors[False], errors
+
+
+def test_recovery_started_at_a_cut_refits_as_recovery_from_the_input():
+    """A scan's try runs recovery from its cut (the dense prefix's cached output): the same weights as
+    from the input, residual-sum targets included; and the cached value is what the passes read."""
+    from prunekit.importance import make_importance
+    from prunekit.prefix import Start, capture, stubbed, trace_calls
+    from prunekit.pruning import PruneRequest, prune_model
+    from prunekit.reconstruct import reconstruct
+
+    dense, x = model_of(TwoBlockNet), smooth_images(40, seed=3)
+    surgery = copy.deepcopy(dense)
+    result = prune_model(surgery, PruneRequest(layers=["expand2"], ratio=0.5), make_importance("l2"), x[:1])
+    skipped = stubbed(trace_calls(dense, x[:1]), "bn0")
+    assert skipped == ["stem"]
+
+    def refit(start: Start | None) -> nn.Module:
+        model = copy.deepcopy(surgery)
+        reconstruct(dense, model, result.kept, x, settle=False, start=start)
+        return model
+
+    plain = refit(None)
+    cut = refit(Start("bn0", skipped, capture(dense, "bn0", x)))
+    assert not torch.equal(plain.project2.weight, surgery.project2.weight)  # the reader was re-fitted
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(cut.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+    wrong = refit(Start("bn0", skipped, capture(dense, "bn0", smooth_images(40, seed=4))))
+    assert not torch.allclose(wrong.project2.weight, plain.project2.weight, atol=1e-4)

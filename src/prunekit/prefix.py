@@ -113,6 +113,35 @@ def running_from(model: nn.Module, cut: str, skipped: Sequence[str]) -> Iterator
             module.__dict__.pop("forward", None)
 
 
+@dataclass
+class Start:
+    """Where a forward pass starts: ``cut``'s output for the pass's images (``value``), the ``skipped`` modules
+    before it passing their input on (``running_from``)."""
+
+    cut: str
+    skipped: list[str]
+    value: torch.Tensor
+
+    @property
+    def leaves(self) -> set[str]:
+        """The modules a tracer must keep whole for their patched forwards to take effect."""
+        return {self.cut, *self.skipped}
+
+    def first(self, n: int) -> Start:
+        return Start(self.cut, self.skipped, self.value[:n])
+
+
+@contextmanager
+def started(model: nn.Module, start: Start | None) -> Iterator[None]:
+    """Within the block ``model(x)`` runs from ``start`` (from its input where None)."""
+    if start is None:
+        yield
+        return
+    with running_from(model, start.cut, start.skipped) as holder:
+        holder.value = start.value
+        yield
+
+
 def capture(model: nn.Module, cut: str, x: torch.Tensor) -> torch.Tensor:
     """The cut's output for ``x`` (the forward pass stops there)."""
     box: list[torch.Tensor] = []

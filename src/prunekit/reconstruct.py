@@ -39,6 +39,7 @@ from .batchnorm import batchnorms, recalibrate_batchnorm
 from .divergence import kl_from_dense
 from .errors import UsageError, arg
 from .modes import eval_mode
+from .prefix import Start, started
 from .shortcuts import ShortcutTargets, select_kept
 
 # Ridge terms tried, relative to the mean diagonal of the inputs' Gram matrix: each reader takes the one with
@@ -299,6 +300,7 @@ def reconstruct(
     shortcuts: bool | None = None,
     quiet: bool = False,
     settle: bool = True,
+    start: Start | None = None,
 ) -> ReconstructionReport:
     """Re-fit every layer of ``pruned`` that reads pruned channels to ``dense``'s outputs on ``images``.
 
@@ -307,7 +309,8 @@ def reconstruct(
     ``MEMORY_BUDGET``). ``pruned`` is changed in place; ``dense`` is not. ``shortcuts`` (default
     ``SHORTCUTS``) fits a layer that writes into a residual sum to the dense sum (``prunekit.shortcuts``);
     ``quiet``: no progress bar; ``settle``: then choose the BatchNorm statistics (``settle_batchnorm``; else
-    the dense ones stay).
+    the dense ones stay). ``start``: both passes start at a cut whose output for ``images`` is given (the
+    models must compute the same before it), as a sensitivity scan's tries do.
     """
     every, x = _pass_images(dense, images)
     names = readers(dense, pruned)
@@ -319,7 +322,9 @@ def reconstruct(
     generator = torch.Generator().manual_seed(seed)
     rows: dict[str, _Rows] = {}
     targets: dict[str, torch.Tensor] = {}
-    sums = ShortcutTargets(dense, pruned, names, SHORTCUTS if shortcuts is None else shortcuts)
+    enabled = SHORTCUTS if shortcuts is None else shortcuts
+    sums = ShortcutTargets(dense, pruned, names, enabled, start.leaves if start else ())
+    start = start.first(len(x)) if start else None
 
     def record(name: str):
         def hook(module, _inputs, output):
@@ -354,10 +359,10 @@ def reconstruct(
     with progress_bar(quiet=quiet) as bar:
         task = bar.add_task("recovery", total=len(names) + 1, info="dense outputs")
         hooks = {dense_modules[n]: record(n) for n in names}
-        _run_with_hooks(dense, x, hooks, pre=False, run=sums.runner(dense=True))
+        _run_with_hooks(dense, x, hooks, pre=False, run=sums.runner(dense=True), start=start)
         bar.update(task, advance=1)
         hooks = {pruned_modules[n]: refit(n) for n in names}
-        _run_with_hooks(pruned, x, hooks, pre=True, run=sums.runner(dense=False))
+        _run_with_hooks(pruned, x, hooks, pre=True, run=sums.runner(dense=False), start=start)
     if settle:
         report.batchnorm = settle_batchnorm(dense, pruned, *_check_split(every, len(x)), batch=len(x))
     report.seconds = time.perf_counter() - report.started
@@ -505,13 +510,18 @@ def _channel_errors(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
 
 
 def _run_with_hooks(
-    model: nn.Module, x: torch.Tensor, hooks: dict[nn.Module, Any], pre: bool, run: Any = None
+    model: nn.Module,
+    x: torch.Tensor,
+    hooks: dict[nn.Module, Any],
+    pre: bool,
+    run: Any = None,
+    start: Start | None = None,
 ) -> None:
     register = (
         (lambda m, h: m.register_forward_pre_hook(h)) if pre else (lambda m, h: m.register_forward_hook(h))
     )
     handles = [register(m, h) for m, h in hooks.items()]
-    with eval_mode(model, handles), contextlib.suppress(_PassDone):
+    with eval_mode(model, handles), started(model, start), contextlib.suppress(_PassDone):
         (run or model)(x)
 
 

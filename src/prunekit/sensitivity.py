@@ -26,7 +26,7 @@ from .importance import NETWORK_WIDE, make_importance
 from .measure import autocast, bf16_supported, evaluate
 from .modes import eval_mode
 from .planning import LayerCosts
-from .prefix import Call, candidate_cuts, capture, running_from, trace_calls, verified
+from .prefix import Call, Start, candidate_cuts, capture, running_from, trace_calls, verified
 from .pruning import prune_model
 from .reconstruct import reconstruct
 from .requests import PruneRequest
@@ -141,7 +141,7 @@ def scan(
     dense_macs = sum(costs.macs.values())
     suffix = _suffix_fractions(model, calls, costs, groups)
     ratios, held_out, calibration = _within_budget(
-        model, example, groups, suffix, importance, ratios, held_out, calibration, seconds, recover
+        model, example, groups, suffix, importance, ratios, held_out, calibration, seconds, recover, calls
     )
     images = _dense_pass(model, held_out, calibration)
     scoring, recal = images.counts
@@ -191,18 +191,12 @@ def _within_budget(
     calibration: Sequence[torch.Tensor],
     seconds: float | None,
     recover: bool,
+    calls: dict[str, Call],
 ) -> tuple[Sequence[float], list, list]:
     """The ratios and images a scan uses: as given, or (over ``seconds``) a coarser default grid and fewer
     images; the line that says how long it will take."""
     per_image = _seconds_per_image(model, held_out)
-    timer = time.perf_counter()
-    pruned = copy.deepcopy(model)
-    report = prune_model(
-        pruned, PruneRequest(layers=[next(iter(groups))], ratio=0.5), make_importance(importance), example
-    )
-    if recover:
-        _recover(model, pruned, report.kept, calibration)
-    per_try = time.perf_counter() - timer
+    per_try = _try_seconds(model, example, groups, calls, importance, calibration, recover)
     offered = (sum(len(y) for _, y in held_out), sum(len(x) for x in calibration))
     counts = offered
     if seconds is not None and _estimate(per_image, counts, suffix, len(ratios), per_try) > seconds:
@@ -225,17 +219,45 @@ def _within_budget(
     return ratios, list(held_out), list(calibration)
 
 
+def _try_seconds(
+    model: nn.Module,
+    example: torch.Tensor,
+    groups: dict[str, set[str]],
+    calls: dict[str, Call],
+    importance: str,
+    calibration: Sequence[torch.Tensor],
+    recover: bool,
+) -> float:
+    """Seconds of one try's fixed work, timed on the first group: its surgery, and with ``recover`` its
+    recovery, run from the group's cut as the scan runs it."""
+    root = next(iter(groups))
+    timer = time.perf_counter()
+    pruned = copy.deepcopy(model)
+    report = prune_model(pruned, PruneRequest(layers=[root], ratio=0.5), make_importance(importance), example)
+    if not recover:
+        return time.perf_counter() - timer
+    surgery = time.perf_counter() - timer
+    images = _first(calibration, RECOVERY_IMAGES)
+    pairs = [(x, torch.zeros(len(x), dtype=torch.long)) for x in images]
+    cut = _cut_for(model, calls, groups[root], _dense_pass(model, pairs, images, logits=False), None)
+    timer = time.perf_counter()
+    _recover(model, pruned, report.kept, images, cut)
+    return surgery + time.perf_counter() - timer
+
+
 def _dense_pass(
     model: nn.Module,
     held_out: Sequence[tuple[torch.Tensor, torch.Tensor]],
     calibration: Sequence[torch.Tensor],
+    logits: bool = True,
 ) -> _Images:
-    """The dense model's logits on the scoring images, at the precision every try will run at."""
+    """The dense model's logits on the scoring images (without ``logits``: none), at the precision every try
+    will run at."""
     device = next(model.parameters()).device
     bf16 = device.type == "cuda" or bf16_supported()
     with torch.no_grad(), autocast(device, bf16):
-        logits = [model(x).float() for x, _ in held_out]
-    return _Images(list(held_out), list(calibration), logits, bf16)
+        dense = [model(x).float() for x, _ in held_out] if logits else []
+    return _Images(list(held_out), list(calibration), dense, bf16)
 
 
 def _top1(logits: Sequence[torch.Tensor], held_out: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
@@ -265,7 +287,7 @@ def _point(
     )
     device = next(model.parameters()).device
     if recover:
-        _recover(model, pruned, report.kept, images.calibration)
+        _recover(model, pruned, report.kept, images.calibration, cut=cut)
         recovered = _scored(pruned, images, cut)
     with _from_cut(pruned, cut) as feed, torch.no_grad(), autocast(device, images.bf16):
         recalibrate_batchnorm(pruned, feed(images.calibration, cut.calibration if cut else None))
@@ -280,12 +302,21 @@ def _point(
 
 
 def _recover(
-    dense: nn.Module, pruned: nn.Module, kept: dict[str, torch.Tensor], calibration: Sequence
+    dense: nn.Module,
+    pruned: nn.Module,
+    kept: dict[str, torch.Tensor],
+    calibration: Sequence[torch.Tensor],
+    cut: _Cut | None = None,
 ) -> None:
-    """A try's recovery: ``pruned``'s readers of what was removed re-fitted on the first BatchNorm images.
-    The BatchNorm statistics are left to the try, which re-estimates them after the cut only (the prefix
-    its cached outputs stand for must stay the dense model's)."""
-    reconstruct(dense, pruned, kept, _first(calibration, RECOVERY_IMAGES), quiet=True, settle=False)
+    """A try's recovery: ``pruned``'s readers of what was removed re-fitted on the first BatchNorm images,
+    both passes run from the cut where there is one. The BatchNorm statistics are left to the try, which
+    re-estimates them after the cut only (the prefix its cached outputs stand for must stay the dense
+    model's)."""
+    images = _first(calibration, RECOVERY_IMAGES)
+    start = None
+    if cut is not None:  # cached at the scan's precision; recovery runs in float32
+        start = Start(cut.name, cut.skipped, torch.cat(_first(cut.calibration, RECOVERY_IMAGES)).float())
+    reconstruct(dense, pruned, kept, images, quiet=True, settle=False, start=start)
 
 
 def _divergence(logits: Sequence[torch.Tensor], images: _Images) -> float:

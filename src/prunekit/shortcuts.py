@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,9 +31,9 @@ class ShortcutSum:
     shortcut: str
 
 
-def shortcut_sums(model: nn.Module) -> tuple[Any, dict[str, ShortcutSum]]:
+def shortcut_sums(model: nn.Module, leaves: Collection[str] = ()) -> tuple[Any, dict[str, ShortcutSum]]:
     """The traced model (None when ``torch.fx`` cannot trace it) and, by layer name, the sums its layers
-    write into. Only a shortcut computed before the layer counts: its pruned value is known by the time the
+    write into; the modules named in ``leaves`` stay whole (a pass that starts at a cut patches them). Only a shortcut computed before the layer counts: its pruned value is known by the time the
     layer is re-fitted (torchvision's ResNet computes its downsample shortcut after the main branch, so
     there the downsample conv is the one re-fitted to the sum)."""
     import torch.fx as fx
@@ -43,7 +43,7 @@ def shortcut_sums(model: nn.Module) -> tuple[Any, dict[str, ShortcutSum]]:
     class Tracer(fx.Tracer):
         # a conv subclass that pads in its own forward (TensorFlow ports) stays one node, as torch's own do
         def is_leaf_module(self, m: nn.Module, name: str) -> bool:
-            return isinstance(m, _LEAVES) or super().is_leaf_module(m, name)
+            return isinstance(m, _LEAVES) or name in leaves or super().is_leaf_module(m, name)
 
     try:
         with eval_mode(model):  # a mode read in forward is fixed at tracing: eval, as recovery runs
@@ -106,10 +106,17 @@ class ShortcutTargets:
     each pass (through the traced graphs), and each such layer's target moved by its shortcut's error.
     ``rows`` are recovery's sampled output positions of a layer (``outputs(tensor)``: rows x channels)."""
 
-    def __init__(self, dense: nn.Module, pruned: nn.Module, layers: Sequence[str], enabled: bool = True):
-        self.dense_traced, found = shortcut_sums(dense) if enabled else (None, {})
+    def __init__(
+        self,
+        dense: nn.Module,
+        pruned: nn.Module,
+        layers: Sequence[str],
+        enabled: bool = True,
+        leaves: Collection[str] = (),
+    ):
+        self.dense_traced, found = shortcut_sums(dense, leaves) if enabled else (None, {})
         self.sums = {n: s for n, s in found.items() if n in layers}
-        self.pruned_traced = shortcut_sums(pruned)[0] if self.sums else None
+        self.pruned_traced = shortcut_sums(pruned, leaves)[0] if self.sums else None
         if self.pruned_traced is None:
             self.sums = {}
         self.values: dict[str, torch.Tensor] = {}  # shortcut node -> its value in the pass running
