@@ -440,3 +440,29 @@ def test_recovery_started_at_a_cut_refits_as_recovery_from_the_input():
         torch.testing.assert_close(cut.state_dict()[name], value, rtol=1e-5, atol=1e-6)
     wrong = refit(Start("bn0", skipped, capture(dense, "bn0", smooth_images(40, seed=4))))
     assert not torch.allclose(wrong.project2.weight, plain.project2.weight, atol=1e-4)
+
+
+def test_a_dense_side_shared_by_two_prunings_of_one_group_is_computed_once_and_refits_alike():
+    """A scan recovers several ratios of one group: the dense pass runs for the first only, and each
+    pruning gets the weights a recovery of its own would give (residual-sum targets included)."""
+    from prunekit.importance import make_importance
+    from prunekit.pruning import PruneRequest, prune_model
+    from prunekit.reconstruct import reconstruct
+
+    dense, x = model_of(TwoBlockNet), smooth_images(40, seed=3)
+    dense_calls = []
+    dense.expand2.register_forward_hook(lambda *_: dense_calls.append(1))
+    cache: dict = {}
+    for ratio in (0.25, 0.5):
+        surgery = copy.deepcopy(dense)
+        request = PruneRequest(layers=["expand2"], ratio=ratio)
+        result = prune_model(surgery, request, make_importance("l2"), x[:1])
+        own, shared = copy.deepcopy(surgery), copy.deepcopy(surgery)
+        before = len(dense_calls)
+        reconstruct(dense, own, result.kept, x, settle=False)
+        calls_own, before = len(dense_calls) - before, len(dense_calls)
+        reconstruct(dense, shared, result.kept, x, settle=False, dense_cache=cache)
+        assert len(dense_calls) - before == calls_own - (0 if ratio == 0.25 else 1)  # no dense pass
+        assert not torch.equal(own.project2.weight, surgery.project2.weight)
+        for name, value in own.state_dict().items():
+            torch.testing.assert_close(shared.state_dict()[name], value, rtol=0, atol=0)

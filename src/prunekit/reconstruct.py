@@ -301,6 +301,7 @@ def reconstruct(
     quiet: bool = False,
     settle: bool = True,
     start: Start | None = None,
+    dense_cache: dict[tuple[str, ...], DenseSide] | None = None,
 ) -> ReconstructionReport:
     """Re-fit every layer of ``pruned`` that reads pruned channels to ``dense``'s outputs on ``images``.
 
@@ -310,7 +311,9 @@ def reconstruct(
     ``SHORTCUTS``) fits a layer that writes into a residual sum to the dense sum (``prunekit.shortcuts``);
     ``quiet``: no progress bar; ``settle``: then choose the BatchNorm statistics (``settle_batchnorm``; else
     the dense ones stay). ``start``: both passes start at a cut whose output for ``images`` is given (the
-    models must compute the same before it), as a sensitivity scan's tries do.
+    models must compute the same before it), as a sensitivity scan's tries do. ``dense_cache``: the dense
+    side of the recovery is read from it, or computed and put there (for prunings of one group on the same
+    images and start, whose dense side is the same).
     """
     every, x = _pass_images(dense, images)
     names = readers(dense, pruned)
@@ -318,48 +321,40 @@ def reconstruct(
     if not names:
         report.seconds = time.perf_counter() - report.started
         return report
-    dense_modules, pruned_modules = dict(dense.named_modules()), dict(pruned.named_modules())
-    generator = torch.Generator().manual_seed(seed)
-    rows: dict[str, _Rows] = {}
-    targets: dict[str, torch.Tensor] = {}
     enabled = SHORTCUTS if shortcuts is None else shortcuts
     sums = ShortcutTargets(dense, pruned, names, enabled, start.leaves if start else ())
     start = start.first(len(x)) if start else None
-
-    def record(name: str):
-        def hook(module, _inputs, output):
-            if name in targets:  # a layer called twice is fitted to its first call
-                return
-            rows[name] = _Rows(module, output, generator)
-            kept = kept_outputs.get(name)
-            targets[name] = select_kept(rows[name].outputs(output), kept)
-            sums.record_dense(name, rows[name], kept)
-            if len(rows) == len(names):
-                raise _PassDone  # the rest of the network holds nothing to record
-
-        return hook
+    pruned_modules = dict(pruned.named_modules())
+    done: set[str] = set()
 
     def refit(name: str):
         def pre_hook(module, inputs):
-            if name not in targets or name in done:
+            if name not in side.rows or name in done:
                 return
             done.add(name)
             bar.update(task, info=name)
-            y = sums.target(name, rows[name], targets.pop(name), pruned_modules)
-            report.layers.append(_refit_layer(name, module, inputs[0], rows[name], y))
+            kept = kept_outputs.get(name)
+            y = select_kept(side.outputs[name], kept)
+            if name in side.shortcuts:  # a layer writing into a residual sum: fitted to the dense sum
+                dense_shortcut = select_kept(side.shortcuts[name], kept)
+                y = sums.target(name, side.rows[name], y, pruned_modules, dense_shortcut)
+            report.layers.append(_refit_layer(name, module, inputs[0], side.rows[name], y))
             bar.update(task, advance=1)
-            if done >= rows.keys():
+            if done >= side.rows.keys():
                 raise _PassDone  # every reader re-fitted: the rest of the pass is not needed
 
         return pre_hook
 
     from .console import progress_bar
 
-    done: set[str] = set()
     with progress_bar(quiet=quiet) as bar:
         task = bar.add_task("recovery", total=len(names) + 1, info="dense outputs")
-        hooks = {dense_modules[n]: record(n) for n in names}
-        _run_with_hooks(dense, x, hooks, pre=False, run=sums.runner(dense=True), start=start)
+        key = tuple(names)
+        side = dense_cache.get(key) if dense_cache is not None else None
+        if side is None:
+            side = _dense_side(dense, x, names, sums, seed, start)
+            if dense_cache is not None:
+                dense_cache[key] = side
         bar.update(task, advance=1)
         hooks = {pruned_modules[n]: refit(n) for n in names}
         _run_with_hooks(pruned, x, hooks, pre=True, run=sums.runner(dense=False), start=start)
@@ -367,6 +362,43 @@ def reconstruct(
         report.batchnorm = settle_batchnorm(dense, pruned, *_check_split(every, len(x)), batch=len(x))
     report.seconds = time.perf_counter() - report.started
     return report
+
+
+@dataclass
+class DenseSide:
+    """What recovery reads from the dense model: each reader's sampled rows, the dense output there (every
+    channel), and for a layer writing into a residual sum the dense shortcut there."""
+
+    rows: dict[str, _Rows] = field(default_factory=dict)
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    shortcuts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _dense_side(
+    dense: nn.Module, x: torch.Tensor, names: list[str], sums: ShortcutTargets, seed: int, start: Start | None
+) -> DenseSide:
+    """One pass of ``dense`` recording its side of the recovery of the readers ``names``."""
+    generator = torch.Generator().manual_seed(seed)
+    side = DenseSide()
+
+    def record(name: str):
+        def hook(module, _inputs, output):
+            if name in side.rows:  # a layer called twice is fitted to its first call
+                return
+            rows = side.rows[name] = _Rows(module, output, generator)
+            side.outputs[name] = rows.outputs(output)
+            shortcut = sums.dense_value(name, rows)
+            if shortcut is not None:
+                side.shortcuts[name] = shortcut
+            if len(side.rows) == len(names):
+                raise _PassDone  # the rest of the network holds nothing to record
+
+        return hook
+
+    modules = dict(dense.named_modules())
+    hooks = {modules[n]: record(n) for n in names}
+    _run_with_hooks(dense, x, hooks, pre=False, run=sums.runner(dense=True), start=start)
+    return side
 
 
 def _pass_images(

@@ -162,10 +162,13 @@ def scan(
         for root in sorted(groups, key=lambda r: _first_call(calls, groups[r])):
             cut = _cut_for(model, calls, groups[root], images, cut)
             row: dict[str, Any] = {"accuracy": [], "kl": [], "macs_saved": []}
+            dense_side: dict | None = {} if recover else None  # the same for every ratio of the group
             for ratio in ratios:
                 bar.update(task, advance=1, info=f"{root} {ratio:.0%}")
                 try:
-                    accuracy, kl, macs = _point(model, example, root, ratio, importance, images, cut, recover)
+                    accuracy, kl, macs = _point(
+                        model, example, root, ratio, importance, images, cut, dense_side
+                    )
                 except (UsageError, SurgeryError) as exc:
                     bar.update(task, advance=len(ratios) - 1 - len(row["accuracy"]))
                     row = {"skipped": str(exc)}
@@ -275,24 +278,24 @@ def _point(
     importance: str,
     images: _Images,
     cut: _Cut | None,
-    recover: bool,
+    dense_side: dict | None,
 ) -> tuple[float, float, int]:
-    """One try: ``root``'s group pruned by ``ratio`` in a copy, BatchNorm re-estimated (with ``recover``:
-    its readers re-fitted first, and the dense statistics kept where they leave it closer to the dense
-    model), then (accuracy, mean KL divergence from the dense model's predictions, MACs saved) on the
+    """One try: ``root``'s group pruned by ``ratio`` in a copy, BatchNorm re-estimated (with ``dense_side``,
+    the dense side of the group's recoveries: its readers re-fitted first, and the dense statistics kept
+    where they leave it closer to the dense model), then (accuracy, mean KL divergence from the dense model's predictions, MACs saved) on the
     scoring images."""
     pruned = copy.deepcopy(model)
     report = prune_model(
         pruned, PruneRequest(layers=[root], ratio=ratio), make_importance(importance), example
     )
     device = next(model.parameters()).device
-    if recover:
-        _recover(model, pruned, report.kept, images.calibration, cut=cut)
+    if dense_side is not None:
+        _recover(model, pruned, report.kept, images.calibration, cut, dense_side)
         recovered = _scored(pruned, images, cut)
     with _from_cut(pruned, cut) as feed, torch.no_grad(), autocast(device, images.bf16):
         recalibrate_batchnorm(pruned, feed(images.calibration, cut.calibration if cut else None))
     # with recover, as recovery does: the statistics that leave the model closer to the dense one
-    tried = [_scored(pruned, images, cut), *([recovered] if recover else [])]
+    tried = [_scored(pruned, images, cut), *([recovered] if dense_side is not None else [])]
     kl, logits = min(((_divergence(lg, images), lg) for lg in tried), key=lambda c: c[0])
     return (
         _top1(logits, images.held_out),
@@ -307,16 +310,18 @@ def _recover(
     kept: dict[str, torch.Tensor],
     calibration: Sequence[torch.Tensor],
     cut: _Cut | None = None,
+    dense_side: dict | None = None,
 ) -> None:
     """A try's recovery: ``pruned``'s readers of what was removed re-fitted on the first BatchNorm images,
-    both passes run from the cut where there is one. The BatchNorm statistics are left to the try, which
+    both passes run from the cut where there is one (the dense pass once for the tries sharing
+    ``dense_side``). The BatchNorm statistics are left to the try, which
     re-estimates them after the cut only (the prefix its cached outputs stand for must stay the dense
     model's)."""
     images = _first(calibration, RECOVERY_IMAGES)
     start = None
     if cut is not None:  # cached at the scan's precision; recovery runs in float32
         start = Start(cut.name, cut.skipped, torch.cat(_first(cut.calibration, RECOVERY_IMAGES)).float())
-    reconstruct(dense, pruned, kept, images, quiet=True, settle=False, start=start)
+    reconstruct(dense, pruned, kept, images, quiet=True, settle=False, start=start, dense_cache=dense_side)
 
 
 def _divergence(logits: Sequence[torch.Tensor], images: _Images) -> float:

@@ -121,7 +121,6 @@ class ShortcutTargets:
             self.sums = {}
         self.values: dict[str, torch.Tensor] = {}  # shortcut node -> its value in the pass running
         self.uses: Counter[str] = Counter()  # shortcut node -> layers yet to read it in this pass
-        self.dense_shortcut: dict[str, torch.Tensor] = {}  # layer -> the dense shortcut at its rows
 
     def runner(self, dense: bool) -> Any:
         """How a pass runs the model: through the traced graph, recording the shortcuts, where there are
@@ -143,18 +142,24 @@ class ShortcutTargets:
             del self.values[node]
         return value
 
-    def record_dense(self, name: str, rows: Any, kept: torch.Tensor | None) -> None:
-        """In the dense pass: the shortcut of layer ``name`` at its rows, on the channels it keeps."""
-        if name in self.sums:
-            self.dense_shortcut[name] = select_kept(self._read(name, rows), kept)
+    def dense_value(self, name: str, rows: Any) -> torch.Tensor | None:
+        """In the dense pass: the shortcut of layer ``name`` at its rows (None for a layer writing into no
+        sum)."""
+        return self._read(name, rows) if name in self.sums else None
 
-    def target(self, name: str, rows: Any, y: torch.Tensor, modules: dict[str, nn.Module]) -> torch.Tensor:
-        """In the pruned pass: ``y`` (the dense layer's output), or for a layer writing into a sum, what
-        makes the sum the dense one: ``y + (s_dense - s_pruned) / a``."""
-        if name not in self.sums:
-            return y
+    def target(
+        self,
+        name: str,
+        rows: Any,
+        y: torch.Tensor,
+        modules: dict[str, nn.Module],
+        dense_shortcut: torch.Tensor,
+    ) -> torch.Tensor:
+        """In the pruned pass, for a layer writing into a sum: what makes the sum the dense one,
+        ``y + (s_dense - s_pruned) / a`` (``y``: the dense layer's output, ``dense_shortcut``: ``s_dense``, both
+        on the channels the layer keeps)."""
         total = self.sums[name]
-        error = self.dense_shortcut.pop(name) - self._read(name, rows)
+        error = dense_shortcut - self._read(name, rows)
         scale = batchnorm_scale(modules[total.norm])
         safe = torch.where(scale < 0, -1.0, 1.0) * scale.abs().clamp_min(1e-6)  # a dead channel: no blow-up
         return y + error / safe
