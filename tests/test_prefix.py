@@ -46,6 +46,37 @@ def test_cuts_inside_a_residual_block_are_refused(resnet):
     assert candidate_cuts(resnet, calls, first)[0] == "layer2.0"
 
 
+class LoopedBlocks(torch.nn.Module):
+    """Blocks in a ModuleList that the forward loops over with an extra argument (as EfficientNet's port
+    does), the last one's output read by a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = torch.nn.ModuleList(torch.nn.Conv2d(8, 8, 3, padding=1) for _ in range(3))
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = torch.relu(block(x)) * 1.0
+        return self.head(x.mean((2, 3)))
+
+
+def test_blocks_a_forward_loops_over_are_cuts():
+    torch.manual_seed(0)
+    model, x = LoopedBlocks().eval(), torch.randn(2, 3, 8, 8)
+    calls = trace_calls(model, x[:1])
+    assert candidate_cuts(model, calls, calls["blocks.2"].start)[:2] == ["blocks.1", "blocks.0"]
+    skipped = verified(model, calls, "blocks.1", x)
+    assert skipped == ["stem", "blocks.0"]
+    with torch.no_grad():
+        want, value = model(x), capture(model, "blocks.1", x)
+        with running_from(model, "blocks.1", skipped) as holder:
+            holder.value = value
+            torch.testing.assert_close(model(torch.zeros_like(x)), want)
+
+
 @pytest.mark.slow
 def test_a_scan_from_cached_cuts_matches_one_that_runs_the_whole_model(resnet, monkeypatch):
     gen = torch.Generator().manual_seed(1)

@@ -63,12 +63,13 @@ def trace_calls(model: nn.Module, example: torch.Tensor) -> dict[str, Call]:
 
 def candidate_cuts(model: nn.Module, calls: dict[str, Call], before: int, limit: int = 4) -> list[str]:
     """Up to ``limit`` modules that finish before call index ``before``, latest first: children of the
-    model or of a Sequential, called once (the places a chain of layers can be cut)."""
+    model, of a Sequential or of a ModuleList (blocks a forward loops over, as EfficientNet's), called once
+    (the places a chain of layers can be cut; ``verified`` checks each)."""
     modules = dict(model.named_modules())
     chained = []
     for name, call in calls.items():
         parent = name.rpartition(".")[0]
-        in_chain = parent == "" or isinstance(modules.get(parent), nn.Sequential)
+        in_chain = parent == "" or isinstance(modules.get(parent), (nn.Sequential, nn.ModuleList))
         if in_chain and call.count == 1 and call.end < before:
             chained.append((call.end, name))
     return [name for _, name in sorted(chained, reverse=True)[:limit]]
