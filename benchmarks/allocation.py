@@ -49,7 +49,8 @@ ROWS = [
     *(f"{kind}+kd-{t}" for t in TARGETS for kind in ("torch-pruning", "sensitivity")),
     # "+keepNN": no group planned below NN % of its channels (planning.MIN_KEEP_FRACTION; 5 % by default)
     *(f"sensitivity+keep{k}-{t}" for t in TARGETS for k in (25, 35)),
-    # "+refitscan": the sensitivity scan scores each try after recovery (scan_recovery)
+    # "+refitscan": the sensitivity scan scores each try after recovery (scan_recovery, the default since
+    # 2026-12-07; the rows without it scan with BatchNorm recalibration only, the default before)
     *(f"sensitivity+refitscan-{t}" for t in TARGETS),
 ]
 DISTILLED = "+kd"
@@ -96,7 +97,10 @@ def prune_row(row: str, baseline: Path, out: Path, results: dict, data: str) -> 
                 print(f"{row}: skipped until --measure has timed {LATENCY_ALLOCATION}-{target}", flush=True)
                 return None
             request = PruneRequest(
-                target_latency=fraction, latency_batch=LATENCY_BATCH, allocation=LATENCY_ALLOCATION
+                target_latency=fraction,
+                latency_batch=LATENCY_BATCH,
+                allocation=LATENCY_ALLOCATION,
+                scan_recovery=False,  # as these rows were measured (before the default recovered the scan)
             )
         else:
             request = PruneRequest(

@@ -315,8 +315,9 @@ def test_the_default_allocation_follows_the_images_at_hand(trained, tmp_path, ca
 
 
 def test_prune_command_scans_as_its_flags_say(trained, tmp_path, monkeypatch):
-    """``prunekit prune`` runs its own scan: --scan-recovery and --prune-input-conv reach it (the scan
-    ignored both until 2026-12-07, so the input conv's group was never scanned, never pruned)."""
+    """``prunekit prune`` runs its own scan: --[no-]scan-recovery and --prune-input-conv reach it (the scan
+    ignored both until 2026-12-07, so the input conv's group was never scanned, never pruned); its tries
+    are recovered by default."""
     asked = []
 
     def spy(model, *args, **kwargs):
@@ -326,25 +327,28 @@ def test_prune_command_scans_as_its_flags_say(trained, tmp_path, monkeypatch):
     monkeypatch.setattr("prunekit.sensitivity.scan", spy)
     argv = ["prune", str(trained), "--target-macs", "0.5", "--allocation", "sensitivity"]
     assert main([*argv, "--reconstruction-images", "64", "--out", str(tmp_path / "a.safetensors")]) == 0
-    flags = ["--scan-recovery", "--prune-input-conv", "--no-reconstruct"]
+    flags = ["--no-scan-recovery", "--prune-input-conv", "--no-reconstruct"]
     assert main([*argv, *flags, "--out", str(tmp_path / "b.safetensors")]) == 0
-    assert asked == [(False, False), (True, True)]
+    assert asked == [(True, False), (False, True)]
 
 
-def test_a_recovered_scan_from_the_command_line_and_a_plain_one_given_with_scan_recovery(
+def test_a_recovered_scan_by_default_from_the_command_line_and_a_plain_one_given_to_prune(
     trained, tmp_path, capsys
 ):
     out = tmp_path / "s.json"
     argv = ["sensitivity", str(trained), "--out", str(out), "--ratios", "0.5", "--images", "32"]
-    assert main([*argv, "--recalibration-images", "32", "--scan-recovery"]) == 0, capsys.readouterr().err
+    assert main([*argv, "--recalibration-images", "32"]) == 0, capsys.readouterr().err
     assert json.loads(out.read_text())["recovered"] is True
+    assert main([*argv, "--recalibration-images", "32", "--no-scan-recovery", "--overwrite"]) == 0
+    assert json.loads(out.read_text())["recovered"] is False
     plain = _fake_scan(fresh(ResidualNet))
     images = [x for x, _ in _batches(2, 2)]
-    prunekit.prune(fresh(ResidualNet), X, target_macs=0.6, calibration=images, sensitivity=plain)
-    assert "scan_recovery" not in capsys.readouterr().err
+    capsys.readouterr()
     prunekit.prune(
-        fresh(ResidualNet), X, target_macs=0.6, calibration=images, sensitivity=plain, scan_recovery=True
+        fresh(ResidualNet), X, target_macs=0.6, calibration=images, sensitivity=plain, scan_recovery=False
     )
+    assert "scan_recovery" not in capsys.readouterr().err
+    prunekit.prune(fresh(ResidualNet), X, target_macs=0.6, calibration=images, sensitivity=plain)
     assert "scan given was scored without recovery" in capsys.readouterr().err
 
 

@@ -127,8 +127,8 @@ def prune(
     ``reconstruct`` then re-fits every layer that reads pruned channels to the dense model's outputs on
     unlabelled images (``reconstruction``, or else ``calibration``): recovery without labels
     (``prunekit.reconstruct``; BatchNorm statistics are left as the re-fit matched them).
-    ``scan_recovery`` recovers each try of the sensitivity scan run here before scoring it (slower; the
-    plan kept 2-3 points more of a few-shot pretrained model, benchmarks/results/fewshot.json).
+    ``scan_recovery`` (default) recovers each try of the sensitivity scan run here before scoring it, so the
+    plan ranks groups by what survives recovery (False: a faster scan, BatchNorm recalibration only).
     """
     at_hand = _image_count(calibration)
     request = PruneRequest(
@@ -407,7 +407,7 @@ def sensitivity_scan(
     example_inputs: Any,
     calibration: Iterable | torch.Tensor,
     ratios: Sequence[float] | None = None,
-    scan_recovery: bool = False,
+    scan_recovery: bool = PruneRequest.scan_recovery,
 ) -> dict[str, Any]:
     """Each prunable group pruned alone at ``ratios`` (default 0.1, 0.3, ..., 0.9) on ``calibration`` (input
     batches, labels optional), as ``prunekit sensitivity`` does: the result ``prune(sensitivity=)`` takes;

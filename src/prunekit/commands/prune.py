@@ -304,7 +304,8 @@ FLAGS = [
          "loss from a sensitivity scan (default for a target: sensitivity, scanned on training images first, "
          f"from {SENSITIVITY_FROM:,} training images; global below that)"),
     flag("sensitivity", type=Path, default=None, help="a `prunekit sensitivity` JSON (default: scan now)"),
-    flag("scan_recovery", action="store_true", help=OPTIONS["scan_recovery"].help),
+    flag("scan_recovery", action=argparse.BooleanOptionalAction, default=PruneRequest.scan_recovery,
+         help=OPTIONS["scan_recovery"].help),
     *DATA_FLAGS,
     flag("seed", default=SEED),
     flag("out", type=Path, default=None,

@@ -40,7 +40,7 @@ FLAGS = [
     flag("prune_input_conv", action="store_true", help="see prune --prune-input-conv"),
     flag("round_to"),
     flag("allocation", help="see prune --allocation"),
-    flag("scan_recovery", action="store_true", help="see prune --scan-recovery"),
+    flag("scan_recovery", action=argparse.BooleanOptionalAction, help="see prune --scan-recovery"),
     flag("importance", help=IMPORTANCE_HELP),
     flag("calibration"),
     flag("calibration_images"),

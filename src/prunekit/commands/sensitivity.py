@@ -13,6 +13,7 @@ from ..console import renamed_keyword, warn
 from ..files import DirectoryLock, check_outputs
 from ..importance import NETWORK_WIDE
 from ..options import OPTIONS, SEED, Command, flag, validate
+from ..requests import PruneRequest
 from ..sensitivity import RATIOS, SCAN_CALIBRATION_IMAGES, SCAN_IMAGES
 from .rundir import CHECKPOINT, DATA_FLAGS, default_output, load_data_for, run_printed, scan_batches
 
@@ -30,13 +31,13 @@ def sensitivity_checkpoint(
     seed: int = SEED,
     overwrite: bool = False,
     calibration_images: int | None = None,
-    scan_recovery: bool = False,
+    scan_recovery: bool = PruneRequest.scan_recovery,
 ) -> dict[str, Any]:
     """Sensitivity scan of a checkpoint on held-out training images; writes ``out`` (JSON) and a PNG beside it.
     ``images`` and ``recalibration_images`` (BatchNorm re-estimation after each try) default to
     ``SCAN_IMAGES`` and ``SCAN_CALIBRATION_IMAGES``, both shrunk to finish in about ``SCAN_SECONDS``; counts
     given are used as they are. ``calibration_images`` is ``recalibration_images``' name until 0.2.
-    ``scan_recovery``: each try recovered before it is scored (``prunekit prune --scan-recovery``)."""
+    ``scan_recovery``: each try recovered before it is scored (``prunekit prune --no-scan-recovery``: not)."""
     from ..files import write_json
     from ..sensitivity import SCAN_SECONDS, plot, scan
 
@@ -85,7 +86,12 @@ FLAGS = [
     # its name until 0.2: "calibration" is the images that score importance (prune --calibration-images)
     flag("old_recalibration_images", "--calibration-images", type=int, help=argparse.SUPPRESS),
     flag("importance", default=NETWORK_WIDE),
-    flag("scan_recovery", action="store_true", help=OPTIONS["scan_recovery"].help),
+    flag(
+        "scan_recovery",
+        action=argparse.BooleanOptionalAction,
+        default=PruneRequest.scan_recovery,
+        help=OPTIONS["scan_recovery"].help,
+    ),  # fmt: skip
     flag("overwrite", action="store_true", help="replace existing outputs"),
     *DATA_FLAGS,
     flag("seed", default=SEED),
