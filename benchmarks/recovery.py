@@ -34,9 +34,10 @@ OUT = RESULTS / "recovery.json"
 
 
 def rows() -> list[str]:
-    """``torch-pruning-T``, and ``ALLOCATION[+recovery[+bn|+plainsums]][/CRITERION]-T`` (criterion l2 unless
-    named; ``+bn``: BatchNorm statistics re-estimated on the same images after the re-fit; ``+plainsums``:
-    layers writing into residual sums fitted to their own outputs, not to the sums)."""
+    """``torch-pruning-T``, and ``ALLOCATION[+refitscan][+recovery[+bn|+plainsums]][/CRITERION]-T``
+    (criterion l2 unless named; ``+refitscan``: the scan's tries recovered before they are scored; ``+bn``:
+    BatchNorm statistics re-estimated on the same images after the re-fit; ``+plainsums``: layers writing
+    into residual sums fitted to their own outputs, not to the sums)."""
     names = []
     for target in TARGETS:
         names.append(f"torch-pruning-{target}")
@@ -48,6 +49,8 @@ def rows() -> list[str]:
             names.append(f"{allocation}+recovery+plainsums/group-l2-{target}")
         # the same scan, its curves read as points of accuracy instead of divergence from the dense model
         names.append(f"sensitivity(accuracy)+recovery-{target}")
+        # the scan's tries recovered before they are scored (scan_recovery, the default since 2026-12-07)
+        names.append(f"sensitivity+refitscan+recovery-{target}")
     return names
 
 
@@ -55,7 +58,13 @@ def load() -> dict:
     return json.loads(OUT.read_text()) if OUT.exists() else {"rows": {}}
 
 
-RECOVERY_KEPT = ("baseline", "dense_accuracy", "scan_seconds", "scan_images", "rows", "machine")
+RECOVERY_KEPT = (
+    "baseline",
+    "dense_accuracy",
+    *(f"{scan}_{what}" for scan in ("scan", "recovered_scan") for what in ("seconds", "images")),
+    "rows",
+    "machine",
+)
 
 
 def write(results: dict) -> None:
@@ -83,7 +92,7 @@ def prune_row(row: str, dense: torch.nn.Module, context: dict) -> tuple[torch.nn
             torch.zeros(1, 3, 32, 32),
             target_macs=TARGETS[target],
             allocation=allocation.partition("(")[0],
-            sensitivity=read_as(context["scan"], allocation),
+            sensitivity=read_as(context["recovered_scan" if "refitscan" in steps else "scan"], allocation),
             calibration=images,
             importance=criterion or "l2",
             reconstruct="recovery" in steps,
@@ -132,12 +141,14 @@ def main() -> None:
     Path(args.runs).mkdir(parents=True, exist_ok=True)
     wanted = args.only.split(",") if args.only else rows()
     todo = [r for r in wanted if args.only or r not in results["rows"]]
-    if any(r.startswith("sensitivity") for r in todo):
-        start = time.perf_counter()
-        held_out, recal = scan_batches(bundle, SCAN_IMAGES, SCAN_CALIBRATION_IMAGES, 0)
-        context["scan"] = scan(ckpt.model, torch.zeros(1, 3, 32, 32), held_out, recal, seconds=SCAN_SECONDS)
-        results["scan_seconds"] = time.perf_counter() - start
-        results["scan_images"] = [context["scan"]["held_out_images"], context["scan"]["calibration_images"]]
+    for key, recover in (("scan", False), ("recovered_scan", True)):
+        if any(r.startswith("sensitivity") and ("refitscan" in r) == recover for r in todo):
+            start = time.perf_counter()
+            held_out, recal = scan_batches(bundle, SCAN_IMAGES, SCAN_CALIBRATION_IMAGES, 0)
+            example = torch.zeros(1, 3, 32, 32)
+            context[key] = scan(ckpt.model, example, held_out, recal, seconds=SCAN_SECONDS, recover=recover)
+            results[f"{key}_seconds"] = time.perf_counter() - start
+            results[f"{key}_images"] = [context[key]["held_out_images"], context[key]["calibration_images"]]
     for row in todo:
         model, info = prune_row(row, ckpt.model, context)
         acc = evaluate(model, test)["accuracy"]
