@@ -364,3 +364,13 @@ def test_a_time_capped_scan_picks_the_same_images_on_a_busier_machine():
     (held_out, calibration), *_ = counts
     assert held_out < 1000 and calibration < 512  # the cap applied
     assert held_out & (held_out - 1) == 0 and calibration & (calibration - 1) == 0  # powers of two
+
+
+def test_the_sensitivity_command_scans_the_input_conv_group_when_asked(trained, tmp_path, capsys):
+    argv = ["sensitivity", str(trained), "--ratios", "0.5", "--images", "32", "--recalibration-images", "32"]
+    groups = {}
+    for extra in ([], ["--prune-input-conv"]):
+        out = tmp_path / f"s{len(extra)}.json"
+        assert main([*argv, "--no-scan-recovery", *extra, "--out", str(out)]) == 0, capsys.readouterr().err
+        groups[bool(extra)] = set(json.loads(out.read_text())["groups"])
+    assert groups[False] < groups[True] and len(groups[True] - groups[False]) == 1

@@ -26,7 +26,7 @@ from .planning import allocation_note, default_allocation
 from .pruning import PruneRequest, prune_model
 from .reconstruct import reconstruct as refit_readers
 from .schema import KEPT_ATTRIBUTE
-from .sensitivity import scan_calibration
+from .sensitivity import scan_calibration, scan_options
 from .surgery import KeptChannels, restore, snapshot
 from .weights import find_classifier
 
@@ -304,13 +304,8 @@ def _prune_on_data(
                 f"{arg('allocation')} sensitivity needs {arg('sensitivity')} (a scan) or "
                 f"{arg('calibration')} images to scan"
             )
-        request.sensitivity = scan_calibration(
-            model,
-            example,
-            _fitting(model, calibration_inputs(calibration, device)),
-            prune_input_conv=request.prune_input_conv,
-            recover=request.scan_recovery,
-        )
+        scanned = _fitting(model, calibration_inputs(calibration, device))
+        request.sensitivity = scan_calibration(model, example, scanned, **scan_options(request))
     if not request.reconstruct:
         return prune_model(model, request, criterion, example), None  # traces autograd: no no_grad
     dense, before = copy.deepcopy(model), snapshot(model)
@@ -408,13 +403,16 @@ def sensitivity_scan(
     calibration: Iterable | torch.Tensor,
     ratios: Sequence[float] | None = None,
     scan_recovery: bool = PruneRequest.scan_recovery,
+    prune_input_conv: bool = PruneRequest.prune_input_conv,
 ) -> dict[str, Any]:
     """Each prunable group pruned alone at ``ratios`` (default 0.1, 0.3, ..., 0.9) on ``calibration`` (input
     batches, labels optional), as ``prunekit sensitivity`` does: the result ``prune(sensitivity=)`` takes;
-    ``scan_recovery``: each try recovered before it is scored. ``model`` is not changed."""
+    ``scan_recovery``: each try recovered before it is scored; ``prune_input_conv``: the input conv's group
+    scanned too. ``model`` is not changed."""
     example = _example(model, example_inputs)
     batches = _fitting(model, calibration_inputs(calibration, example.device))
-    return scan_calibration(model, example, batches, ratios, recover=scan_recovery)
+    request = PruneRequest(scan_recovery=scan_recovery, prune_input_conv=prune_input_conv)
+    return scan_calibration(model, example, batches, ratios, **scan_options(request))
 
 
 def recalibrate_bn(model: nn.Module, batches: Iterable) -> int:

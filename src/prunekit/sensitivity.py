@@ -41,6 +41,12 @@ LOSS = "kl"  # what allocation reads from a scan: "kl" (divergence from the dens
 RECOVERY_IMAGES = 64  # a recovered try (scan_recovery) re-fits on the first this many BatchNorm images
 
 
+def scan_options(request: PruneRequest) -> dict[str, Any]:
+    """The keywords of ``scan`` (and ``scan_calibration``) that a pruning request sets, read in one place
+    for every caller that scans for a request."""
+    return {"prune_input_conv": request.prune_input_conv, "recover": request.scan_recovery}
+
+
 def scan_counts(available: int, images: int, calibration_images: int) -> tuple[int, int, str | None]:
     """The scan's image counts within a training set of ``available`` images: both shrunk in proportion
     when the set holds fewer than they ask, with the line that says so (None when nothing shrank)."""

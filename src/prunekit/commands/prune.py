@@ -162,18 +162,12 @@ def _pruning_images(
         images = settings.reconstruction_images
         refit = [x for x, _ in calibration_batches(meta, bundle, images, seed=seed + 1)]
     if scans:
-        from ..sensitivity import SCAN_CALIBRATION_IMAGES, SCAN_IMAGES, SCAN_SECONDS, scan
+        from ..sensitivity import SCAN_CALIBRATION_IMAGES, SCAN_IMAGES, SCAN_SECONDS, scan, scan_options
 
-        size = meta["input_size"]
+        example = torch.zeros(1, 3, meta["input_size"], meta["input_size"])
         held_out, recal = scan_batches(bundle, SCAN_IMAGES, SCAN_CALIBRATION_IMAGES, seed)
         request.sensitivity = scan(
-            model,
-            torch.zeros(1, 3, size, size),
-            held_out,
-            recal,
-            seconds=SCAN_SECONDS,
-            prune_input_conv=request.prune_input_conv,
-            recover=request.scan_recovery,
+            model, example, held_out, recal, seconds=SCAN_SECONDS, **scan_options(request)
         )
     return batches, refit
 

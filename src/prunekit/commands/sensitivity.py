@@ -32,14 +32,16 @@ def sensitivity_checkpoint(
     overwrite: bool = False,
     calibration_images: int | None = None,
     scan_recovery: bool = PruneRequest.scan_recovery,
+    prune_input_conv: bool = PruneRequest.prune_input_conv,
 ) -> dict[str, Any]:
     """Sensitivity scan of a checkpoint on held-out training images; writes ``out`` (JSON) and a PNG beside it.
     ``images`` and ``recalibration_images`` (BatchNorm re-estimation after each try) default to
     ``SCAN_IMAGES`` and ``SCAN_CALIBRATION_IMAGES``, both shrunk to finish in about ``SCAN_SECONDS``; counts
     given are used as they are. ``calibration_images`` is ``recalibration_images``' name until 0.2.
-    ``scan_recovery``: each try recovered before it is scored (``prunekit prune --no-scan-recovery``: not)."""
+    ``scan_recovery``: each try recovered before it is scored (``prunekit prune --no-scan-recovery``: not);
+    ``prune_input_conv``: the input conv's group is scanned too (for ``prune --prune-input-conv``)."""
     from ..files import write_json
-    from ..sensitivity import SCAN_SECONDS, plot, scan
+    from ..sensitivity import SCAN_SECONDS, plot, scan, scan_options
 
     recalibration_images = renamed_keyword(
         "sensitivity_checkpoint", "calibration_images", "recalibration_images", calibration_images,
@@ -66,7 +68,7 @@ def sensitivity_checkpoint(
             ratios,
             importance,
             seconds,
-            recover=scan_recovery,
+            **scan_options(PruneRequest(prune_input_conv=prune_input_conv, scan_recovery=scan_recovery)),
         )
         result["checkpoint"] = str(path)
         write_json(out, result)
@@ -91,6 +93,11 @@ FLAGS = [
         action=argparse.BooleanOptionalAction,
         default=PruneRequest.scan_recovery,
         help=OPTIONS["scan_recovery"].help,
+    ),  # fmt: skip
+    flag(
+        "prune_input_conv",
+        action="store_true",
+        help="scan the input conv's group too (for prune --prune-input-conv)",
     ),  # fmt: skip
     flag("overwrite", action="store_true", help="replace existing outputs"),
     *DATA_FLAGS,
