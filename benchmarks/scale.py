@@ -3,7 +3,8 @@ serve for timing): recovery at 2x fewer MACs on 512 calibration images, and the 
 default counts (1,000 scoring + 512 BatchNorm images offered, shrunk to its time budget).
 
 python benchmarks/scale.py [--plain-sums]   (--plain-sums: recovery timed again without residual-sum targets)
-python benchmarks/scale.py --scan-recovery   (only the scan, its tries recovered: kept beside the figures above)
+python benchmarks/scale.py --scan-only [--no-scan-recovery]   (only the scan, merged into the last full run's
+figures; --no-scan-recovery: its tries not recovered, the default before 2026-12-07, kept as scan_plain)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import prunekit
 from common import RESULTS, machine, residual_sums, save
 from prunekit import sensitivity
 from prunekit.finetuning import recalibrate_batchnorm
+from prunekit.requests import PruneRequest
 
 
 def main() -> None:
@@ -31,9 +33,13 @@ def main() -> None:
         "--plain-sums", action="store_true", help="time recovery again without residual-sum targets"
     )
     parser.add_argument(
+        "--scan-only", action="store_true", help="time only the scan (merged into scale.json)"
+    )
+    parser.add_argument(
         "--scan-recovery",
-        action="store_true",
-        help="time only the scan with recovered tries (scan_recovered)",
+        action=argparse.BooleanOptionalAction,
+        default=PruneRequest.scan_recovery,
+        help="the scan's tries recovered before they are scored (the default)",
     )
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -41,10 +47,11 @@ def main() -> None:
     example = torch.zeros(1, 3, args.size, args.size)
     images = [torch.randn(64, 3, args.size, args.size) for _ in range(args.images // 64)]
     recalibrate_batchnorm(model, images[:2])
-    if args.scan_recovery:  # added to the last full run's figures, with its own machine and date
+    key = "scan" if args.scan_recovery else "scan_plain"
+    if args.scan_only:  # merged into the last full run's figures, with its own machine and date
         kept = json.loads(RESULTS.joinpath("scale.json").read_text())
-        kept["scan_recovered"] = {"machine": machine(), **time_scan(model, example, args.size, recover=True)}
-        print(kept["scan_recovered"], flush=True)
+        kept[key] = {"machine": machine(), **time_scan(model, example, args.size, args.scan_recovery)}
+        print(kept[key], flush=True)
         RESULTS.joinpath("scale.json").write_text(json.dumps(kept, indent=2) + "\n")
         return
     result: dict = {"model": "resnet50 (random weights)", "image_size": args.size}
@@ -57,8 +64,8 @@ def main() -> None:
         print(result["recovery_plain_sums"], flush=True)
 
     if not args.no_scan:
-        result["scan"] = time_scan(model, example, args.size)
-        print(result["scan"], flush=True)
+        result[key] = time_scan(model, example, args.size, args.scan_recovery)
+        print(result[key], flush=True)
     save("scale", result)
 
 
@@ -78,9 +85,10 @@ def time_recovery(model: torch.nn.Module, example: torch.Tensor, images: list[to
     }
 
 
-def time_scan(model: torch.nn.Module, example: torch.Tensor, size: int, recover: bool = False) -> dict:
-    """The whole scan as ``prunekit prune`` runs it by default (``recover``: with --scan-recovery): 1,000
-    scoring + 512 BatchNorm images offered, shrunk to its time budget."""
+def time_scan(model: torch.nn.Module, example: torch.Tensor, size: int, recover: bool) -> dict:
+    """The whole scan as ``prunekit prune`` runs it by default (``recover``: its tries recovered, as by
+    default; else as with --no-scan-recovery): 1,000 scoring + 512 BatchNorm images offered, shrunk to its
+    time budget."""
     gen = torch.Generator().manual_seed(1)
     held_out = [
         (torch.randn(50, 3, size, size, generator=gen), torch.randint(0, 10, (50,), generator=gen))
@@ -101,6 +109,7 @@ def time_scan(model: torch.nn.Module, example: torch.Tensor, size: int, recover:
         "images_offered": [sensitivity.SCAN_IMAGES, sensitivity.SCAN_CALIBRATION_IMAGES],
         "images_used": [scan["held_out_images"], scan["calibration_images"]],
         "budget_s": sensitivity.SCAN_SECONDS,
+        "recovered_tries": recover,
     }
 
 
