@@ -52,7 +52,11 @@ ROWS = [
     # "+refitscan": the sensitivity scan scores each try after recovery (scan_recovery, the default since
     # 2026-12-07; the rows without it scan with BatchNorm recalibration only, the default before)
     *(f"sensitivity+refitscan-{t}" for t in TARGETS),
+    # "+steps2": two prune/fine-tune rounds (each keeps the square root of the target, then half the epochs),
+    # as `prunekit run --steps 2` does: the same fine-tuning budget in all
+    *(f"sensitivity+steps2-{t}" for t in TARGETS),
 ]
+STEPPED = "+steps"
 DISTILLED = "+kd"
 LATENCY_BATCH = 64
 RESULT = RESULTS / "allocation.json"
@@ -117,6 +121,39 @@ def prune_row(row: str, baseline: Path, out: Path, results: dict, data: str) -> 
     return {**info, "prune_s": time.perf_counter() - start}
 
 
+def run_stepped_row(row: str, seed: int, args: argparse.Namespace, results: dict) -> dict:
+    """A ``+stepsN`` row: N rounds of pruning (each to the N-th root of the target, of the model before it)
+    and fine-tuning (``epochs // N`` each), every round's output kept so an interrupted row resumes."""
+    kind, target = row.rsplit("-", 1)
+    steps = int(kind.partition(STEPPED)[2])
+    out, source, prune_s = Path(args.runs_dir) / row / f"seed{seed}", args.baseline, 0.0
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        pruned, finetune = out / f"pruned-{step}.safetensors", out / f"finetune-{step}"
+        if not pruned.exists():
+            began = time.perf_counter()
+            request = PruneRequest(target_macs=TARGETS[target] ** (1 / steps), allocation="sensitivity")
+            api.prune_checkpoint(source, request, data=args.data, out=pruned, overwrite=True)
+            prune_s += time.perf_counter() - began
+        if not (finetune / "model.safetensors").exists():
+            resume = (finetune / "checkpoint.safetensors").exists()
+            api.finetune_checkpoint(
+                pruned,
+                finetune,
+                recipe="full",
+                epochs=args.epochs // steps,
+                recalibrate=False,
+                data=args.data,
+                seed=seed,
+                resume=resume,
+                overwrite=not resume,
+            )
+        source = finetune / "model.safetensors"
+    accuracy = api.evaluate_checkpoint(source, data=args.data, measure_latency=False)["accuracy"]
+    return _finished_row(row, seed, args, source, {"prune_s": prune_s, "steps": steps}, start, accuracy, None)
+
+
 def run_row(row: str, seed: int, args: argparse.Namespace, results: dict) -> dict | None:
     out = Path(args.runs_dir) / row / f"seed{seed}"
     distilled, pruning = DISTILLED in row, row.replace(DISTILLED, "")  # "+kd": that row's pruned model
@@ -148,21 +185,36 @@ def run_row(row: str, seed: int, args: argparse.Namespace, results: dict) -> dic
         resume=(finetune / "checkpoint.safetensors").exists(),
         overwrite=not (finetune / "checkpoint.safetensors").exists(),
     )
-    model = load_checkpoint(finetune / "model.safetensors").model
+    accuracy, before = result["accuracy"]["finetuned"], result["accuracy"]["pruned"]
+    return _finished_row(row, seed, args, finetune / "model.safetensors", info, start, accuracy, before)
+
+
+def _finished_row(
+    row: str,
+    seed: int,
+    args: argparse.Namespace,
+    model_file: Path,
+    info: dict,
+    start: float,
+    accuracy: float,
+    before: float | None,
+) -> dict:
+    """A finished row's entry: the fine-tuned model's test accuracy and its size against the baseline's."""
+    model = load_checkpoint(model_file).model
     dense = load_checkpoint(args.baseline).model
     size = 32
     return {
         "row": row,
         "seed": seed,
         **info,
-        "accuracy": result["accuracy"]["finetuned"],
-        "accuracy_before_finetuning": result["accuracy"]["pruned"],
+        "accuracy": accuracy,
+        "accuracy_before_finetuning": before,
         "macs": count_macs(model, size),
         "params": count_params(model),
         "macs_ratio": count_macs(model, size) / count_macs(dense, size),
         "params_ratio": count_params(model) / count_params(dense),
         "finetune_s": time.perf_counter() - start,
-        "checkpoint": str(finetune / "model.safetensors"),
+        "checkpoint": str(model_file),
         "date": machine()["date"],
     }
 
@@ -300,7 +352,7 @@ def main() -> None:
             if key in results["rows"]:
                 continue
             print(f"== {key}", flush=True)
-            entry = run_row(row, seed, args, results)
+            entry = (run_stepped_row if STEPPED in row else run_row)(row, seed, args, results)
             if entry is None:
                 continue
             results = {
