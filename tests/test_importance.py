@@ -243,7 +243,7 @@ def test_unknown_criterion():
 def test_refit_scores_are_the_error_a_least_squares_refit_leaves():
     """Each input channel's score equals the output error of re-fitting the layer without it (ridge least
     squares towards its weights, solved directly), on the images the scores were computed from."""
-    from prunekit.reconstruct import removal_errors
+    from prunekit.removal import removal_errors
 
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 5, 3, padding=1, bias=False)

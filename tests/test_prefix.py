@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 
-from prunekit import sensitivity
+from prunekit import scan_budget, sensitivity
 from prunekit.finetuning import recalibrate_batchnorm
 from prunekit.prefix import candidate_cuts, capture, running_from, trace_calls, verified
 
@@ -106,7 +106,7 @@ def test_a_time_budget_shrinks_the_images_but_not_below_the_floor(resnet):
     held_out = [(torch.randn(100, 3, 32, 32, generator=gen), torch.randint(0, 10, (100,), generator=gen))] * 3
     calibration = [torch.randn(100, 3, 32, 32, generator=gen)] * 2
     result = sensitivity.scan(resnet, torch.zeros(1, 3, 32, 32), held_out, calibration, (0.5,), seconds=0.01)
-    assert result["held_out_images"] == result["calibration_images"] == sensitivity.MIN_SCAN_IMAGES == 32
+    assert result["held_out_images"] == result["calibration_images"] == scan_budget.MIN_SCAN_IMAGES == 32
     full = sensitivity.scan(resnet, torch.zeros(1, 3, 32, 32), held_out, calibration, (0.5,))
     assert (full["held_out_images"], full["calibration_images"]) == (300, 200)
 

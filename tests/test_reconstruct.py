@@ -289,14 +289,14 @@ class StaticSamePaddingConv(nn.Conv2d):
 def test_regression_rows_read_the_inputs_the_conv_saw(conv, size):
     """The rows a re-fit regresses on reproduce the conv's own output with its own weights, whether the
     conv pads by its ``padding`` or in its forward: a wrong padding shifts every patch."""
-    from prunekit.reconstruct import _flat_weight, _padding, _Rows
+    from prunekit.regression import Rows, flat_weight, padding
 
     x = smooth_images(4, seed=5, size=size)[:, :1].repeat(1, 6, 1, 1) + torch.randn(4, 6, size, size)
     with torch.no_grad():
         y = conv(x)
-        rows = _Rows(conv, y, torch.Generator().manual_seed(0))
-        padded = F.pad(x, _padding(conv, x.shape[2:], y.shape[2:]))
-        got = rows.inputs(padded, 0, len(rows.index)) @ _flat_weight(conv).T
+        rows = Rows(conv, y, torch.Generator().manual_seed(0))
+        padded = F.pad(x, padding(conv, x.shape[2:], y.shape[2:]))
+        got = rows.inputs(padded, 0, len(rows.index)) @ flat_weight(conv).T
     torch.testing.assert_close(got, rows.outputs(y), rtol=1e-4, atol=1e-4)
 
 

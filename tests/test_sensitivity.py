@@ -373,11 +373,11 @@ def test_a_recovered_scan_by_default_from_the_command_line_and_a_plain_one_given
 
 
 def test_a_time_capped_scan_picks_the_same_images_on_a_busier_machine():
-    from prunekit.sensitivity import _fitted_counts
+    from prunekit.scan_budget import fitted_counts
 
     suffix = [1.0, 0.8, 0.5]  # what each try runs of the model
     counts = {
-        _fitted_counts((1000, 512), per_image, suffix, ratios=3, per_try=0.5, seconds=240.0)
+        fitted_counts((1000, 512), per_image, suffix, ratios=3, per_try=0.5, seconds=240.0)
         for per_image in (0.050, 0.055, 0.060)  # one machine's timings, up to 20 % apart under load
     }
     assert len(counts) == 1, counts

@@ -200,7 +200,7 @@ class ActivationImportance(ChannelImportance):
 class RefitImportance(ChannelImportance):
     """``refit``: the output error removing a channel leaves in the layers that read it, after each of them
     is re-fitted on its other inputs (what recovery then does): the structured Optimal Brain Surgeon score
-    (``reconstruct.removal_errors``), each reader's scores put on one scale by their mean. Call
+    (``removal.removal_errors``), each reader's scores put on one scale by their mean. Call
     ``calibrate`` first; a group no re-fittable layer reads is scored by its filters' L2 norm."""
 
     def __init__(self, seed: int = 0):
@@ -209,7 +209,7 @@ class RefitImportance(ChannelImportance):
         self._fallback = FilterNormImportance(2)
 
     def calibrate(self, model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
-        from .reconstruct import removal_errors
+        from .removal import removal_errors
 
         self.errors = removal_errors(model, torch.cat(list(batches)), self.seed)
 

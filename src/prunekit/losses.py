@@ -80,7 +80,7 @@ def feature_match(
     """The feature term ``cfg.distill_features`` asks for, or None with the reason when the student's
     classifier inputs cannot be matched to the teacher's (no teacher, no record of which features a
     pruning kept)."""
-    from .reconstruct import in_width
+    from .regression import in_width
     from .weights import find_classifier
 
     if teacher is None or not cfg.distill_features:

@@ -24,8 +24,6 @@ accumulated per chunk of rows, and the images pass the model as one batch no lar
 
 from __future__ import annotations
 
-import contextlib
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,17 +37,24 @@ from .batchnorm import batchnorms, recalibrate_batchnorm
 from .divergence import kl_from_dense
 from .errors import UsageError, arg
 from .modes import eval_mode
-from .prefix import Start, started
+from .prefix import Start
+from .regression import (
+    CHUNK_ROWS,
+    HOLD_OUT_EVERY,
+    Normal,
+    PassDone,
+    Rows,
+    flat_weight,
+    images_per_pass,
+    in_width,
+    padding,
+    refittable,
+    run_with_hooks,
+    set_flat_weight,
+    solve,
+)
 from .shortcuts import ShortcutTargets, select_kept
 
-# Ridge terms tried, relative to the mean diagonal of the inputs' Gram matrix: each reader takes the one with
-# the lowest error on the images held out of its fit (every fifth), then is solved again on all of them.
-RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
-HOLD_OUT_EVERY = 5
-ROWS_PER_INPUT = 8  # regression rows sampled per input dimension of a reader ...
-MIN_ROWS, MAX_ROWS = 4096, 32768  # ... within these bounds (all rows when the images hold fewer)
-CHUNK_ROWS = 4096  # rows gathered at once while accumulating a Gram matrix
-MEMORY_BUDGET = 6 * 2**30  # bytes of activations one pass may hold (the images go through as one batch)
 # A layer writing into a residual sum is fitted to the dense sum, not to its own output (benchmarks/results:
 # the -plainsums rows of fewshot.json and +plainsums rows of recovery.json measure without it).
 SHORTCUTS = True
@@ -98,13 +103,6 @@ class ReconstructionReport:
         )
 
 
-def refittable(layer: nn.Module) -> bool:
-    """A linear, or a conv that mixes all its input channels (not grouped, not depthwise) and pads with zeros."""
-    if isinstance(layer, nn.Conv2d):
-        return layer.groups == 1 and layer.padding_mode == "zeros"
-    return isinstance(layer, nn.Linear)
-
-
 def readers(dense: nn.Module, pruned: nn.Module) -> list[str]:
     """Names of the re-fittable layers whose inputs the surgery shrank."""
     dense_modules = dict(dense.named_modules())
@@ -116,178 +114,6 @@ def readers(dense: nn.Module, pruned: nn.Module) -> list[str]:
         if in_width(layer) != in_width(before):
             names.append(name)
     return names
-
-
-def in_width(layer: nn.Module) -> int:
-    """The input channels of a conv, the input features of a linear."""
-    return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
-
-
-def _padding(conv: nn.Conv2d, in_hw: Sequence[int], out_hw: Sequence[int]) -> tuple[int, int, int, int]:
-    """(left, right, top, bottom) zero padding the conv's input gets, in F.pad's order: the conv's own
-    padding ('same'/'valid' included) where it gives the output size seen; otherwise the conv pads in its own
-    forward (the static 'same' padding of TensorFlow ports, which leave ``padding=0``) and the padding is
-    the one that output size implies, split as TensorFlow's 'same' splits it (the extra pixel after)."""
-    own = []
-    for axis in (1, 0):  # width first
-        k, s, d = conv.kernel_size[axis], conv.stride[axis], conv.dilation[axis]
-        if conv.padding == "valid":
-            before = after = 0
-        elif conv.padding == "same":
-            before, after = d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2
-        else:
-            before = after = conv.padding[axis]
-        if (in_hw[axis] + before + after - d * (k - 1) - 1) // s + 1 != out_hw[axis]:
-            total = max((out_hw[axis] - 1) * s + d * (k - 1) + 1 - in_hw[axis], 0)
-            before, after = total // 2, total - total // 2
-        own += [before, after]
-    return tuple(own)
-
-
-class _Rows:
-    """The regression rows of one reader: sampled output positions, and how to read them from tensors."""
-
-    def __init__(self, layer: nn.Module, output: torch.Tensor, generator: torch.Generator):
-        self.layer = layer
-        if isinstance(layer, nn.Conv2d):
-            n, _, h, w = output.shape
-            total = n * h * w
-            self.out_hw = (h, w)
-        else:
-            total = output.numel() // output.shape[-1]
-        dims = in_width(layer) * (math.prod(layer.kernel_size) if isinstance(layer, nn.Conv2d) else 1)
-        want = min(max(MIN_ROWS, ROWS_PER_INPUT * dims), MAX_ROWS)
-        picked = torch.randperm(total, generator=generator)[:want] if total > want else torch.arange(total)
-        self.index = picked.sort().values
-        if isinstance(layer, nn.Conv2d):
-            self.n = self.index // (h * w)
-            self.h = self.index % (h * w) // w
-            self.w = self.index % w
-            image = self.n
-        else:
-            image = self.index // (total // output.shape[0])
-        self.held_out = image % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
-
-    def outputs(self, output: torch.Tensor) -> torch.Tensor:
-        """The layer's output at the sampled positions: rows x channels."""
-        if isinstance(self.layer, nn.Conv2d):
-            return output[self.n, :, self.h, self.w].float().cpu()
-        return output.reshape(-1, output.shape[-1])[self.index].float().cpu()
-
-    def inputs(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of the layer's flattened input (its receptive field, and a 1 for the bias)."""
-        layer = self.layer
-        if isinstance(layer, nn.Conv2d):
-            kh, kw = layer.kernel_size
-            sh, sw = layer.stride
-            dh, dw = layer.dilation
-            rows = self.h[start:stop, None] * sh + torch.arange(kh) * dh
-            cols = self.w[start:stop, None] * sw + torch.arange(kw) * dw
-            patch = x[self.n[start:stop, None, None], :, rows[:, :, None], cols[:, None, :]]
-            flat = patch.permute(0, 3, 1, 2).reshape(stop - start, -1)  # (channel, kh, kw) like the weight
-        else:
-            flat = x.reshape(-1, x.shape[-1])[self.index[start:stop]]
-        flat = flat.float().cpu()  # the normal equations live on the CPU in float64, whatever the device
-        if layer.bias is not None:
-            flat = torch.cat([flat, torch.ones(len(flat), 1)], dim=1)
-        return flat
-
-
-def _flat_weight(layer: nn.Module) -> torch.Tensor:
-    """The layer's weight as (outputs, inputs), with the bias as one more input column."""
-    w = layer.weight.detach().reshape(layer.weight.shape[0], -1).float()
-    if layer.bias is not None:
-        w = torch.cat([w, layer.bias.detach().float()[:, None]], dim=1)
-    return w
-
-
-def _set_flat_weight(layer: nn.Module, flat: torch.Tensor) -> None:
-    """New parameter objects, never an in-place edit: a parameter the surgery did not replace (a reader's
-    bias) is still the caller's, and undoing a failed call puts those objects back as they were."""
-
-    def fresh(old: nn.Parameter, value: torch.Tensor) -> nn.Parameter:
-        return nn.Parameter(value.reshape(old.shape).to(old), requires_grad=old.requires_grad)
-
-    if layer.bias is not None:
-        layer.bias = fresh(layer.bias, flat[:, -1])
-        flat = flat[:, :-1]
-    layer.weight = fresh(layer.weight, flat)
-
-
-class _Normal:
-    """The normal equations of one regression: G = X^T X, C = X^T Y and ||Y||^2, accumulated by rows."""
-
-    def __init__(self, inputs: int, outputs: int):
-        self.gram = torch.zeros(inputs, inputs, dtype=torch.float64)
-        self.cross = torch.zeros(inputs, outputs, dtype=torch.float64)
-        self.energy = 0.0
-
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.gram += (x.T @ x).double()
-        self.cross += (x.T @ y).double()
-        self.energy += float((y.double() ** 2).sum())
-
-    def __add__(self, other: _Normal) -> _Normal:
-        total = _Normal(0, 0)
-        total.gram, total.cross = self.gram + other.gram, self.cross + other.cross
-        total.energy = self.energy + other.energy
-        return total
-
-    def error(self, w: torch.Tensor) -> float:
-        """||X W^T - Y||^2 relative to ||Y||^2."""
-        value = (w @ self.gram * w).sum() - 2 * (w * self.cross.T).sum() + self.energy
-        return max(float(value), 0.0) / max(self.energy, 1e-30)
-
-    def solve(self, w0: torch.Tensor, ridge: float, active: torch.Tensor) -> torch.Tensor:
-        """Ridge least squares towards ``w0``: argmin ||X W^T - Y||^2 + lam ||W - w0||^2.
-
-        Only the ``active`` inputs are solved for: an input that is zero on every row (a kernel tap that
-        only ever reads padding, as a 3x3 conv on a 1x1 map does) keeps its weight, which is what the ridge
-        alone would give it, at a fraction of the cost."""
-        g = self.gram[active][:, active]
-        lam = ridge * float(torch.diagonal(g).mean().clamp_min(1e-12))
-        factor, info = torch.linalg.cholesky_ex(g + lam * torch.eye(len(g), dtype=torch.float64))
-        w = w0.clone()
-        if int(info):  # positive definite for any lam > 0; a failure means non-finite inputs
-            return torch.full_like(w0, float("nan"))
-        w[:, active] = torch.cholesky_solve(self.cross[active] + lam * w0[:, active].T, factor).T
-        return w
-
-
-def solve(fit: _Normal, held_out: _Normal, w0: torch.Tensor) -> tuple[torch.Tensor | None, float, float]:
-    """The ridge term with the lowest error on ``held_out`` when fitted on ``fit``, applied to both; returns
-    (the new weights, or None where no ridge beats ``w0`` on the held-out images; error before; error after),
-    the errors measured on the held-out images."""
-    w0 = w0.double()
-    best, best_error = None, held_out.error(w0)
-    before = best_error
-    active = torch.diagonal(fit.gram + held_out.gram) > 0
-    if not active.any():
-        return None, before, before
-    for ridge in RIDGES:
-        w = fit.solve(w0, ridge, active)
-        e = held_out.error(w)
-        if torch.isfinite(w).all() and e < best_error:
-            best, best_error = ridge, e
-    if best is None:
-        return None, before, before
-    w = (fit + held_out).solve(w0, best, active)
-    return (w.float() if torch.isfinite(w).all() else None), before, best_error
-
-
-def images_per_pass(model: nn.Module, example: torch.Tensor, budget: int = MEMORY_BUDGET) -> int:
-    """How many images one pass may hold within ``budget``: activations of one image, summed over the conv
-    and linear outputs (what a gradient-free pass holds at most, and more), priced in float32."""
-    from .measure import forward_with_hooks
-
-    total = 0
-
-    def hook(_module, _inputs, output):
-        nonlocal total
-        total += output[:1].numel() * 4
-
-    forward_with_hooks(model, example[:1], hook)
-    return max(1, budget // max(total, 1))
 
 
 @torch.no_grad()
@@ -307,7 +133,7 @@ def reconstruct(
 
     ``kept_outputs``: for each layer whose own outputs were pruned, the dense channel indices it kept.
     ``images`` are unlabelled input batches; they pass both models as one batch (as many as fit in
-    ``MEMORY_BUDGET``). ``pruned`` is changed in place; ``dense`` is not. ``shortcuts`` (default
+    ``regression.MEMORY_BUDGET``). ``pruned`` is changed in place; ``dense`` is not. ``shortcuts`` (default
     ``SHORTCUTS``) fits a layer that writes into a residual sum to the dense sum (``prunekit.shortcuts``);
     ``quiet``: no progress bar; ``settle``: then choose the BatchNorm statistics (``settle_batchnorm``; else
     the dense ones stay). ``start``: both passes start at a cut whose output for ``images`` is given (the
@@ -341,7 +167,7 @@ def reconstruct(
             report.layers.append(_refit_layer(name, module, inputs[0], side.rows[name], y))
             bar.update(task, advance=1)
             if done >= side.rows.keys():
-                raise _PassDone  # every reader re-fitted: the rest of the pass is not needed
+                raise PassDone  # every reader re-fitted: the rest of the pass is not needed
 
         return pre_hook
 
@@ -357,7 +183,7 @@ def reconstruct(
                 dense_cache[key] = side
         bar.update(task, advance=1)
         hooks = {pruned_modules[n]: refit(n) for n in names}
-        _run_with_hooks(pruned, x, hooks, pre=True, run=sums.runner(dense=False), start=start)
+        run_with_hooks(pruned, x, hooks, pre=True, run=sums.runner(dense=False), start=start)
     if settle:
         report.batchnorm = settle_batchnorm(dense, pruned, *_check_split(every, len(x)), batch=len(x))
     report.seconds = time.perf_counter() - report.started
@@ -369,7 +195,7 @@ class DenseSide:
     """What recovery reads from the dense model: each reader's sampled rows, the dense output there (every
     channel), and for a layer writing into a residual sum the dense shortcut there."""
 
-    rows: dict[str, _Rows] = field(default_factory=dict)
+    rows: dict[str, Rows] = field(default_factory=dict)
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     shortcuts: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -385,19 +211,19 @@ def _dense_side(
         def hook(module, _inputs, output):
             if name in side.rows:  # a layer called twice is fitted to its first call
                 return
-            rows = side.rows[name] = _Rows(module, output, generator)
+            rows = side.rows[name] = Rows(module, output, generator)
             side.outputs[name] = rows.outputs(output)
             shortcut = sums.dense_value(name, rows)
             if shortcut is not None:
                 side.shortcuts[name] = shortcut
             if len(side.rows) == len(names):
-                raise _PassDone  # the rest of the network holds nothing to record
+                raise PassDone  # the rest of the network holds nothing to record
 
         return hook
 
     modules = dict(dense.named_modules())
     hooks = {modules[n]: record(n) for n in names}
-    _run_with_hooks(dense, x, hooks, pre=False, run=sums.runner(dense=True), start=start)
+    run_with_hooks(dense, x, hooks, pre=False, run=sums.runner(dense=True), start=start)
     return side
 
 
@@ -471,14 +297,14 @@ def _predictions(model: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor 
     return torch.cat(outs).float()
 
 
-def _refit_layer(name: str, layer: nn.Module, x: torch.Tensor, rows: _Rows, y: torch.Tensor) -> LayerFit:
+def _refit_layer(name: str, layer: nn.Module, x: torch.Tensor, rows: Rows, y: torch.Tensor) -> LayerFit:
     """Accumulate the normal equations of one reader chunk by chunk, solve, and write the new weights."""
     if isinstance(layer, nn.Conv2d):
-        x = F.pad(x, _padding(layer, x.shape[2:], rows.out_hw))
-    w0 = _flat_weight(layer).cpu()
+        x = F.pad(x, padding(layer, x.shape[2:], rows.out_hw))
+    w0 = flat_weight(layer).cpu()
     if y.shape[1] != w0.shape[0]:
         raise RuntimeError(f"{name}: {y.shape[1]} dense outputs kept, but the layer has {w0.shape[0]}")
-    fit, held_out = _Normal(*w0.shape[::-1]), _Normal(*w0.shape[::-1])
+    fit, held_out = Normal(*w0.shape[::-1]), Normal(*w0.shape[::-1])
     for begin in range(0, len(y), CHUNK_ROWS):
         end = min(begin + CHUNK_ROWS, len(y))
         xs, ys, out = rows.inputs(x, begin, end), y[begin:end], rows.held_out[begin:end]
@@ -486,76 +312,5 @@ def _refit_layer(name: str, layer: nn.Module, x: torch.Tensor, rows: _Rows, y: t
         held_out.add(xs[out], ys[out])
     w, before, after = solve(fit, held_out, w0)
     if w is not None:  # never make a layer worse than the surgery left it
-        _set_flat_weight(layer, w)
+        set_flat_weight(layer, w)
     return LayerFit(name, w0.shape[1], len(y), before, after)
-
-
-MAX_SCORED_INPUTS = 8192  # a wider reader (a classifier over flattened maps) is left to the other criteria
-
-
-@torch.no_grad()
-def removal_errors(model: nn.Module, images: torch.Tensor, seed: int = 0) -> dict[nn.Module, torch.Tensor]:
-    """For every re-fittable layer, per input channel: the squared output error on ``images`` that removing
-    the channel leaves once the layer's other inputs are re-fitted by least squares (the structured Optimal
-    Brain Surgeon score of Optimal Brain Compression; ThiNet's criterion in closed form):
-    ``tr(W_c [H^-1]_cc^-1 W_c^T) - lam ||W_c||^2``, with ``H`` the Gram matrix of the layer's inputs plus a
-    ridge ``lam`` of 1 % of its mean diagonal."""
-    x = images[: images_per_pass(model, images)]
-    generator = torch.Generator().manual_seed(seed)
-    errors: dict[nn.Module, torch.Tensor] = {}
-
-    def hook(module, inputs, output):
-        width = in_width(module) * (math.prod(module.kernel_size) if isinstance(module, nn.Conv2d) else 1)
-        if module in errors or width > MAX_SCORED_INPUTS:
-            return
-        rows = _Rows(module, output, generator)
-        x = inputs[0]
-        if isinstance(module, nn.Conv2d):
-            x = F.pad(x, _padding(module, x.shape[2:], output.shape[2:]))
-        gram = torch.zeros(width, width, dtype=torch.float64)
-        for begin in range(0, len(rows.index), CHUNK_ROWS):
-            xs = rows.inputs(x, begin, min(begin + CHUNK_ROWS, len(rows.index)))[:, :width]  # no bias column
-            gram += (xs.T @ xs).double()
-        errors[module] = _channel_errors(module.weight.detach(), gram)
-
-    modules = [m for m in model.modules() if refittable(m)]
-    _run_with_hooks(model, x, dict.fromkeys(modules, hook), pre=False)
-    return errors
-
-
-def _channel_errors(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """``tr(W_c [H^-1]_cc^-1 W_c^T)`` for each input channel ``c`` (its block of kernel taps)."""
-    channels = weight.shape[1]
-    taps = gram.shape[0] // channels
-    lam = 0.01 * float(torch.diagonal(gram).mean().clamp_min(1e-12))
-    factor, info = torch.linalg.cholesky_ex(gram + lam * torch.eye(len(gram), dtype=torch.float64))
-    if int(info):  # non-finite inputs: no ranking from these images
-        return torch.zeros(channels)
-    inverse = torch.cholesky_inverse(factor).reshape(channels, taps, channels, taps)
-    index = torch.arange(channels)
-    blocks = inverse[index, :, index, :]  # (channels, taps, taps): each channel's diagonal block
-    w = weight.reshape(weight.shape[0], channels, taps).double()
-    # minus the ridge on the removed weights themselves: what is left is the re-fit's output error (plus
-    # the ridge on the weights that moved), as ``solve`` would leave it
-    total = torch.einsum("oci,cij,ocj->c", w, torch.linalg.inv(blocks), w)
-    return (total - lam * (w**2).sum((0, 2))).clamp_min(0).float()
-
-
-def _run_with_hooks(
-    model: nn.Module,
-    x: torch.Tensor,
-    hooks: dict[nn.Module, Any],
-    pre: bool,
-    run: Any = None,
-    start: Start | None = None,
-) -> None:
-    register = (
-        (lambda m, h: m.register_forward_pre_hook(h)) if pre else (lambda m, h: m.register_forward_hook(h))
-    )
-    handles = [register(m, h) for m, h in hooks.items()]
-    with eval_mode(model, handles), started(model, start), contextlib.suppress(_PassDone):
-        (run or model)(x)
-
-
-class _PassDone(Exception):
-    """Raised by a hook once a pass has given recovery all it needs from it."""

@@ -30,12 +30,19 @@ from .prefix import Call, Start, candidate_cuts, capture, running_from, trace_ca
 from .pruning import prune_model
 from .reconstruct import reconstruct
 from .requests import PruneRequest
+from .scan_budget import (
+    duration,
+    estimate,
+    first_call,
+    fitted_counts,
+    seconds_per_image,
+    suffix_fractions,
+)
 from .surgery import SurgeryError
 
 RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)
 SCAN_IMAGES, SCAN_CALIBRATION_IMAGES = 1000, 512  # training images that score / recalibrate a scan
 SCAN_SECONDS = 240.0  # a scan at the default counts shrinks them to finish in about this long
-MIN_SCAN_IMAGES = 32  # ... but scores and recalibrates on at least this many
 CACHE_BYTES = 4 << 30  # a cut's cached outputs stay below this; past it, tries run the whole model
 LOSS = "kl"  # what allocation reads from a scan: "kl" (divergence from the dense model) or "accuracy"
 RECOVERY_IMAGES = 64  # a recovered try (scan_recovery) re-fits on the first this many BatchNorm images
@@ -45,25 +52,6 @@ def scan_options(request: PruneRequest) -> dict[str, Any]:
     """The keywords of ``scan`` (and ``scan_calibration``) that a pruning request sets, read in one place
     for every caller that scans for a request."""
     return {"prune_input_conv": request.prune_input_conv, "recover": request.scan_recovery}
-
-
-def scan_counts(available: int, images: int, calibration_images: int) -> tuple[int, int, str | None]:
-    """The scan's image counts within a training set of ``available`` images: both shrunk in proportion
-    when the set holds fewer than they ask, with the line that says so (None when nothing shrank)."""
-    if images + calibration_images <= available:
-        return images, calibration_images, None
-    if available < 2:
-        raise UsageError(
-            f"a sensitivity scan needs at least 2 training images, the training split holds {available}"
-        )
-    scale = available / (images + calibration_images)
-    fewer = max(1, int(images * scale))
-    calibration = max(1, min(int(calibration_images * scale), available - fewer))
-    note = (
-        f"the training split holds {available} images: the sensitivity scan scores on {fewer} and "
-        f"re-estimates BatchNorm on {calibration} (instead of {images} + {calibration_images})"
-    )
-    return fewer, calibration, note
 
 
 def prunable_groups(
@@ -129,7 +117,7 @@ def scan(
 ) -> dict[str, Any]:
     """Accuracy on ``held_out`` and divergence from the dense model for every (group, ratio), each group
     pruned alone after BN recalibration. With ``seconds``, both image sets shrink (never below
-    ``MIN_SCAN_IMAGES``) so the scan's estimate fits that time; ``prune_input_conv`` scans the input
+    ``scan_budget.MIN_SCAN_IMAGES``) so the scan's estimate fits that time; ``prune_input_conv`` scans the input
     conv's group too. ``recover``: each try's readers are re-fitted (``prunekit.reconstruct``) before it is
     scored, with whichever BatchNorm statistics leave it closer to the dense model: the plan then ranks
     groups by what survives recovery (slower: a recovery a try).
@@ -145,7 +133,7 @@ def scan(
     calls = trace_calls(model, example)
     costs = LayerCosts(model, example)
     dense_macs = sum(costs.macs.values())
-    suffix = _suffix_fractions(model, calls, costs, groups)
+    suffix = suffix_fractions(model, calls, costs, groups)
     ratios, held_out, calibration = _within_budget(
         model, example, groups, suffix, importance, ratios, held_out, calibration, seconds, recover, calls
     )
@@ -165,7 +153,7 @@ def scan(
     modules = dict(model.named_modules())
     with progress_bar() as bar:
         task = bar.add_task("sensitivity", total=len(groups) * len(ratios), info="")
-        for root in sorted(groups, key=lambda r: _first_call(calls, groups[r])):
+        for root in sorted(groups, key=lambda r: first_call(calls, groups[r])):
             cut = _cut_for(model, calls, groups[root], images, cut)
             row: dict[str, Any] = {"accuracy": [], "kl": [], "macs_saved": []}
             dense_side: dict | None = {} if recover else None  # the same for every ratio of the group
@@ -204,25 +192,25 @@ def _within_budget(
 ) -> tuple[Sequence[float], list, list]:
     """The ratios and images a scan uses: as given, or (over ``seconds``) a coarser default grid and fewer
     images; the line that says how long it will take."""
-    per_image = _seconds_per_image(model, held_out)
+    per_image = seconds_per_image(model, held_out)
     per_try = _try_seconds(model, example, groups, calls, importance, calibration, recover)
     offered = (sum(len(y) for _, y in held_out), sum(len(x) for x in calibration))
     counts = offered
-    if seconds is not None and _estimate(per_image, counts, suffix, len(ratios), per_try) > seconds:
+    if seconds is not None and estimate(per_image, counts, suffix, len(ratios), per_try) > seconds:
         if tuple(ratios) == RATIOS:
             ratios = RATIOS[::2]  # a coarser grid first: the planner interpolates between the points
-        counts = _fitted_counts(offered, per_image, suffix, len(ratios), per_try, seconds)
+        counts = fitted_counts(offered, per_image, suffix, len(ratios), per_try, seconds)
         held_out = _first(held_out, counts[0])
         calibration = _first(calibration, counts[1])
-    estimate = _estimate(per_image, counts, suffix, len(ratios), per_try)
+    expected = estimate(per_image, counts, suffix, len(ratios), per_try)
     shrunk = (
-        f" (of {offered[0]} + {offered[1]}, to finish in about {_duration(seconds)})"
+        f" (of {offered[0]} + {offered[1]}, to finish in about {duration(seconds)})"
         if counts != offered
         else ""
     )
     console.print(
         f"sensitivity scan: {len(groups)} groups x {len(ratios)} ratios on {counts[0]} scoring + {counts[1]} "
-        f"BatchNorm images, about {_duration(estimate)}{shrunk}",
+        f"BatchNorm images, about {duration(expected)}{shrunk}",
         highlight=False,
     )
     return ratios, list(held_out), list(calibration)
@@ -360,17 +348,12 @@ def _from_cut(model: nn.Module, cut: _Cut | None):
         yield feed
 
 
-def _first_call(calls: dict[str, Call], members: set[str]) -> int:
-    starts = [calls[m].start for m in members if m in calls]
-    return min(starts) if starts else 0
-
-
 def _cut_for(
     model: nn.Module, calls: dict[str, Call], members: set[str], images: _Images, previous: _Cut | None
 ) -> _Cut | None:
     """The latest verified cut before the group's first member, with its outputs cached (reused from
     ``previous`` when it is the same cut); None when no cut works or its cache would not fit in memory."""
-    for name in candidate_cuts(model, calls, _first_call(calls, members)):
+    for name in candidate_cuts(model, calls, first_call(calls, members)):
         if previous is not None and previous.name == name:
             return previous
         first = images.held_out[0][0]
@@ -388,31 +371,6 @@ def _cut_for(
     return None
 
 
-def _suffix_fractions(
-    model: nn.Module, calls: dict[str, Call], costs: LayerCosts, groups: dict[str, set[str]]
-) -> list[float]:
-    """For each group, the share of the dense MACs that runs after its latest possible cut (an estimate:
-    the cut is verified only when the scan reaches it)."""
-    names = {m: n for n, m in model.named_modules()}
-    total = max(sum(costs.macs.values()), 1)
-    fractions = []
-    for members in groups.values():
-        cuts = candidate_cuts(model, calls, _first_call(calls, members), limit=1)
-        end = calls[cuts[0]].end if cuts else -1
-        after = sum(
-            m for layer, m in costs.macs.items() if calls.get(names.get(layer, ""), Call(0, 0, 0)).start > end
-        )
-        fractions.append(after / total)
-    return fractions
-
-
-def _estimate(
-    per_image: float, counts: tuple[int, int], suffix: Sequence[float], ratios: int, per_try: float
-) -> float:
-    """Seconds for every try: its surgery, then the scoring and BatchNorm images run from its cut."""
-    return (per_image * sum(counts) * sum(suffix) + per_try * len(suffix)) * ratios
-
-
 def _surgery_example(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
     """A smaller input for the tries' surgery (which traces and checks the model on it several times) when
     the model gives the same output shape on it: channel counts, not image size, decide what is removed."""
@@ -428,28 +386,6 @@ def _surgery_example(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
     return small if same else example
 
 
-def _fitted_counts(
-    offered: tuple[int, int],
-    per_image: float,
-    suffix: Sequence[float],
-    ratios: int,
-    per_try: float,
-    seconds: float,
-) -> tuple[int, int]:
-    """Both image counts scaled alike so the scan's estimate fits ``seconds``, each rounded down to a power
-    of two (never below ``MIN_SCAN_IMAGES`` where that many are offered): timings move with the machine's
-    load, and without the rounding a busier run scanned on other images and planned another model (37
-    against 39 scoring images on the few-shot EfficientNet-Lite1, benchmarks/results/fewshot.json)."""
-    tries = per_try * len(suffix) * ratios
-    data = _estimate(per_image, offered, suffix, ratios, 0.0)
-    scale = max(seconds - tries, 0.0) / max(data, 1e-9)
-    return tuple(min(n, _power_of_two_below(max(MIN_SCAN_IMAGES, int(n * scale)))) for n in offered)  # type: ignore[return-value]
-
-
-def _power_of_two_below(n: int) -> int:
-    return 1 << (n.bit_length() - 1)
-
-
 def _first(batches: Sequence[Any], n: int) -> list[Any]:
     """The first ``n`` images of ``batches`` (of tensors, or of (images, labels) pairs)."""
     kept, left = [], n
@@ -459,17 +395,6 @@ def _first(batches: Sequence[Any], n: int) -> list[Any]:
         kept.append(tuple(t[:left] for t in batch) if isinstance(batch, tuple) else batch[:left])
         left -= len(batch[1] if isinstance(batch, tuple) else batch)
     return kept
-
-
-def _seconds_per_image(model: nn.Module, held_out: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """The dense model's time per image at the scan's precision, on (up to) 32 scoring images."""
-    x = held_out[0][0][:32]
-    device = next(model.parameters()).device
-    with torch.no_grad(), autocast(device, device.type == "cuda" or bf16_supported()):
-        model(x[:2])  # warm-up: the first call pays for kernel selection
-        start = time.perf_counter()
-        model(x)
-    return (time.perf_counter() - start) / len(x)
 
 
 def scan_calibration(
@@ -506,10 +431,6 @@ def scan_calibration(
     )
     result["metric"] = "accuracy" if labelled else "agreement with the dense model"
     return result
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def plot(result: dict[str, Any], path: str | Path) -> Path | None:

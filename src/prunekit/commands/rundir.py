@@ -164,7 +164,7 @@ def scan_batches(
     """One seeded draw of training images (never the test set): the first ``images`` score the scan, the
     next ``calibration_images`` recalibrate BatchNorm. Both shrink to what the training split holds, and
     a line says so."""
-    from ..sensitivity import scan_counts
+    from ..scan_budget import scan_counts
 
     images, calibration_images, shrunk = scan_counts(len(bundle.train), images, calibration_images)
     note(shrunk)
