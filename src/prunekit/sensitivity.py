@@ -117,10 +117,10 @@ def scan(
 ) -> dict[str, Any]:
     """Accuracy on ``held_out`` and divergence from the dense model for every (group, ratio), each group
     pruned alone after BN recalibration. With ``seconds``, both image sets shrink (never below
-    ``scan_budget.MIN_SCAN_IMAGES``) so the scan's estimate fits that time; ``prune_input_conv`` scans the input
-    conv's group too. ``recover``: each try's readers are re-fitted (``prunekit.reconstruct``) before it is
-    scored, with whichever BatchNorm statistics leave it closer to the dense model: the plan then ranks
-    groups by what survives recovery (slower: a recovery a try).
+    ``scan_budget.MIN_SCAN_IMAGES``) so the scan's estimate fits that time; ``prune_input_conv`` scans the
+    input conv's group too. ``recover``: each try's readers are re-fitted (``prunekit.reconstruct``, from
+    the group's cut) before it is scored, with whichever BatchNorm statistics leave it closer to the dense
+    model: the plan then ranks groups by what survives recovery (slower: a recovery a try).
 
     ``model`` itself is not changed. Groups whose surgery fails are recorded with the reason, not scored.
     """
@@ -276,8 +276,8 @@ def _point(
 ) -> tuple[float, float, int]:
     """One try: ``root``'s group pruned by ``ratio`` in a copy, BatchNorm re-estimated (with ``dense_side``,
     the dense side of the group's recoveries: its readers re-fitted first, and the dense statistics kept
-    where they leave it closer to the dense model), then (accuracy, mean KL divergence from the dense model's predictions, MACs saved) on the
-    scoring images."""
+    where they leave it closer to the dense model), then (accuracy, mean KL divergence from the dense
+    model's predictions, MACs saved) on the scoring images."""
     pruned = copy.deepcopy(model)
     report = prune_model(
         pruned, PruneRequest(layers=[root], ratio=ratio), make_importance(importance), example
@@ -308,9 +308,8 @@ def _recover(
 ) -> None:
     """A try's recovery: ``pruned``'s readers of what was removed re-fitted on the first BatchNorm images,
     both passes run from the cut where there is one (the dense pass once for the tries sharing
-    ``dense_side``). The BatchNorm statistics are left to the try, which
-    re-estimates them after the cut only (the prefix its cached outputs stand for must stay the dense
-    model's)."""
+    ``dense_side``). The BatchNorm statistics are left to the try, which re-estimates them after the cut
+    only (the prefix its cached outputs stand for must stay the dense model's)."""
     images = _first(calibration, RECOVERY_IMAGES)
     start = None
     if cut is not None:  # cached at the scan's precision; recovery runs in float32
