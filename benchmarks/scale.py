@@ -4,8 +4,7 @@ default counts (1,000 scoring + 512 BatchNorm images offered, shrunk to its time
 
 python benchmarks/scale.py [--plain-sums]   (--plain-sums: recovery timed again without residual-sum targets)
 python benchmarks/scale.py --scan-only [--no-scan-recovery]   (only the scan, merged into the last full run's
-figures; --no-scan-recovery: its tries not recovered, as by default from 10,000 training images, kept as
-scan_plain)
+figures; --no-scan-recovery: its tries not recovered, the default before 2026-12-07, kept as scan_plain)
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ import prunekit
 from common import RESULTS, machine, residual_sums, save
 from prunekit import sensitivity
 from prunekit.finetuning import recalibrate_batchnorm
+from prunekit.requests import PruneRequest
 
 
 def main() -> None:
@@ -38,8 +38,8 @@ def main() -> None:
     parser.add_argument(
         "--scan-recovery",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="the scan's tries recovered before they are scored (the default below 10,000 training images)",
+        default=PruneRequest.scan_recovery,
+        help="the scan's tries recovered before they are scored (the default)",
     )
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -86,8 +86,8 @@ def time_recovery(model: torch.nn.Module, example: torch.Tensor, images: list[to
 
 
 def time_scan(model: torch.nn.Module, example: torch.Tensor, size: int, recover: bool) -> dict:
-    """The whole scan as ``prunekit prune`` runs it by default (``recover``: its tries recovered, as below
-    10,000 training images; else as from 10,000): 1,000 scoring + 512 BatchNorm images offered, shrunk to its
+    """The whole scan as ``prunekit prune`` runs it by default (``recover``: its tries recovered, as by
+    default; else as with --no-scan-recovery): 1,000 scoring + 512 BatchNorm images offered, shrunk to its
     time budget."""
     gen = torch.Generator().manual_seed(1)
     held_out = [

@@ -332,26 +332,6 @@ def test_prune_command_scans_as_its_flags_say(trained, tmp_path, monkeypatch):
     assert asked == [(True, False), (False, True)]
 
 
-def test_the_scan_recovers_its_tries_by_default_below_a_training_set_size(trained, tmp_path, monkeypatch):
-    """The default follows the images at hand: the training split on the command line, ``calibration=``
-    in Python; asked for, it is what was asked."""
-    import prunekit.planning as planning
-    import prunekit.sensitivity as sensitivity
-
-    asked, real = [], sensitivity.scan
-    monkeypatch.setattr(sensitivity, "scan", lambda *a, **k: asked.append(k["recover"]) or real(*a, **k))
-    monkeypatch.setattr(sensitivity, "SCAN_SECONDS", 5.0)
-    images = [x for x, _ in _batches(32, 2)]  # 512 images
-    argv = ["sensitivity", str(trained), "--ratios", "0.5", "--images", "32", "--recalibration-images", "32"]
-    for below in (10_000, 100):  # the mini archive's training split: few, then many
-        monkeypatch.setattr(planning, "RECOVERED_SCAN_BELOW", below)
-        prunekit.prune(fresh(ResidualNet), X, target_macs=0.6, calibration=images)
-        assert main([*argv, "--out", str(tmp_path / f"{below}.json")]) == 0
-    prunekit.prune(fresh(ResidualNet), X, target_macs=0.6, calibration=images, scan_recovery=True)
-    assert asked == [True, True, False, False, True]
-    assert planning.default_scan_recovery(None, None) and not planning.default_scan_recovery(False, 10)
-
-
 def test_a_recovered_scan_by_default_from_the_command_line_and_a_plain_one_given_to_prune(
     trained, tmp_path, capsys
 ):
@@ -364,11 +344,11 @@ def test_a_recovered_scan_by_default_from_the_command_line_and_a_plain_one_given
     plain = _fake_scan(fresh(ResidualNet))
     images = [x for x, _ in _batches(2, 2)]
     capsys.readouterr()
-    prunekit.prune(fresh(ResidualNet), X, target_macs=0.6, calibration=images, sensitivity=plain)
-    assert "scan_recovery" not in capsys.readouterr().err  # the default takes the scan given as it is
     prunekit.prune(
-        fresh(ResidualNet), X, target_macs=0.6, calibration=images, sensitivity=plain, scan_recovery=True
+        fresh(ResidualNet), X, target_macs=0.6, calibration=images, sensitivity=plain, scan_recovery=False
     )
+    assert "scan_recovery" not in capsys.readouterr().err
+    prunekit.prune(fresh(ResidualNet), X, target_macs=0.6, calibration=images, sensitivity=plain)
     assert "scan given was scored without recovery" in capsys.readouterr().err
 
 

@@ -22,7 +22,7 @@ from .finetuning import RECALIBRATION_IMAGES
 from .groups import validate_names
 from .importance import NEEDS_CALIBRATION, ChannelImportance, accumulate_gradients, make_importance
 from .options import SEED
-from .planning import allocation_note, default_allocation, default_scan_recovery
+from .planning import allocation_note, default_allocation
 from .pruning import PruneRequest, prune_model
 from .reconstruct import reconstruct as refit_readers
 from .schema import KEPT_ATTRIBUTE
@@ -106,7 +106,7 @@ def prune(
     prune_input_conv: bool = PruneRequest.prune_input_conv,
     reconstruct: bool | None = None,
     reconstruction: Iterable | torch.Tensor | None = None,
-    scan_recovery: bool | None = PruneRequest.scan_recovery,
+    scan_recovery: bool = PruneRequest.scan_recovery,
     seed: int = SEED,
 ) -> PruneReport:
     """Remove whole channels from ``model`` in place; return what was removed and the measured cost.
@@ -127,9 +127,8 @@ def prune(
     ``reconstruct`` then re-fits every layer that reads pruned channels to the dense model's outputs on
     unlabelled images (``reconstruction``, or else ``calibration``): recovery without labels
     (``prunekit.reconstruct``; BatchNorm statistics are left as the re-fit matched them).
-    ``scan_recovery`` recovers each try of the sensitivity scan run here before scoring it, so the plan ranks
-    groups by what survives recovery (False: a faster scan, BatchNorm recalibration only; None: when fewer
-    than ``planning.RECOVERED_SCAN_BELOW`` calibration images are given).
+    ``scan_recovery`` (default) recovers each try of the sensitivity scan run here before scoring it, so the
+    plan ranks groups by what survives recovery (False: a faster scan, BatchNorm recalibration only).
     """
     at_hand = _image_count(calibration)
     request = PruneRequest(
@@ -146,7 +145,7 @@ def prune(
         sensitivity=sensitivity,
         prune_input_conv=prune_input_conv,
         reconstruct=reconstruct,
-        scan_recovery=default_scan_recovery(scan_recovery, at_hand),
+        scan_recovery=scan_recovery,
     )
     request.validate()
     if not isinstance(model, nn.Module):
@@ -155,7 +154,7 @@ def prune(
     validate_names(model, request)
     criterion, label = _criterion(importance, request.layers, seed)
     images = reconstruction if reconstruction is not None else calibration
-    _note_defaults(request, allocation, reconstruct, images is not None, at_hand, scan_recovery)
+    _note_defaults(request, allocation, reconstruct, images is not None, at_hand)
     request.reconstruct = _reconstruct(reconstruct, images, request.layers)
     with _callers_gradients(model):
         start = time.perf_counter()
@@ -227,14 +226,12 @@ def _note_defaults(
     reconstruct: bool | None,
     images_given: bool,
     at_hand: int | None,
-    scan_recovery: bool | None,
 ) -> None:
-    """The one-line notes on what the caller left to the defaults and what they did with it (and on a
-    plain scan given where a recovered one was asked for)."""
+    """The one-line notes on what the caller left to the defaults and what they did with it."""
     if not images_given and not request.layers:
         _note_without_images(allocation, request.ratio, reconstruct)
     note(allocation_note(allocation, request.ratio, at_hand))
-    if scan_recovery and request.sensitivity is not None and not request.sensitivity.get("recovered"):
+    if request.scan_recovery and request.sensitivity is not None and not request.sensitivity.get("recovered"):
         note(
             f"{arg('scan_recovery')}: the scan given was scored without recovery and is used as it is "
             f"(a recovered one: prunekit sensitivity --scan-recovery)"
@@ -405,18 +402,16 @@ def sensitivity_scan(
     example_inputs: Any,
     calibration: Iterable | torch.Tensor,
     ratios: Sequence[float] | None = None,
-    scan_recovery: bool | None = PruneRequest.scan_recovery,
+    scan_recovery: bool = PruneRequest.scan_recovery,
     prune_input_conv: bool = PruneRequest.prune_input_conv,
 ) -> dict[str, Any]:
     """Each prunable group pruned alone at ``ratios`` (default 0.1, 0.3, ..., 0.9) on ``calibration`` (input
     batches, labels optional), as ``prunekit sensitivity`` does: the result ``prune(sensitivity=)`` takes;
-    ``scan_recovery``: each try recovered before it is scored (None: with fewer than
-    ``planning.RECOVERED_SCAN_BELOW`` calibration images); ``prune_input_conv``: the input conv's group
+    ``scan_recovery``: each try recovered before it is scored; ``prune_input_conv``: the input conv's group
     scanned too. ``model`` is not changed."""
     example = _example(model, example_inputs)
     batches = _fitting(model, calibration_inputs(calibration, example.device))
-    recover = default_scan_recovery(scan_recovery, _image_count(calibration))
-    request = PruneRequest(scan_recovery=recover, prune_input_conv=prune_input_conv)
+    request = PruneRequest(scan_recovery=scan_recovery, prune_input_conv=prune_input_conv)
     return scan_calibration(model, example, batches, ratios, **scan_options(request))
 
 

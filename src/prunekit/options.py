@@ -200,7 +200,7 @@ _TABLE = [
         "scan_recovery",
         bool,
         "re-fit each sensitivity try before scoring it, so the plan ranks groups by what survives recovery "
-        "(off: a faster scan, BatchNorm recalibration only)",
+        "(default; off: a faster scan, BatchNorm recalibration only)",
     ),
     Option("calibration", str, choices=("data", "random")),
     Option("calibration_images", int, check=at_least(1)),

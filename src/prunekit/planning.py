@@ -185,21 +185,6 @@ def default_allocation(allocation: str | None, ratio: float | None, images_at_ha
     return "sensitivity" if images_at_hand is None or images_at_hand >= SENSITIVITY_FROM else "global"
 
 
-RECOVERED_SCAN_BELOW = 10_000  # images at hand below which a sensitivity scan recovers its tries by default
-
-
-def default_scan_recovery(scan_recovery: bool | None, images_at_hand: int | None) -> bool:
-    """Whether a sensitivity scan recovers each try before scoring it: as asked, else when fewer than
-    ``RECOVERED_SCAN_BELOW`` images are at hand (the training split; ``calibration=`` in Python; None:
-    uncounted, taken as few). With few images fine-tuning cannot rebuild what a plan destroys: the recovered
-    scan kept 3.1 points more of a pretrained EfficientNet-Lite1 on 1,000 images; with 50,000 CIFAR-10
-    images it read -0.12 points at 2x fewer MACs and +0.15 at 3x for twice the scan's time
-    (benchmarks/results/fewshot.json, allocation.json); sizes between were not measured."""
-    if scan_recovery is not None:
-        return scan_recovery
-    return images_at_hand is None or images_at_hand < RECOVERED_SCAN_BELOW
-
-
 def allocation_note(allocation: str | None, ratio: float | None, images_at_hand: int | None) -> str | None:
     """One line when the default allocation is ``global`` because too few images are at hand, else None."""
     if allocation is not None or ratio is not None or images_at_hand is None:

@@ -27,9 +27,7 @@ class PruneRequest:
     allocation: str | None = None  # how a target is spread (plan_target); None: by the images at hand
     sensitivity: dict[str, Any] | None = None  # a sensitivity scan, for allocation "sensitivity"
     reconstruct: bool | None = None  # recovery without labels after the surgery (None: the default)
-    # a sensitivity scan's tries recovered before they are scored (None: by the images at hand,
-    # planning.default_scan_recovery)
-    scan_recovery: bool | None = None
+    scan_recovery: bool = True  # a sensitivity scan's tries recovered before they are scored
 
     def validate(self) -> None:
         modes = [

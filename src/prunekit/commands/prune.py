@@ -16,7 +16,7 @@ from ..files import DirectoryLock, check_outputs, clean_stale_temps
 from ..importance import NETWORK_WIDE
 from ..measure import summary
 from ..options import OPTIONS, SEED, UNSET, Command, Flag, flag
-from ..planning import RECOVERED_SCAN_BELOW, SENSITIVITY_FROM
+from ..planning import SENSITIVITY_FROM
 from ..requests import PruneRequest
 from ..training_state import check_finite
 from .rundir import (
@@ -152,7 +152,7 @@ def _pruning_images(
     needs_data = settings.scores_on_data or scans or request.reconstruct or spreads_by_default
     # loaded once for all of them
     bundle = load_data_for(meta, settings.data, settings.data_dir, settings.subset) if needs_data else None
-    _resolve_defaults(request, len(bundle.train) if bundle is not None else 0)
+    _resolve_allocation(request, len(bundle.train) if bundle is not None else 0)
     scans = request.allocation == "sensitivity" and request.sensitivity is None
     batches = refit = None
     if settings.importance in NEEDS_CALIBRATION:
@@ -172,14 +172,13 @@ def _pruning_images(
     return batches, refit
 
 
-def _resolve_defaults(request: Any, training_images: int) -> None:
-    """The default allocation and scan recovery, from the training split's size, into ``request``; a line
-    says when the allocation is ``global`` for want of images."""
-    from ..planning import allocation_note, default_allocation, default_scan_recovery
+def _resolve_allocation(request: Any, training_images: int) -> None:
+    """The default allocation, from the training split's size, into ``request``; a line says when it is
+    ``global`` for want of images."""
+    from ..planning import allocation_note, default_allocation
 
     note(allocation_note(request.allocation, request.ratio, training_images))
     request.allocation = default_allocation(request.allocation, request.ratio, training_images)
-    request.scan_recovery = default_scan_recovery(request.scan_recovery, training_images)
 
 
 def _prune_report(
@@ -300,7 +299,7 @@ FLAGS = [
          f"from {SENSITIVITY_FROM:,} training images; global below that)"),
     flag("sensitivity", type=Path, default=None, help="a `prunekit sensitivity` JSON (default: scan now)"),
     flag("scan_recovery", action=argparse.BooleanOptionalAction, default=PruneRequest.scan_recovery,
-         help=f"{OPTIONS['scan_recovery'].help}; default: with under {RECOVERED_SCAN_BELOW:,} training images"),
+         help=OPTIONS["scan_recovery"].help),
     *DATA_FLAGS,
     flag("seed", default=SEED),
     flag("out", type=Path, default=None,

@@ -13,7 +13,6 @@ from ..console import renamed_keyword, warn
 from ..files import DirectoryLock, check_outputs
 from ..importance import NETWORK_WIDE
 from ..options import OPTIONS, SEED, Command, flag, validate
-from ..planning import RECOVERED_SCAN_BELOW, default_scan_recovery
 from ..requests import PruneRequest
 from ..sensitivity import RATIOS, SCAN_CALIBRATION_IMAGES, SCAN_IMAGES
 from .rundir import CHECKPOINT, DATA_FLAGS, default_output, load_data_for, run_printed, scan_batches
@@ -32,15 +31,14 @@ def sensitivity_checkpoint(
     seed: int = SEED,
     overwrite: bool = False,
     calibration_images: int | None = None,
-    scan_recovery: bool | None = PruneRequest.scan_recovery,
+    scan_recovery: bool = PruneRequest.scan_recovery,
     prune_input_conv: bool = PruneRequest.prune_input_conv,
 ) -> dict[str, Any]:
     """Sensitivity scan of a checkpoint on held-out training images; writes ``out`` (JSON) and a PNG beside it.
     ``images`` and ``recalibration_images`` (BatchNorm re-estimation after each try) default to
     ``SCAN_IMAGES`` and ``SCAN_CALIBRATION_IMAGES``, both shrunk to finish in about ``SCAN_SECONDS``; counts
     given are used as they are. ``calibration_images`` is ``recalibration_images``' name until 0.2.
-    ``scan_recovery``: each try recovered before it is scored (None: when the training split holds fewer than
-    ``planning.RECOVERED_SCAN_BELOW`` images);
+    ``scan_recovery``: each try recovered before it is scored (``prunekit prune --no-scan-recovery``: not);
     ``prune_input_conv``: the input conv's group is scanned too (for ``prune --prune-input-conv``)."""
     from ..files import write_json
     from ..sensitivity import SCAN_SECONDS, plot, scan, scan_options
@@ -60,7 +58,6 @@ def sensitivity_checkpoint(
     meta = ckpt.meta
     bundle = load_data_for(meta, data, data_dir, subset)
     held_out, calibration = scan_batches(bundle, images, recalibration_images, seed)
-    recover = default_scan_recovery(scan_recovery, len(bundle.train))
     size = meta["input_size"]
     with DirectoryLock(out.parent):
         result = scan(
@@ -71,7 +68,7 @@ def sensitivity_checkpoint(
             ratios,
             importance,
             seconds,
-            **scan_options(PruneRequest(prune_input_conv=prune_input_conv, scan_recovery=recover)),
+            **scan_options(PruneRequest(prune_input_conv=prune_input_conv, scan_recovery=scan_recovery)),
         )
         result["checkpoint"] = str(path)
         write_json(out, result)
@@ -95,7 +92,7 @@ FLAGS = [
         "scan_recovery",
         action=argparse.BooleanOptionalAction,
         default=PruneRequest.scan_recovery,
-        help=f"{OPTIONS['scan_recovery'].help}; default: with under {RECOVERED_SCAN_BELOW:,} training images",
+        help=OPTIONS["scan_recovery"].help,
     ),  # fmt: skip
     flag(
         "prune_input_conv",
