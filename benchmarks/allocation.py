@@ -53,7 +53,7 @@ ROWS = [
     # 2026-12-07; the rows without it scan with BatchNorm recalibration only, the default before)
     *(f"sensitivity+refitscan-{t}" for t in TARGETS),
     # "+steps2": two prune/fine-tune rounds (each keeps the square root of the target, then half the epochs),
-    # as `prunekit run --steps 2` does: the same fine-tuning budget in all
+    # as `prunekit run --steps 2` does: the same fine-tuning budget in all; the plain scan, as the rows above
     *(f"sensitivity+steps2-{t}" for t in TARGETS),
 ]
 STEPPED = "+steps"
@@ -133,7 +133,9 @@ def run_stepped_row(row: str, seed: int, args: argparse.Namespace, results: dict
         pruned, finetune = out / f"pruned-{step}.safetensors", out / f"finetune-{step}"
         if not pruned.exists():
             began = time.perf_counter()
-            request = PruneRequest(target_macs=TARGETS[target] ** (1 / steps), allocation="sensitivity")
+            # the plain scan, as the one-round sensitivity rows it is compared with
+            keep = TARGETS[target] ** (1 / steps)
+            request = PruneRequest(target_macs=keep, allocation="sensitivity", scan_recovery=False)
             api.prune_checkpoint(source, request, data=args.data, out=pruned, overwrite=True)
             prune_s += time.perf_counter() - began
         if not (finetune / "model.safetensors").exists():
