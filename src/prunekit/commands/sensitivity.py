@@ -93,12 +93,12 @@ FLAGS = [
         action=argparse.BooleanOptionalAction,
         default=PruneRequest.scan_recovery,
         help=OPTIONS["scan_recovery"].help,
-    ),  # fmt: skip
+    ),
     flag(
         "prune_input_conv",
         action="store_true",
         help="scan the input conv's group too (for prune --prune-input-conv)",
-    ),  # fmt: skip
+    ),
     flag("overwrite", action="store_true", help="replace existing outputs"),
     *DATA_FLAGS,
     flag("seed", default=SEED),
