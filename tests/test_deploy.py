@@ -22,13 +22,14 @@ pytest.importorskip("onnxruntime")
 
 @pytest.fixture(scope="module")
 def pruned_ckpt(tmp_path_factory) -> Path:
-    """A resnet18 trained briefly on synthetic data, then pruned 2x (so it has a dense parent)."""
+    """A resnet18 trained briefly on synthetic data, then pruned 2x (so it has a dense parent); global
+    allocation: the sensitivity scan is not what these tests are about, and it is the fixture's slowest part."""
     root = tmp_path_factory.mktemp("deploy")
     api.train("resnet18", "synthetic", root / "dense", TrainConfig(epochs=2, batch_size=32, lr=0.05))
     out = root / "pruned.safetensors"
     api.prune_checkpoint(
         root / "dense" / "model.safetensors",
-        PruneRequest(target_macs=0.5, reconstruct=False),
+        PruneRequest(target_macs=0.5, reconstruct=False, allocation="global"),
         importance="l2",
         out=out,
     )
