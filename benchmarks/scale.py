@@ -50,6 +50,8 @@ def main() -> None:
     key = "scan" if args.scan_recovery else "scan_plain"
     if args.scan_only:  # merged into the last full run's figures, with its own machine and date
         kept = json.loads(RESULTS.joinpath("scale.json").read_text())
+        if key in kept:  # the measurement replaced stays in the file: timings move between runs
+            kept.setdefault(f"{key}_earlier", []).append(kept[key])
         kept[key] = {"machine": machine(), **time_scan(model, example, args.size, args.scan_recovery)}
         print(kept[key], flush=True)
         RESULTS.joinpath("scale.json").write_text(json.dumps(kept, indent=2) + "\n")
