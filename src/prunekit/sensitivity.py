@@ -235,8 +235,8 @@ def _try_seconds(
         return time.perf_counter() - timer
     surgery = time.perf_counter() - timer
     images = _first(calibration, RECOVERY_IMAGES)
-    pairs = [(x, torch.zeros(len(x), dtype=torch.long)) for x in images]
-    cut = _cut_for(model, calls, groups[root], _dense_pass(model, pairs, images, logits=False), None)
+    probe = [(images[0][:2], torch.zeros(2, dtype=torch.long))]  # verifies the cut; only ``images`` cached
+    cut = _cut_for(model, calls, groups[root], _dense_pass(model, probe, images, logits=False), None)
     timer = time.perf_counter()
     _recover(model, pruned, report.kept, images, cut)
     return surgery + time.perf_counter() - timer
