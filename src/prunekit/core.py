@@ -16,6 +16,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .call_inputs import (
+    calibration_inputs,
+    example_on_device,
+    first_images,
+    image_count,
+    layer_names,
+    model_batches,
+)
 from .console import note
 from .errors import UsageError, arg
 from .finetuning import RECALIBRATION_IMAGES
@@ -130,16 +138,16 @@ def prune(
     ``scan_recovery`` (default) recovers each try of the sensitivity scan run here before scoring it, so the
     plan ranks groups by what survives recovery (False: a faster scan, BatchNorm recalibration only).
     """
-    at_hand = _image_count(calibration)
+    at_hand = image_count(calibration)
     request = PruneRequest(
-        layers=_names(layers, "layers"),
+        layers=layer_names(layers, "layers"),
         ratio=ratio,
         target_macs=target_macs,
         target_params=target_params,
         target_latency=target_latency,
         latency_batch=latency_batch,
         latency_runtime=latency_runtime,
-        ignore=_names(ignore, "ignore"),
+        ignore=layer_names(ignore, "ignore"),
         round_to=round_to,
         allocation=default_allocation(allocation, ratio, at_hand),
         sensitivity=sensitivity,
@@ -150,7 +158,7 @@ def prune(
     request.validate()
     if not isinstance(model, nn.Module):
         raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    example = _example(model, example_inputs)
+    example = example_on_device(model, example_inputs)
     validate_names(model, request)
     criterion, label = _criterion(importance, request.layers, seed)
     images = reconstruction if reconstruction is not None else calibration
@@ -252,21 +260,6 @@ def _note_without_images(allocation: str | None, ratio: float | None, reconstruc
         )
 
 
-def _image_count(batches: Any) -> int | None:
-    """How many images ``batches`` hold without iterating a loader (its dataset's length); None when
-    that cannot be told (an iterator)."""
-    if batches is None:
-        return 0
-    if isinstance(batches, torch.Tensor):
-        return len(batches)
-    dataset = getattr(batches, "dataset", None)
-    if dataset is not None and hasattr(dataset, "__len__"):
-        return len(dataset)
-    if isinstance(batches, (list, tuple)):
-        return sum(len(b[0] if isinstance(b, (list, tuple)) else b) for b in batches)
-    return None
-
-
 def _reconstruct(reconstruct: bool | None, images: Any, layers: Sequence[str]) -> bool:
     if reconstruct is None:
         return default_reconstruct(images is not None, layers)
@@ -292,19 +285,19 @@ def _prune_on_data(
     every batch is checked to run through the model before anything changes."""
     device = example.device
     if label in NEEDS_CALIBRATION:
-        batches = _fitting(model, calibration_inputs(calibration, device, labels=label == "taylor"))
+        batches = model_batches(model, calibration, device, labels=label == "taylor")
         if label == "taylor":
             accumulate_gradients(model, batches)
         else:
             criterion.calibrate(model, [x for x, _ in batches])
-    refit = [x for x, _ in _fitting(model, calibration_inputs(images, device))] if request.reconstruct else []
+    refit = [x for x, _ in model_batches(model, images, device)] if request.reconstruct else []
     if request.allocation == "sensitivity" and request.sensitivity is None:
         if calibration is None:
             raise UsageError(
                 f"{arg('allocation')} sensitivity needs {arg('sensitivity')} (a scan) or "
                 f"{arg('calibration')} images to scan"
             )
-        scanned = _fitting(model, calibration_inputs(calibration, device))
+        scanned = model_batches(model, calibration, device)
         request.sensitivity = scan_calibration(model, example, scanned, **scan_options(request))
     if not request.reconstruct:
         return prune_model(model, request, criterion, example), None  # traces autograd: no no_grad
@@ -322,70 +315,6 @@ def default_reconstruct(images_at_hand: bool, layers: Sequence[str] | None = Non
     hand (it kept the most accuracy in benchmarks/results/recovery.json); pruning named layers, the blog's
     experiment, stays exactly the blog's unless asked."""
     return images_at_hand and not layers
-
-
-def calibration_inputs(
-    calibration: Iterable | torch.Tensor | None, device: torch.device, labels: bool = False
-) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Calibration batches as ``(inputs, labels or None)`` on ``device``; a clear error when unusable."""
-    if calibration is None:
-        what = "(inputs, labels) batches" if labels else "input batches"
-        raise UsageError(f"this importance criterion needs {arg('calibration')}: an iterable of {what}")
-    items = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
-    batches = []
-    for item in items:
-        x, y = (item[0], item[1]) if isinstance(item, (tuple, list)) and len(item) >= 2 else (item, None)
-        if not isinstance(x, torch.Tensor):
-            raise UsageError(f"{arg('calibration')} must hold tensors, got a {type(x).__name__}")
-        if labels and not isinstance(y, torch.Tensor):
-            raise UsageError(
-                f"importance 'taylor' needs labelled {arg('calibration')}: (inputs, labels) pairs"
-            )
-        batches.append((x.to(device), y.to(device) if isinstance(y, torch.Tensor) else None))
-    if not batches:
-        raise UsageError(f"{arg('calibration')} is empty; give at least one batch")
-    return batches
-
-
-@torch.no_grad()
-def _fitting(model: nn.Module, batches: list[tuple[torch.Tensor, Any]]) -> list[tuple[torch.Tensor, Any]]:
-    """``batches``, once two of their images have run through ``model``: a clear error instead of a
-    traceback from deep inside a scan or a re-fit."""
-    was_training = model.training
-    model.eval()
-    try:
-        model(batches[0][0][:2])
-    except Exception as exc:
-        shapes = ", ".join(sorted({str(tuple(x.shape)) for x, _ in batches})[:3])
-        raise UsageError(
-            f"the {arg('calibration')} images (batches of shape {shapes}) do not run through the model: "
-            f"{' '.join(str(exc).split())[:200]}"
-        ) from None
-    finally:
-        model.train(was_training)
-    return batches
-
-
-def _example(model: nn.Module, example_inputs: Any) -> torch.Tensor:
-    if not isinstance(example_inputs, torch.Tensor):
-        raise UsageError(
-            f"example_inputs must be a tensor batch such as torch.randn(1, 3, 224, 224), "
-            f"got {type(example_inputs).__name__}"
-        )
-    param = next(model.parameters(), None)
-    return example_inputs.to(param.device) if param is not None else example_inputs
-
-
-def _names(values: Sequence[str] | str | None, option: str) -> list[str]:
-    if values is None:
-        return []
-    if isinstance(values, str):
-        return [values]
-    values = list(values)
-    for v in values:
-        if not isinstance(v, str):
-            raise UsageError(f"{arg(option)} must be layer names (strings), got {v!r}")
-    return values
 
 
 @torch.no_grad()
@@ -409,8 +338,8 @@ def sensitivity_scan(
     batches, labels optional), as ``prunekit sensitivity`` does: the result ``prune(sensitivity=)`` takes;
     ``scan_recovery``: each try recovered before it is scored; ``prune_input_conv``: the input conv's group
     scanned too. ``model`` is not changed."""
-    example = _example(model, example_inputs)
-    batches = _fitting(model, calibration_inputs(calibration, example.device))
+    example = example_on_device(model, example_inputs)
+    batches = model_batches(model, calibration, example.device)
     request = PruneRequest(scan_recovery=scan_recovery, prune_input_conv=prune_input_conv)
     return scan_calibration(model, example, batches, ratios, **scan_options(request))
 
@@ -489,17 +418,5 @@ def finetune(
         raise UsageError(f"config must be a prunekit.TrainConfig, got {type(config).__name__}")
     config.validate()
     if recalibrate:
-        recalibrate_bn(model, _first_images(train, recalibration_images))
+        recalibrate_bn(model, first_images(train, recalibration_images))
     return fit(model, train, config, out_dir=out, test=val, teacher=teacher, trainable=trainable)
-
-
-def _first_images(batches: Iterable, images: int) -> list:
-    """The first batches of ``batches`` holding at least ``images`` images."""
-    taken, seen = [], 0
-    for item in batches:
-        taken.append(item)
-        x = item[0] if isinstance(item, (tuple, list)) else item
-        seen += len(x)
-        if seen >= images:
-            break
-    return taken

@@ -215,7 +215,7 @@ def quantize_model(
     labels optional) as ``prunekit quantize`` does; ``keep_fp32`` names ONNX nodes left in fp32."""
     import tempfile
 
-    from .core import calibration_inputs
+    from .call_inputs import calibration_inputs
 
     batches = [x.cpu() for x, _ in calibration_inputs(calibration, torch.device("cpu"))]
     with tempfile.TemporaryDirectory() as tmp:
