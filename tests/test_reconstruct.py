@@ -466,3 +466,30 @@ def test_a_dense_side_shared_by_two_prunings_of_one_group_is_computed_once_and_r
         assert not torch.equal(own.project2.weight, surgery.project2.weight)
         for name, value in own.state_dict().items():
             torch.testing.assert_close(shared.state_dict()[name], value, rtol=0, atol=0)
+
+
+def test_fewer_rows_than_inputs_solve_in_the_dual_form_to_the_same_weights():
+    """Below as many rows as inputs, ``solve`` keeps the rows and solves the dual form: the same weights, the
+    same held-out errors, and an input zero on every row keeps its weight, as the primal form gives."""
+    from prunekit.regression import Normal, solve
+
+    torch.manual_seed(0)
+    inputs, outputs = 300, 20
+    truth = torch.randn(outputs, inputs) * 0.1
+    w0 = truth + 0.05 * torch.randn(outputs, inputs)
+    x, held_x = torch.randn(160, inputs), torch.randn(40, inputs)
+    x[:, 7] = held_x[:, 7] = 0  # an inactive input
+    y, held_y = x @ truth.T + 0.1 * torch.randn(160, outputs), held_x @ truth.T
+
+    fit, held_out = Normal(inputs, outputs), Normal(inputs, outputs)
+    for i in range(0, 160, 64):
+        fit.add(x[i : i + 64], y[i : i + 64])
+    held_out.add(held_x, held_y)
+    dual = solve(fit, held_out, w0)
+    assert fit.gram is None and held_out.gram is None  # solved on the rows, never forming G
+    primal = solve(fit.to_gram(), held_out.to_gram(), w0)
+    assert dual[0] is not None and primal[0] is not None
+    torch.testing.assert_close(dual[0], primal[0], rtol=1e-3, atol=1e-4)
+    assert dual[1] == pytest.approx(primal[1], rel=1e-5) and dual[2] == pytest.approx(primal[2], rel=1e-4)
+    assert dual[2] < dual[1]
+    torch.testing.assert_close(dual[0][:, 7], w0[:, 7])

@@ -3,7 +3,8 @@ recovery (``prunekit.reconstruct``) and the ``refit`` criterion (``prunekit.remo
 
 A reader's rows are a sample of its output positions (``Rows``), its inputs there the receptive field
 (and a 1 for the bias); the normal equations are accumulated chunk by chunk in float64 (``Normal``) and
-solved with a ridge term chosen on held-out images (``solve``).
+solved with a ridge term chosen on held-out images (``solve``), in the dual form where the rows are fewer
+than the inputs.
 """
 
 from __future__ import annotations
@@ -133,26 +134,61 @@ def set_flat_weight(layer: nn.Module, flat: torch.Tensor) -> None:
 
 
 class Normal:
-    """The normal equations of one regression: G = X^T X, C = X^T Y and ||Y||^2, accumulated by rows."""
+    """The normal equations of one regression, accumulated by rows: G = X^T X, C = X^T Y and ||Y||^2.
+
+    While it holds no more rows than inputs, the rows themselves are kept instead (``rows_x``, ``rows_y``):
+    ``solve`` then works on them in the dual form, which costs far less when the rows are well below the
+    inputs (a scan's few images at a wide 3x3 reader's 7x7 output)."""
 
     def __init__(self, inputs: int, outputs: int):
-        self.gram = torch.zeros(inputs, inputs, dtype=torch.float64)
-        self.cross = torch.zeros(inputs, outputs, dtype=torch.float64)
+        self.inputs, self.outputs = inputs, outputs
+        self.rows_x: list[torch.Tensor] = []
+        self.rows_y: list[torch.Tensor] = []
+        self.rows = 0
+        self.gram: torch.Tensor | None = None
+        self.cross: torch.Tensor | None = None
         self.energy = 0.0
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.energy += float((y.double() ** 2).sum())
+        self.rows += len(x)
+        if self.gram is None and self.rows <= self.inputs:
+            self.rows_x.append(x)
+            self.rows_y.append(y)
+            return
+        self.to_gram()
         self.gram += (x.T @ x).double()
         self.cross += (x.T @ y).double()
-        self.energy += float((y.double() ** 2).sum())
+
+    def to_gram(self) -> Normal:
+        """Itself, its kept rows folded into G and C."""
+        if self.gram is None:
+            self.gram = torch.zeros(self.inputs, self.inputs, dtype=torch.float64)
+            self.cross = torch.zeros(self.inputs, self.outputs, dtype=torch.float64)
+            for x, y in zip(self.rows_x, self.rows_y, strict=True):
+                self.gram += (x.T @ x).double()
+                self.cross += (x.T @ y).double()
+            self.rows_x, self.rows_y = [], []
+        return self
+
+    def kept_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows (X, Y) of a Normal that has not folded them into G."""
+        x = torch.cat(self.rows_x) if self.rows_x else torch.zeros(0, self.inputs)
+        y = torch.cat(self.rows_y) if self.rows_y else torch.zeros(0, self.outputs)
+        return x, y
 
     def __add__(self, other: Normal) -> Normal:
-        total = Normal(0, 0)
-        total.gram, total.cross = self.gram + other.gram, self.cross + other.cross
-        total.energy = self.energy + other.energy
+        total = Normal(self.inputs, self.outputs).to_gram()
+        for part in (self.to_gram(), other.to_gram()):
+            total.gram += part.gram
+            total.cross += part.cross
+            total.energy += part.energy
+            total.rows += part.rows
         return total
 
     def error(self, w: torch.Tensor) -> float:
         """||X W^T - Y||^2 relative to ||Y||^2."""
+        self.to_gram()
         value = (w @ self.gram * w).sum() - 2 * (w * self.cross.T).sum() + self.energy
         return max(float(value), 0.0) / max(self.energy, 1e-30)
 
@@ -162,8 +198,9 @@ class Normal:
         Only the ``active`` inputs are solved for: an input that is zero on every row (a kernel tap that
         only ever reads padding, as a 3x3 conv on a 1x1 map does) keeps its weight, which is what the ridge
         alone would give it, at a fraction of the cost."""
+        self.to_gram()
         g = self.gram[active][:, active]
-        lam = ridge * float(torch.diagonal(g).mean().clamp_min(1e-12))
+        lam = ridge * _mean(torch.diagonal(g))
         factor, info = torch.linalg.cholesky_ex(g + lam * torch.eye(len(g), dtype=torch.float64))
         w = w0.clone()
         if int(info):  # positive definite for any lam > 0; a failure means non-finite inputs
@@ -177,9 +214,11 @@ def solve(fit: Normal, held_out: Normal, w0: torch.Tensor) -> tuple[torch.Tensor
     (the new weights, or None where no ridge beats ``w0`` on the held-out images; error before; error after),
     the errors measured on the held-out images."""
     w0 = w0.double()
+    if fit.gram is None and held_out.gram is None and fit.rows + held_out.rows <= fit.inputs:
+        return _solve_dual(fit, held_out, w0)
     best, best_error = None, held_out.error(w0)
     before = best_error
-    active = torch.diagonal(fit.gram + held_out.gram) > 0
+    active = torch.diagonal(fit.to_gram().gram + held_out.to_gram().gram) > 0
     if not active.any():
         return None, before, before
     for ridge in RIDGES:
@@ -191,6 +230,48 @@ def solve(fit: Normal, held_out: Normal, w0: torch.Tensor) -> tuple[torch.Tensor
         return None, before, before
     w = (fit + held_out).solve(w0, best, active)
     return (w.float() if torch.isfinite(w).all() else None), before, best_error
+
+
+def _solve_dual(fit: Normal, held_out: Normal, w0: torch.Tensor) -> tuple[torch.Tensor | None, float, float]:
+    """``solve`` for fewer rows than inputs, in the dual form: W^T = w0^T + X^T (X X^T + lam I)^-1 (Y - X w0^T)
+    gives the same weights (an inactive input's column of X is zero, so it keeps w0's weight; lam is scaled
+    by the same mean diagonal of G), and the held-out images' outputs of each ridge's weights come from the
+    kernel X_held X_fit^T, never forming the weights until the last solve."""
+    (xf, yf), (xh, yh) = fit.kept_rows(), held_out.kept_rows()
+    x, y, n = torch.cat([xf, xh]), torch.cat([yf, yh]), len(xf)
+    # float32 products, as the Gram matrix's are; the solves in float64
+    kernel = (x @ x.T).double()
+    residual = (y - x @ w0.float().T).double()
+    column_energy = x.double() ** 2
+    fit_energy, all_energy = column_energy[:n].sum(0), column_energy.sum(0)
+    active = all_energy > 0
+    before = held_out_error = float((residual[n:] ** 2).sum()) / max(held_out.energy, 1e-30)
+    if not active.any():
+        return None, before, before
+    best = None
+    for ridge in RIDGES:
+        alpha = _kernel_solve(kernel[:n, :n], ridge * _mean(fit_energy[active]), residual[:n])
+        e = float(((residual[n:] - kernel[n:, :n] @ alpha) ** 2).sum()) / max(held_out.energy, 1e-30)
+        if torch.isfinite(alpha).all() and e < held_out_error:
+            best, held_out_error = ridge, e
+    if best is None:
+        return None, before, before
+    alpha = _kernel_solve(kernel, best * _mean(all_energy[active]), residual)
+    w = w0 + (alpha.T.float() @ x).double()
+    return (w.float() if torch.isfinite(w).all() else None), before, held_out_error
+
+
+def _mean(diagonal: torch.Tensor) -> float:
+    """The mean of G's diagonal, the scale of every ridge term."""
+    return float(diagonal.mean().clamp_min(1e-12))
+
+
+def _kernel_solve(kernel: torch.Tensor, lam: float, rhs: torch.Tensor) -> torch.Tensor:
+    """(K + lam I)^-1 rhs, NaN where K + lam I is not positive definite (non-finite inputs)."""
+    factor, info = torch.linalg.cholesky_ex(kernel + lam * torch.eye(len(kernel), dtype=kernel.dtype))
+    if int(info):
+        return torch.full_like(rhs, float("nan"))
+    return torch.cholesky_solve(rhs, factor)
 
 
 def images_per_pass(model: nn.Module, example: torch.Tensor, budget: int = MEMORY_BUDGET) -> int:
