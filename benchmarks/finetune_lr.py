@@ -1,0 +1,114 @@
+"""The ``full`` fine-tuning recipe's peak learning rate, probed on the allocation benchmark's models.
+
+    python benchmarks/finetune_lr.py BASELINE --rows sensitivity+refitscan-3x --seeds 0,1 --lrs 0.025
+    python benchmarks/finetune_lr.py BASELINE --rows sensitivity+refitscan-3x --lrs 0.01,0.025 --held-out
+
+Each (row, seed, lr) fine-tunes what ``allocation.py`` fine-tunes for that row (its pruned model in
+``runs/allocation/ROW/seedS/``, the baseline itself for ``dense-control``) as it does: ``full`` recipe, 10
+epochs, no BatchNorm recalibration, distillation off; only the peak learning rate differs. ``--held-out``
+fine-tunes on the first 4,500 training images a class and scores the other 500 instead of the test split;
+the baseline was trained on those 500 too, so they are not unseen by the parent. Rows are resumable and
+appended to ``results/finetune_lr.json`` (``--commit``: each committed as it lands).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+from pathlib import Path
+
+import torch
+
+from common import FULL_ARCHIVE, RESULTS, ROOT, machine, require
+from prunekit import api
+from prunekit.checkpoint import load_checkpoint
+from prunekit.commands.evaluate import load_data_for
+from prunekit.measure import evaluate
+
+RESULT = RESULTS / "finetune_lr.json"
+EPOCHS = 10
+HELD_OUT_FROM = 4500  # training images a class fine-tuned on with --held-out; the rest are scored
+
+
+def source(row: str, seed: int, baseline: Path) -> Path:
+    return (
+        baseline
+        if row == "dense-control"
+        else ROOT / "runs" / "allocation" / row / f"seed{seed}" / "pruned.safetensors"
+    )
+
+
+def held_out_accuracy(model_file: Path) -> tuple[float, int]:
+    """Top-1 of the fine-tuned model on the training images it was not fine-tuned on."""
+    ckpt = load_checkpoint(model_file)
+    bundle = load_data_for(ckpt.meta, str(FULL_ARCHIVE), None, None)
+    labels = bundle.train.labels
+    rank = torch.zeros_like(labels)
+    for c in labels.unique():
+        members = torch.nonzero(labels == c).flatten()
+        rank[members] = torch.arange(len(members))
+    bundle.test = bundle.train.subset(torch.nonzero(rank >= HELD_OUT_FROM).flatten())
+    return evaluate(ckpt.model, bundle.loader("test"), num_classes=len(labels.unique()))["accuracy"], len(
+        bundle.test
+    )
+
+
+def run(row: str, seed: int, lr: float, held_out: bool, baseline: Path, runs: Path) -> dict:
+    out = runs / f"{row}-lr{lr:g}-seed{seed}{'-heldout' if held_out else ''}"
+    resume = (out / "checkpoint.safetensors").exists()
+    result = api.finetune_checkpoint(
+        source(row, seed, baseline),
+        out,
+        recipe="full",
+        epochs=EPOCHS,
+        lr=lr,
+        recalibrate=False,
+        data=str(FULL_ARCHIVE),
+        subset=HELD_OUT_FROM if held_out else None,
+        seed=seed,
+        distill=False,
+        resume=resume,
+        overwrite=not resume,
+    )
+    entry = {"row": row, "seed": seed, "lr": lr, "test": result["accuracy"]["finetuned"]}
+    if held_out:
+        entry["held_out"], entry["held_out_images"] = held_out_accuracy(out / "model.safetensors")
+    return {**entry, "date": machine()["date"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("baseline", type=Path)
+    parser.add_argument("--rows", default="sensitivity+refitscan-3x")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--lrs", default="0.025")
+    parser.add_argument("--held-out", action="store_true")
+    parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "finetune_lr")
+    parser.add_argument("--commit", action="store_true")
+    args = parser.parse_args()
+    require(FULL_ARCHIVE)
+    for row in args.rows.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for lr in (float(v) for v in args.lrs.split(",")):
+                key = f"{row}/seed{seed}/lr{lr:g}{'/held-out' if args.held_out else ''}"
+                results = json.loads(RESULT.read_text()) if RESULT.exists() else {"rows": {}}
+                if key in results["rows"]:
+                    continue
+                entry = run(row, seed, lr, args.held_out, args.baseline, args.runs_dir)
+                results = json.loads(RESULT.read_text()) if RESULT.exists() else {"rows": {}}
+                results["rows"][key] = entry
+                results["machine"] = machine()
+                RESULT.write_text(json.dumps(results, indent=2) + "\n")
+                if args.commit:  # only this file: whatever else is staged stays out of the commit
+                    subprocess.run(["git", "add", "--", str(RESULT)], cwd=ROOT, check=False)
+                    subprocess.run(
+                        ["git", "commit", "-q", "-m", f"bench: finetune_lr {key}", "--", str(RESULT)],
+                        cwd=ROOT,
+                        check=False,
+                    )
+                print(json.dumps({key: entry}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
