@@ -60,3 +60,16 @@ def test_export_and_quantize_in_memory_compute_what_the_model_does(tmp_path):
     with pytest.raises(UsageError, match="^format must be one of"):
         prunekit.export_model(ResidualNet(), tmp_path / "x", 16, format="tflite")
     assert not (tmp_path / "x").exists()
+
+
+def test_prune_reads_a_generator_of_calibration_batches_once_for_every_use():
+    """A generator can be read once: scoring, the sensitivity scan and recovery all use that one reading
+    (each read it anew before, and the second found it empty); the result is the list's."""
+    batches = [IMAGES[:48], IMAGES[48:]]
+    kwargs = dict(target_macs=0.7, allocation="sensitivity", importance="activation", scan_recovery=False)
+    from_list, from_generator = fresh(), fresh()
+    expected = prunekit.prune(from_list, IMAGES[:1], calibration=list(batches), **kwargs)
+    got = prunekit.prune(from_generator, IMAGES[:1], calibration=(b for b in batches), **kwargs)
+    assert got.reconstruction is not None and got.removed == expected.removed
+    for name, value in from_list.state_dict().items():
+        torch.testing.assert_close(from_generator.state_dict()[name], value)

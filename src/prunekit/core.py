@@ -282,23 +282,27 @@ def _prune_on_data(
     seed: int,
 ) -> tuple[Any, dict[str, Any] | None]:
     """Score on ``calibration``, scan it for a sensitivity allocation, prune, and recover on ``images``:
-    every batch is checked to run through the model before anything changes."""
+    every batch is checked to run through the model before anything changes. Each of them is read once (a
+    generator can only be), converted once and used wherever it is needed."""
     device = example.device
-    if label in NEEDS_CALIBRATION:
+    scanning = request.allocation == "sensitivity" and request.sensitivity is None
+    if scanning and calibration is None:
+        raise UsageError(
+            f"{arg('allocation')} sensitivity needs {arg('sensitivity')} (a scan) or "
+            f"{arg('calibration')} images to scan"
+        )
+    batches = None
+    if label in NEEDS_CALIBRATION or scanning or (request.reconstruct and images is calibration):
         batches = model_batches(model, calibration, device, labels=label == "taylor")
-        if label == "taylor":
-            accumulate_gradients(model, batches)
-        else:
-            criterion.calibrate(model, [x for x, _ in batches])
-    refit = [x for x, _ in model_batches(model, images, device)] if request.reconstruct else []
-    if request.allocation == "sensitivity" and request.sensitivity is None:
-        if calibration is None:
-            raise UsageError(
-                f"{arg('allocation')} sensitivity needs {arg('sensitivity')} (a scan) or "
-                f"{arg('calibration')} images to scan"
-            )
-        scanned = model_batches(model, calibration, device)
-        request.sensitivity = scan_calibration(model, example, scanned, **scan_options(request))
+    if label == "taylor":
+        accumulate_gradients(model, batches)
+    elif label in NEEDS_CALIBRATION:
+        criterion.calibrate(model, [x for x, _ in batches])
+    refit = []
+    if request.reconstruct:
+        refit = [x for x, _ in (batches if images is calibration else model_batches(model, images, device))]
+    if scanning:
+        request.sensitivity = scan_calibration(model, example, batches, **scan_options(request))
     if not request.reconstruct:
         return prune_model(model, request, criterion, example), None  # traces autograd: no no_grad
     dense, before = copy.deepcopy(model), snapshot(model)
