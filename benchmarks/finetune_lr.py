@@ -32,6 +32,7 @@ HELD_OUT_FROM = 4500  # training images a class fine-tuned on with --held-out; t
 
 
 def source(row: str, seed: int, baseline: Path) -> Path:
+    """What allocation.py fine-tunes for ``row``: its pruned model of that seed, or the baseline itself."""
     return (
         baseline
         if row == "dense-control"
@@ -49,12 +50,12 @@ def held_out_accuracy(model_file: Path) -> tuple[float, int]:
         members = torch.nonzero(labels == c).flatten()
         rank[members] = torch.arange(len(members))
     bundle.test = bundle.train.subset(torch.nonzero(rank >= HELD_OUT_FROM).flatten())
-    return evaluate(ckpt.model, bundle.loader("test"), num_classes=len(labels.unique()))["accuracy"], len(
-        bundle.test
-    )
+    accuracy = evaluate(ckpt.model, bundle.loader("test"), num_classes=len(labels.unique()))["accuracy"]
+    return accuracy, len(bundle.test)
 
 
 def run(row: str, seed: int, lr: float, held_out: bool, baseline: Path, runs: Path) -> dict:
+    """One (row, seed, lr) fine-tuned as allocation.py fine-tunes the row (resumed where interrupted)."""
     out = runs / f"{row}-lr{lr:g}-seed{seed}{'-heldout' if held_out else ''}"
     resume = (out / "checkpoint.safetensors").exists()
     result = api.finetune_checkpoint(
