@@ -2,13 +2,16 @@
 
     python benchmarks/finetune_lr.py BASELINE --rows sensitivity+refitscan-3x --seeds 0,1 --lrs 0.025
     python benchmarks/finetune_lr.py BASELINE --rows sensitivity+refitscan-3x --lrs 0.01,0.025 --held-out
+    python benchmarks/finetune_lr.py runs/parent45k/model.safetensors --rows defaults-3x --lrs 0.01,0.025 --held-out
 
 Each (row, seed, lr) fine-tunes what ``allocation.py`` fine-tunes for that row (its pruned model in
 ``runs/allocation/ROW/seedS/``, the baseline itself for ``dense-control``) as it does: ``full`` recipe, 10
 epochs, no BatchNorm recalibration, distillation off; only the peak learning rate differs. ``--held-out``
 fine-tunes on the first 4,500 training images a class and scores the other 500 instead of the test split;
-the baseline was trained on those 500 too, so they are not unseen by the parent. Rows are resumable and
-appended to ``results/finetune_lr.json`` (``--commit``: each committed as it lands).
+the allocation benchmark's baseline was trained on those 500 too. ``defaults-2x`` / ``defaults-3x`` prune
+BASELINE here with prunekit's defaults (on the fine-tuning images only): with a parent trained on the first
+4,500 images a class (``prunekit train ... --subset 4500``), the held-out images are unseen by every step.
+Rows are resumable and appended to ``results/finetune_lr.json`` (``--commit``: each committed as it lands).
 """
 
 from __future__ import annotations
@@ -25,19 +28,33 @@ from prunekit import api
 from prunekit.checkpoint import load_checkpoint
 from prunekit.commands.evaluate import load_data_for
 from prunekit.measure import evaluate
+from prunekit.pruning import PruneRequest
 
 RESULT = RESULTS / "finetune_lr.json"
 EPOCHS = 10
 HELD_OUT_FROM = 4500  # training images a class fine-tuned on with --held-out; the rest are scored
+TARGETS = {"2x": 0.5, "3x": 1 / 3}  # the MACs kept by the defaults-* rows
 
 
-def source(row: str, seed: int, baseline: Path) -> Path:
-    """What allocation.py fine-tunes for ``row``: its pruned model of that seed, or the baseline itself."""
-    return (
-        baseline
-        if row == "dense-control"
-        else ROOT / "runs" / "allocation" / row / f"seed{seed}" / "pruned.safetensors"
-    )
+def name(row: str, baseline: Path) -> str:
+    """A row's name in keys and run directories: ``defaults-*`` rows carry their parent's run directory."""
+    return f"{baseline.parent.name}-{row}" if row.startswith("defaults-") else row
+
+
+def source(row: str, seed: int, baseline: Path, runs: Path, subset: int | None) -> Path:
+    """What ``row`` fine-tunes: allocation.py's pruned model of that seed, the baseline itself
+    (``dense-control``), or (``defaults-*``) the baseline pruned here by prunekit's defaults."""
+    if row == "dense-control":
+        return baseline
+    if not row.startswith("defaults-"):
+        return ROOT / "runs" / "allocation" / row / f"seed{seed}" / "pruned.safetensors"
+    pruned = runs / name(row, baseline) / "pruned.safetensors"
+    if not pruned.exists():
+        request = PruneRequest(target_macs=TARGETS[row.removeprefix("defaults-")])
+        api.prune_checkpoint(
+            baseline, request, data=str(FULL_ARCHIVE), subset=subset, out=pruned, overwrite=True
+        )
+    return pruned
 
 
 def held_out_accuracy(model_file: Path) -> tuple[float, int]:
@@ -56,17 +73,18 @@ def held_out_accuracy(model_file: Path) -> tuple[float, int]:
 
 def run(row: str, seed: int, lr: float, held_out: bool, baseline: Path, runs: Path) -> dict:
     """One (row, seed, lr) fine-tuned as allocation.py fine-tunes the row (resumed where interrupted)."""
-    out = runs / f"{row}-lr{lr:g}-seed{seed}{'-heldout' if held_out else ''}"
+    out = runs / f"{name(row, baseline)}-lr{lr:g}-seed{seed}{'-heldout' if held_out else ''}"
     resume = (out / "checkpoint.safetensors").exists()
+    subset = HELD_OUT_FROM if held_out else None
     result = api.finetune_checkpoint(
-        source(row, seed, baseline),
+        source(row, seed, baseline, runs, subset),
         out,
         recipe="full",
         epochs=EPOCHS,
         lr=lr,
         recalibrate=False,
         data=str(FULL_ARCHIVE),
-        subset=HELD_OUT_FROM if held_out else None,
+        subset=subset,
         seed=seed,
         distill=False,
         resume=resume,
@@ -92,7 +110,7 @@ def main() -> None:
     for row in args.rows.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             for lr in (float(v) for v in args.lrs.split(",")):
-                key = f"{row}/seed{seed}/lr{lr:g}{'/held-out' if args.held_out else ''}"
+                key = f"{name(row, args.baseline)}/seed{seed}/lr{lr:g}{'/held-out' if args.held_out else ''}"
                 results = json.loads(RESULT.read_text()) if RESULT.exists() else {"rows": {}}
                 if key in results["rows"]:
                     continue
