@@ -60,13 +60,17 @@ def source(row: str, seed: int, baseline: Path, runs: Path, subset: int | None) 
 def held_out_accuracy(model_file: Path) -> tuple[float, int]:
     """Top-1 of the fine-tuned model on the training images it was not fine-tuned on."""
     ckpt = load_checkpoint(model_file)
-    bundle = load_data_for(ckpt.meta, str(FULL_ARCHIVE), None, None)
+    # every training image: a parent trained on a subset records it, and would bring it back here
+    recorded = {k: v for k, v in (ckpt.meta.get("data") or {}).items() if k != "subset"}
+    bundle = load_data_for({**ckpt.meta, "data": recorded}, str(FULL_ARCHIVE), None, None)
     labels = bundle.train.labels
     rank = torch.zeros_like(labels)
     for c in labels.unique():
         members = torch.nonzero(labels == c).flatten()
         rank[members] = torch.arange(len(members))
     bundle.test = bundle.train.subset(torch.nonzero(rank >= HELD_OUT_FROM).flatten())
+    if not len(bundle.test):
+        raise RuntimeError(f"{model_file}: no training images beyond the first {HELD_OUT_FROM} a class")
     accuracy = evaluate(ckpt.model, bundle.loader("test"), num_classes=len(labels.unique()))["accuracy"]
     return accuracy, len(bundle.test)
 
