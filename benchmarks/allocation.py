@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from common import (
     machine,
     min_keep,
     require,
+    save_results,
     torch_pruning_uniform,
 )
 from prunekit import api
@@ -64,14 +64,6 @@ RESULT = RESULTS / "allocation.json"
 
 def load_results(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"rows": {}, "latency": {}}
-
-
-def save_results(path: Path, results: dict, commit: str | None) -> None:
-    results["machine"] = machine()
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    if commit:  # only this file: whatever else is staged stays out of the commit
-        subprocess.run(["git", "add", "--", str(path)], cwd=ROOT, check=False)
-        subprocess.run(["git", "commit", "-q", "-m", commit, "--", str(path)], cwd=ROOT, check=False)
 
 
 LATENCY_ALLOCATION = "sensitivity"  # the command line's default for targets: latency rows use it too

@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import subprocess
 import sys
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -95,6 +96,15 @@ def save(name: str, result: dict) -> Path:
     path.write_text(json.dumps({"machine": machine(), **result}, indent=2) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def save_results(path: Path, results: dict, commit: str | None) -> None:
+    """Write a resumable benchmark's results (with this machine); ``commit``: git-commit that file alone."""
+    results["machine"] = machine()
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    if commit:  # only this file: whatever else is staged stays out of the commit
+        subprocess.run(["git", "add", "--", str(path)], cwd=ROOT, check=False)
+        subprocess.run(["git", "commit", "-q", "-m", commit, "--", str(path)], cwd=ROOT, check=False)
 
 
 def torch_pruning_uniform(baseline: Path, target: float, out: Path) -> dict:

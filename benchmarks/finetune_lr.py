@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 from pathlib import Path
 
 import torch
 
-from common import FULL_ARCHIVE, RESULTS, ROOT, machine, require
+from common import FULL_ARCHIVE, RESULTS, ROOT, machine, require, save_results
 from prunekit import api
 from prunekit.checkpoint import load_checkpoint
 from prunekit.commands.evaluate import load_data_for
+from prunekit.data import _first_per_class
 from prunekit.measure import evaluate
 from prunekit.pruning import PruneRequest
 
@@ -64,11 +64,9 @@ def held_out_accuracy(model_file: Path) -> tuple[float, int]:
     recorded = {k: v for k, v in (ckpt.meta.get("data") or {}).items() if k != "subset"}
     bundle = load_data_for({**ckpt.meta, "data": recorded}, str(FULL_ARCHIVE), None, None)
     labels = bundle.train.labels
-    rank = torch.zeros_like(labels)
-    for c in labels.unique():
-        members = torch.nonzero(labels == c).flatten()
-        rank[members] = torch.arange(len(members))
-    bundle.test = bundle.train.subset(torch.nonzero(rank >= HELD_OUT_FROM).flatten())
+    held_out = torch.ones(len(labels), dtype=torch.bool)
+    held_out[_first_per_class(labels, HELD_OUT_FROM)] = False  # what --subset fine-tuned on
+    bundle.test = bundle.train.subset(torch.nonzero(held_out).flatten())
     if not len(bundle.test):
         raise RuntimeError(f"{model_file}: no training images beyond the first {HELD_OUT_FROM} a class")
     accuracy = evaluate(ckpt.model, bundle.loader("test"), num_classes=len(labels.unique()))["accuracy"]
@@ -121,15 +119,7 @@ def main() -> None:
                 entry = run(row, seed, lr, args.held_out, args.baseline, args.runs_dir)
                 results = json.loads(RESULT.read_text()) if RESULT.exists() else {"rows": {}}
                 results["rows"][key] = entry
-                results["machine"] = machine()
-                RESULT.write_text(json.dumps(results, indent=2) + "\n")
-                if args.commit:  # only this file: whatever else is staged stays out of the commit
-                    subprocess.run(["git", "add", "--", str(RESULT)], cwd=ROOT, check=False)
-                    subprocess.run(
-                        ["git", "commit", "-q", "-m", f"bench: finetune_lr {key}", "--", str(RESULT)],
-                        cwd=ROOT,
-                        check=False,
-                    )
+                save_results(RESULT, results, f"bench: finetune_lr {key}" if args.commit else None)
                 print(json.dumps({key: entry}), flush=True)
 
 
