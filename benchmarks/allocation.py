@@ -4,7 +4,7 @@
     python benchmarks/allocation.py BASELINE --measure     # latency of every finished row, then table + plot
 
 Each row prunes the baseline (or, for ``dense-control``, leaves it whole), then fine-tunes it with one recipe
-(``full``, ``--epochs`` epochs, no BatchNorm recalibration, the fine-tuning seed varied). Rows are resumable:
+(``full`` from lr 0.01, ``--epochs`` epochs, no BatchNorm recalibration, the fine-tuning seed varied). Rows are resumable:
 each finished row is appended to ``results/allocation.json`` (and committed with ``--commit``), an interrupted
 one resumes its fine-tuning; rows of another baseline checkpoint (one trained again) are moved under
 ``earlier_baselines`` first. Latency is measured in a separate pass, on a quiet machine, dense and pruned
@@ -39,6 +39,9 @@ from prunekit.measure import count_macs, count_params, latency
 from prunekit.pruning import PruneRequest
 
 TARGETS = {"2x": 0.5, "3x": 1 / 3}
+# The `full` recipe's rate until 2026-12-07, which every committed row was fine-tuned from (distilled rows
+# included); finetune_lr.py fine-tunes the same pruned models from the recipe's 0.025 since then.
+LR = 0.01
 ROWS = [
     "dense-control",
     *(f"{kind}-{t}" for t in TARGETS for kind in ("torch-pruning", "global", "uniform", "sensitivity")),
@@ -137,6 +140,7 @@ def run_stepped_row(row: str, seed: int, args: argparse.Namespace, results: dict
                 finetune,
                 recipe="full",
                 epochs=args.epochs // steps,
+                lr=LR,
                 recalibrate=False,
                 data=args.data,
                 seed=seed,
@@ -171,6 +175,7 @@ def run_row(row: str, seed: int, args: argparse.Namespace, results: dict) -> dic
         finetune,
         recipe="full",
         epochs=args.epochs,
+        lr=LR,
         recalibrate=False,
         data=args.data,
         seed=seed,
@@ -329,7 +334,7 @@ def main() -> None:
             f"python benchmarks/allocation.py {args.baseline} --measure",
         }
     )
-    results["recipe"] = {"finetune": "full", "epochs": args.epochs, "recalibrate": False}
+    results["recipe"] = {"finetune": "full", "epochs": args.epochs, "lr": LR, "recalibrate": False}
     baseline = load_checkpoint(args.baseline).meta.get("metrics", {})
     results["baseline"] = {"checkpoint": str(args.baseline), "accuracy": baseline.get("test_accuracy")}
     save_results(args.results, results, None)  # rows of an earlier baseline moved aside before any row runs

@@ -337,6 +337,18 @@ def test_finetune_from_own_dataloader_learns_and_writes_nothing(tmp_path, monkey
     assert not list(tmp_path.iterdir())  # no out: nothing written
 
 
+def test_finetune_takes_the_full_recipes_distilling_rate_with_a_teacher(monkeypatch):
+    """``prunekit.finetune`` with a teacher fine-tunes at the ``full`` recipe's distilling rate (0.01), without
+    one at its plain rate (0.025), as the command line does."""
+    import prunekit.train
+
+    seen = []
+    monkeypatch.setattr(prunekit.train, "fit", lambda model, train, config, **_: seen.append(config.lr))
+    for teacher in (None, fresh()):
+        prunekit.finetune(fresh(), _loader(16, 0), recipe="full", teacher=teacher, recalibrate=False)
+    assert seen == [0.025, 0.01]
+
+
 def test_finetune_with_out_keeps_checkpoint_and_refuses_bad_input(tmp_path):
     model = fresh()
     prunekit.finetune(model, _loader(64, 0), epochs=1, lr=0.01, out=tmp_path / "ft")

@@ -133,6 +133,10 @@ def test_recipes():
     cfg, freeze = recipe("blog", epochs=3, lr=None, freeze="none")
     assert (cfg.epochs, cfg.lr, freeze) == (3, 1e-4, "none")
     assert recipe("full")[1] == "none"
+    # the full recipe's peak lr: 0.025, 0.01 when distilling; an explicit one wins either way
+    assert (recipe("full")[0].lr, recipe("full", distilling=True)[0].lr) == (0.025, 0.01)
+    assert recipe("full", distilling=True, lr=0.05)[0].lr == recipe("full", lr=0.05)[0].lr == 0.05
+    assert recipe("blog", distilling=True) == recipe("blog")
     with pytest.raises(UsageError, match="recipe"):
         recipe("bogus")
 
@@ -383,15 +387,22 @@ def _finetune_settings(ckpt: Path, out: Path, **kwargs) -> dict:
     return result["settings"]
 
 
+def _peak_lr(out: Path) -> float:
+    """The learning rate the fine-tuning in ``out`` ran with, as its checkpoint records it."""
+    return load_checkpoint(out / "model.safetensors").meta["train"]["config"]["lr"]
+
+
 def test_a_small_training_split_distils_from_the_dense_parent(
     pruned_ckpt, dense_ckpt, tmp_path, count_distillation
 ):
-    settings = _finetune_settings(pruned_ckpt, tmp_path / "auto")
+    settings = _finetune_settings(pruned_ckpt, tmp_path / "auto", recipe="full")
     assert settings["teacher"] == str(dense_ckpt)  # the parent the pruned checkpoint records
     assert len(count_distillation) == 1  # 20 images, one step of the recipe's batch: distilled
+    assert _peak_lr(tmp_path / "auto") == 0.01  # the full recipe's rate when it distils
     count_distillation.clear()
-    assert _finetune_settings(pruned_ckpt, tmp_path / "off", distill=False)["teacher"] is None
+    assert _finetune_settings(pruned_ckpt, tmp_path / "off", recipe="full", distill=False)["teacher"] is None
     assert count_distillation == []
+    assert _peak_lr(tmp_path / "off") == 0.025
     with pytest.raises(UsageError, match="distillation"):
         _finetune_settings(pruned_ckpt, tmp_path / "both", distill=False, teacher=dense_ckpt)
 

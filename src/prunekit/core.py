@@ -406,9 +406,9 @@ def finetune(
     """Fine-tune ``model`` on ``train`` (a DataLoader or list of ``(images, labels)``) with prunekit's loop.
 
     BatchNorm statistics are first re-estimated on up to ``recalibration_images`` training images. The
-    recipe (``full``: SGD, cosine, everything trains, BatchNorm re-estimated at the end; ``blog``: Adam
-    1e-4; by default as the command line, ``finetuning.default_recipe``) or a ``TrainConfig`` sets the
-    schedule; ``teacher`` adds distillation; ``out`` keeps checkpoints and metrics. Returns a ``FitResult``.
+    recipe (``full``: SGD, cosine from lr 0.025, 0.01 with a ``teacher``, everything trains, BatchNorm
+    re-estimated at the end; ``blog``: Adam 1e-4; by default as the command line,
+    ``finetuning.default_recipe``) or a ``TrainConfig`` sets the schedule; ``teacher`` adds distillation; ``out`` keeps checkpoints and metrics. Returns a ``FitResult``.
     """
     from .finetuning import default_recipe
     from .finetuning import recipe as make_recipe
@@ -417,7 +417,9 @@ def finetune(
 
     recipe = recipe or default_recipe((getattr(model, "prunekit_meta", None) or {}).get("pruning"))
     if config is None:
-        config, _ = make_recipe(recipe, epochs=epochs, lr=lr, optimizer=optimizer, seed=seed, device=device)
+        config, _ = make_recipe(
+            recipe, teacher is not None, epochs=epochs, lr=lr, optimizer=optimizer, seed=seed, device=device
+        )
     elif not isinstance(config, TrainConfig):
         raise UsageError(f"config must be a prunekit.TrainConfig, got {type(config).__name__}")
     config.validate()

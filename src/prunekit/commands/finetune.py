@@ -89,23 +89,29 @@ def finetune_checkpoint(
     else:
         source = load_checkpoint(path)
         recipe_name = recipe_name or default_recipe(source.meta.get("pruning"))
-        planned = recipe_config(
-            recipe_name,
-            epochs=epochs,
-            lr=lr,
-            optimizer=optimizer,
-            freeze=freeze,
-            distill_temperature=distill_temperature,
-            distill_weight=distill_weight,
-            seed=seed,
-            device=device,
-        )
-        planned[0].validate()  # before the BatchNorm recalibration and evaluations
+        # whether it distils is known once the data is read (_teacher_for); the recipe differs by it
+        planned = {
+            distilling: recipe_config(
+                recipe_name,
+                distilling,
+                epochs=epochs,
+                lr=lr,
+                optimizer=optimizer,
+                freeze=freeze,
+                distill_temperature=distill_temperature,
+                distill_weight=distill_weight,
+                seed=seed,
+                device=device,
+            )
+            for distilling in (False, True)
+        }
+        for cfg, _ in planned.values():
+            cfg.validate()  # before the BatchNorm recalibration and evaluations
     with DirectoryLock(out):
         claim_run_dir(out, [path, teacher], resume, overwrite)
         if planned is not None:
             clear_run_dir(out)
-        fresh = None if planned is None else (source, *planned)
+        fresh = None if planned is None else (source, planned)
         return _finetune(
             path, out, recipe_name, fresh, (teacher, distill), recalibrate, recalibration_images,
             data, data_dir, subset, seed,
@@ -116,7 +122,7 @@ def _finetune(
     path: str | Path,
     out: Path,
     recipe_name: str,
-    planned: tuple[Checkpoint, TrainConfig, str] | None,
+    planned: tuple[Checkpoint, dict[bool, tuple[TrainConfig, str]]] | None,
     distillation: tuple[str | Path | None, bool | None],
     recalibrate: bool,
     recalibration_images: int,
@@ -134,15 +140,16 @@ def _finetune(
         stages = dict(ckpt.meta["finetune"]["accuracy"])
         settings = ckpt.meta["finetune"]
     else:
-        ckpt, cfg, policy = planned
-        stages = {}
-        settings = {"recipe": recipe_name, "freeze": policy, "recalibrate": recalibrate, "source": str(path)}
-        settings |= {"recalibration_images": recalibration_images, "data": data, "data_dir": data_dir}
-        settings |= {"subset": subset}
+        ckpt, configs = planned
     meta, model = ckpt.meta, ckpt.model
     bundle = load_data_for(meta, data, data_dir, subset)
     if planned is not None:
-        settings["teacher"] = _teacher_for(meta, len(bundle.train), *distillation)
+        teacher = _teacher_for(meta, len(bundle.train), *distillation)
+        cfg, policy = configs[teacher is not None]
+        stages = {}
+        settings = {"recipe": recipe_name, "freeze": policy, "recalibrate": recalibrate, "source": str(path)}
+        settings |= {"recalibration_images": recalibration_images, "data": data, "data_dir": data_dir}
+        settings |= {"subset": subset, "teacher": teacher}
     size = meta["input_size"]
     example = torch.zeros(1, 3, size, size)
     classifier = output_layer(model, example)
@@ -231,8 +238,8 @@ FLAGS = [
     CHECKPOINT,
     flag("out", type=Path, default=None, help="output directory (default: <checkpoint>-finetuned)"),
     flag("recipe", default=None,
-         help="blog: Adam lr 1e-4, 10 epochs, the blog's freezing; full: SGD cosine lr 0.01, everything "
-         "trains, BatchNorm re-estimated at the end (default: blog for a model pruned at named layers, "
+         help="blog: Adam lr 1e-4, 10 epochs, the blog's freezing; full: SGD cosine lr 0.025 (0.01 when "
+         "distilling), everything trains, BatchNorm re-estimated at the end (default: blog for a model pruned at named layers, "
          "full otherwise; seed: the old name of blog, deprecated)"),
     flag("epochs", default=None),
     flag("lr", default=None),
