@@ -106,6 +106,7 @@ def time_scan(model: torch.nn.Module, example: torch.Tensor, size: int, recover:
     )
     return {
         "seconds": time.perf_counter() - start,
+        "estimated_s": scan["estimated_seconds"],  # what the scan printed before it started
         "groups": len(scan["groups"]),
         "ratios": len(scan["ratios"]),
         "images_offered": [sensitivity.SCAN_IMAGES, sensitivity.SCAN_CALIBRATION_IMAGES],

@@ -8,12 +8,13 @@ python benchmarks/scan_time.py runs/bench9/baseline/model.safetensors
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
 import torch
 
-from common import FULL_ARCHIVE, require, save
+from common import FULL_ARCHIVE, RESULTS, require, save
 from prunekit.api import load_data_for, scan_batches
 from prunekit.checkpoint import load_checkpoint
 from prunekit.sensitivity import SCAN_CALIBRATION_IMAGES, SCAN_IMAGES, SCAN_SECONDS, scan
@@ -36,11 +37,16 @@ def main() -> None:
         got = scan(ckpt.model, example, held_out, calibration, seconds=SCAN_SECONDS, recover=recover)
         result["recovered" if recover else "plain"] = {
             "seconds": time.perf_counter() - start,
+            "estimated_s": got["estimated_seconds"],  # what the scan printed before it started
             "groups": len(got["groups"]),
             "ratios": len(got["ratios"]),
             "images_used": [got["held_out_images"], got["calibration_images"]],
         }
         print(recover, result["recovered" if recover else "plain"], flush=True)
+    earlier = RESULTS / "scan_time.json"  # runs replaced stay in the file: timings move between machines
+    if earlier.exists():
+        previous = json.loads(earlier.read_text())
+        result["earlier"] = [*previous.pop("earlier", []), previous]
     save("scan_time", result)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -118,3 +119,28 @@ def test_over_budget_the_default_grid_coarsens_first(resnet):
     result = sensitivity.scan(resnet, torch.zeros(1, 3, 32, 32), held_out, calibration, seconds=0.01)
     assert result["ratios"] == list(sensitivity.RATIOS[::2]) == [0.1, 0.5, 0.9]
     assert all(len(row["kl"]) == 3 for row in result["groups"].values())
+
+
+class _SlowStem(torch.nn.Module):
+    """A layer without MACs that takes most of a pass's time (as a 224-px network's memory-bound stem)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.05)
+        return x
+
+
+def test_a_groups_suffix_is_its_share_of_the_measured_time_not_of_the_macs():
+    """The scan's estimate counts a try's pass from its cut by the time the layers after the cut take: here
+    nearly all MACs come after the slow stem, nearly no time."""
+    nn = torch.nn
+    model = nn.Sequential(
+        _SlowStem(), nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    ).eval()  # fmt: skip
+    example = torch.zeros(1, 3, 16, 16)
+    groups = sensitivity.prunable_groups(model, example, prune_input_conv=True)
+    assert len(groups) == 2
+    cost = scan_budget.timed_pass(model, [(torch.randn(32, 3, 16, 16), torch.zeros(32))], groups)
+    assert all(0 <= s < 0.2 for s in cost.suffix), cost.suffix
+    assert cost.prefixes > 1.6  # two distinct cuts, each after the stem

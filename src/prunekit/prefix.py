@@ -10,6 +10,7 @@ reproduce it is not used.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,29 +34,37 @@ class _Stop(Exception):
     """Raised from a hook to end a forward pass once the cut's output is captured."""
 
 
-def trace_calls(model: nn.Module, example: torch.Tensor) -> dict[str, Call]:
-    """Entry/exit order of every named submodule in one forward pass of ``example``."""
-    clock, calls, handles = itertools.count(), {}, []
+def trace_calls(
+    model: nn.Module, example: torch.Tensor, durations: list[tuple[int, float]] | None = None
+) -> dict[str, Call]:
+    """Entry/exit order of every named submodule in one forward pass of ``example``; with ``durations``,
+    each call of a module without children is appended to it as (the clock at its entry, seconds taken)."""
+    clock, calls, handles, entered = itertools.count(), {}, [], {}
 
     def enter(name: str):
         def hook(module, args):
+            tick = next(clock)
             if name in calls:
                 calls[name].count += 1
             else:
-                calls[name] = Call(next(clock), -1, 1)
+                calls[name] = Call(tick, -1, 1)
+            entered[name] = (tick, time.perf_counter())
 
         return hook
 
-    def leave(name: str):
+    def leave(name: str, leaf: bool):
         def hook(module, args, output):
             calls[name].end = next(clock)
+            if leaf and durations is not None:
+                tick, began = entered[name]
+                durations.append((tick, time.perf_counter() - began))
 
         return hook
 
     for name, module in model.named_modules():
         if name:
             handles.append(module.register_forward_pre_hook(enter(name)))
-            handles.append(module.register_forward_hook(leave(name)))
+            handles.append(module.register_forward_hook(leave(name, next(module.children(), None) is None)))
     with eval_mode(model, handles), torch.no_grad():
         model(example)
     return calls

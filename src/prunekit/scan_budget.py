@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from .errors import UsageError
 from .measure import autocast, bf16_supported
-from .planning import LayerCosts
-from .prefix import Call, candidate_cuts
+from .prefix import Call, candidate_cuts, trace_calls
 
 MIN_SCAN_IMAGES = 32  # a scan shrunk to its time budget still scores and recalibrates on this many
 
@@ -41,62 +41,71 @@ def scan_counts(available: int, images: int, calibration_images: int) -> tuple[i
     return fewer, calibration, note
 
 
-def suffix_fractions(
-    model: nn.Module, calls: dict[str, Call], costs: LayerCosts, groups: dict[str, set[str]]
-) -> list[float]:
-    """For each group, the share of the dense MACs that runs after its latest possible cut (an estimate:
-    the cut is verified only when the scan reaches it)."""
-    names = {m: n for n, m in model.named_modules()}
-    total = max(sum(costs.macs.values()), 1)
-    fractions = []
-    for members in groups.values():
-        cuts = candidate_cuts(model, calls, first_call(calls, members), limit=1)
-        end = calls[cuts[0]].end if cuts else -1
-        after = sum(
-            m for layer, m in costs.macs.items() if calls.get(names.get(layer, ""), Call(0, 0, 0)).start > end
-        )
-        fractions.append(after / total)
-    return fractions
+@dataclass
+class ScanCost:
+    """What a scan will take, from timings made before it starts: seconds per image through the dense
+    model; each group's ``suffix``, the share of that time spent after its cut (the part a try runs);
+    ``per_try``, a try's surgery and recovery; ``per_group``, the dense side of a group's recoveries, once
+    for all its ratios; ``passes``, how often a try scores (twice when recovered: with the dense and
+    with re-estimated BatchNorm statistics)."""
 
+    per_image: float
+    suffix: list[float]
+    prefixes: float = 0.0  # the cuts' share of a pass: each distinct cut runs the images up to it once
+    per_try: float = 0.0
+    per_group: float = 0.0
+    passes: int = 1
 
-def estimate(
-    per_image: float, counts: tuple[int, int], suffix: Sequence[float], ratios: int, per_try: float
-) -> float:
-    """Seconds for every try: its surgery, then the scoring and BatchNorm images run from its cut."""
-    return (per_image * sum(counts) * sum(suffix) + per_try * len(suffix)) * ratios
+    def seconds(self, counts: tuple[int, int], ratios: int) -> float:
+        """The whole scan on ``counts`` (scoring, BatchNorm) images and ``ratios`` ratios a group."""
+        held_out, calibration = counts
+        groups = len(self.suffix)
+        tries = self.per_image * (self.passes * held_out + calibration) * sum(self.suffix)
+        tries += self.per_try * groups
+        cuts = self.per_image * (held_out + calibration) * self.prefixes
+        return ratios * tries + cuts + self.per_group * groups + self.per_image * held_out  # + dense logits
 
-
-def fitted_counts(
-    offered: tuple[int, int],
-    per_image: float,
-    suffix: Sequence[float],
-    ratios: int,
-    per_try: float,
-    seconds: float,
-) -> tuple[int, int]:
-    """Both image counts scaled alike so the scan's estimate fits ``seconds``, each rounded down to a power
-    of two (never below ``MIN_SCAN_IMAGES`` where that many are offered): timings move with the machine's
-    load, and without the rounding a busier run scanned on other images and planned another model (37
-    against 39 scoring images on the few-shot EfficientNet-Lite1, benchmarks/results/fewshot.json)."""
-    tries = per_try * len(suffix) * ratios
-    data = estimate(per_image, offered, suffix, ratios, 0.0)
-    scale = max(seconds - tries, 0.0) / max(data, 1e-9)
-    return tuple(min(n, _power_of_two_below(max(MIN_SCAN_IMAGES, int(n * scale)))) for n in offered)  # type: ignore[return-value]
+    def fitted_counts(self, offered: tuple[int, int], ratios: int, seconds: float) -> tuple[int, int]:
+        """Both image counts scaled alike so the scan fits ``seconds``, each rounded down to a power of two
+        (never below ``MIN_SCAN_IMAGES`` where that many are offered): timings move with the machine's load,
+        and without the rounding a busier run scanned on other images and planned another model (37 against
+        39 scoring images on the few-shot EfficientNet-Lite1, benchmarks/results/fewshot.json)."""
+        fixed = self.seconds((0, 0), ratios)
+        scale = max(seconds - fixed, 0.0) / max(self.seconds(offered, ratios) - fixed, 1e-9)
+        return tuple(min(n, _power_of_two_below(max(MIN_SCAN_IMAGES, int(n * scale)))) for n in offered)  # type: ignore[return-value]
 
 
 def _power_of_two_below(n: int) -> int:
     return 1 << (n.bit_length() - 1)
 
 
-def seconds_per_image(model: nn.Module, held_out: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """The dense model's time per image at the scan's precision, on (up to) 32 scoring images."""
-    x = held_out[0][0][:32]
+def timed_pass(
+    model: nn.Module, held_out: Sequence[tuple[torch.Tensor, torch.Tensor]], groups: dict[str, set[str]]
+) -> ScanCost:
+    """The dense model's seconds per image at the scan's precision and batch size (its first scoring batch,
+    up to 256 images: a 32-px ResNet-18 takes a third less per image at 250 than at 32, a 240-px
+    EfficientNet-Lite1 more), and each group's
+    suffix: the share of that pass's time spent in the calls after the group's latest possible cut (an
+    estimate: the cut is verified only when the scan reaches it). Time, not MACs: a 224-px ResNet-50's early
+    layers take a larger share of the time than of the MACs."""
+    x = held_out[0][0][:256]
     device = next(model.parameters()).device
+    durations: list[tuple[int, float]] = []
     with torch.no_grad(), autocast(device, device.type == "cuda" or bf16_supported()):
-        model(x[:2])  # warm-up: the first call pays for kernel selection
+        model(x)  # warm-up at this batch size: the first call pays for kernel selection
         start = time.perf_counter()
         model(x)
-    return (time.perf_counter() - start) / len(x)
+        seconds = time.perf_counter() - start
+        calls = trace_calls(model, x, durations)
+    total = max(sum(d for _, d in durations), 1e-12)
+    ends = []
+    for members in groups.values():
+        cuts = candidate_cuts(model, calls, first_call(calls, members), limit=1)
+        ends.append(calls[cuts[0]].end if cuts else -1)
+    after = {end: sum(d for tick, d in durations if tick > end) / total for end in set(ends)}
+    # groups that share a cut share its cached outputs (the scan goes in call order): counted once
+    prefixes = sum(1 - share for end, share in after.items() if end != -1)
+    return ScanCost(seconds / len(x), [after[end] for end in ends], prefixes)
 
 
 def duration(seconds: float) -> str:

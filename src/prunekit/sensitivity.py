@@ -10,7 +10,7 @@ import copy
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +30,7 @@ from .prefix import Call, Start, candidate_cuts, capture, running_from, trace_ca
 from .pruning import prune_model
 from .reconstruct import reconstruct
 from .requests import PruneRequest
-from .scan_budget import (
-    duration,
-    estimate,
-    first_call,
-    fitted_counts,
-    seconds_per_image,
-    suffix_fractions,
-)
+from .scan_budget import ScanCost, duration, first_call, timed_pass
 from .surgery import SurgeryError
 
 RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -131,12 +124,11 @@ def scan(
     example = _surgery_example(model, example)
     groups = prunable_groups(model, example, importance, prune_input_conv)
     calls = trace_calls(model, example)
-    costs = LayerCosts(model, example)
-    dense_macs = sum(costs.macs.values())
-    suffix = suffix_fractions(model, calls, costs, groups)
-    ratios, held_out, calibration = _within_budget(
-        model, example, groups, suffix, importance, ratios, held_out, calibration, seconds, recover, calls
+    dense_macs = sum(LayerCosts(model, example).macs.values())
+    ratios, held_out, calibration, expected = _within_budget(
+        model, example, groups, importance, ratios, held_out, calibration, seconds, recover, calls
     )
+    expected += time.perf_counter() - start  # comparable with the scan's "seconds": timing it took time
     images = _dense_pass(model, held_out, calibration)
     scoring, recal = images.counts
     result: dict[str, Any] = {
@@ -147,6 +139,7 @@ def scan(
         "calibration_images": recal,
         "loss": LOSS,
         "recovered": recover,
+        "estimated_seconds": expected,
         "groups": {},
     }
     cut: _Cut | None = None
@@ -181,7 +174,6 @@ def _within_budget(
     model: nn.Module,
     example: torch.Tensor,
     groups: dict[str, set[str]],
-    suffix: Sequence[float],
     importance: str,
     ratios: Sequence[float],
     held_out: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -189,20 +181,23 @@ def _within_budget(
     seconds: float | None,
     recover: bool,
     calls: dict[str, Call],
-) -> tuple[Sequence[float], list, list]:
+) -> tuple[Sequence[float], list, list, float]:
     """The ratios and images a scan uses: as given, or (over ``seconds``) a coarser default grid and fewer
-    images; the line that says how long it will take."""
-    per_image = seconds_per_image(model, held_out)
-    per_try = _try_seconds(model, example, groups, calls, importance, calibration, recover)
+    images; and how long it will take, said in one line."""
+    cost = _scan_cost(model, example, groups, calls, importance, held_out, calibration, recover)
     offered = (sum(len(y) for _, y in held_out), sum(len(x) for x in calibration))
     counts = offered
-    if seconds is not None and estimate(per_image, counts, suffix, len(ratios), per_try) > seconds:
+    if seconds is not None and cost.seconds(counts, len(ratios)) > seconds:
         if tuple(ratios) == RATIOS:
             ratios = RATIOS[::2]  # a coarser grid first: the planner interpolates between the points
-        counts = fitted_counts(offered, per_image, suffix, len(ratios), per_try, seconds)
+        counts = cost.fitted_counts(offered, len(ratios), seconds)
+        if counts[0] < len(held_out[0][1]):  # smaller batches now: timed again at the size the scan runs
+            timed = timed_pass(model, _first(held_out, counts[0]), groups)
+            cost = replace(timed, per_try=cost.per_try, per_group=cost.per_group, passes=cost.passes)
+            counts = cost.fitted_counts(offered, len(ratios), seconds)
         held_out = _first(held_out, counts[0])
         calibration = _first(calibration, counts[1])
-    expected = estimate(per_image, counts, suffix, len(ratios), per_try)
+    expected = cost.seconds(counts, len(ratios))
     shrunk = (
         f" (of {offered[0]} + {offered[1]}, to finish in about {duration(seconds)})"
         if counts != offered
@@ -213,33 +208,71 @@ def _within_budget(
         f"BatchNorm images, about {duration(expected)}{shrunk}",
         highlight=False,
     )
-    return ratios, list(held_out), list(calibration)
+    return ratios, list(held_out), list(calibration), expected
 
 
-def _try_seconds(
+def _scan_cost(
     model: nn.Module,
     example: torch.Tensor,
     groups: dict[str, set[str]],
     calls: dict[str, Call],
     importance: str,
+    held_out: Sequence[tuple[torch.Tensor, torch.Tensor]],
     calibration: Sequence[torch.Tensor],
     recover: bool,
-) -> float:
-    """Seconds of one try's fixed work, timed on the first group: its surgery, and with ``recover`` its
-    recovery, run from the group's cut as the scan runs it."""
-    root = next(iter(groups))
+) -> ScanCost:
+    """The scan's cost, timed before it starts: a dense pass, and a try's fixed work on the first, middle
+    and last group the scan reaches, averaged (a residual stream's try costs several times a single conv's,
+    so one group is a poor sample)."""
+    cost = timed_pass(model, held_out, groups)
+    order = sorted(groups, key=lambda r: first_call(calls, groups[r]))
+    sampled = list(dict.fromkeys(order[i * (len(order) - 1) // 2] for i in range(3)))
+    # the first surgery pays once for what later ones reuse (tracing set-up): run, not counted
+    _timed_try(model, example, groups, calls, importance, sampled[0], calibration, False)
+    timings = [
+        _timed_try(model, example, groups, calls, importance, r, calibration, recover) for r in sampled
+    ]
+    timings = [t for t in timings if t is not None] or [(0.0, 0.0)]
+    cost.per_try = sum(t[0] for t in timings) / len(timings)
+    cost.per_group = sum(t[1] for t in timings) / len(timings)
+    cost.passes = 2 if recover else 1
+    return cost
+
+
+def _timed_try(
+    model: nn.Module,
+    example: torch.Tensor,
+    groups: dict[str, set[str]],
+    calls: dict[str, Call],
+    importance: str,
+    root: str,
+    calibration: Sequence[torch.Tensor],
+    recover: bool,
+) -> tuple[float, float] | None:
+    """Seconds of a try's fixed work on ``root``'s group: its surgery and, with ``recover``, its recovery
+    from the group's cut; and those of the dense side of recovery that every ratio of the group shares.
+    None where the group cannot be pruned (the scan skips it too)."""
     timer = time.perf_counter()
     pruned = copy.deepcopy(model)
-    report = prune_model(pruned, PruneRequest(layers=[root], ratio=0.5), make_importance(importance), example)
-    if not recover:
-        return time.perf_counter() - timer
+    try:
+        report = prune_model(
+            pruned, PruneRequest(layers=[root], ratio=0.5), make_importance(importance), example
+        )
+    except (UsageError, SurgeryError):
+        return None
     surgery = time.perf_counter() - timer
+    if not recover:
+        return surgery, 0.0
     images = _first(calibration, RECOVERY_IMAGES)
     probe = [(images[0][:2], torch.zeros(2, dtype=torch.long))]  # verifies the cut; only ``images`` cached
     cut = _cut_for(model, calls, groups[root], _dense_pass(model, probe, images, logits=False), None)
-    timer = time.perf_counter()
-    _recover(model, pruned, report.kept, images, cut)
-    return surgery + time.perf_counter() - timer
+    dense_side: dict = {}
+    taken = []
+    for _ in range(2):  # the first time computes the dense side, the second reuses it as later ratios do
+        timer = time.perf_counter()
+        _recover(model, pruned, report.kept, images, cut, dense_side)
+        taken.append(time.perf_counter() - timer)
+    return surgery + taken[1], max(taken[0] - taken[1], 0.0)
 
 
 def _dense_pass(
