@@ -408,7 +408,8 @@ def finetune(
     BatchNorm statistics are first re-estimated on up to ``recalibration_images`` training images. The
     recipe (``full``: SGD, cosine from lr 0.025, 0.01 with a ``teacher``, everything trains, BatchNorm
     re-estimated at the end; ``blog``: Adam 1e-4; by default as the command line,
-    ``finetuning.default_recipe``) or a ``TrainConfig`` sets the schedule; ``teacher`` adds distillation; ``out`` keeps checkpoints and metrics. Returns a ``FitResult``.
+    ``finetuning.default_recipe``) or a ``TrainConfig`` sets the schedule; ``teacher`` adds distillation;
+    ``out`` keeps checkpoints and metrics. Returns a ``FitResult``.
     """
     from .finetuning import default_recipe
     from .finetuning import recipe as make_recipe

@@ -84,10 +84,9 @@ def timed_pass(
 ) -> ScanCost:
     """The dense model's seconds per image at the scan's precision and batch size (its first scoring batch,
     up to 256 images: a 32-px ResNet-18 takes a third less per image at 250 than at 32, a 240-px
-    EfficientNet-Lite1 more), and each group's
-    suffix: the share of that pass's time spent in the calls after the group's latest possible cut (an
-    estimate: the cut is verified only when the scan reaches it). Time, not MACs: a 224-px ResNet-50's early
-    layers take a larger share of the time than of the MACs."""
+    EfficientNet-Lite1 more), and each group's suffix: the share of that pass's time spent in the calls
+    after the group's latest possible cut (an estimate: the cut is verified only when the scan reaches it).
+    Time, not MACs: a 224-px ResNet-50's early layers take a larger share of the time than of the MACs."""
     x = held_out[0][0][:256]
     device = next(model.parameters()).device
     durations: list[tuple[int, float]] = []
