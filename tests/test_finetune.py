@@ -433,6 +433,14 @@ def test_the_old_name_seed_still_works_with_a_warning(capsys):
     assert trainable_filter("seed", ["layer1.0.conv1"], "fc")("fc.weight")  # an old checkpoint's record
 
 
+def test_a_fine_tuning_under_old_names_is_warned_about_once_each(pruned_ckpt, tmp_path, capsys):
+    """finetune_checkpoint plans its recipe with and without distillation; the warnings still come once."""
+    settings = _finetune_settings(pruned_ckpt, tmp_path / "old", recipe="seed", freeze="seed", distill=False)
+    assert settings["freeze"] == "blog"
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.count("recipe seed is deprecated") == err.count("freeze seed is deprecated") == 1, err
+
+
 def test_distill_mixup_feeds_teacher_and_student_the_same_mixed_images():
     """With ``distill_mixup`` the teacher sees mixed images, not the batch, the same ones on every run (a
     resume redraws them from the step); without a teacher the batch is left alone."""

@@ -67,7 +67,6 @@ def finetune_checkpoint(
     ``out`` (a directory) is locked meanwhile; one holding a run is refused unless ``resume`` or ``overwrite``.
     """
     from ..finetuning import default_recipe
-    from ..finetuning import recipe as recipe_config
 
     out = Path(out)
     recipe_name = renamed_keyword("finetune_checkpoint", "recipe_name", "recipe", recipe_name, recipe)
@@ -89,24 +88,9 @@ def finetune_checkpoint(
     else:
         source = load_checkpoint(path)
         recipe_name = recipe_name or default_recipe(source.meta.get("pruning"))
-        # whether it distils is known once the data is read (_teacher_for); the recipe differs by it
-        planned = {
-            distilling: recipe_config(
-                recipe_name,
-                distilling,
-                epochs=epochs,
-                lr=lr,
-                optimizer=optimizer,
-                freeze=freeze,
-                distill_temperature=distill_temperature,
-                distill_weight=distill_weight,
-                seed=seed,
-                device=device,
-            )
-            for distilling in (False, True)
-        }
-        for cfg, _ in planned.values():
-            cfg.validate()  # before the BatchNorm recalibration and evaluations
+        overrides = {"epochs": epochs, "lr": lr, "optimizer": optimizer, "freeze": freeze, "seed": seed}
+        overrides |= {"distill_temperature": distill_temperature, "distill_weight": distill_weight}
+        planned = _planned_configs(recipe_name, device=device, **overrides)
     with DirectoryLock(out):
         claim_run_dir(out, [path, teacher], resume, overwrite)
         if planned is not None:
@@ -116,6 +100,23 @@ def finetune_checkpoint(
             path, out, recipe_name, fresh, (teacher, distill), recalibrate, recalibration_images,
             data, data_dir, subset, seed,
         )  # fmt: skip
+
+
+def _planned_configs(recipe_name: str, **overrides: Any) -> dict[bool, tuple[TrainConfig, str]]:
+    """The recipe's (config, freezing policy) without and with distillation, each checked: whether a run
+    distils is known only once its data is read (``_teacher_for``), and the recipe differs by it."""
+    from ..finetuning import current_name
+    from ..finetuning import recipe as recipe_config
+
+    # deprecated names mapped (and warned about) once, not once a config
+    recipe_name, freeze = current_name("recipe", recipe_name), current_name("freeze", overrides.pop("freeze"))
+    planned = {
+        distilling: recipe_config(recipe_name, distilling, freeze=freeze, **overrides)
+        for distilling in (False, True)
+    }
+    for cfg, _ in planned.values():
+        cfg.validate()  # before the BatchNorm recalibration and evaluations
+    return planned
 
 
 def _finetune(
