@@ -4,12 +4,12 @@
     python benchmarks/allocation.py BASELINE --measure     # latency of every finished row, then table + plot
 
 Each row prunes the baseline (or, for ``dense-control``, leaves it whole), then fine-tunes it with one recipe
-(``full`` from lr 0.01, ``--epochs`` epochs, no BatchNorm recalibration, the fine-tuning seed varied). Rows are resumable:
-each finished row is appended to ``results/allocation.json`` (and committed with ``--commit``), an interrupted
-one resumes its fine-tuning; rows of another baseline checkpoint (one trained again) are moved under
-``earlier_baselines`` first. Latency is measured in a separate pass, on a quiet machine, dense and pruned
-timed in alternation. The latency-targeted rows ask for the measured latency of the ``sensitivity`` rows (same
-allocation, a MACs budget), so they run after ``--measure`` has timed those.
+(``full`` from lr 0.01, ``--epochs`` epochs, no BatchNorm recalibration, the fine-tuning seed varied). Rows
+are resumable: each finished row is appended to ``results/allocation.json`` (and committed with
+``--commit``), an interrupted one resumes its fine-tuning; rows of another baseline checkpoint (one trained
+again) are moved under ``earlier_baselines`` first. Latency is measured in a separate pass, on a quiet
+machine, dense and pruned timed in alternation. The latency-targeted rows ask for the measured latency of
+the ``sensitivity`` rows (same allocation, a MACs budget), so they run after ``--measure`` has timed those.
 """
 
 from __future__ import annotations
