@@ -144,3 +144,14 @@ def test_a_groups_suffix_is_its_share_of_the_measured_time_not_of_the_macs():
     cost = scan_budget.timed_pass(model, [(torch.randn(32, 3, 16, 16), torch.zeros(32))], groups)
     assert all(0 <= s < 0.2 for s in cost.suffix), cost.suffix
     assert cost.prefixes > 1.6  # two distinct cuts, each after the stem
+
+
+@pytest.mark.timing
+def test_a_scans_estimate_is_close_to_the_time_it_takes(resnet):
+    """What the scan prints before it starts (``estimated_seconds``, the timing included) is within a third
+    of the time it takes, tries recovered as by default (a quiet machine: CI runs timing tests alone)."""
+    gen = torch.Generator().manual_seed(3)
+    held_out = [(torch.randn(100, 3, 32, 32, generator=gen), torch.randint(0, 10, (100,), generator=gen))] * 2
+    calibration = [torch.randn(100, 3, 32, 32, generator=gen)] * 2
+    result = sensitivity.scan(resnet, torch.zeros(1, 3, 32, 32), held_out, calibration, recover=True)
+    assert 0.67 < result["estimated_seconds"] / result["seconds"] < 1.5, result["seconds"]
