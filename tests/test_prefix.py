@@ -87,11 +87,11 @@ def test_a_scan_from_cached_cuts_matches_one_that_runs_the_whole_model(resnet, m
     recalibrate_batchnorm(resnet, calibration)  # so re-estimating the layers before a cut changes nothing
     resnet.eval()
     example = torch.zeros(1, 3, 32, 32)
-    real, cuts = sensitivity._cut_for, []
-    monkeypatch.setattr(sensitivity, "_cut_for", lambda *a: cuts.append(real(*a)) or cuts[-1])
+    real, cuts = sensitivity.cut_for, []
+    monkeypatch.setattr(sensitivity, "cut_for", lambda *a: cuts.append(real(*a)) or cuts[-1])
     cached = sensitivity.scan(resnet, example, held_out, calibration, ratios=(0.3, 0.7))
     assert sum(c is not None for c in cuts) == len(cuts) == 11  # every group's tries ran from a cut
-    monkeypatch.setattr(sensitivity, "_cut_for", lambda *a, **k: None)
+    monkeypatch.setattr(sensitivity, "cut_for", lambda *a, **k: None)
     whole = sensitivity.scan(resnet, example, held_out, calibration, ratios=(0.3, 0.7))
     assert cached["groups"].keys() == whole["groups"].keys()
     for root, row in cached["groups"].items():

@@ -70,6 +70,12 @@ def trace_calls(
     return calls
 
 
+def first_call(calls: dict[str, Call], members: set[str]) -> int:
+    """The call index at which the first of ``members`` runs (0 when none ran)."""
+    starts = [calls[m].start for m in members if m in calls]
+    return min(starts) if starts else 0
+
+
 def candidate_cuts(model: nn.Module, calls: dict[str, Call], before: int, limit: int = 4) -> list[str]:
     """Up to ``limit`` modules that finish before call index ``before``, latest first: children of the
     model, of a Sequential or of a ModuleList (blocks a forward loops over, as EfficientNet's), called once

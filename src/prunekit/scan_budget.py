@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 
+from .console import console, progress_bar
 from .errors import UsageError
+from .importance import make_importance
 from .measure import autocast, bf16_supported
-from .prefix import Call, candidate_cuts, trace_calls
+from .prefix import Call, candidate_cuts, first_call, trace_calls
+from .pruning import prune_model
+from .requests import PruneRequest
+from .scan_tries import RECOVERY_IMAGES, cut_for, dense_pass, first_of, recover_try
+from .surgery import SurgeryError
 
+RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)  # a scan's default grid, coarsened to every other over its budget
 MIN_SCAN_IMAGES = 32  # a scan shrunk to its time budget still scores and recalibrates on this many
-
-
-def first_call(calls: dict[str, Call], members: set[str]) -> int:
-    """The call index at which the first of ``members`` runs (0 when none ran)."""
-    starts = [calls[m].start for m in members if m in calls]
-    return min(starts) if starts else 0
 
 
 def scan_counts(available: int, images: int, calibration_images: int) -> tuple[int, int, str | None]:
@@ -109,3 +111,113 @@ def timed_pass(
 
 def duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def within_budget(
+    model: nn.Module,
+    example: torch.Tensor,
+    groups: dict[str, set[str]],
+    importance: str,
+    ratios: Sequence[float],
+    held_out: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    calibration: Sequence[torch.Tensor],
+    seconds: float | None,
+    recover: bool,
+    calls: dict[str, Call],
+) -> tuple[Sequence[float], list, list, float]:
+    """The ratios and images a scan uses: as given, or (over ``seconds``) a coarser default grid and fewer
+    images; and how long it will take, said in one line."""
+    cost = _scan_cost(model, example, groups, calls, importance, held_out, calibration, recover)
+    offered = (sum(len(y) for _, y in held_out), sum(len(x) for x in calibration))
+    counts = offered
+    if seconds is not None and cost.seconds(counts, len(ratios)) > seconds:
+        if tuple(ratios) == RATIOS:
+            ratios = RATIOS[::2]  # a coarser grid first: the planner interpolates between the points
+        counts = cost.fitted_counts(offered, len(ratios), seconds)
+        if counts[0] < len(held_out[0][1]):  # smaller batches now: timed again at the size the scan runs
+            timed = timed_pass(model, first_of(held_out, counts[0]), groups)
+            cost = replace(timed, per_try=cost.per_try, per_group=cost.per_group, passes=cost.passes)
+            counts = cost.fitted_counts(offered, len(ratios), seconds)
+        held_out = first_of(held_out, counts[0])
+        calibration = first_of(calibration, counts[1])
+    expected = cost.seconds(counts, len(ratios))
+    shrunk = (
+        f" (of {offered[0]} + {offered[1]}, to finish in about {duration(seconds)})"
+        if counts != offered
+        else ""
+    )
+    console.print(
+        f"sensitivity scan: {len(groups)} groups x {len(ratios)} ratios on {counts[0]} scoring + {counts[1]} "
+        f"BatchNorm images, about {duration(expected)}{shrunk}",
+        highlight=False,
+    )
+    return ratios, list(held_out), list(calibration), expected
+
+
+def _scan_cost(
+    model: nn.Module,
+    example: torch.Tensor,
+    groups: dict[str, set[str]],
+    calls: dict[str, Call],
+    importance: str,
+    held_out: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    calibration: Sequence[torch.Tensor],
+    recover: bool,
+) -> ScanCost:
+    """The scan's cost, timed before it starts: a dense pass, and a try's fixed work on the first, middle
+    and last group the scan reaches, averaged (a residual stream's try costs several times a single conv's,
+    so one group is a poor sample)."""
+    order = sorted(groups, key=lambda r: first_call(calls, groups[r]))
+    sampled = list(dict.fromkeys(order[i * (len(order) - 1) // 2] for i in range(3))) if order else []
+    timings = []
+    with progress_bar() as bar:  # about 15 s on a 224-px ResNet-50
+        task = bar.add_task("timing the scan", total=2 + len(sampled), info="")
+        cost = timed_pass(model, held_out, groups)
+        bar.advance(task)
+        if sampled:  # the first surgery pays once for what later ones reuse (tracing set-up): not counted
+            _timed_try(model, example, groups, calls, importance, sampled[0], calibration, False)
+        bar.advance(task)
+        for root in sampled:
+            timings.append(_timed_try(model, example, groups, calls, importance, root, calibration, recover))
+            bar.advance(task)
+    timings = [t for t in timings if t is not None] or [(0.0, 0.0)]
+    cost.per_try = sum(t[0] for t in timings) / len(timings)
+    cost.per_group = sum(t[1] for t in timings) / len(timings)
+    cost.passes = 2 if recover else 1
+    return cost
+
+
+def _timed_try(
+    model: nn.Module,
+    example: torch.Tensor,
+    groups: dict[str, set[str]],
+    calls: dict[str, Call],
+    importance: str,
+    root: str,
+    calibration: Sequence[torch.Tensor],
+    recover: bool,
+) -> tuple[float, float] | None:
+    """Seconds of a try's fixed work on ``root``'s group: its surgery and, with ``recover``, its recovery
+    from the group's cut; and those of the dense side of recovery that every ratio of the group shares.
+    None where the group cannot be pruned (the scan skips it too)."""
+    timer = time.perf_counter()
+    pruned = copy.deepcopy(model)
+    try:
+        report = prune_model(
+            pruned, PruneRequest(layers=[root], ratio=0.5), make_importance(importance), example
+        )
+    except (UsageError, SurgeryError):
+        return None
+    surgery = time.perf_counter() - timer
+    if not recover:
+        return surgery, 0.0
+    images = first_of(calibration, RECOVERY_IMAGES)
+    probe = [(images[0][:2], torch.zeros(2, dtype=torch.long))]  # verifies the cut; only ``images`` cached
+    cut = cut_for(model, calls, groups[root], dense_pass(model, probe, images, logits=False), None)
+    dense_side: dict = {}
+    taken = []
+    for _ in range(2):  # the first time computes the dense side, the second reuses it as later ratios do
+        timer = time.perf_counter()
+        recover_try(model, pruned, report.kept, images, cut, dense_side)
+        taken.append(time.perf_counter() - timer)
+    return surgery + taken[1], max(taken[0] - taken[1], 0.0)
