@@ -26,6 +26,7 @@ from common import (
     FULL_ARCHIVE,
     RESULTS,
     ROOT,
+    TARGETS,
     for_baseline,
     machine,
     min_keep,
@@ -38,7 +39,6 @@ from prunekit.checkpoint import load_checkpoint
 from prunekit.measure import count_macs, count_params, latency
 from prunekit.pruning import PruneRequest
 
-TARGETS = {"2x": 0.5, "3x": 1 / 3}
 # The `full` recipe's rate until 2026-12-07, which every committed row was fine-tuned from (distilled rows
 # included); finetune_lr.py fine-tunes the same pruned models from the recipe's 0.025 since then.
 LR = 0.01

@@ -22,6 +22,9 @@ MINI_ARCHIVE = SHARED_DATA / "cifar10-jpeg-mini.tar.gz"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+TARGETS = {"2x": 0.5, "3x": 1 / 3}  # the full-data benchmarks' MACs budgets (allocation, finetune_lr)
+
+
 def machine() -> dict:
     """What the numbers were measured on."""
     from prunekit.measure import cpu_name

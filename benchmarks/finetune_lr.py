@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from common import FULL_ARCHIVE, RESULTS, ROOT, machine, require, save_results
+from common import FULL_ARCHIVE, RESULTS, ROOT, TARGETS, machine, require, save_results
 from prunekit import api
 from prunekit.checkpoint import load_checkpoint
 from prunekit.commands.evaluate import load_data_for
@@ -33,7 +33,6 @@ from prunekit.pruning import PruneRequest
 RESULT = RESULTS / "finetune_lr.json"
 EPOCHS = 10
 HELD_OUT_FROM = 4500  # training images a class fine-tuned on with --held-out; the rest are scored
-TARGETS = {"2x": 0.5, "3x": 1 / 3}  # the MACs kept by the defaults-* rows
 
 
 def name(row: str, baseline: Path) -> str:
