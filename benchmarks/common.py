@@ -53,11 +53,16 @@ def require(path: Path) -> Path:
     return path
 
 
+def checkpoint_digest(path: Path) -> str:
+    """What tells one trained checkpoint from another under the same path: its bytes' SHA-256 (16 digits)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def for_baseline(results: dict, baseline: Path, kept: tuple[str, ...]) -> dict:
     """``results`` for the checkpoint at ``baseline``: the ``kept`` entries of rows measured on another
     checkpoint (a baseline trained again, on another machine, under the same path) are moved under
     ``earlier_baselines``, so rows are only ever compared on one parent."""
-    digest = hashlib.sha256(baseline.read_bytes()).hexdigest()[:16]
+    digest = checkpoint_digest(baseline)
     if results.get("rows") and results.get("baseline_sha256") != digest:
         earlier = {k: results.pop(k) for k in ("baseline_sha256", *kept) if k in results}
         results.setdefault("earlier_baselines", []).append(earlier)

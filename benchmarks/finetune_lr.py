@@ -6,23 +6,42 @@
 
 Each (row, seed, lr) fine-tunes what ``allocation.py`` fine-tunes for that row (its pruned model in
 ``runs/allocation/ROW/seedS/``, the baseline itself for ``dense-control``) as it does: ``full`` recipe, 10
-epochs, no BatchNorm recalibration, distillation off; only the peak learning rate differs. ``--held-out``
-fine-tunes on the first 4,500 training images a class and scores the other 500 instead of the test split;
-the allocation benchmark's baseline was trained on those 500 too. ``defaults-2x`` / ``defaults-3x`` prune
-BASELINE here with prunekit's defaults (on the fine-tuning images only): with a parent trained on the first
-4,500 images a class (``prunekit train ... --subset 4500``), the held-out images are unseen by every step.
-Rows are resumable and appended to ``results/finetune_lr.json`` (``--commit``: each committed as it lands).
+epochs, no BatchNorm recalibration, distillation off; only the peak learning rate differs. ``--distill``
+fine-tunes with BASELINE as teacher instead (the recipe's soft targets, weight 0.5 at T 4; rows named
+``ROW+kd``). ``--held-out`` fine-tunes on the first 4,500 training images a class and scores the other 500
+instead of the test split; the allocation benchmark's baseline was trained on those 500 too. ``defaults-2x``
+/ ``defaults-3x`` prune BASELINE here with prunekit's defaults (on the fine-tuning images only): with a
+parent trained on the first 4,500 images a class (``prunekit train ... --subset 4500``), the held-out images
+are unseen by every step.
+
+A BASELINE other than the allocation benchmark's parent (told apart by its SHA-256) is a parent of its own:
+its rows are named after its run directory (``parent45k-defaults-3x``), and ``torch-pruning-2x`` /
+``torch-pruning-3x`` prune it here by Torch-Pruning's recipe, as allocation.py does.
+Rows are resumable and appended to ``results/finetune_lr.json`` (``--commit``: each committed as it lands),
+each with the torch threads it ran on.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from common import FULL_ARCHIVE, RESULTS, ROOT, TARGETS, machine, require, save_results
+from common import (
+    FULL_ARCHIVE,
+    RESULTS,
+    ROOT,
+    TARGETS,
+    checkpoint_digest,
+    machine,
+    require,
+    save_results,
+    torch_pruning_uniform,
+)
 from prunekit import api
 from prunekit.checkpoint import load_checkpoint
 from prunekit.commands.evaluate import load_data_for
@@ -31,28 +50,51 @@ from prunekit.measure import evaluate
 from prunekit.pruning import PruneRequest
 
 RESULT = RESULTS / "finetune_lr.json"
+ALLOCATION_RESULT = RESULTS / "allocation.json"  # records the parent of runs/allocation's pruned models
 EPOCHS = 10
+DISTILLED = "+kd"  # as allocation.py names its distilled rows
 HELD_OUT_FROM = 4500  # training images a class fine-tuned on with --held-out; the rest are scored
 
 
-def name(row: str, baseline: Path) -> str:
-    """A row's name in keys and run directories: ``defaults-*`` rows carry their parent's run directory."""
-    return f"{baseline.parent.name}-{row}" if row.startswith("defaults-") else row
+class Parent(NamedTuple):
+    """The checkpoint every row starts from; ``own``: not the parent of allocation.py's pruned models."""
+
+    path: Path
+    own: bool
+
+    @classmethod
+    def of(cls, path: Path) -> Parent:
+        recorded = json.loads(ALLOCATION_RESULT.read_text()).get("baseline_sha256")
+        return cls(path, checkpoint_digest(path) != recorded)
 
 
-def source(row: str, seed: int, baseline: Path, runs: Path, subset: int | None) -> Path:
-    """What ``row`` fine-tunes: allocation.py's pruned model of that seed, the baseline itself
-    (``dense-control``), or (``defaults-*``) the baseline pruned here by prunekit's defaults."""
+def name(row: str, parent: Parent) -> str:
+    """A row's name in keys and run directories: on a parent of its own, prefixed with its run directory."""
+    return f"{parent.path.parent.name}-{row}" if parent.own else row
+
+
+def source(row: str, seed: int, parent: Parent, runs: Path, subset: int | None) -> Path:
+    """What ``row`` fine-tunes: the parent itself (``dense-control``); the parent pruned here by prunekit's
+    defaults (``defaults-*``) or, on a parent of its own, by Torch-Pruning's recipe (``torch-pruning-*``);
+    else allocation.py's pruned model of that seed."""
     if row == "dense-control":
-        return baseline
-    if not row.startswith("defaults-"):
+        return parent.path
+    kind, _, target = row.rpartition("-")
+    if kind != "defaults" and not parent.own:
         return ROOT / "runs" / "allocation" / row / f"seed{seed}" / "pruned.safetensors"
-    pruned = runs / name(row, baseline) / "pruned.safetensors"
-    if not pruned.exists():
-        request = PruneRequest(target_macs=TARGETS[row.removeprefix("defaults-")])
+    pruned = runs / name(row, parent) / "pruned.safetensors"
+    if pruned.exists():
+        return pruned
+    if kind == "defaults":
+        request = PruneRequest(target_macs=TARGETS[target])
         api.prune_checkpoint(
-            baseline, request, data=str(FULL_ARCHIVE), subset=subset, out=pruned, overwrite=True
+            parent.path, request, data=str(FULL_ARCHIVE), subset=subset, out=pruned, overwrite=True
         )
+    elif kind == "torch-pruning":
+        pruned.parent.mkdir(parents=True, exist_ok=True)
+        torch_pruning_uniform(parent.path, TARGETS[target], pruned)
+    else:
+        sys.exit(f"{row}: allocation.py pruned it from its own parent, not from {parent.path}")
     return pruned
 
 
@@ -72,13 +114,23 @@ def held_out_accuracy(model_file: Path) -> tuple[float, int]:
     return accuracy, len(bundle.test)
 
 
-def run(row: str, seed: int, lr: float, held_out: bool, baseline: Path, runs: Path) -> dict:
+def label(row: str, parent: Parent, distill: bool) -> str:
+    """A run's row in keys and run directories: ``name``, with ``+kd`` when it distils."""
+    return name(row, parent) + (DISTILLED if distill else "")
+
+
+def key(row: str, seed: int, lr: float, held_out: bool, distill: bool, parent: Parent) -> str:
+    """A run's key in the results file."""
+    return f"{label(row, parent, distill)}/seed{seed}/lr{lr:g}{'/held-out' if held_out else ''}"
+
+
+def run(row: str, seed: int, lr: float, held_out: bool, distill: bool, parent: Parent, runs: Path) -> dict:
     """One (row, seed, lr) fine-tuned as allocation.py fine-tunes the row (resumed where interrupted)."""
-    out = runs / f"{name(row, baseline)}-lr{lr:g}-seed{seed}{'-heldout' if held_out else ''}"
+    out = runs / f"{label(row, parent, distill)}-lr{lr:g}-seed{seed}{'-heldout' if held_out else ''}"
     resume = (out / "checkpoint.safetensors").exists()
     subset = HELD_OUT_FROM if held_out else None
     result = api.finetune_checkpoint(
-        source(row, seed, baseline, runs, subset),
+        source(row, seed, parent, runs, subset),
         out,
         recipe="full",
         epochs=EPOCHS,
@@ -87,14 +139,16 @@ def run(row: str, seed: int, lr: float, held_out: bool, baseline: Path, runs: Pa
         data=str(FULL_ARCHIVE),
         subset=subset,
         seed=seed,
-        distill=False,
+        teacher=parent.path if distill else None,
+        distill=distill,
         resume=resume,
         overwrite=not resume,
     )
-    entry = {"row": row, "seed": seed, "lr": lr, "test": result["accuracy"]["finetuned"]}
+    entry = {"row": row + (DISTILLED if distill else ""), "seed": seed, "lr": lr}
+    entry["test"] = result["accuracy"]["finetuned"]
     if held_out:
         entry["held_out"], entry["held_out_images"] = held_out_accuracy(out / "model.safetensors")
-    return {**entry, "date": machine()["date"]}
+    return {**entry, "torch_threads": torch.get_num_threads(), "date": machine()["date"]}
 
 
 def main() -> None:
@@ -104,22 +158,24 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--lrs", default="0.025")
     parser.add_argument("--held-out", action="store_true")
+    parser.add_argument("--distill", action="store_true", help="BASELINE as teacher")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "finetune_lr")
     parser.add_argument("--commit", action="store_true")
     args = parser.parse_args()
     require(FULL_ARCHIVE)
+    parent = Parent.of(args.baseline)
     for row in args.rows.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             for lr in (float(v) for v in args.lrs.split(",")):
-                key = f"{name(row, args.baseline)}/seed{seed}/lr{lr:g}{'/held-out' if args.held_out else ''}"
+                at = key(row, seed, lr, args.held_out, args.distill, parent)
                 results = json.loads(RESULT.read_text()) if RESULT.exists() else {"rows": {}}
-                if key in results["rows"]:
+                if at in results["rows"]:
                     continue
-                entry = run(row, seed, lr, args.held_out, args.baseline, args.runs_dir)
+                entry = run(row, seed, lr, args.held_out, args.distill, parent, args.runs_dir)
                 results = json.loads(RESULT.read_text()) if RESULT.exists() else {"rows": {}}
-                results["rows"][key] = entry
-                save_results(RESULT, results, f"bench: finetune_lr {key}" if args.commit else None)
-                print(json.dumps({key: entry}), flush=True)
+                results["rows"][at] = entry
+                save_results(RESULT, results, f"bench: finetune_lr {at}" if args.commit else None)
+                print(json.dumps({at: entry}), flush=True)
 
 
 if __name__ == "__main__":
