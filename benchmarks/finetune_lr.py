@@ -15,8 +15,8 @@ parent trained on the first 4,500 images a class (``prunekit train ... --subset 
 are unseen by every step.
 
 A BASELINE other than the allocation benchmark's parent (told apart by its SHA-256) is a parent of its own:
-its rows are named after its run directory (``parent45k-defaults-3x``), and ``torch-pruning-2x`` /
-``torch-pruning-3x`` prune it here by Torch-Pruning's recipe, as allocation.py does.
+its rows are named after its run directory (``parent45k-defaults-3x``), and every other row (``torch-pruning-3x``,
+``sensitivity+keep25-3x``, ...) prunes it here as allocation.py prunes that row.
 Rows are resumable and appended to ``results/finetune_lr.json`` (``--commit``: each committed as it lands),
 each with the torch threads it ran on.
 """
@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import torch
 
+from allocation import prune_row
 from common import (
     FULL_ARCHIVE,
     RESULTS,
@@ -40,7 +41,6 @@ from common import (
     machine,
     require,
     save_results,
-    torch_pruning_uniform,
 )
 from prunekit import api
 from prunekit.checkpoint import load_checkpoint
@@ -75,26 +75,23 @@ def name(row: str, parent: Parent) -> str:
 
 def source(row: str, seed: int, parent: Parent, runs: Path, subset: int | None) -> Path:
     """What ``row`` fine-tunes: the parent itself (``dense-control``); the parent pruned here by prunekit's
-    defaults (``defaults-*``) or, on a parent of its own, by Torch-Pruning's recipe (``torch-pruning-*``);
-    else allocation.py's pruned model of that seed."""
+    defaults (``defaults-*``) or, on a parent of its own, as allocation.py prunes that row; else
+    allocation.py's pruned model of that seed."""
     if row == "dense-control":
         return parent.path
-    kind, _, target = row.rpartition("-")
-    if kind != "defaults" and not parent.own:
+    defaults, target = row.startswith("defaults-"), row.rpartition("-")[2]
+    if not (defaults or parent.own):
         return ROOT / "runs" / "allocation" / row / f"seed{seed}" / "pruned.safetensors"
     pruned = runs / name(row, parent) / "pruned.safetensors"
-    if pruned.exists():
-        return pruned
-    if kind == "defaults":
+    if not pruned.exists() and defaults:
         request = PruneRequest(target_macs=TARGETS[target])
         api.prune_checkpoint(
             parent.path, request, data=str(FULL_ARCHIVE), subset=subset, out=pruned, overwrite=True
         )
-    elif kind == "torch-pruning":
+    elif not pruned.exists():
         pruned.parent.mkdir(parents=True, exist_ok=True)
-        torch_pruning_uniform(parent.path, TARGETS[target], pruned)
-    else:
-        sys.exit(f"{row}: allocation.py pruned it from its own parent, not from {parent.path}")
+        if prune_row(row, parent.path, pruned, {"latency": {}}, str(FULL_ARCHIVE)) is None:
+            sys.exit(f"{row}: a latency target needs allocation.py --measure's timings of its parent")
     return pruned
 
 
