@@ -32,6 +32,7 @@ from common import (
     min_keep,
     require,
     save_results,
+    scan_grid,
     torch_pruning_uniform,
 )
 from prunekit import api
@@ -59,6 +60,9 @@ ROWS = [
     # as `prunekit run --steps 2` does: the same fine-tuning budget in all; the plain scan, as the rows above
     *(f"sensitivity+steps2-{t}" for t in TARGETS),
 ]
+# "+grid9": the scan tries every tenth from 0.1 to 0.9 (9 ratios, the default 5); "+top95": 0.95 as well,
+# so a group may lose more than 90 % of its channels
+GRIDS = {"grid9": tuple(i / 10 for i in range(1, 10)), "top95": (0.1, 0.3, 0.5, 0.7, 0.9, 0.95)}
 STEPPED = "+steps"
 DISTILLED = "+kd"
 LATENCY_BATCH = 64
@@ -89,7 +93,7 @@ def prune_row(row: str, baseline: Path, out: Path, results: dict, data: str) -> 
     if kind == "torch-pruning":
         info = torch_pruning_uniform(baseline, TARGETS[target], out)
     else:
-        allocation, _, modifier = kind.partition("+")
+        allocation, *modifiers = kind.split("+")
         if kind == "latency":
             fraction = latency_target(results, target)
             if fraction is None:
@@ -105,10 +109,11 @@ def prune_row(row: str, baseline: Path, out: Path, results: dict, data: str) -> 
             request = PruneRequest(
                 target_macs=TARGETS[target],
                 allocation=allocation,
-                prune_input_conv=modifier == "stem",
-                scan_recovery=modifier == "refitscan",
+                prune_input_conv="stem" in modifiers,
+                scan_recovery="refitscan" in modifiers,
             )
-        with min_keep(int(modifier[4:]) / 100 if modifier.startswith("keep") else None):
+        keep = next((int(m[4:]) / 100 for m in modifiers if m.startswith("keep")), None)
+        with min_keep(keep), scan_grid(next((GRIDS[m] for m in modifiers if m in GRIDS), None)):
             report = api.prune_checkpoint(baseline, request, data=data, out=out, overwrite=True)
         info = {"request": report["request"], "macs_ratio": report["macs"]["ratio"]}
         if report.get("latency"):  # what the latency target measured: plans tried, fast counts per group

@@ -98,6 +98,18 @@ def min_keep(fraction: float | None) -> AbstractContextManager:
     return mock.patch.object(planning, "MIN_KEEP_FRACTION", fraction)
 
 
+def scan_grid(ratios: tuple[float, ...] | None) -> AbstractContextManager:
+    """The sensitivity scans a pruning runs try ``ratios`` of every group instead of the default grid
+    (for the block; None: the default)."""
+    import functools
+
+    from prunekit import sensitivity
+
+    if ratios is None:
+        return contextlib.nullcontext()
+    return mock.patch.object(sensitivity, "scan", functools.partial(sensitivity.scan, ratios=ratios))
+
+
 def save(name: str, result: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
