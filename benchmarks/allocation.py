@@ -60,9 +60,8 @@ ROWS = [
     # as `prunekit run --steps 2` does: the same fine-tuning budget in all; the plain scan, as the rows above
     *(f"sensitivity+steps2-{t}" for t in TARGETS),
 ]
-# "+grid9": the scan tries every tenth from 0.1 to 0.9 (9 ratios, the default 5); "+top95": 0.95 as well,
-# so a group may lose more than 90 % of its channels
-GRIDS = {"grid9": tuple(i / 10 for i in range(1, 10)), "top95": (0.1, 0.3, 0.5, 0.7, 0.9, 0.95)}
+# "+grid9": the scan tries every tenth from 0.1 to 0.9 (9 ratios instead of the default 5)
+GRIDS = {"grid9": tuple(i / 10 for i in range(1, 10))}
 STEPPED = "+steps"
 DISTILLED = "+kd"
 LATENCY_BATCH = 64
