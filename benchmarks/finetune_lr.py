@@ -61,11 +61,13 @@ class Parent(NamedTuple):
 
     path: Path
     own: bool
+    digest: str
 
     @classmethod
     def of(cls, path: Path) -> Parent:
         recorded = json.loads(ALLOCATION_RESULT.read_text()).get("baseline_sha256")
-        return cls(path, checkpoint_digest(path) != recorded)
+        digest = checkpoint_digest(path)
+        return cls(path, digest != recorded, digest)
 
 
 def name(row: str, parent: Parent) -> str:
@@ -171,6 +173,12 @@ def main() -> None:
                 entry = run(row, seed, lr, args.held_out, args.distill, parent, args.runs_dir)
                 results = json.loads(RESULT.read_text()) if RESULT.exists() else {"rows": {}}
                 results["rows"][at] = entry
+                if parent.own:  # which checkpoint the prefix of its rows names
+                    parents = results.setdefault("parents", {})
+                    parents[parent.path.parent.name] = {
+                        "checkpoint": str(parent.path),
+                        "sha256": parent.digest,
+                    }
                 save_results(RESULT, results, f"bench: finetune_lr {at}" if args.commit else None)
                 print(json.dumps({at: entry}), flush=True)
 
