@@ -1,8 +1,10 @@
-"""The ``full`` fine-tuning recipe's peak learning rate, probed on the allocation benchmark's models.
+"""The ``full`` fine-tuning recipe probed on the allocation benchmark's models (or a parent of its own): its
+peak learning rate, and distillation from the parent.
 
     python benchmarks/finetune_lr.py BASELINE --rows sensitivity+refitscan-3x --seeds 0,1 --lrs 0.025
     python benchmarks/finetune_lr.py BASELINE --rows sensitivity+refitscan-3x --lrs 0.01,0.025 --held-out
     python benchmarks/finetune_lr.py runs/parent45k/model.safetensors --rows defaults-3x --lrs 0.01,0.025 --held-out
+    python benchmarks/finetune_lr.py runs/parent1207/model.safetensors --rows defaults-3x --seeds 0,1 --distill
 
 Each (row, seed, lr) fine-tunes what ``allocation.py`` fine-tunes for that row (its pruned model in
 ``runs/allocation/ROW/seedS/``, the baseline itself for ``dense-control``) as it does: ``full`` recipe, 10
@@ -15,9 +17,9 @@ parent trained on the first 4,500 images a class (``prunekit train ... --subset 
 are unseen by every step.
 
 A BASELINE other than the allocation benchmark's parent (told apart by its SHA-256) is a parent of its own:
-its rows are named after its run directory (``parent45k-defaults-3x``), and every other row (``torch-pruning-3x``,
-``sensitivity+keep25-3x``, ...) prunes it here as allocation.py prunes that row.
-Rows are resumable and appended to ``results/finetune_lr.json`` (``--commit``: each committed as it lands),
+its rows are named after its run directory (``parent45k-defaults-3x``), and every other row
+(``torch-pruning-3x``, ``sensitivity+refitscan+grid9-3x``, ...) prunes it here as allocation.py prunes that
+row. Rows are resumable and appended to ``results/finetune_lr.json`` (``--commit``: each committed as it lands),
 each with the torch threads it ran on.
 """
 
