@@ -337,9 +337,11 @@ def test_finetune_from_own_dataloader_learns_and_writes_nothing(tmp_path, monkey
     assert not list(tmp_path.iterdir())  # no out: nothing written
 
 
-def test_finetune_takes_the_full_recipes_distilling_rate_with_a_teacher(monkeypatch):
-    """``prunekit.finetune`` with a teacher fine-tunes at the ``full`` recipe's distilling rate (0.01), without
-    one at its plain rate (0.025), as the command line does."""
+def test_finetune_takes_the_full_recipes_distilling_rate_with_a_teacher_on_a_small_split(monkeypatch):
+    """``prunekit.finetune`` with a teacher on a small split fine-tunes at the ``full`` recipe's distilling
+    rate (0.01), without one or on a large split (a DataLoader's or a list's) at its plain rate (0.025), as
+    the command line does."""
+    import prunekit.finetuning
     import prunekit.train
 
     seen = []
@@ -347,6 +349,10 @@ def test_finetune_takes_the_full_recipes_distilling_rate_with_a_teacher(monkeypa
     for teacher in (None, fresh()):
         prunekit.finetune(fresh(), _loader(16, 0), recipe="full", teacher=teacher, recalibrate=False)
     assert seen == [0.025, 0.01]
+    monkeypatch.setattr(prunekit.finetuning, "DISTILL_BELOW", 16)  # 16 images is now "large"
+    for train in (_loader(16, 0), list(_loader(16, 0)), _loader(8, 0)):
+        prunekit.finetune(fresh(), train, recipe="full", teacher=fresh(), recalibrate=False)
+    assert seen[2:] == [0.025, 0.025, 0.01]
 
 
 def test_finetune_with_out_keeps_checkpoint_and_refuses_bad_input(tmp_path):

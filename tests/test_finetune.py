@@ -133,10 +133,10 @@ def test_recipes():
     cfg, freeze = recipe("blog", epochs=3, lr=None, freeze="none")
     assert (cfg.epochs, cfg.lr, freeze) == (3, 1e-4, "none")
     assert recipe("full")[1] == "none"
-    # the full recipe's peak lr: 0.025, 0.01 when distilling; an explicit one wins either way
-    assert (recipe("full")[0].lr, recipe("full", distilling=True)[0].lr) == (0.025, 0.01)
-    assert recipe("full", distilling=True, lr=0.05)[0].lr == recipe("full", lr=0.05)[0].lr == 0.05
-    assert recipe("blog", distilling=True) == recipe("blog")
+    # the full recipe's peak lr: 0.025, 0.01 when distilling on a small split; an explicit one wins either way
+    assert (recipe("full")[0].lr, recipe("full", distilling_few=True)[0].lr) == (0.025, 0.01)
+    assert recipe("full", distilling_few=True, lr=0.05)[0].lr == recipe("full", lr=0.05)[0].lr == 0.05
+    assert recipe("blog", distilling_few=True) == recipe("blog")
     with pytest.raises(UsageError, match="recipe"):
         recipe("bogus")
 
@@ -405,6 +405,19 @@ def test_a_small_training_split_distils_from_the_dense_parent(
     assert _peak_lr(tmp_path / "off") == 0.025
     with pytest.raises(UsageError, match="distillation"):
         _finetune_settings(pruned_ckpt, tmp_path / "both", distill=False, teacher=dense_ckpt)
+
+
+def test_distilling_on_a_large_split_keeps_the_full_recipes_plain_rate(
+    pruned_ckpt, dense_ckpt, tmp_path, monkeypatch, count_distillation
+):
+    """Asked to distil on a split of at least ``DISTILL_BELOW`` images, the ``full`` recipe keeps lr 0.025:
+    0.01 is the rate of distillation on small splits only."""
+    import prunekit.finetuning
+
+    monkeypatch.setattr(prunekit.finetuning, "DISTILL_BELOW", 20)  # 20 images is now "large"
+    settings = _finetune_settings(pruned_ckpt, tmp_path / "large", recipe="full", distill=True)
+    assert settings["teacher"] == str(dense_ckpt) and len(count_distillation) == 1
+    assert _peak_lr(tmp_path / "large") == 0.025
 
 
 @pytest.mark.slow

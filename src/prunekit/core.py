@@ -385,6 +385,16 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     return ckpt.model
 
 
+def _images_in(train: Iterable) -> int | None:
+    """How many images a DataLoader's dataset or a list of ``(images, labels)`` batches holds (else None)."""
+    dataset = getattr(train, "dataset", None)
+    if dataset is not None and hasattr(dataset, "__len__"):
+        return len(dataset)
+    if isinstance(train, (list, tuple)):
+        return sum(len(batch[0]) for batch in train)
+    return None
+
+
 def finetune(
     model: nn.Module,
     train: Iterable,
@@ -406,20 +416,21 @@ def finetune(
     """Fine-tune ``model`` on ``train`` (a DataLoader or list of ``(images, labels)``) with prunekit's loop.
 
     BatchNorm statistics are first re-estimated on up to ``recalibration_images`` training images. The
-    recipe (``full``: SGD, cosine from lr 0.025, 0.01 with a ``teacher``, everything trains, BatchNorm
-    re-estimated at the end; ``blog``: Adam 1e-4; by default as the command line,
+    recipe (``full``: SGD, cosine from lr 0.025, 0.01 with a ``teacher`` on fewer than 10,000 images,
+    everything trains, BatchNorm re-estimated at the end; ``blog``: Adam 1e-4; by default as the command line,
     ``finetuning.default_recipe``) or a ``TrainConfig`` sets the schedule; ``teacher`` adds distillation;
     ``out`` keeps checkpoints and metrics. Returns a ``FitResult``.
     """
-    from .finetuning import default_recipe
+    from .finetuning import default_recipe, distils_few
     from .finetuning import recipe as make_recipe
     from .train import fit
     from .train_config import TrainConfig
 
     recipe = recipe or default_recipe((getattr(model, "prunekit_meta", None) or {}).get("pruning"))
     if config is None:
+        few = distils_few(teacher is not None, _images_in(train))
         config, _ = make_recipe(
-            recipe, teacher is not None, epochs=epochs, lr=lr, optimizer=optimizer, seed=seed, device=device
+            recipe, few, epochs=epochs, lr=lr, optimizer=optimizer, seed=seed, device=device
         )
     elif not isinstance(config, TrainConfig):
         raise UsageError(f"config must be a prunekit.TrainConfig, got {type(config).__name__}")

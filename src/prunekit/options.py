@@ -212,7 +212,8 @@ _TABLE = [
     Option(
         "finetune_lr",
         float,
-        "fine-tuning's peak learning rate (default: the recipe's; full: 0.025, 0.01 when distilling)",
+        "fine-tuning's peak learning rate (default: the recipe's; full: 0.025, 0.01 when distilling on a "
+        "small training split)",
         check=positive,
     ),
     Option("recalibrate", bool),

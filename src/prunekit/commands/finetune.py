@@ -103,17 +103,14 @@ def finetune_checkpoint(
 
 
 def _planned_configs(recipe_name: str, **overrides: Any) -> dict[bool, tuple[TrainConfig, str]]:
-    """The recipe's (config, freezing policy) without and with distillation, each checked: whether a run
-    distils is known only once its data is read (``_teacher_for``), and the recipe differs by it."""
+    """The recipe's (config, freezing policy) as it is when distilling on a small split and as it is
+    otherwise, each checked: which applies is known only once the data is read (``_teacher_for``)."""
     from ..finetuning import current_name
     from ..finetuning import recipe as recipe_config
 
     # deprecated names mapped (and warned about) once, not once a config
     recipe_name, freeze = current_name("recipe", recipe_name), current_name("freeze", overrides.pop("freeze"))
-    planned = {
-        distilling: recipe_config(recipe_name, distilling, freeze=freeze, **overrides)
-        for distilling in (False, True)
-    }
+    planned = {few: recipe_config(recipe_name, few, freeze=freeze, **overrides) for few in (False, True)}
     for cfg, _ in planned.values():
         cfg.validate()  # before the BatchNorm recalibration and evaluations
     return planned
@@ -132,7 +129,7 @@ def _finetune(
     subset: int | None,
     seed: int,
 ) -> dict[str, Any]:
-    from ..finetuning import recalibrate_batchnorm, trainable_filter
+    from ..finetuning import distils_few, recalibrate_batchnorm, trainable_filter
     from ..groups import output_layer
 
     if planned is None:
@@ -146,7 +143,7 @@ def _finetune(
     bundle = load_data_for(meta, data, data_dir, subset)
     if planned is not None:
         teacher = _teacher_for(meta, len(bundle.train), *distillation)
-        cfg, policy = configs[teacher is not None]
+        cfg, policy = configs[distils_few(teacher is not None, len(bundle.train))]
         stages = {}
         settings = {"recipe": recipe_name, "freeze": policy, "recalibrate": recalibrate, "source": str(path)}
         settings |= {"recalibration_images": recalibration_images, "data": data, "data_dir": data_dir}
@@ -240,8 +237,9 @@ FLAGS = [
     flag("out", type=Path, default=None, help="output directory (default: <checkpoint>-finetuned)"),
     flag("recipe", default=None,
          help="blog: Adam lr 1e-4, 10 epochs, the blog's freezing; full: SGD cosine lr 0.025 (0.01 when "
-         "distilling), everything trains, BatchNorm re-estimated at the end (default: blog for a model "
-         "pruned at named layers, full otherwise; seed: the old name of blog, deprecated)"),
+         f"distilling on under {DISTILL_BELOW:,} images), everything trains, BatchNorm re-estimated at the "
+         "end (default: blog for a model pruned at named layers, full otherwise; seed: the old name of blog, "
+         "deprecated)"),
     flag("epochs", default=None),
     flag("lr", default=None),
     flag("optimizer", default=None),
