@@ -3,6 +3,13 @@ baseline at its default counts (1,000 scoring + 512 BatchNorm training images, i
 tries recovered (the default) and without (`--no-scan-recovery`). Run it on a quiet machine.
 
 python benchmarks/scan_time.py runs/bench9/baseline/model.safetensors
+python benchmarks/scan_time.py --fewshot
+
+``--fewshot`` times the few-shot benchmark's scan instead (fewshot.py's ``prunekit.prune`` defaults: the
+pretrained EfficientNet-Lite1 scanned on 512 unlabelled 240-px images, tries recovered; random images, as
+timing does not depend on them; needs ``pip install -e '.[bench]'``), the image counts its budget fits
+included; its result is added to ``results/scan_time.json`` under ``fewshot`` (the few-shot rows ran at one
+thread with the other core fine-tuning: run it so to see the counts they got).
 """
 
 from __future__ import annotations
@@ -17,14 +24,46 @@ import torch
 from common import FULL_ARCHIVE, RESULTS, require, save
 from prunekit.api import load_data_for, scan_batches
 from prunekit.checkpoint import load_checkpoint
-from prunekit.sensitivity import SCAN_CALIBRATION_IMAGES, SCAN_IMAGES, SCAN_SECONDS, scan
+from prunekit.sensitivity import (
+    SCAN_CALIBRATION_IMAGES,
+    SCAN_IMAGES,
+    SCAN_SECONDS,
+    scan,
+    scan_calibration,
+)
+
+
+def fewshot() -> None:
+    """The few-shot benchmark's scan, timed; added to the results file under ``fewshot``."""
+    from fewshot import EXAMPLE, SIZE, pretrained  # the benchmark-only packages: imported only here
+
+    model = pretrained().eval()
+    images = torch.randn(512, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    got = scan_calibration(model, EXAMPLE, [(x, None) for x in images.split(64)], recover=True)
+    entry = {
+        "seconds": time.perf_counter() - start,  # the dense model's predictions on the images included
+        "scan_s": got["seconds"],
+        "estimated_s": got["estimated_seconds"],
+        "ratios": len(got["ratios"]),
+        "images_used": [got["held_out_images"], got["calibration_images"]],
+        "torch_threads": torch.get_num_threads(),
+    }
+    print(entry, flush=True)
+    results = json.loads((RESULTS / "scan_time.json").read_text())
+    save("scan_time", {**{k: v for k, v in results.items() if k != "machine"}, "fewshot": entry})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("baseline", type=Path)
+    parser.add_argument("baseline", type=Path, nargs="?")
     parser.add_argument("--data", default=str(FULL_ARCHIVE))
+    parser.add_argument("--fewshot", action="store_true", help="time the few-shot benchmark's scan instead")
     args = parser.parse_args()
+    if args.fewshot:
+        return fewshot()
+    if args.baseline is None:
+        parser.error("the baseline checkpoint is required (or --fewshot)")
     require(Path(args.data))
     ckpt = load_checkpoint(args.baseline)
     bundle = load_data_for(ckpt.meta, args.data, None)
