@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from common import FULL_ARCHIVE, RESULTS, require, save
+from common import FULL_ARCHIVE, RESULTS, machine, require, save
 from prunekit.api import load_data_for, scan_batches
 from prunekit.checkpoint import load_checkpoint
 from prunekit.sensitivity import (
@@ -47,11 +47,10 @@ def fewshot() -> None:
         "estimated_s": got["estimated_seconds"],
         "ratios": len(got["ratios"]),
         "images_used": [got["held_out_images"], got["calibration_images"]],
-        "torch_threads": torch.get_num_threads(),
+        "machine": machine(),  # the file's own "machine" is the CIFAR run's
     }
     print(entry, flush=True)
-    results = json.loads((RESULTS / "scan_time.json").read_text())
-    save("scan_time", {**{k: v for k, v in results.items() if k != "machine"}, "fewshot": entry})
+    save("scan_time", {**json.loads((RESULTS / "scan_time.json").read_text()), "fewshot": entry})
 
 
 def main() -> None:
