@@ -49,8 +49,8 @@ def default_recipe(pruning: list[dict] | None) -> str:
 
 # What a recipe changes when it distils on a small training split (``distils_few``): the few-shot rows, where
 # prunekit distils by default, were measured from 0.01 (benchmarks/results/fewshot.json; fewshot_recipes.json
-# found 0.02 ambiguous there). With all 50,000 CIFAR-10 images distillation was measured from 0.025
-# (finetune_lr.json, the parent1207 rows), the rate without it.
+# found 0.02 ambiguous there). With all 50,000 CIFAR-10 images a 3x-pruned ResNet-18 distilled to 83.29 %
+# from 0.025, the rate without distillation, and to 82.66 % from 0.01 (finetune_lr.json, parent1207 rows).
 WHEN_DISTILLING_FEW = {"full": {"lr": 0.01}}
 
 RENAMED = {"seed": "blog"}  # the blog experiment's recipe and freezing policy were called "seed" until 0.2
