@@ -385,16 +385,6 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     return ckpt.model
 
 
-def _images_in(train: Iterable) -> int | None:
-    """How many images a DataLoader's dataset or a list of ``(images, labels)`` batches holds (else None)."""
-    dataset = getattr(train, "dataset", None)
-    if dataset is not None and hasattr(dataset, "__len__"):
-        return len(dataset)
-    if isinstance(train, (list, tuple)):
-        return sum(len(batch[0]) for batch in train)
-    return None
-
-
 def finetune(
     model: nn.Module,
     train: Iterable,
@@ -428,7 +418,7 @@ def finetune(
 
     recipe = recipe or default_recipe((getattr(model, "prunekit_meta", None) or {}).get("pruning"))
     if config is None:
-        few = distils_few(teacher is not None, _images_in(train))
+        few = distils_few(teacher is not None, image_count(train))
         config, _ = make_recipe(
             recipe, few, epochs=epochs, lr=lr, optimizer=optimizer, seed=seed, device=device
         )
