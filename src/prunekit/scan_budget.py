@@ -17,7 +17,7 @@ from .measure import autocast, bf16_supported
 from .prefix import Call, candidate_cuts, first_call, trace_calls
 from .pruning import prune_model
 from .requests import PruneRequest
-from .scan_tries import RECOVERY_IMAGES, cut_for, dense_pass, first_of, recover_try
+from .scan_tries import RECOVERY_IMAGES, cut_for, dense_pass, first_of, recover_try, scan_order
 from .surgery import SurgeryError
 
 RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)  # a scan's default grid, coarsened to every other over its budget
@@ -167,7 +167,7 @@ def _scan_cost(
     """The scan's cost, timed before it starts: a dense pass, and a try's fixed work on the first, middle
     and last group the scan reaches, averaged (a residual stream's try costs several times a single conv's,
     so one group is a poor sample)."""
-    order = sorted(groups, key=lambda r: first_call(calls, groups[r]))
+    order = scan_order(groups, calls)
     sampled = list(dict.fromkeys(order[i * (len(order) - 1) // 2] for i in range(3))) if order else []
     timings = []
     with progress_bar() as bar:  # about 15 s on a 224-px ResNet-50

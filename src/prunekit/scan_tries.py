@@ -177,6 +177,11 @@ def cut_for(
     return None
 
 
+def scan_order(groups: dict[str, set[str]], calls: dict[str, Call]) -> list[str]:
+    """The groups in the order a scan tries them, the order their first members run (so cuts are reused)."""
+    return sorted(groups, key=lambda r: first_call(calls, groups[r]))
+
+
 def first_of(batches: Sequence[Any], n: int) -> list[Any]:
     """The first ``n`` images of ``batches`` (of tensors, or of (images, labels) pairs)."""
     kept, left = [], n

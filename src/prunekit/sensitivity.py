@@ -20,10 +20,10 @@ from .groups import collect_groups
 from .importance import NETWORK_WIDE, make_importance
 from .modes import eval_mode
 from .planning import LayerCosts
-from .prefix import first_call, trace_calls
+from .prefix import trace_calls
 from .requests import PruneRequest
 from .scan_budget import RATIOS, within_budget
-from .scan_tries import Cut, cut_for, dense_pass, point, top1
+from .scan_tries import Cut, cut_for, dense_pass, point, scan_order, top1
 from .surgery import SurgeryError
 
 SCAN_IMAGES, SCAN_CALIBRATION_IMAGES = 1000, 512  # training images that score / recalibrate a scan
@@ -107,7 +107,7 @@ def scan(
     modules = dict(model.named_modules())
     with progress_bar() as bar:
         task = bar.add_task("sensitivity", total=len(groups) * len(ratios), info="")
-        for root in sorted(groups, key=lambda r: first_call(calls, groups[r])):
+        for root in scan_order(groups, calls):
             cut = cut_for(model, calls, groups[root], images, cut)
             row: dict[str, Any] = {"accuracy": [], "kl": [], "macs_saved": []}
             dense_side: dict | None = {} if recover else None  # the same for every ratio of the group
