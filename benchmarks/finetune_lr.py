@@ -115,26 +115,41 @@ def held_out_accuracy(model_file: Path) -> tuple[float, int]:
     return accuracy, len(bundle.test)
 
 
-def label(row: str, parent: Parent, distill: bool) -> str:
-    """A run's row in keys and run directories: ``name``, with ``+kd`` when it distils."""
-    return name(row, parent) + (DISTILLED if distill else "")
+class Tuning(NamedTuple):
+    """How a run fine-tunes beyond its row, seed and rate; each non-default value is named in its key."""
+
+    held_out: bool = False
+    distill: bool = False
+    distill_weight: float | None = None  # None: the recipe's
+    epochs: int = EPOCHS
+
+    def suffix(self) -> str:
+        """``+kd`` (``+kd0.9`` at a weight of its own) when distilling, ``+e20`` at 20 epochs."""
+        kd = DISTILLED + (f"{self.distill_weight:g}" if self.distill_weight is not None else "")
+        return (kd if self.distill else "") + (f"+e{self.epochs}" if self.epochs != EPOCHS else "")
 
 
-def key(row: str, seed: int, lr: float, held_out: bool, distill: bool, parent: Parent) -> str:
+def label(row: str, parent: Parent, tuning: Tuning) -> str:
+    """A run's row in keys and run directories: ``name``, with what its fine-tuning changes."""
+    return name(row, parent) + tuning.suffix()
+
+
+def key(row: str, seed: int, lr: float, tuning: Tuning, parent: Parent) -> str:
     """A run's key in the results file."""
-    return f"{label(row, parent, distill)}/seed{seed}/lr{lr:g}{'/held-out' if held_out else ''}"
+    return f"{label(row, parent, tuning)}/seed{seed}/lr{lr:g}{'/held-out' if tuning.held_out else ''}"
 
 
-def run(row: str, seed: int, lr: float, held_out: bool, distill: bool, parent: Parent, runs: Path) -> dict:
+def run(row: str, seed: int, lr: float, tuning: Tuning, parent: Parent, runs: Path) -> dict:
     """One (row, seed, lr) fine-tuned as allocation.py fine-tunes the row (resumed where interrupted)."""
-    out = runs / f"{label(row, parent, distill)}-lr{lr:g}-seed{seed}{'-heldout' if held_out else ''}"
+    held_out, distill = tuning.held_out, tuning.distill
+    out = runs / f"{label(row, parent, tuning)}-lr{lr:g}-seed{seed}{'-heldout' if held_out else ''}"
     resume = (out / "checkpoint.safetensors").exists()
     subset = HELD_OUT_FROM if held_out else None
     result = api.finetune_checkpoint(
         source(row, seed, parent, runs, subset),
         out,
         recipe="full",
-        epochs=EPOCHS,
+        epochs=tuning.epochs,
         lr=lr,
         recalibrate=False,
         data=str(FULL_ARCHIVE),
@@ -142,10 +157,11 @@ def run(row: str, seed: int, lr: float, held_out: bool, distill: bool, parent: P
         seed=seed,
         teacher=parent.path if distill else None,
         distill=distill,
+        distill_weight=tuning.distill_weight if distill else None,
         resume=resume,
         overwrite=not resume,
     )
-    entry = {"row": row + (DISTILLED if distill else ""), "seed": seed, "lr": lr}
+    entry = {"row": row + tuning.suffix(), "seed": seed, "lr": lr, "epochs": tuning.epochs}
     entry["test"] = result["accuracy"]["finetuned"]
     if held_out:
         entry["held_out"], entry["held_out_images"] = held_out_accuracy(out / "model.safetensors")
@@ -160,19 +176,26 @@ def main() -> None:
     parser.add_argument("--lrs", default="0.025")
     parser.add_argument("--held-out", action="store_true")
     parser.add_argument("--distill", action="store_true", help="BASELINE as teacher")
+    parser.add_argument(
+        "--distill-weight", type=float, help="the soft targets' weight (default: the recipe's)"
+    )
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help="a diagnostic: the goal's budget is 10")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "finetune_lr")
     parser.add_argument("--commit", action="store_true")
     args = parser.parse_args()
+    if args.distill_weight is not None and not args.distill:
+        parser.error("--distill-weight is for --distill")
     require(FULL_ARCHIVE)
     parent = Parent.of(args.baseline)
+    tuning = Tuning(args.held_out, args.distill, args.distill_weight, args.epochs)
     for row in args.rows.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             for lr in (float(v) for v in args.lrs.split(",")):
-                at = key(row, seed, lr, args.held_out, args.distill, parent)
+                at = key(row, seed, lr, tuning, parent)
                 results = json.loads(RESULT.read_text()) if RESULT.exists() else {"rows": {}}
                 if at in results["rows"]:
                     continue
-                entry = run(row, seed, lr, args.held_out, args.distill, parent, args.runs_dir)
+                entry = run(row, seed, lr, tuning, parent, args.runs_dir)
                 results = json.loads(RESULT.read_text()) if RESULT.exists() else {"rows": {}}
                 results["rows"][at] = entry
                 if parent.own:  # which checkpoint the prefix of its rows names
