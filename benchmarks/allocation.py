@@ -114,7 +114,7 @@ def prune_row(row: str, baseline: Path, out: Path, results: dict, data: str) -> 
         keep = next((int(m[4:]) / 100 for m in modifiers if m.startswith("keep")), None)
         with min_keep(keep), scan_grid(next((GRIDS[m] for m in modifiers if m in GRIDS), None)):
             report = api.prune_checkpoint(baseline, request, data=data, out=out, overwrite=True)
-        info = {"request": report["request"], "macs_ratio": report["macs"]["ratio"]}
+        info = {"request": report["request"], "macs_ratio": report["macs"]["ratio"], "scan": report["scan"]}
         if report.get("latency"):  # what the latency target measured: plans tried, fast counts per group
             info["latency_target"] = report["latency"]
     return {**info, "prune_s": time.perf_counter() - start}

@@ -180,8 +180,8 @@ def no_finetuning(
         got = results.setdefault("no_finetuning", {}).get(row, {})
         if "held_out" in got:
             continue
-        model, prune_s = pruned_once(row, dense, calibration, runs)
-        got = {"prune_s": prune_s, **got, "accuracy": evaluate(model, test)["accuracy"]}
+        model, info = pruned_once(row, dense, calibration, runs)
+        got = {**info, **got, "accuracy": evaluate(model, test)["accuracy"]}
         got |= {
             "held_out": evaluate(model, val)["accuracy"],
             "macs_ratio": count_macs(model, EXAMPLE) / results["dense"]["macs"],
@@ -223,14 +223,15 @@ def dense_parent(runs: Path, results: dict, train: tuple, test: Upsampled) -> to
     return dense
 
 
-def pruned(row: str, dense: torch.nn.Module, calibration: list) -> tuple[torch.nn.Module, float]:
-    """A copy of ``dense`` pruned to 2x fewer MACs as ``row`` says, and the seconds it took.
+def pruned(row: str, dense: torch.nn.Module, calibration: list) -> tuple[torch.nn.Module, dict]:
+    """A copy of ``dense`` pruned to 2x fewer MACs as ``row`` says, and what that took: ``prune_s`` seconds,
+    and the images, grid and time of its sensitivity scan (``scan``, None where it ran none).
 
     ``torch-pruning``: its recipe and BatchNorm recalibration. ``prunekit[-uniform|-sensitivity][-refit|
     -group-l2|-l2][-norecon]...``: ``prunekit.prune`` with that allocation and criterion (the defaults where
     none is named) on the calibration images, recovery included (``-norecon``: BatchNorm recalibration
     instead)."""
-    model, start = copy.deepcopy(dense), time.perf_counter()
+    model, start, scan = copy.deepcopy(dense), time.perf_counter(), None
     if row == "torch-pruning":
         model = torch_pruning_uniform(model, EXAMPLE, 0.5)
         prunekit.recalibrate_bn(model, calibration)
@@ -239,7 +240,7 @@ def pruned(row: str, dense: torch.nn.Module, calibration: list) -> tuple[torch.n
         importance = next((c for c in ("refit", "group-l2", "l2") if f"-{c}" in row), None)
         budget = SCAN_SECONDS * LONG_SCAN if "-longscan" in row else SCAN_SECONDS
         with residual_sums("-plainsums" not in row), scan_budget(budget):
-            prunekit.prune(
+            scan = prunekit.prune(
                 model,
                 EXAMPLE,
                 target_macs=0.5,
@@ -248,24 +249,25 @@ def pruned(row: str, dense: torch.nn.Module, calibration: list) -> tuple[torch.n
                 calibration=calibration,
                 reconstruct=False if "-norecon" in row else None,
                 scan_recovery="-refitscan" in row,
-            )
+            ).scan
         if "-norecon" in row:
             prunekit.recalibrate_bn(model, calibration)
-    return model, time.perf_counter() - start
+    return model, {"prune_s": time.perf_counter() - start, "scan": scan}
 
 
 def pruned_once(
     row: str, dense: torch.nn.Module, calibration: list, runs: Path
-) -> tuple[torch.nn.Module, float]:
+) -> tuple[torch.nn.Module, dict]:
     """``pruned(row, ...)``, kept in ``runs`` for the row's other seeds (pruning does not depend on the
-    seed: the same calibration images, the same plan), with the seconds the first pruning took."""
+    seed: the same calibration images, the same plan), with what the first pruning took (a file pruned
+    before scans were recorded has no ``scan``)."""
     path = runs / f"pruned-{row.removesuffix('-distill')}.safetensors"
     if path.exists():
         model = prunekit.load(path, model=pretrained())
-        return model, model.prunekit_meta["prune_s"]
-    model, prune_s = pruned(row, dense, calibration)
-    prunekit.save(model, path, meta={"prune_s": prune_s})
-    return model, prune_s
+        return model, {k: model.prunekit_meta.get(k) for k in ("prune_s", "scan")}
+    model, info = pruned(row, dense, calibration)
+    prunekit.save(model, path, meta=info)
+    return model, info
 
 
 def finetuned_row(
@@ -281,7 +283,7 @@ def finetuned_row(
     """One row: pruned, tested, fine-tuned 5 epochs (distilled from ``dense`` for ``-distill``), tested,
     and kept in ``runs``."""
     start = time.perf_counter()
-    model, prune_s = pruned_once(row, dense, calibration, runs)
+    model, info = pruned_once(row, dense, calibration, runs)
     pruned_acc = evaluate(model, test)["accuracy"]
     prunekit.finetune(
         model,
@@ -302,7 +304,7 @@ def finetuned_row(
         "accuracy_before_finetuning": pruned_acc,
         "macs_ratio": count_macs(model, EXAMPLE) / parent["macs"],
         "latency_b16_ms": latency(copy.deepcopy(model), SIZE, 16)["median_ms"],
-        "prune_s": prune_s,
+        **info,
         "seconds": time.perf_counter() - start,
     }
 

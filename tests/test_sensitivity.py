@@ -333,6 +333,26 @@ def test_prune_command_scans_as_its_flags_say(trained, tmp_path, monkeypatch):
     assert asked == [(True, False), (False, True)]
 
 
+def test_the_report_and_the_checkpoint_record_the_images_the_scan_used(trained, tmp_path, monkeypatch):
+    """A scan shrunk to its time budget scores on fewer images than offered; the pruning report (Python and
+    command line) and the pruned checkpoint say how many, where before only the console line did."""
+    from prunekit.checkpoint import read_meta
+
+    monkeypatch.setattr("prunekit.sensitivity.SCAN_SECONDS", 1e-3)  # shrinks both counts to the floor
+    images = [x for x, _ in _batches(32, 2)]  # 512: the default allocation scans
+    report = prunekit.prune(fresh(ResidualNet), X, target_macs=0.6, calibration=images)
+    assert report.request["allocation"] == "sensitivity"
+    assert (report.scan["held_out_images"], report.scan["calibration_images"]) == (32, 32)
+    assert report.scan["groups"] == 2 and report.scan["seconds"] > 0 and "on 32 + 32 images" in str(report)
+    assert prunekit.prune(fresh(ResidualNet), X, target_macs=0.6, allocation="global").scan is None
+    out = tmp_path / "p.safetensors"
+    argv = ["prune", str(trained), "--target-macs", "0.5", "--allocation", "sensitivity", "--out", str(out)]
+    assert main([*argv, "--reconstruction-images", "64"]) == 0
+    recorded = read_meta(out)["pruning"][-1]["scan"]
+    assert (recorded["held_out_images"], recorded["calibration_images"]) == (32, 32) and recorded["recovered"]
+    assert json.loads(out.with_suffix(".json").read_text())["scan"] == recorded
+
+
 def test_a_recovered_scan_by_default_from_the_command_line_and_a_plain_one_given_to_prune(
     trained, tmp_path, capsys
 ):

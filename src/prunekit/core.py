@@ -34,7 +34,7 @@ from .planning import allocation_note, default_allocation
 from .pruning import PruneRequest, prune_model
 from .reconstruct import reconstruct as refit_readers
 from .schema import KEPT_ATTRIBUTE
-from .sensitivity import scan_calibration, scan_options
+from .sensitivity import scan_calibration, scan_options, scan_summary
 from .surgery import KeptChannels, restore, snapshot
 from .weights import find_classifier
 
@@ -54,6 +54,7 @@ class PruneReport:
     seconds: float = 0.0
     latency: dict[str, Any] | None = None  # for a latency target: runtime, batch, measured dense and pruned
     reconstruction: dict[str, Any] | None = None  # what recovery without labels re-fitted (reconstruct=True)
+    scan: dict[str, Any] | None = None  # the sensitivity scan planned from: images, grid, time (scan_summary)
 
     @property
     def macs_ratio(self) -> float:
@@ -77,6 +78,12 @@ class PruneReport:
             text += (
                 f", latency {last['dense_ms']:.2f} -> {last['pruned_ms']:.2f} ms ({1 / last['measured']:.2f}x "
                 f"faster, {self.latency['runtime']}, batch {self.latency['batch']}, measured)"
+            )
+        if self.scan and "seconds" in self.scan:
+            s = self.scan
+            text += (
+                f"; planned from a scan of {s['groups']} groups x {len(s['ratios'])} ratios on "
+                f"{s['held_out_images']} + {s['calibration_images']} images ({s['seconds']:.1f} s)"
             )
         if self.reconstruction:
             r = self.reconstruction
@@ -216,6 +223,7 @@ def _prune_report(
         seconds=seconds,
         latency=result.latency,
         reconstruction=recovery,
+        scan=scan_summary(request.sensitivity),
     )
 
 

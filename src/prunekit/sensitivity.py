@@ -131,6 +131,25 @@ def scan(
     return result
 
 
+# What a pruning report says of the scan it planned from; the curves themselves stay in the scan's file.
+SCAN_SUMMARY = (
+    "held_out_images",
+    "calibration_images",
+    "ratios",
+    "recovered",
+    "metric",
+    "estimated_seconds",
+    "seconds",
+)
+
+
+def scan_summary(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The image counts, grid and time of a scan (``SCAN_SUMMARY``, with its number of groups), or None."""
+    if result is None:
+        return None
+    return {"groups": len(result.get("groups", {})), **{k: result[k] for k in SCAN_SUMMARY if k in result}}
+
+
 def _surgery_example(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
     """A smaller input for the tries' surgery (which traces and checks the model on it several times) when
     the model gives the same output shape on it: channel counts, not image size, decide what is removed."""

@@ -219,7 +219,12 @@ def _prune_report(
         "changed_layers": result.changed_layers,
         "latency": result.latency,
         "reconstruction": result.reconstruction,
+        "scan": result.scan,
     }
+
+
+# What a pruned checkpoint keeps of each pruning's report (the tables and per-layer details stay in the report)
+RECORDED = ("importance", "calibration", "request", "macs", "params", "removed_channels", "scan")
 
 
 def _pruned_meta(
@@ -239,10 +244,7 @@ def _pruned_meta(
         pruning=[
             *meta.get("pruning", []),
             {
-                **{
-                    k: report[k]
-                    for k in ("importance", "calibration", "request", "macs", "params", "removed_channels")
-                },
+                **{k: report[k] for k in RECORDED},
                 "changed_layers": [c["layer"] for c in result.changed_layers],
             },
         ],
