@@ -123,6 +123,13 @@ def distills_by_default(train_images: int) -> bool:
     return train_images < DISTILL_BELOW
 
 
+def peak_rate(name: str) -> str:
+    """A recipe's peak learning rate in words, for help texts: ``0.025 (0.01 when distilling on under 10,000
+    images)`` for ``full``."""
+    lr, few = RECIPES[name][0].lr, WHEN_DISTILLING_FEW.get(name, {}).get("lr")
+    return f"{lr:g}" + (f" ({few:g} when distilling on under {DISTILL_BELOW:,} images)" if few else "")
+
+
 def distils_few(distilling: bool, train_images: int | None) -> bool:
     """Whether a run distils on a small training split, under ``DISTILL_BELOW`` images (a split of unknown
     size counts as small): the case ``WHEN_DISTILLING_FEW`` changes the recipe for."""

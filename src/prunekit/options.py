@@ -209,13 +209,7 @@ _TABLE = [
     Option("threads", int, "CPU threads", check=at_least(1)),
     Option("steps", int, "prune/fine-tune rounds", check=at_least(1)),
     Option("finetune_epochs", int, "fine-tuning epochs (default: the recipe's, 10)", check=at_least(1)),
-    Option(
-        "finetune_lr",
-        float,
-        "fine-tuning's peak learning rate (default: the recipe's; full: 0.025, 0.01 when distilling on a "
-        "small training split)",
-        check=positive,
-    ),
+    Option("finetune_lr", float, "fine-tuning's peak learning rate (default: the recipe's)", check=positive),
     Option("recalibrate", bool),
     Option("distill", bool),
     Option("quantize", bool),

@@ -12,7 +12,7 @@ from ..checkpoint import Checkpoint, description, load_checkpoint
 from ..console import console, renamed_keyword
 from ..errors import UsageError, arg
 from ..files import DirectoryLock
-from ..finetuning import DISTILL_BELOW, RECALIBRATION_IMAGES
+from ..finetuning import DISTILL_BELOW, RECALIBRATION_IMAGES, peak_rate
 from ..measure import evaluate
 from ..options import SEED, Command, flag
 from ..resume import refuse_changes
@@ -236,9 +236,8 @@ FLAGS = [
     CHECKPOINT,
     flag("out", type=Path, default=None, help="output directory (default: <checkpoint>-finetuned)"),
     flag("recipe", default=None,
-         help="blog: Adam lr 1e-4, 10 epochs, the blog's freezing; full: SGD cosine lr 0.025 (0.01 when "
-         f"distilling on under {DISTILL_BELOW:,} images), everything trains, BatchNorm re-estimated at the "
-         "end (default: blog for a model pruned at named layers, full otherwise; seed: the old name of blog, "
+         help=f"blog: Adam lr 1e-4, 10 epochs, the blog's freezing; full: SGD cosine lr {peak_rate('full')}, "
+         "everything trains, BatchNorm re-estimated at the end (default: blog for a model pruned at named layers, full otherwise; seed: the old name of blog, "
          "deprecated)"),
     flag("epochs", default=None),
     flag("lr", default=None),

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..console import console
-from ..finetuning import DISTILL_BELOW
+from ..finetuning import DISTILL_BELOW, peak_rate
 from ..options import Command, flag
 from ..pipeline import RunConfig
 from .prune import IMPORTANCE_HELP, latency_flags, reconstruct_flags
@@ -49,7 +49,7 @@ FLAGS = [
     flag("recipe", help="fine-tuning preset (default: blog for named layers, as the blog's experiment; full for a "
          "target)"),
     flag("finetune_epochs"),
-    flag("finetune_lr"),
+    flag("finetune_lr", help=f"fine-tuning's peak learning rate (default: the recipe's; full: {peak_rate('full')})"),
     flag("freeze"),
     flag("distill", action=argparse.BooleanOptionalAction, default=None,
          help=f"distil from the dense baseline (default: when the training split holds under {DISTILL_BELOW:,} "
