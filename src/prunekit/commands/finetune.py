@@ -237,8 +237,8 @@ FLAGS = [
     flag("out", type=Path, default=None, help="output directory (default: <checkpoint>-finetuned)"),
     flag("recipe", default=None,
          help=f"blog: Adam lr 1e-4, 10 epochs, the blog's freezing; full: SGD cosine lr {peak_rate('full')}, "
-         "everything trains, BatchNorm re-estimated at the end (default: blog for a model pruned at named layers, full otherwise; seed: the old name of blog, "
-         "deprecated)"),
+         "everything trains, BatchNorm re-estimated at the end (default: blog for a model pruned at named "
+         "layers, full otherwise; seed: the old name of blog, deprecated)"),
     flag("epochs", default=None),
     flag("lr", default=None),
     flag("optimizer", default=None),

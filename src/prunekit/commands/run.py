@@ -49,7 +49,8 @@ FLAGS = [
     flag("recipe", help="fine-tuning preset (default: blog for named layers, as the blog's experiment; full for a "
          "target)"),
     flag("finetune_epochs"),
-    flag("finetune_lr", help=f"fine-tuning's peak learning rate (default: the recipe's; full: {peak_rate('full')})"),
+    flag("finetune_lr",
+         help=f"fine-tuning's peak learning rate (default: the recipe's; full: {peak_rate('full')})"),
     flag("freeze"),
     flag("distill", action=argparse.BooleanOptionalAction, default=None,
          help=f"distil from the dense baseline (default: when the training split holds under {DISTILL_BELOW:,} "
