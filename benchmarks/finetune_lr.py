@@ -163,6 +163,8 @@ def run(row: str, seed: int, lr: float, tuning: Tuning, parent: Parent, runs: Pa
     )
     entry = {"row": row + tuning.suffix(), "seed": seed, "lr": lr, "epochs": tuning.epochs}
     entry["test"] = result["accuracy"]["finetuned"]
+    # every epoch's, a resumed run's included: rows compare at equal time as well as equal epochs
+    entry["train_seconds"] = sum(epoch["seconds"] for epoch in result["history"])
     if held_out:
         entry["held_out"], entry["held_out_images"] = held_out_accuracy(out / "model.safetensors")
     return {**entry, "torch_threads": torch.get_num_threads(), "date": machine()["date"]}
