@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from pathlib import Path
 
 import torch
 
@@ -25,7 +26,7 @@ from prunekit.train import TrainConfig
 RUN = ROOT / "runs" / "deploy"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=10, help="baseline training epochs")
     parser.add_argument("--finetune-epochs", type=int, default=3)
@@ -58,17 +59,19 @@ def main() -> None:
         default=5,
         help="quantize-and-time runs; the first is the report, every run's times and speed-ups are recorded",
     )
-    args = parser.parse_args()
-    latency = (
-        f"-latency{args.target_latency:g}-{args.latency_runtime}-b{args.latency_batch}"
-        if args.target_latency is not None
-        else ""
-    )
-    tag = (
-        ("" if args.round_to == 1 else f"-round{args.round_to}")
-        + ("" if args.allocation == "global" else f"-{args.allocation}")
-        + latency
-    )
+    return parser.parse_args()
+
+
+def latency_tag(args: argparse.Namespace) -> str:
+    """What a latency target adds to the run's file names and result name ("" for half the MACs)."""
+    if args.target_latency is None:
+        return ""
+    return f"-latency{args.target_latency:g}-{args.latency_runtime}-b{args.latency_batch}"
+
+
+def prepared_models(args: argparse.Namespace, tag: str) -> tuple[Path, Path]:
+    """The dense baseline and the pruned, fine-tuned model (each stage trained, pruned or fine-tuned here
+    unless its output exists)."""
     data = str(require(FULL_ARCHIVE))
     dense = RUN / "baseline" / "model.safetensors"
     if not dense.exists():
@@ -93,6 +96,12 @@ def main() -> None:
         api.finetune_checkpoint(
             pruned, RUN / f"finetune{tag}", recipe="full", epochs=args.finetune_epochs, resume=resume
         )
+    return dense, finetuned
+
+
+def quantized_report(args: argparse.Namespace, tag: str, dense: Path, finetuned: Path) -> dict:
+    """``--runs`` quantize-and-time runs of ``finetuned``: the first's report, with every run's times and
+    speed-ups, both models' PyTorch accuracy, the command and the MACs ratio."""
     runs = [
         api.quantize_checkpoint(
             finetuned,
@@ -137,10 +146,11 @@ def main() -> None:
     )
     report["round_to"], report["allocation"] = args.round_to, args.allocation
     report["macs_ratio"] = count_macs(finetuned_model, 32) / count_macs(dense_model, 32)
-    name = "deploy" if args.round_to == 16 else f"deploy-round{args.round_to}"
-    save((name if args.allocation == "sensitivity" else f"{name}-{args.allocation}") + latency, report)
-    rows = report["rows"]
-    for name, row in rows.items():
+    return report
+
+
+def print_report(report: dict) -> None:
+    for name, row in report["rows"].items():
         lat = row["latency"]
         acc = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.2%}"
         print(
@@ -151,6 +161,21 @@ def main() -> None:
         print(
             f"run {i + 1}: int8 vs dense fp32 {speedup['batch1']:.2f}x at batch 1, {speedup['batch64']:.2f}x at 64"
         )
+
+
+def main() -> None:
+    args = parse_args()
+    latency = latency_tag(args)
+    tag = (
+        ("" if args.round_to == 1 else f"-round{args.round_to}")
+        + ("" if args.allocation == "global" else f"-{args.allocation}")
+        + latency
+    )
+    dense, finetuned = prepared_models(args, tag)
+    report = quantized_report(args, tag, dense, finetuned)
+    name = "deploy" if args.round_to == 16 else f"deploy-round{args.round_to}"
+    save((name if args.allocation == "sensitivity" else f"{name}-{args.allocation}") + latency, report)
+    print_report(report)
 
 
 if __name__ == "__main__":
