@@ -119,7 +119,8 @@ def distills_by_default(train_images: int) -> bool:
     """Whether fine-tuning on ``train_images`` labelled images distils from the dense parent unless told:
     on 1,000 images it kept 1.5 points more than cross-entropy alone (benchmarks/results/fewshot.json). On
     50,000 it kept 0.145-0.255 more from lr 0.025 (finetune_lr.json, one parent) for steps up to 1.6 times as
-    long, and from 0.01 the two tied (compression.json): larger splits distil only when asked."""
+    long, where the same time spent on more epochs kept more (the ``+e20`` rows), and from 0.01 the two tied
+    (compression.json): larger splits distil only when asked."""
     return train_images < DISTILL_BELOW
 
 
