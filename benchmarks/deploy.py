@@ -150,6 +150,7 @@ def quantized_report(args: argparse.Namespace, tag: str, dense: Path, finetuned:
 
 
 def print_report(report: dict) -> None:
+    """One line a model (accuracy, size, latency at batch 1 and 64), then each run's int8 speed-ups."""
     for name, row in report["rows"].items():
         lat = row["latency"]
         acc = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.2%}"

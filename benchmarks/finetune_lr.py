@@ -5,12 +5,14 @@ peak learning rate, and distillation from the parent.
     python benchmarks/finetune_lr.py BASELINE --rows sensitivity+refitscan-3x --lrs 0.01,0.025 --held-out
     python benchmarks/finetune_lr.py runs/parent45k/model.safetensors --rows defaults-3x --lrs 0.01,0.025 --held-out
     python benchmarks/finetune_lr.py runs/parent1207/model.safetensors --rows defaults-3x --seeds 0,1 --distill
+    python benchmarks/finetune_lr.py runs/parent1207/model.safetensors --rows dense-control --epochs 20
 
 Each (row, seed, lr) fine-tunes what ``allocation.py`` fine-tunes for that row (its pruned model in
 ``runs/allocation/ROW/seedS/``, the baseline itself for ``dense-control``) as it does: ``full`` recipe, 10
 epochs, no BatchNorm recalibration, distillation off; only the peak learning rate differs. ``--distill``
 fine-tunes with BASELINE as teacher instead (the recipe's soft targets, weight 0.5 at T 4; rows named
-``ROW+kd``). ``--held-out`` fine-tunes on the first 4,500 training images a class and scores the other 500
+``ROW+kd``; ``--distill-weight W``: ``ROW+kdW``, soft targets at that weight). ``--epochs N`` fine-tunes N
+epochs instead of 10 (``ROW+eN``: a diagnostic, outside the goal's budget). ``--held-out`` fine-tunes on the first 4,500 training images a class and scores the other 500
 instead of the test split; the allocation benchmark's baseline was trained on those 500 too. ``defaults-2x``
 / ``defaults-3x`` prune BASELINE here with prunekit's defaults (on the fine-tuning images only): with a
 parent trained on the first 4,500 images a class (``prunekit train ... --subset 4500``), the held-out images
