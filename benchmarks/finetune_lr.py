@@ -12,8 +12,8 @@ Each (row, seed, lr) fine-tunes what ``allocation.py`` fine-tunes for that row (
 epochs, no BatchNorm recalibration, distillation off; only the peak learning rate differs. ``--distill``
 fine-tunes with BASELINE as teacher instead (the recipe's soft targets, weight 0.5 at T 4; rows named
 ``ROW+kd``; ``--distill-weight W``: ``ROW+kdW``, soft targets at that weight). ``--epochs N`` fine-tunes N
-epochs instead of 10 (``ROW+eN``: a diagnostic, outside the goal's budget). ``--held-out`` fine-tunes on the first 4,500 training images a class and scores the other 500
-instead of the test split; the allocation benchmark's baseline was trained on those 500 too. ``defaults-2x``
+epochs instead of 10 (``ROW+eN``: a diagnostic, outside the goal's budget). ``--held-out`` fine-tunes on the
+first 4,500 training images a class and scores the other 500 instead of the test split; the allocation benchmark's baseline was trained on those 500 too. ``defaults-2x``
 / ``defaults-3x`` prune BASELINE here with prunekit's defaults (on the fine-tuning images only): with a
 parent trained on the first 4,500 images a class (``prunekit train ... --subset 4500``), the held-out images
 are unseen by every step.
@@ -21,8 +21,8 @@ are unseen by every step.
 A BASELINE other than the allocation benchmark's parent (told apart by its SHA-256) is a parent of its own:
 its rows are named after its run directory (``parent45k-defaults-3x``), and every other row
 (``torch-pruning-3x``, ``sensitivity+refitscan+grid9-3x``, ...) prunes it here as allocation.py prunes that
-row. Rows are resumable and appended to ``results/finetune_lr.json`` (``--commit``: each committed as it lands),
-each with the torch threads it ran on.
+row. Rows are resumable and appended to ``results/finetune_lr.json`` (``--commit``: each committed as it
+lands), each with the torch threads it ran on and its fine-tuning's seconds.
 """
 
 from __future__ import annotations
