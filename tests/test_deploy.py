@@ -90,6 +90,24 @@ def test_eval_reports_onnxruntime_latency_against_the_dense_parent(
     assert "ONNX Runtime" in capsys.readouterr().err
 
 
+def test_a_model_slower_than_its_parent_in_onnxruntime_is_told_how_to_prune_for_it():
+    """The note ``prunekit eval`` prints when ONNX Runtime ran the pruned model slower than its parent: it
+    names the batch sizes, the pruned channel counts off 16 (not the dense ones), and the two remedies."""
+    from prunekit.commands.evaluate import slower_in_onnxruntime
+
+    def net(*widths: int) -> torch.nn.Sequential:
+        return torch.nn.Sequential(*(torch.nn.Conv2d(3, w, 3) for w in widths))
+
+    dense = net(24, 64, 64)
+    note = slower_in_onnxruntime({"batch1": 0.6, "batch64": 1.3}, net(24, 39, 64), dense)
+    assert "at batch1:" in note and "(39)" in note and "--round-to 16" in note  # 24: dense, not pruned
+    note = slower_in_onnxruntime({"batch1": 0.9, "batch64": 0.8}, net(24, 48, 64), dense)
+    assert "batch1 and batch64" in note and "--round-to" not in note
+    assert "--latency-runtime onnxruntime" in note
+    assert slower_in_onnxruntime({"batch1": 1.4, "batch64": 1.1}, net(24, 39, 64), dense) is None
+    assert slower_in_onnxruntime({"batch1": 0.6}, net(24, 39, 64), None) is None
+
+
 def test_too_few_calibration_images_is_one_line_and_writes_nothing(pruned_ckpt, tmp_path, capsys):
     out = tmp_path / "q.onnx"
     code = main(["quantize", str(pruned_ckpt), "--out", str(out), "--calibration-images", "8"])

@@ -40,7 +40,8 @@ def test_sensitivity_scan_in_memory_feeds_prune_and_changes_nothing():
     assert report.request["allocation"] == "sensitivity" and report.macs_ratio == pytest.approx(0.5, rel=0.02)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")  # torch's, as in test_export
+# torch's own deprecation of TorchScript, filtered as in test_export
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_export_and_quantize_in_memory_compute_what_the_model_does(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     model = fresh().eval()

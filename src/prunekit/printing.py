@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
-from .console import console
+from .console import console, note
 from .measure import MACS_MEANING
 from .report import seed_table
 
@@ -37,6 +37,7 @@ def print_eval(results: dict[str, Any]) -> None:
                 f"{lat['threads']} threads){extra}",
                 highlight=False,
             )
+    note(results.get("note"))
 
 
 def print_quantize(report: dict[str, Any]) -> None:

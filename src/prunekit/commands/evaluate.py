@@ -68,6 +68,7 @@ def evaluate_checkpoint(
                 results["parent_latency"] = {k: v[1] for k, v in pairs.items()}
                 results["speedup"] = {k: v[1]["median_ms"] / v[0]["median_ms"] for k, v in pairs.items()}
             results.update(onnxruntime_latency(model, meta, dense, stage=stage))
+            results["note"] = slower_in_onnxruntime(results.get("ort_speedup", {}), model, dense)
     if out is not None:
         from ..files import write_json
 
@@ -80,6 +81,42 @@ def _dense_parent(meta: dict[str, Any]) -> torch.nn.Module | None:
     """The dense parent's architecture (random weights: latency does not depend on them), if pruned."""
     parent = meta.get("parent")
     return build_model(parent["model"], meta["num_classes"]).eval() if parent else None
+
+
+# ONNX Runtime's fast CPU convolutions work on blocks of this many channels (AVX512; AVX2's 8 divides it): a
+# pruned model with other counts measured slower than its dense parent (results/deploy-round1-global.json)
+ORT_CHANNEL_BLOCK = 16
+
+
+def slower_in_onnxruntime(
+    speedups: dict[str, float], model: torch.nn.Module, dense: torch.nn.Module | None
+) -> str | None:
+    """One line when the pruned ``model`` measured slower than its ``dense`` parent in ONNX Runtime: which of
+    its pruned convs have channel counts off ``ORT_CHANNEL_BLOCK``, and how to prune for this runtime."""
+    slower = [batch for batch, speedup in speedups.items() if speedup < 1]
+    if not slower or dense is None:
+        return None
+    widths = {n: m.out_channels for n, m in dense.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    odd = sorted(
+        {
+            m.out_channels
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Conv2d)
+            and m.out_channels != widths.get(n)
+            and m.out_channels % ORT_CHANNEL_BLOCK
+        }
+    )
+    counts = ", ".join(map(str, odd[:4])) + (", ..." if len(odd) > 4 else "")
+    why = (
+        f"its pruned channel counts ({counts}) are not multiples of {ORT_CHANNEL_BLOCK}, the blocks its fast "
+        f"convolutions work in; prune with --round-to {ORT_CHANNEL_BLOCK}, or with"
+        if odd
+        else "prune with"
+    )
+    return (
+        f"slower than its dense parent in ONNX Runtime at {' and '.join(slower)}: {why} --target-latency ... "
+        f"--latency-runtime onnxruntime, which measures what this runtime runs fast"
+    )
 
 
 def onnxruntime_latency(
