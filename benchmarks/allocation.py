@@ -60,6 +60,7 @@ ROWS = [
     # as `prunekit run --steps 2` does: the same fine-tuning budget in all; the plain scan, as the rows above
     *(f"sensitivity+steps2-{t}" for t in TARGETS),
 ]
+# "+roundN": channel counts kept multiples of N (--round-to; ONNX Runtime's fast convolutions want 16)
 # "+grid9": the scan tries every tenth from 0.1 to 0.9 (9 ratios instead of the default 5)
 GRIDS = {"grid9": tuple(i / 10 for i in range(1, 10))}
 STEPPED = "+steps"
@@ -110,6 +111,7 @@ def prune_row(row: str, baseline: Path, out: Path, results: dict, data: str) -> 
                 allocation=allocation,
                 prune_input_conv="stem" in modifiers,
                 scan_recovery="refitscan" in modifiers,
+                round_to=next((int(m[5:]) for m in modifiers if m.startswith("round")), 1),
             )
         keep = next((int(m[4:]) / 100 for m in modifiers if m.startswith("keep")), None)
         with min_keep(keep), scan_grid(next((GRIDS[m] for m in modifiers if m in GRIDS), None)):
