@@ -55,7 +55,7 @@ def evaluate_checkpoint(
         "summary_table": table["table"],
     }
     if measure_latency:
-        dense = _dense_parent(meta)
+        dense = dense_parent_architecture(meta)
         with stages() as stage:
             # The dense parent's architecture, timed in alternation with the pruned model on the same input.
             models = [model] if dense is None else [model, dense]
@@ -77,7 +77,7 @@ def evaluate_checkpoint(
     return results
 
 
-def _dense_parent(meta: dict[str, Any]) -> torch.nn.Module | None:
+def dense_parent_architecture(meta: dict[str, Any]) -> torch.nn.Module | None:
     """The dense parent's architecture (random weights: latency does not depend on them), if pruned."""
     parent = meta.get("parent")
     return build_model(parent["model"], meta["num_classes"]).eval() if parent else None
@@ -88,16 +88,11 @@ def _dense_parent(meta: dict[str, Any]) -> torch.nn.Module | None:
 ORT_CHANNEL_BLOCK = 16
 
 
-def slower_in_onnxruntime(
-    speedups: dict[str, float], model: torch.nn.Module, dense: torch.nn.Module | None
-) -> str | None:
-    """One line when the pruned ``model`` measured slower than its ``dense`` parent in ONNX Runtime: which of
-    its pruned convs have channel counts off ``ORT_CHANNEL_BLOCK``, and how to prune for this runtime."""
-    slower = [batch for batch, speedup in speedups.items() if speedup < 1]
-    if not slower or dense is None:
-        return None
+def off_block_counts(model: torch.nn.Module, dense: torch.nn.Module) -> list[int]:
+    """The distinct output channel counts of ``model``'s pruned convs (those narrower than in ``dense``) that
+    are not multiples of ``ORT_CHANNEL_BLOCK``."""
     widths = {n: m.out_channels for n, m in dense.named_modules() if isinstance(m, torch.nn.Conv2d)}
-    odd = sorted(
+    return sorted(
         {
             m.out_channels
             for n, m in model.named_modules()
@@ -106,6 +101,17 @@ def slower_in_onnxruntime(
             and m.out_channels % ORT_CHANNEL_BLOCK
         }
     )
+
+
+def slower_in_onnxruntime(
+    speedups: dict[str, float], model: torch.nn.Module, dense: torch.nn.Module | None
+) -> str | None:
+    """One line when the pruned ``model`` measured slower than its ``dense`` parent in ONNX Runtime: which of
+    its pruned convs have channel counts off ``ORT_CHANNEL_BLOCK``, and how to prune for this runtime."""
+    slower = [batch for batch, speedup in speedups.items() if speedup < 1]
+    if not slower or dense is None:
+        return None
+    odd = off_block_counts(model, dense)
     counts = ", ".join(map(str, odd[:4])) + (", ..." if len(odd) > 4 else "")
     why = (
         f"its pruned channel counts ({counts}) are not multiples of {ORT_CHANNEL_BLOCK}, the blocks its fast "

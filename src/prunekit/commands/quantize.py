@@ -15,7 +15,7 @@ from ..console import renamed_keyword, stages
 from ..errors import UsageError, arg
 from ..files import DirectoryLock, check_outputs
 from ..options import SEED, Command, flag, validate_given
-from .evaluate import _dense_parent, _ort_timing
+from .evaluate import _ort_timing, dense_parent_architecture
 from .rundir import CHECKPOINT, DATA_FLAGS, default_output, load_data_for, run_printed
 
 # The defaults of quantize_checkpoint, its flags and prunekit run's config, stated once.
@@ -122,7 +122,7 @@ def _quantize(
         best = max(tries, key=lambda t: t["accuracy"])
         shutil.copyfile(best["file"], tmp / "best.onnx")
         paths = [tmp / "best.onnx", fp32]
-        dense = _dense_parent(meta)
+        dense = dense_parent_architecture(meta)
         if dense is not None:
             paths.append(write_onnx(dense, size, tmp / "dense.onnx"))
         timing = _ort_timing(paths, size, threads, stage)
