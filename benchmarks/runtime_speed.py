@@ -25,10 +25,11 @@ RESULT = RESULTS / "runtime_speed.json"
 
 
 def row(path: Path) -> dict:
-    """What ``prunekit eval`` measured of ``path``: its speed-ups and latencies in both runtimes."""
+    """What ``prunekit eval`` measured of ``path``: its test accuracy, speed-ups and latencies in both runtimes."""
     results, ckpt = api.evaluate_checkpoint(path), load_checkpoint(path)
     keys = ("speedup", "ort_speedup", "latency", "parent_latency", "ort_latency", "ort_parent_latency")
     return {
+        "accuracy": results["accuracy"],  # as the checkpoint is: after pruning (and recovery) alone, if so
         "macs": results["macs"],
         **{k: results[k] for k in keys},
         "off_block_counts": off_block_counts(ckpt.model, dense_parent_architecture(ckpt.meta)),
