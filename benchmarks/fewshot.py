@@ -11,7 +11,8 @@ a sensitivity scan of them and recovery (global allocation before 2026-12-04); -
 the dense parent as teacher; also prunekit-uniform|-sensitivity|-global[-distill]: that allocation; -refit / -group-l2 / -l2 name the importance criterion instead of the default;
 -norecon: BatchNorm recalibration instead of recovery; -plainsums: recovery fitting every layer to its own
 output, residual sums included, as before 2026-12-06; -longscan: the scan given 2x its time budget, so about
-2x the scoring images; -refitscan: the scan's tries recovered before they are scored, `scan_recovery=True`)
+2x the scoring images; -refitscan: the scan's tries recovered before they are scored, `scan_recovery=True`;
+-roundN: channel counts kept multiples of N, `round_to=N`)
 
 python benchmarks/fewshot.py --no-finetune --rows prunekit,prunekit-refit,torch-pruning
 only prunes (and recovers) each row and tests it: no label and no gradient step (`no_finetuning`).
@@ -134,11 +135,19 @@ def main() -> None:
         "results under latency_b16_ms",
     )
     parser.add_argument(
+        "--results",
+        default=OUT.name,
+        help="the results file under benchmarks/results/ (another one keeps a side experiment's parent and "
+        "rows apart from the committed rows of fewshot.json)",
+    )
+    parser.add_argument(
         "--no-finetune",
         action="store_true",
         help="only prune (and recover) each row and test it: results under no_finetuning (seeds unused)",
     )
     args = parser.parse_args()
+    global OUT
+    OUT = RESULTS / args.results
     require(Path(args.data))
     bundle = load_data(args.data)
     train = per_class(bundle.train, PER_CLASS_TRAIN)
@@ -249,6 +258,7 @@ def pruned(row: str, dense: torch.nn.Module, calibration: list) -> tuple[torch.n
                 calibration=calibration,
                 reconstruct=False if "-norecon" in row else None,
                 scan_recovery="-refitscan" in row,
+                round_to=next((int(m[5:]) for m in row.split("-") if m.startswith("round")), 1),
             ).scan
         if "-norecon" in row:
             prunekit.recalibrate_bn(model, calibration)
