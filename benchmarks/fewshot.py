@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import time
 from pathlib import Path
 
@@ -246,7 +247,10 @@ def pruned(row: str, dense: torch.nn.Module, calibration: list) -> tuple[torch.n
         prunekit.recalibrate_bn(model, calibration)
     else:
         allocation = next((a for a in ALLOCATIONS if f"-{a}" in row), None)
-        importance = next((c for c in ("refit", "group-l2", "l2") if f"-{c}" in row), None)
+        # whole names only: "-refitscan" read as "-refit" gave the -refitscan rows of 2026-12-07 the refit
+        # criterion instead of the default
+        named = re.search(r"-(refit|group-l2|l2)(?=-|$)", row)
+        importance = named.group(1) if named else None
         budget = SCAN_SECONDS * LONG_SCAN if "-longscan" in row else SCAN_SECONDS
         with residual_sums("-plainsums" not in row), scan_budget(budget):
             scan = prunekit.prune(
