@@ -51,6 +51,7 @@ def rows() -> list[str]:
         names.append(f"sensitivity(accuracy)+recovery-{target}")
         # the scan's tries recovered before they are scored (scan_recovery, the default since 2026-12-07)
         names.append(f"sensitivity+refitscan+recovery-{target}")
+        names.append(f"sensitivity+refitscan+recovery/group-l2-{target}")  # the defaults since 2026-12-07
     return names
 
 
