@@ -124,6 +124,7 @@ def torch_pruning_uniform(model: torch.nn.Module, example: torch.Tensor, target:
 
 
 def main() -> None:
+    global OUT  # --results: every reader and writer of the results file reads it
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(FULL_ARCHIVE))
     parser.add_argument("--seeds", default="0,1,2")
@@ -147,7 +148,6 @@ def main() -> None:
         help="only prune (and recover) each row and test it: results under no_finetuning (seeds unused)",
     )
     args = parser.parse_args()
-    global OUT
     OUT = RESULTS / args.results
     require(Path(args.data))
     bundle = load_data(args.data)
