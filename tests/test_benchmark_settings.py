@@ -1,4 +1,5 @@
-"""The benchmarks' switches of prunekit's module settings hold only inside their block, an error included."""
+"""The benchmarks' switches of prunekit's module settings hold only inside their block, an error included;
+every benchmark script compiles."""
 
 from __future__ import annotations
 
@@ -39,3 +40,12 @@ def test_min_keep_holds_inside_only_and_none_leaves_the_default():
     with min_keep(None):
         assert before == planning.MIN_KEEP_FRACTION
     assert before == planning.MIN_KEEP_FRACTION
+
+
+@pytest.mark.parametrize("script", sorted((REPO_ROOT / "benchmarks").glob("*.py")), ids=lambda p: p.name)
+def test_every_benchmark_script_compiles(script, tmp_path):
+    """Benchmarks run for hours and no test runs them: at least each one compiles (a misplaced ``global``
+    in fewshot.py once broke it with a SyntaxError that nothing else caught)."""
+    import py_compile
+
+    py_compile.compile(str(script), cfile=str(tmp_path / "script.pyc"), doraise=True)
