@@ -98,12 +98,15 @@ def test_a_model_slower_than_its_parent_in_onnxruntime_is_told_how_to_prune_for_
     def net(*widths: int) -> torch.nn.Sequential:
         return torch.nn.Sequential(*(torch.nn.Conv2d(3, w, 3) for w in widths))
 
+    from prunekit.errors import cli_arg_style
+
     dense = net(24, 64, 64)
-    note = slower_in_onnxruntime({"batch1": 0.6, "batch64": 1.3}, net(24, 39, 64), dense)
+    with cli_arg_style():  # as prunekit eval words it; in Python, round_to and latency_runtime
+        note = slower_in_onnxruntime({"batch1": 0.6, "batch64": 1.3}, net(24, 39, 64), dense)
     assert "at batch1:" in note and "(39)" in note and "--round-to 16" in note  # 24: dense, not pruned
     note = slower_in_onnxruntime({"batch1": 0.9, "batch64": 0.8}, net(24, 48, 64), dense)
-    assert "batch1 and batch64" in note and "--round-to" not in note
-    assert "--latency-runtime onnxruntime" in note
+    assert "batch1 and batch64" in note and "round_to" not in note
+    assert "latency_runtime onnxruntime" in note
     assert slower_in_onnxruntime({"batch1": 1.4, "batch64": 1.1}, net(24, 39, 64), dense) is None
     assert slower_in_onnxruntime({"batch1": 0.6}, net(24, 39, 64), None) is None
 

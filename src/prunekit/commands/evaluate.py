@@ -11,7 +11,7 @@ import torch
 
 from ..checkpoint import load_checkpoint
 from ..console import stages
-from ..errors import UsageError
+from ..errors import UsageError, arg
 from ..files import DirectoryLock, check_outputs
 from ..measure import REPEATS, count_macs, count_params, latency, summary
 from ..models import build_model
@@ -115,13 +115,14 @@ def slower_in_onnxruntime(
     counts = ", ".join(map(str, odd[:4])) + (", ..." if len(odd) > 4 else "")
     why = (
         f"its pruned channel counts ({counts}) are not multiples of {ORT_CHANNEL_BLOCK}, the blocks its fast "
-        f"convolutions work in; prune with --round-to {ORT_CHANNEL_BLOCK}, or with"
+        f"convolutions work in; prune with {arg('round_to')} {ORT_CHANNEL_BLOCK}, or with"
         if odd
         else "prune with"
     )
     return (
-        f"slower than its dense parent in ONNX Runtime at {' and '.join(slower)}: {why} --target-latency ... "
-        f"--latency-runtime onnxruntime, which measures what this runtime runs fast"
+        f"slower than its dense parent in ONNX Runtime at {' and '.join(slower)}: {why} "
+        f"{arg('target_latency')} ... {arg('latency_runtime')} onnxruntime, which measures what this runtime "
+        f"runs fast"
     )
 
 
