@@ -35,7 +35,8 @@ OUT = RESULTS / "recovery.json"
 
 def rows() -> list[str]:
     """``torch-pruning-T``, and ``ALLOCATION[+refitscan][+recovery[+bn|+plainsums]][/CRITERION]-T``
-    (criterion l2 unless named; ``+refitscan``: the scan's tries recovered before they are scored; ``+bn``:
+    (criterion l2 unless named; ``+refitscan``: the scan's tries recovered before they are scored; ``+roundN``:
+    channel counts kept multiples of N; ``+bn``:
     BatchNorm statistics re-estimated on the same images after the re-fit; ``+plainsums``: layers writing
     into residual sums fitted to their own outputs, not to the sums)."""
     names = []
@@ -52,6 +53,9 @@ def rows() -> list[str]:
         # the scan's tries recovered before they are scored (scan_recovery, the default since 2026-12-07)
         names.append(f"sensitivity+refitscan+recovery-{target}")
         names.append(f"sensitivity+refitscan+recovery/group-l2-{target}")  # the defaults since 2026-12-07
+        names.append(f"sensitivity+refitscan+recovery/refit-{target}")  # scored by the re-fit error
+        # channel counts kept multiples of 16 (round_to=16: ONNX Runtime's fast convolutions)
+        names.append(f"sensitivity+refitscan+recovery+round16/group-l2-{target}")
     return names
 
 
@@ -97,6 +101,7 @@ def prune_row(row: str, dense: torch.nn.Module, context: dict) -> tuple[torch.nn
             calibration=images,
             importance=criterion or "l2",
             reconstruct="recovery" in steps,
+            round_to=next((int(s[5:]) for s in steps if s.startswith("round")), 1),
         )
     if "recovery" not in steps or "bn" in steps:  # recalibration only, or after the re-fit (+bn)
         recalibrate_batchnorm(model, images)
