@@ -1,10 +1,12 @@
-"""How long recovery and the default allocation's scan take on a 224-px ResNet-50 (random weights and images
-serve for timing): recovery at 2x fewer MACs on 512 calibration images, and the whole sensitivity scan at its
+"""How long the default criterion's scoring, recovery and the default allocation's scan take on a 224-px
+ResNet-50 (random weights and images serve for timing): the `refit` scores and recovery at 2x fewer MACs on
+512 calibration images, and the whole sensitivity scan at its
 default counts (1,000 scoring + 512 BatchNorm images offered, shrunk to its time budget).
 
 python benchmarks/scale.py [--plain-sums]   (--plain-sums: recovery timed again without residual-sum targets)
 python benchmarks/scale.py --scan-only [--no-scan-recovery]   (only the scan, merged into the last full run's
 figures; --no-scan-recovery: its tries not recovered, the default before 2026-12-07, kept as scan_plain)
+python benchmarks/scale.py --recovery-only   (only the refit scores and recovery, merged the same way)
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ def main() -> None:
         "--scan-only", action="store_true", help="time only the scan (merged into scale.json)"
     )
     parser.add_argument(
+        "--recovery-only",
+        action="store_true",
+        help="time only the default criterion's scores and recovery (merged into scale.json)",
+    )
+    parser.add_argument(
         "--scan-recovery",
         action=argparse.BooleanOptionalAction,
         default=PruneRequest.scan_recovery,
@@ -48,16 +55,17 @@ def main() -> None:
     images = [torch.randn(64, 3, args.size, args.size) for _ in range(args.images // 64)]
     recalibrate_batchnorm(model, images[:2])
     key = "scan" if args.scan_recovery else "scan_plain"
-    if args.scan_only:  # merged into the last full run's figures, with its own machine and date
-        kept = json.loads(RESULTS.joinpath("scale.json").read_text())
-        if key in kept:  # the measurement replaced stays in the file: timings move between runs
-            kept.setdefault(f"{key}_earlier", []).append(kept[key])
-        kept[key] = {"machine": machine(), **time_scan(model, example, args.size, args.scan_recovery)}
-        print(kept[key], flush=True)
-        RESULTS.joinpath("scale.json").write_text(json.dumps(kept, indent=2) + "\n")
+    if args.scan_only:
+        merge({key: time_scan(model, example, args.size, args.scan_recovery)})
+        return
+    if args.recovery_only:
+        merge({"refit_scoring": time_refit_scoring(model, images)})
+        merge({"recovery": time_recovery(model, example, images)})
         return
     result: dict = {"model": "resnet50 (random weights)", "image_size": args.size}
 
+    result["refit_scoring"] = time_refit_scoring(model, images)
+    print(result["refit_scoring"], flush=True)
     result["recovery"] = time_recovery(model, example, images)
     print(result["recovery"], flush=True)
     if args.plain_sums:  # the same, residual sums not targeted: what fitting them costs
@@ -71,13 +79,43 @@ def main() -> None:
     save("scale", result)
 
 
+def merge(measured: dict) -> None:
+    """``measured`` merged into the last full run's figures, each with its own machine and date; a
+    measurement replaced stays in the file under ``KEY_earlier`` (timings move between runs)."""
+    kept = json.loads(RESULTS.joinpath("scale.json").read_text())
+    for key, value in measured.items():
+        if key in kept:
+            kept.setdefault(f"{key}_earlier", []).append(kept[key])
+        kept[key] = {"machine": machine(), **value}
+        print(key, kept[key], flush=True)
+    RESULTS.joinpath("scale.json").write_text(json.dumps(kept, indent=2) + "\n")
+
+
+def time_refit_scoring(model: torch.nn.Module, images: list[torch.Tensor]) -> dict:
+    """The ``refit`` criterion's scores (the default with images since 2026-12-07) on ``images``, as
+    ``prunekit.prune`` computes them: one pass, capped by the activation budget."""
+    from prunekit.importance import make_importance
+    from prunekit.regression import images_per_pass
+
+    start = time.perf_counter()
+    make_importance("refit").calibrate(model, images)
+    x = torch.cat(images)
+    return {
+        "seconds": time.perf_counter() - start,
+        "images_given": len(x),
+        "images_used": min(len(x), images_per_pass(model, x)),
+    }
+
+
 def time_recovery(model: torch.nn.Module, example: torch.Tensor, images: list[torch.Tensor]) -> dict:
-    """Pruning a copy of ``model`` to 2x fewer MACs (``global``: no scan) with recovery on ``images``."""
+    """Pruning a copy of ``model`` to 2x fewer MACs (``global``: no scan) with recovery on ``images``, with
+    the default criterion (``refit`` since 2026-12-07: its scoring is in ``prune_and_recover_s``)."""
     pruned = copy.deepcopy(model)
     start = time.perf_counter()
     report = prunekit.prune(pruned, example, target_macs=0.5, allocation="global", calibration=images)
     rec = report.reconstruction
     return {
+        "importance": report.importance,
         "prune_and_recover_s": time.perf_counter() - start,
         "recovery_s": rec["seconds"],
         "images_given": rec["images_given"],

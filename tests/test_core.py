@@ -259,6 +259,29 @@ def test_activation_and_taylor_with_calibration_batches():
         assert all(p.grad is None for p in model.parameters())  # scoring gradients are not left behind
 
 
+def test_network_wide_default_scores_as_refit_with_images_and_as_group_l2_without():
+    """Not only the label: with images the default prunes to exactly the weights naming ``refit`` gives
+    (which differ from group-l2's); without, to group-l2's."""
+    batches = [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    pruned = {}
+    for name, kwargs in {
+        "default": {"calibration": batches},
+        "refit": {"calibration": batches, "importance": "refit"},
+        "group-l2": {"importance": "group-l2"},
+        "no images": {},
+    }.items():
+        model = fresh()
+        report = prunekit.prune(model, X, ratio=0.25, reconstruct=False, **kwargs)
+        pruned[name] = (report.importance, [t.clone() for t in model.state_dict().values()])
+    assert pruned["default"][0] == "refit" and pruned["no images"][0] == "group-l2"
+
+    def same(a: str, b: str) -> bool:  # torch.equal is False for tensors of different shapes
+        return all(torch.equal(x, y) for x, y in zip(pruned[a][1], pruned[b][1], strict=True))
+
+    assert same("default", "refit") and not same("default", "group-l2")
+    assert same("no images", "group-l2")
+
+
 @pytest.mark.slow
 def test_save_and_load_own_class_in_fresh_process(tmp_path):
     model = fresh()

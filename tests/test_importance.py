@@ -291,3 +291,11 @@ def test_refit_removes_a_duplicated_channel_that_l2_keeps():
         assert net.a.out_channels == 7
         copies[name] = sum(torch.equal(f, duplicate) for f in net.a.weight.detach())
     assert copies == {"l2": 2, "refit": 1}
+
+
+def test_command_line_default_is_refit_on_training_images_and_group_l2_on_noise(tmp_path, dense_ckpt):
+    argv = ["prune", str(dense_ckpt), "--ratio", "0.25", "--no-reconstruct", "--calibration-images", "16"]
+    for calibration, expected in (("data", "refit"), ("random", "group-l2")):
+        out = tmp_path / f"{calibration}.safetensors"
+        assert main([*argv, "--calibration", calibration, "--out", str(out)]) == 0
+        assert json.loads(out.with_suffix(".json").read_text())["importance"] == expected

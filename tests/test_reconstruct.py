@@ -262,6 +262,7 @@ def test_python_defaults_follow_the_command_line_and_say_when_images_are_missing
     assert without.request["allocation"] == "global" and without.request["reconstruct"] is False
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "'global' instead of 'sensitivity'" in notes[0] and "no recovery" in notes[0]
+    assert without.importance == "group-l2" and "'group-l2' instead of 'refit'" in notes[0]
 
 
 class StaticSamePaddingConv(nn.Conv2d):

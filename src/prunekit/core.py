@@ -93,12 +93,15 @@ class PruneReport:
         return text
 
 
-def default_importance(layers: Sequence[str]) -> str:
-    """The blog's ``activation`` for named layers; ``group-l2`` (``importance.NETWORK_WIDE``) for
-    network-wide pruning, where the blog's criterion collapses (benchmarks/results/criteria.json)."""
-    from .importance import NETWORK_WIDE
+def default_importance(layers: Sequence[str], images_at_hand: bool = False) -> str:
+    """The blog's ``activation`` for named layers; for network-wide pruning, where the blog's criterion
+    collapses (benchmarks/results/criteria.json), ``refit`` when unlabelled images are at hand to score
+    on (``importance.WITH_IMAGES``), else ``group-l2`` (``importance.NETWORK_WIDE``)."""
+    from .importance import NETWORK_WIDE, WITH_IMAGES
 
-    return "activation" if layers else NETWORK_WIDE
+    if layers:
+        return "activation"
+    return WITH_IMAGES if images_at_hand else NETWORK_WIDE
 
 
 def prune(
@@ -167,9 +170,9 @@ def prune(
         raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     example = example_on_device(model, example_inputs)
     validate_names(model, request)
-    criterion, label = _criterion(importance, request.layers, seed)
+    criterion, label = _criterion(importance, request.layers, calibration is not None, seed)
     images = reconstruction if reconstruction is not None else calibration
-    _note_defaults(request, allocation, reconstruct, images is not None, at_hand)
+    _note_defaults(request, allocation, reconstruct, importance, images is not None, at_hand)
     request.reconstruct = _reconstruct(reconstruct, images, request.layers)
     with _callers_gradients(model):
         start = time.perf_counter()
@@ -228,10 +231,10 @@ def _prune_report(
 
 
 def _criterion(
-    importance: str | ChannelImportance | None, layers: Sequence[str], seed: int
+    importance: str | ChannelImportance | None, layers: Sequence[str], images_at_hand: bool, seed: int
 ) -> tuple[ChannelImportance, str]:
     """The importance criterion ``prune`` scores with (its default for ``layers`` when None), and its name."""
-    name = importance if importance is not None else default_importance(layers)
+    name = importance if importance is not None else default_importance(layers, images_at_hand)
     criterion = name if isinstance(name, ChannelImportance) else make_importance(name, seed)
     return criterion, name if isinstance(name, str) else type(name).__name__
 
@@ -240,12 +243,13 @@ def _note_defaults(
     request: PruneRequest,
     allocation: str | None,
     reconstruct: bool | None,
+    importance: Any,
     images_given: bool,
     at_hand: int | None,
 ) -> None:
     """The one-line notes on what the caller left to the defaults and what they did with it."""
     if not images_given and not request.layers:
-        _note_without_images(allocation, request.ratio, reconstruct)
+        _note_without_images(allocation, request.ratio, reconstruct, importance)
     note(allocation_note(allocation, request.ratio, at_hand))
     if request.scan_recovery and request.sensitivity is not None and not request.sensitivity.get("recovered"):
         note(
@@ -254,9 +258,17 @@ def _note_defaults(
         )
 
 
-def _note_without_images(allocation: str | None, ratio: float | None, reconstruct: bool | None) -> None:
+def _note_without_images(
+    allocation: str | None, ratio: float | None, reconstruct: bool | None, importance: Any
+) -> None:
     """One line naming the defaults that need images and were not given them (no ``calibration=``)."""
+    from .importance import NETWORK_WIDE, WITH_IMAGES
+
     missing = []
+    if importance is None:
+        missing.append(
+            f"importance '{NETWORK_WIDE}' instead of '{WITH_IMAGES}' (scores on calibration images)"
+        )
     if allocation is None and ratio is None:
         missing.append("allocation 'global' instead of 'sensitivity' (a scan of calibration images)")
     if reconstruct is None:

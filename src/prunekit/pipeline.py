@@ -56,7 +56,7 @@ class RunConfig:
     allocation: str | None = (
         None  # None: by the training split's size, as `prunekit prune` (default_allocation)
     )
-    importance: str | None = None  # activation for named layers, group-l2 for network-wide targets
+    importance: str | None = None  # None: prune's default (core.default_importance)
     calibration: str = prune_command.CALIBRATION
     calibration_images: int = prune_command.CALIBRATION_IMAGES
     reconstruct: bool | None = None  # recovery without labels after each pruning (None: the default)

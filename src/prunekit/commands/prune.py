@@ -13,7 +13,7 @@ from ..checkpoint import description, load_checkpoint
 from ..console import note
 from ..errors import UsageError, arg
 from ..files import DirectoryLock, check_outputs, clean_stale_temps
-from ..importance import NETWORK_WIDE
+from ..importance import NETWORK_WIDE, WITH_IMAGES
 from ..measure import summary
 from ..options import OPTIONS, SEED, UNSET, Command, Flag, flag
 from ..planning import SENSITIVITY_FROM
@@ -88,7 +88,7 @@ def prune_checkpoint(
             f"{arg('reconstruct')} re-fits layers on training images; drop {arg('calibration')} random "
             f"(or {arg('reconstruct')} off)"
         )
-    importance = importance or default_importance(request.layers)
+    importance = importance or default_importance(request.layers, calibration == "data")
     if importance == "taylor" and calibration == "random":
         raise UsageError(
             f"{arg('importance')} taylor needs labelled images; drop {arg('calibration')} random"
@@ -274,7 +274,10 @@ def reconstruct_flags(defaults: bool) -> list[Flag]:
 
 
 BUDGET = "budget"  # the group of flags of which prune takes exactly one
-IMPORTANCE_HELP = f"channel importance criterion (default: activation with --layer, else {NETWORK_WIDE})"
+IMPORTANCE_HELP = (
+    f"channel importance criterion (default: activation with --layer, else {WITH_IMAGES}, or "
+    f"{NETWORK_WIDE} with --calibration random)"
+)
 FLAGS = [
     CHECKPOINT,
     flag("layers", "--layer", action="append", default=[], metavar="LAYER",
