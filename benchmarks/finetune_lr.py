@@ -14,7 +14,8 @@ fine-tunes with BASELINE as teacher instead (the recipe's soft targets, weight 0
 ``ROW+kd``; ``--distill-weight W``: ``ROW+kdW``, soft targets at that weight). ``--epochs N`` fine-tunes N
 epochs instead of 10 (``ROW+eN``: a diagnostic, outside the goal's budget). ``--held-out`` fine-tunes on the
 first 4,500 training images a class and scores the other 500 instead of the test split; the allocation benchmark's baseline was trained on those 500 too. ``defaults-2x``
-/ ``defaults-3x`` prune BASELINE here with prunekit's defaults (on the fine-tuning images only): with a
+/ ``defaults-3x`` prune BASELINE here with prunekit's defaults of 2026-12-07 afternoon (``group-l2``,
+unrounded; on the fine-tuning images only): with a
 parent trained on the first 4,500 images a class (``prunekit train ... --subset 4500``), the held-out images
 are unseen by every step.
 
@@ -90,9 +91,17 @@ def source(row: str, seed: int, parent: Parent, runs: Path, subset: int | None) 
         return ROOT / "runs" / "allocation" / row / f"seed{seed}" / "pruned.safetensors"
     pruned = runs / name(row, parent) / "pruned.safetensors"
     if not pruned.exists() and defaults:
-        request = PruneRequest(target_macs=TARGETS[target])
+        # pinned to the defaults its committed rows were pruned with (those of 2026-12-07 afternoon); the
+        # defaults since are the row sensitivity+refitscan+round16@refit-*
+        request = PruneRequest(target_macs=TARGETS[target], round_to=1)
         api.prune_checkpoint(
-            parent.path, request, data=str(FULL_ARCHIVE), subset=subset, out=pruned, overwrite=True
+            parent.path,
+            request,
+            importance="group-l2",
+            data=str(FULL_ARCHIVE),
+            subset=subset,
+            out=pruned,
+            overwrite=True,
         )
     elif not pruned.exists():
         pruned.parent.mkdir(parents=True, exist_ok=True)
