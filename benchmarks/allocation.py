@@ -61,7 +61,7 @@ ROWS = [
     *(f"sensitivity+steps2-{t}" for t in TARGETS),
 ]
 # "+roundN": channel counts kept multiples of N (--round-to; ONNX Runtime's fast convolutions want 16)
-# "@CRITERION" (before the target): channels scored by that criterion instead of the default
+# "@CRITERION" (before the target): channels scored by that criterion instead of group-l2
 # "+grid9": the scan tries every tenth from 0.1 to 0.9 (9 ratios instead of the default 5)
 GRIDS = {"grid9": tuple(i / 10 for i in range(1, 10))}
 STEPPED = "+steps"
@@ -94,7 +94,9 @@ def prune_row(row: str, baseline: Path, out: Path, results: dict, data: str) -> 
     if kind == "torch-pruning":
         info = torch_pruning_uniform(baseline, TARGETS[target], out)
     else:
-        kind, _, criterion = kind.partition("@")  # "@refit": that criterion instead of the default
+        # "@refit": that criterion; rows naming none score as they were measured (group-l2, the default
+        # from 2026-12-03 until 2026-12-07 evening; rows pruned before 2026-12-03 used l2)
+        kind, _, criterion = kind.partition("@")
         allocation, *modifiers = kind.split("+")
         if kind == "latency":
             fraction = latency_target(results, target)
@@ -118,7 +120,7 @@ def prune_row(row: str, baseline: Path, out: Path, results: dict, data: str) -> 
         keep = next((int(m[4:]) / 100 for m in modifiers if m.startswith("keep")), None)
         with min_keep(keep), scan_grid(next((GRIDS[m] for m in modifiers if m in GRIDS), None)):
             report = api.prune_checkpoint(
-                baseline, request, importance=criterion or None, data=data, out=out, overwrite=True
+                baseline, request, importance=criterion or "group-l2", data=data, out=out, overwrite=True
             )
         info = {"request": report["request"], "macs_ratio": report["macs"]["ratio"], "scan": report["scan"]}
         if report.get("latency"):  # what the latency target measured: plans tried, fast counts per group
