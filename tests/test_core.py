@@ -188,7 +188,7 @@ def test_target_missed_after_surgery_is_undone(monkeypatch):
     before = fingerprint(model)
     _inflate_after_dense(monkeypatch, prune_module, "prunekit")  # a 'measured' miss
     with pytest.raises(UsageError, match="closest prunekit got"):
-        prunekit.prune(model, X, target_macs=0.5, round_to=1)
+        prunekit.prune(model, X, target_macs=0.5)
     assert_unchanged(model, before)
 
 
@@ -215,7 +215,7 @@ def test_target_missed_by_another_counter_is_replanned_then_undone(monkeypatch):
     before = fingerprint(model)
     calls = _inflate_after_dense(monkeypatch, prune_module, "torch_pruning")
     with pytest.raises(UsageError, match="torch_pruning's reads"):
-        prunekit.prune(model, X, target_macs=0.5, round_to=1)
+        prunekit.prune(model, X, target_macs=0.5)
     assert len(calls) == 1 + 3
     assert_unchanged(model, before)
 
@@ -280,30 +280,6 @@ def test_network_wide_default_scores_as_refit_with_images_and_as_group_l2_withou
 
     assert same("default", "refit") and not same("default", "group-l2")
     assert same("no images", "group-l2")
-
-
-def test_a_target_keeps_channel_counts_multiples_of_16_by_default_where_that_meets_it(capsys):
-    """ONNX Runtime's fast convolutions work in blocks of 16: a target rounds to them unless told otherwise,
-    a network too narrow for them is pruned unrounded with a note, and an explicit round_to is never
-    overridden."""
-    from prunekit.models import build_model
-
-    torch.manual_seed(0)
-    wide, x = build_model("resnet18", 10).eval(), torch.zeros(1, 3, 32, 32)
-    widths = {n: m.out_channels for n, m in wide.named_modules() if isinstance(m, nn.Conv2d)}
-    report = prunekit.prune(wide, x, target_macs=0.5)
-    pruned = {n: m.out_channels for n, m in wide.named_modules() if isinstance(m, nn.Conv2d)}
-    narrower = [c for n, c in pruned.items() if c != widths[n]]
-    assert report.request["round_to"] == 16 and narrower and all(c % 16 == 0 for c in narrower)
-    assert abs(report.macs_ratio - 0.5) < 0.05
-    capsys.readouterr()
-
-    narrow = fresh()  # every group 16 channels wide: rounded to 16, nothing could be pruned
-    report = prunekit.prune(narrow, X, target_macs=0.5)
-    assert report.request["round_to"] == 1 and abs(report.macs_ratio - 0.5) < 0.05
-    assert "multiples of 16 miss this target" in capsys.readouterr().err
-    with pytest.raises(UsageError, match="cannot be reached"):
-        prunekit.prune(fresh(), X, target_macs=0.5, round_to=16)
 
 
 @pytest.mark.slow

@@ -118,7 +118,7 @@ def prune(
     importance: str | ChannelImportance | None = None,
     calibration: Iterable | torch.Tensor | None = None,
     ignore: Sequence[str] | None = None,
-    round_to: int | None = PruneRequest.round_to,
+    round_to: int = PruneRequest.round_to,
     allocation: str | None = None,
     sensitivity: dict[str, Any] | None = None,
     prune_input_conv: bool = PruneRequest.prune_input_conv,

@@ -14,10 +14,6 @@ class UsageError(Exception):
     """Bad input from the user (a path, a name, a number); the message says what to do instead."""
 
 
-class TargetMissed(UsageError):
-    """A MACs or params target the channel steps allowed could not meet (nothing was changed)."""
-
-
 def arg(name: str) -> str:
     """Option ``name`` (``target_macs``) as the user wrote it: ``--target-macs`` in the CLI, ``target_macs`` in Python."""
     if _ARG_STYLE.get() != "cli":

@@ -183,13 +183,7 @@ _TABLE = [
         "latency_runtime", str, "where the latency target is measured", choices=("pytorch", "onnxruntime")
     ),
     Option("prune_input_conv", bool, "let targets and ratios prune the input conv's output channels"),
-    Option(
-        "round_to",
-        int,
-        "keep channel counts multiples of N (default: 16 for a MACs or params target where that meets it, "
-        "else 1)",
-        check=at_least(1),
-    ),
+    Option("round_to", int, "keep channel counts multiples of N", check=at_least(1)),
     Option(
         "allocation",
         str,

@@ -52,7 +52,7 @@ class RunConfig:
     ignore: list[str] = field(default_factory=list)
     prune_input_conv: bool = PruneRequest.prune_input_conv
     scan_recovery: bool = PruneRequest.scan_recovery
-    round_to: int | None = PruneRequest.round_to
+    round_to: int = PruneRequest.round_to
     allocation: str | None = (
         None  # None: by the training split's size, as `prunekit prune` (default_allocation)
     )

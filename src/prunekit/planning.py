@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import TargetMissed, UsageError, arg
+from .errors import UsageError, arg
 from .groups import Group, is_depthwise, lowest_channels, unit_size
 from .measure import count_params, forward_with_hooks, layer_macs
 from .modes import eval_mode
@@ -140,12 +140,6 @@ def _fractions(layer: nn.Module, out_removed: float, in_removed: float) -> tuple
     )
     in_ch = getattr(layer, "in_channels", None) or getattr(layer, "in_features", None) or 1
     return 1 - out_removed / out_ch, 1 - in_removed / in_ch
-
-
-# MACs and params targets keep channel counts multiples of this by default: ONNX Runtime's fast CPU
-# convolutions work in blocks of 16 channels, and counts off them ran a CIFAR ResNet-18 pruned 2x slower than
-# its parent there, at the same accuracy as rounded counts (benchmarks/README.md, channel counts and speed).
-AUTO_ROUND_TO = 16
 
 
 def round_removal(channels: int, remove: int, round_to: int) -> int:
@@ -291,7 +285,7 @@ def _bisect_plan(
     if smallest > goal * (1 + TOLERANCE):
         if not strict:
             return None
-        raise TargetMissed(
+        raise UsageError(
             f"{arg('target_' + metric)} {target} cannot be reached with {allocation} allocation: pruning every "
             f"prunable layer to its minimum ({MIN_KEEP_FRACTION:.0%} of channels) leaves {smallest / base:.3f} "
             f"of the dense {metric}"

@@ -13,14 +13,12 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from .console import note
-from .errors import TargetMissed, UsageError, arg, arg_values
+from .errors import UsageError, arg, arg_values
 from .groups import Group, collect_groups, tolerant_reshapes, validate_names
 from .importance import ChannelImportance
 from .measure import COUNTER_TOLERANCES, count_macs, count_params, macs_by_counters
 from .modes import eval_mode
 from .planning import (
-    AUTO_ROUND_TO,
     MIN_KEEP_FRACTION,
     WIDER_TOLERANCE,
     LayerCosts,
@@ -89,11 +87,11 @@ def _prune_planned(
         removed, latency, kept = _prune_to_latency(model, request, importance, example, expected)
     elif request.ratio is not None:
         DG, groups = collect_groups(model, example, importance, request)
-        plan = plan_ratio(groups, request.ratio, request.round_to or 1)
+        plan = plan_ratio(groups, request.ratio, request.round_to)
         kept = kept_channels(model, groups, plan)
         removed, _ = _surgery(model, request, importance, example, expected, DG, groups, plan)
     else:
-        removed, kept = _prune_to_rounded_target(model, request, importance, example, expected, costs)
+        removed, kept = _prune_to_target(model, request, importance, example, expected, costs)
     after = module_shapes(model)
     changed = [
         {"layer": name, **{k: [before[name][k], v] for k, v in attrs.items() if before[name].get(k) != v}}
@@ -111,32 +109,6 @@ def _prune_planned(
         latency=latency,
         kept=kept,
     )
-
-
-def _prune_to_rounded_target(
-    model: nn.Module,
-    request: PruneRequest,
-    importance: ChannelImportance,
-    example: torch.Tensor,
-    expected: Any,
-    costs: LayerCosts,
-) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
-    """``_prune_to_target`` with channel counts in multiples of ``request.round_to``; by default (None) of
-    ``AUTO_ROUND_TO`` where those meet the target, else of 1 (a note says so). The value used is recorded in
-    ``request``."""
-    if request.round_to is not None:
-        return _prune_to_target(model, request, importance, example, expected, costs)
-    request.round_to = AUTO_ROUND_TO
-    try:
-        return _prune_to_target(model, request, importance, example, expected, costs)
-    except TargetMissed as exc:
-        request.round_to = 1
-        pruned = _prune_to_target(model, request, importance, example, expected, costs)
-        note(
-            f"channel counts in multiples of {AUTO_ROUND_TO} miss this target ({exc}); pruned without "
-            f"rounding ({arg('round_to')} 1: slower in ONNX Runtime)"
-        )
-        return pruned
 
 
 def _prune_to_target(
@@ -177,7 +149,7 @@ def _prune_to_target(
         if set(misses) != {"torch_pruning"}:
             break
     if "prunekit" in misses:
-        raise TargetMissed(
+        raise UsageError(
             f"{arg('target_' + metric)} {target}: the closest prunekit got is {misses['prunekit']:.3f} "
             f"(channel steps are too coarse here); try a nearby target or {arg('round_to')} 1"
         )
@@ -292,7 +264,7 @@ def _prune_to_latency(
         request.latency_runtime,
         request.latency_batch,
         torch.get_num_threads(),
-        round_to=request.round_to or 1,  # the planner's fast counts are measured in the runtime asked for
+        round_to=request.round_to,
         min_keep=MIN_KEEP_FRACTION,
     )
     smallest = planner.smallest()

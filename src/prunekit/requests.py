@@ -23,7 +23,7 @@ class PruneRequest:
     latency_runtime: str = "pytorch"
     ignore: list[str] = field(default_factory=list)
     prune_input_conv: bool = False  # the input conv (and what is coupled to it) is protected by default
-    round_to: int | None = None  # None: 16 for a MACs or params target where it can be met, else 1
+    round_to: int = 1
     allocation: str | None = None  # how a target is spread (plan_target); None: by the images at hand
     sensitivity: dict[str, Any] | None = None  # a sensitivity scan, for allocation "sensitivity"
     reconstruct: bool | None = None  # recovery without labels after the surgery (None: the default)
