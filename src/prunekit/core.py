@@ -243,7 +243,7 @@ def _note_defaults(
     request: PruneRequest,
     allocation: str | None,
     reconstruct: bool | None,
-    importance: Any,
+    importance: str | ChannelImportance | None,
     images_given: bool,
     at_hand: int | None,
 ) -> None:
@@ -259,7 +259,10 @@ def _note_defaults(
 
 
 def _note_without_images(
-    allocation: str | None, ratio: float | None, reconstruct: bool | None, importance: Any
+    allocation: str | None,
+    ratio: float | None,
+    reconstruct: bool | None,
+    importance: str | ChannelImportance | None,
 ) -> None:
     """One line naming the defaults that need images and were not given them (no ``calibration=``)."""
     from .importance import NETWORK_WIDE, WITH_IMAGES

@@ -27,8 +27,8 @@ CRITERIA = ("activation", "activation-post", "l1", "l2", "group-l2", "refit", "b
 # kept 47.25 % and the re-fit score 23.45 %; on the CIFAR ResNet-18 the two norms tied within 0.3 point.
 NETWORK_WIDE = "group-l2"
 # ... and with them, under the default recovered scan: on the same EfficientNet-Lite1 few-shot transfer the
-# re-fit score kept 69.25 % after fine-tuning against 65.30 % (three seeds), and on the CIFAR ResNet-18 tied
-# without fine-tuning (benchmarks/README.md, few-shot and recovery sections).
+# re-fit score kept 69.25 % after fine-tuning against 65.30 % (three seeds); on the CIFAR ResNet-18 they tied,
+# with and without fine-tuning (benchmarks/README.md: few-shot, recovery, allocation).
 WITH_IMAGES = "refit"
 NEEDS_CALIBRATION = {"activation", "activation-post", "refit", "taylor"}
 
