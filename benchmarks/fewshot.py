@@ -124,7 +124,6 @@ def torch_pruning_uniform(model: torch.nn.Module, example: torch.Tensor, target:
 
 
 def main() -> None:
-    global OUT  # --results: every reader and writer of the results file reads it
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(FULL_ARCHIVE))
     parser.add_argument("--seeds", default="0,1,2")
@@ -148,24 +147,24 @@ def main() -> None:
         help="only prune (and recover) each row and test it: results under no_finetuning (seeds unused)",
     )
     args = parser.parse_args()
-    OUT = RESULTS / args.results
+    store = Results(RESULTS / args.results)
     require(Path(args.data))
     bundle = load_data(args.data)
     train = per_class(bundle.train, PER_CLASS_TRAIN)
     test = Upsampled(*per_class(bundle.test, PER_CLASS_TEST), batch=50, train=False)
-    results = json.loads(OUT.read_text()) if OUT.exists() else {"rows": {}}
-    dense = dense_parent(Path(args.runs), results, train, test)
+    results = store.load() if store.path.exists() else {"rows": {}}
+    dense = dense_parent(Path(args.runs), results, train, test, store)
     calibration = [x for x, _ in Upsampled(*train, 64, False)][:8]  # 512 unlabelled images
     rows = args.rows.split(",")
     if args.measure:
-        return measure(Path(args.runs), dense)
+        return measure(Path(args.runs), dense, store)
     if args.no_finetune:
         val = Upsampled(*held_out(bundle.train, PER_CLASS_TRAIN, PER_CLASS_TRAIN), batch=50, train=False)
-        return no_finetuning(rows, dense, calibration, test, val, Path(args.runs))
+        return no_finetuning(rows, dense, calibration, test, val, Path(args.runs), store)
     for seed in (int(s) for s in args.seeds.split(",")):
         for row in (r for r in rows if f"{r}/seed{seed}" not in results["rows"]):
             got = finetuned_row(row, seed, dense, results["dense"], calibration, train, test, Path(args.runs))
-            results = save_row(f"{row}/seed{seed}", got)
+            results = store.save_row(f"{row}/seed{seed}", got)
             print(f"{row}/seed{seed}: {got['accuracy']:.2%} ({got['vs_dense']:+.2%}; "
                   f"{got['accuracy_before_finetuning']:.2%} before fine-tuning)", flush=True)  # fmt: skip
 
@@ -181,12 +180,18 @@ def held_out(split, skip: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def no_finetuning(
-    rows: list[str], dense: torch.nn.Module, calibration: list, test: Upsampled, val: Upsampled, runs: Path
+    rows: list[str],
+    dense: torch.nn.Module,
+    calibration: list,
+    test: Upsampled,
+    val: Upsampled,
+    runs: Path,
+    store: Results,
 ) -> None:
     """Each row pruned (and recovered) only, tested, and read on the 1,000 held-out training images too
     (what a choice between rows may look at): results under ``no_finetuning``."""
     for row in rows:
-        results = json.loads(OUT.read_text())
+        results = store.load()
         got = results.setdefault("no_finetuning", {}).get(row, {})
         if "held_out" in got:
             continue
@@ -196,13 +201,13 @@ def no_finetuning(
             "held_out": evaluate(model, val)["accuracy"],
             "macs_ratio": count_macs(model, EXAMPLE) / results["dense"]["macs"],
         }
-        save_row(row, got, table="no_finetuning")
+        store.save_row(row, got, table="no_finetuning")
         print(
             f"{row}: {got['accuracy']:.2%} test, {got['held_out']:.2%} held-out, no fine-tuning", flush=True
         )
 
 
-def dense_parent(runs: Path, results: dict, train: tuple, test: Upsampled) -> torch.nn.Module:
+def dense_parent(runs: Path, results: dict, train: tuple, test: Upsampled, store: Results) -> torch.nn.Module:
     """The dense transfer every row starts from: kept in ``runs``, trained once when absent (the rows of an
     earlier parent are then moved aside)."""
     runs.mkdir(parents=True, exist_ok=True)
@@ -224,12 +229,12 @@ def dense_parent(runs: Path, results: dict, train: tuple, test: Upsampled) -> to
         results["dense_transfer_s"] = time.perf_counter() - start
         # a transfer repeated in a later session: its accuracy recorded, to show the parent is the same
         results.setdefault("dense_transfers", []).append(evaluate(dense.eval(), test)["accuracy"])
-        save(results)
+        store.save(results)
     dense.eval()
     if "dense" not in results:
         results["dense"] = {"accuracy": evaluate(dense, test)["accuracy"], "macs": count_macs(dense, EXAMPLE)}
         results["dense"]["latency_b16_ms"] = latency(copy.deepcopy(dense), SIZE, 16)["median_ms"]
-        save(results)
+        store.save(results)
     return dense
 
 
@@ -323,14 +328,14 @@ def finetuned_row(
     }
 
 
-def measure(runs: Path, dense: torch.nn.Module) -> None:
+def measure(runs: Path, dense: torch.nn.Module, store: Results) -> None:
     """Batch-16 latency of the dense parent and of every pruned model kept in ``runs`` (one a row: the seeds
     of a row share its architecture), all timed in alternation (a quiet machine still drifts), written to
     ``latency_b16_ms``; the measurement it replaces is kept under ``earlier_latency_b16_ms``."""
     plans = sorted(runs.glob("pruned-*.safetensors"))
     models = [prunekit.load(path, model=pretrained()) for path in plans]
     timed = latency([copy.deepcopy(dense), *models], SIZE, 16, repeats=30)
-    results = json.loads(OUT.read_text())
+    results = store.load()
     if results.get("latency_b16_ms"):
         results.setdefault("earlier_latency_b16_ms", []).append(results["latency_b16_ms"])
     measured = {"dense": timed[0]["median_ms"]}
@@ -338,22 +343,30 @@ def measure(runs: Path, dense: torch.nn.Module) -> None:
         p.stem.removeprefix("pruned-"): t["median_ms"] for p, t in zip(plans, timed[1:], strict=True)
     }
     results["latency_b16_ms"] = {**measured, "threads": torch.get_num_threads(), "date": machine()["date"]}
-    save(results)
+    store.save(results)
     for name, value in results["latency_b16_ms"].items():
         print(f"{name}: {value}", flush=True)
 
 
-def save(results: dict) -> None:
-    OUT.write_text(json.dumps({**results, "machine": machine()}, indent=1) + "\n")
+class Results:
+    """The results file (``--results``): read and written whole, each finished row added to it as it is on
+    disk then (another run, on the other core, may have added its own rows since this one started)."""
 
+    def __init__(self, path: Path):
+        self.path = path
 
-def save_row(key: str, row: dict, table: str = "rows") -> dict:
-    """``row`` added to ``table`` of the results as they are on disk now (another run, on the other core,
-    may have added its own rows since this one started); the results written."""
-    results = json.loads(OUT.read_text())
-    results.setdefault(table, {})[key] = row
-    save(results)
-    return results
+    def load(self) -> dict:
+        return json.loads(self.path.read_text())
+
+    def save(self, results: dict) -> None:
+        self.path.write_text(json.dumps({**results, "machine": machine()}, indent=1) + "\n")
+
+    def save_row(self, key: str, row: dict, table: str = "rows") -> dict:
+        """``row`` added to ``table`` of the results on disk; the results written and returned."""
+        results = self.load()
+        results.setdefault(table, {})[key] = row
+        self.save(results)
+        return results
 
 
 if __name__ == "__main__":
