@@ -92,7 +92,7 @@ def source(row: str, seed: int, parent: Parent, runs: Path, subset: int | None) 
     pruned = runs / name(row, parent) / "pruned.safetensors"
     if not pruned.exists() and defaults:
         # pinned to the defaults its committed rows were pruned with (those of 2026-12-07 afternoon); the
-        # defaults since are the row sensitivity+refitscan+round16@refit-*
+        # defaults since are the row sensitivity+refitscan@refit-*
         request = PruneRequest(target_macs=TARGETS[target], round_to=1)
         api.prune_checkpoint(
             parent.path,
