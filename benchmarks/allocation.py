@@ -31,6 +31,7 @@ from common import (
     machine,
     min_keep,
     require,
+    rounding,
     save_results,
     scan_grid,
     torch_pruning_uniform,
@@ -115,7 +116,7 @@ def prune_row(row: str, baseline: Path, out: Path, results: dict, data: str) -> 
                 allocation=allocation,
                 prune_input_conv="stem" in modifiers,
                 scan_recovery="refitscan" in modifiers,
-                round_to=next((int(m[5:]) for m in modifiers if m.startswith("round")), 1),
+                round_to=rounding(modifiers),
             )
         keep = next((int(m[4:]) / 100 for m in modifiers if m.startswith("keep")), None)
         with min_keep(keep), scan_grid(next((GRIDS[m] for m in modifiers if m in GRIDS), None)):

@@ -110,6 +110,11 @@ def scan_grid(ratios: tuple[float, ...] | None) -> AbstractContextManager:
     return mock.patch.object(sensitivity, "scan", functools.partial(sensitivity.scan, ratios=ratios))
 
 
+def rounding(modifiers: list[str]) -> int:
+    """The ``round_to`` a row's ``roundN`` modifier names (1, unrounded, when none does)."""
+    return next((int(m[5:]) for m in modifiers if m.startswith("round")), 1)
+
+
 def save(name: str, result: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import prunekit
-from common import FULL_ARCHIVE, RESULTS, machine, require, residual_sums, scan_budget
+from common import FULL_ARCHIVE, RESULTS, machine, require, residual_sums, rounding, scan_budget
 from prunekit.data import load_data
 from prunekit.measure import count_macs, evaluate, latency
 from prunekit.sensitivity import SCAN_SECONDS
@@ -267,7 +267,7 @@ def pruned(row: str, dense: torch.nn.Module, calibration: list) -> tuple[torch.n
                 calibration=calibration,
                 reconstruct=False if "-norecon" in row else None,
                 scan_recovery="-refitscan" in row,
-                round_to=next((int(m[5:]) for m in row.split("-") if m.startswith("round")), 1),
+                round_to=rounding(row.split("-")),
             ).scan
         if "-norecon" in row:
             prunekit.recalibrate_bn(model, calibration)

@@ -20,7 +20,16 @@ from pathlib import Path
 import torch
 
 import prunekit
-from common import FULL_ARCHIVE, RESULTS, for_baseline, machine, require, residual_sums, torch_pruning_uniform
+from common import (
+    FULL_ARCHIVE,
+    RESULTS,
+    for_baseline,
+    machine,
+    require,
+    residual_sums,
+    rounding,
+    torch_pruning_uniform,
+)
 from prunekit.api import calibration_batches, load_data_for, scan_batches
 from prunekit.checkpoint import load_checkpoint
 from prunekit.finetuning import recalibrate_batchnorm
@@ -101,7 +110,7 @@ def prune_row(row: str, dense: torch.nn.Module, context: dict) -> tuple[torch.nn
             calibration=images,
             importance=criterion or "l2",
             reconstruct="recovery" in steps,
-            round_to=next((int(s[5:]) for s in steps if s.startswith("round")), 1),
+            round_to=rounding(steps),
         )
     if "recovery" not in steps or "bn" in steps:  # recalibration only, or after the re-fit (+bn)
         recalibrate_batchnorm(model, images)
