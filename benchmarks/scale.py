@@ -59,8 +59,12 @@ def main() -> None:
         merge({key: time_scan(model, example, args.size, args.scan_recovery)})
         return
     if args.recovery_only:
-        merge({"refit_scoring": time_refit_scoring(model, images)})
-        merge({"recovery": time_recovery(model, example, images)})
+        merge(
+            {
+                "refit_scoring": time_refit_scoring(model, images),
+                "recovery": time_recovery(model, example, images),
+            }
+        )
         return
     result: dict = {"model": "resnet50 (random weights)", "image_size": args.size}
 
