@@ -18,21 +18,20 @@ import torch
 
 from common import RESULTS, machine, require, save_results
 from prunekit import api
-from prunekit.checkpoint import load_checkpoint
-from prunekit.commands.evaluate import ORT_CHANNEL_BLOCK, dense_parent_architecture, off_block_counts
+from prunekit.commands.evaluate import ORT_CHANNEL_BLOCK
 
 RESULT = RESULTS / "runtime_speed.json"
 
 
 def row(path: Path) -> dict:
     """What ``prunekit eval`` measured of ``path``: its test accuracy, speed-ups and latencies in both runtimes."""
-    results, ckpt = api.evaluate_checkpoint(path), load_checkpoint(path)
+    results = api.evaluate_checkpoint(path)
     keys = ("speedup", "ort_speedup", "latency", "parent_latency", "ort_latency", "ort_parent_latency")
     return {
         "accuracy": results["accuracy"],  # as the checkpoint is: after pruning (and recovery) alone, if so
         "macs": results["macs"],
         **{k: results[k] for k in keys},
-        "off_block_counts": off_block_counts(ckpt.model, dense_parent_architecture(ckpt.meta)),
+        "off_block_counts": results["off_block_counts"],
         "note": results["note"],
         "torch_threads": torch.get_num_threads(),
         "date": machine()["date"],

@@ -606,7 +606,11 @@ def test_eval_pruned_checkpoint_latency_and_speedup(capsys, tmp_path, dense_ckpt
             results["parent_latency"][key]["median_ms"] / lat["median_ms"]
         )
     assert results["test_images"] == 160
-    assert results["params"] == count_params(load_checkpoint(pruned).model) < 11_181_642
+    pruned_model = load_checkpoint(pruned).model
+    assert results["params"] == count_params(pruned_model) < 11_181_642
+    # the dense ResNet-18's widths are all multiples of 16: every count off them is a pruned one
+    widths = {m.out_channels for m in pruned_model.modules() if isinstance(m, nn.Conv2d)}
+    assert results["off_block_counts"] == sorted(c for c in widths if c % 16) != []
 
     json_path = tmp_path / "eval.json"
     code, _, err = run_cli(capsys, *["eval", pruned, "--data", "synthetic", "--json", json_path])

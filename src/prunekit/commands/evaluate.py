@@ -68,6 +68,8 @@ def evaluate_checkpoint(
                 results["parent_latency"] = {k: v[1] for k, v in pairs.items()}
                 results["speedup"] = {k: v[1]["median_ms"] / v[0]["median_ms"] for k, v in pairs.items()}
             results.update(onnxruntime_latency(model, meta, dense, stage=stage))
+            if dense is not None:
+                results["off_block_counts"] = off_block_counts(model, dense)
             results["note"] = slower_in_onnxruntime(results.get("ort_speedup", {}), model, dense)
     if out is not None:
         from ..files import write_json
