@@ -12,7 +12,8 @@ Each (row, seed, lr) fine-tunes what ``allocation.py`` fine-tunes for that row (
 epochs, no BatchNorm recalibration, distillation off; only the peak learning rate differs. ``--distill``
 fine-tunes with BASELINE as teacher instead (the recipe's soft targets, weight 0.5 at T 4; rows named
 ``ROW+kd``; ``--distill-weight W``: ``ROW+kdW``, soft targets at that weight). ``--epochs N`` fine-tunes N
-epochs instead of 10 (``ROW+eN``: a diagnostic, outside the goal's budget). ``--held-out`` fine-tunes on the
+epochs instead of 10 (``ROW+eN``: a diagnostic, outside the goal's budget). ``--recipe FIELD=VALUE,...``
+changes the ``full`` recipe's fields (rows ``ROW+FIELD=VALUE``; compare with ``dense-control`` run with the same change). ``--held-out`` fine-tunes on the
 first 4,500 training images a class and scores the other 500 instead of the test split; the allocation benchmark's baseline was trained on those 500 too. ``defaults-2x``
 / ``defaults-3x`` prune BASELINE here with prunekit's defaults of 2026-12-07 afternoon (``group-l2``,
 unrounded; on the fine-tuning images only): with a
@@ -29,8 +30,11 @@ lands), each with the torch threads it ran on and its fine-tuning's seconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -47,7 +51,7 @@ from common import (
     require,
     save_results,
 )
-from prunekit import api
+from prunekit import api, finetuning
 from prunekit.checkpoint import load_checkpoint
 from prunekit.commands.evaluate import load_data_for
 from prunekit.data import _first_per_class
@@ -133,11 +137,35 @@ class Tuning(NamedTuple):
     distill: bool = False
     distill_weight: float | None = None  # None: the recipe's
     epochs: int = EPOCHS
+    recipe: tuple[tuple[str, str], ...] = ()  # (TrainConfig field, value) changed in the `full` recipe
 
     def suffix(self) -> str:
-        """``+kd`` (``+kd0.9`` at a weight of its own) when distilling, ``+e20`` at 20 epochs."""
+        """``+kd`` (``+kd0.9`` at a weight of its own) when distilling, ``+e20`` at 20 epochs, then each
+        recipe change (``+weight_decay=0.001``)."""
         kd = DISTILLED + (f"{self.distill_weight:g}" if self.distill_weight is not None else "")
-        return (kd if self.distill else "") + (f"+e{self.epochs}" if self.epochs != EPOCHS else "")
+        changes = "".join(f"+{field}={value}" for field, value in self.recipe)
+        return (kd if self.distill else "") + (f"+e{self.epochs}" if self.epochs != EPOCHS else "") + changes
+
+
+@contextlib.contextmanager
+def recipe_changed(changes: tuple[tuple[str, str], ...]) -> Iterator[None]:
+    """The `full` recipe with ``changes`` (TrainConfig fields, values as text) while inside."""
+    cfg, freeze = finetuning.RECIPES["full"]
+    typed = {field: type(getattr(cfg, field))(value) for field, value in changes}
+    finetuning.RECIPES["full"] = (replace(cfg, **typed), freeze)
+    try:
+        yield
+    finally:
+        finetuning.RECIPES["full"] = (cfg, freeze)
+
+
+def recipe_changes(text: str | None) -> tuple[tuple[str, str], ...]:
+    """``--recipe``'s ``FIELD=VALUE,...`` as pairs, each field one of TrainConfig's."""
+    pairs = tuple(tuple(item.split("=", 1)) for item in text.split(",")) if text else ()
+    for pair in pairs:
+        if len(pair) != 2 or not hasattr(finetuning.RECIPES["full"][0], pair[0]):
+            sys.exit(f"--recipe {text}: each change is FIELD=VALUE with FIELD a TrainConfig field")
+    return pairs  # type: ignore[return-value]
 
 
 def label(row: str, parent: Parent, tuning: Tuning) -> str:
@@ -156,22 +184,24 @@ def run(row: str, seed: int, lr: float, tuning: Tuning, parent: Parent, runs: Pa
     out = runs / f"{label(row, parent, tuning)}-lr{lr:g}-seed{seed}{'-heldout' if held_out else ''}"
     resume = (out / "checkpoint.safetensors").exists()
     subset = HELD_OUT_FROM if held_out else None
-    result = api.finetune_checkpoint(
-        source(row, seed, parent, runs, subset),
-        out,
-        recipe="full",
-        epochs=tuning.epochs,
-        lr=lr,
-        recalibrate=False,
-        data=str(FULL_ARCHIVE),
-        subset=subset,
-        seed=seed,
-        teacher=parent.path if distill else None,
-        distill=distill,
-        distill_weight=tuning.distill_weight if distill else None,
-        resume=resume,
-        overwrite=not resume,
-    )
+    pruned = source(row, seed, parent, runs, subset)
+    with recipe_changed(tuning.recipe):
+        result = api.finetune_checkpoint(
+            pruned,
+            out,
+            recipe="full",
+            epochs=tuning.epochs,
+            lr=lr,
+            recalibrate=False,
+            data=str(FULL_ARCHIVE),
+            subset=subset,
+            seed=seed,
+            teacher=parent.path if distill else None,
+            distill=distill,
+            distill_weight=tuning.distill_weight if distill else None,
+            resume=resume,
+            overwrite=not resume,
+        )
     entry = {"row": row + tuning.suffix(), "seed": seed, "lr": lr, "epochs": tuning.epochs}
     entry["test"] = result["accuracy"]["finetuned"]
     # every epoch's, a resumed run's included: rows compare at equal time as well as equal epochs
@@ -193,6 +223,7 @@ def main() -> None:
         "--distill-weight", type=float, help="the soft targets' weight (default: the recipe's)"
     )
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="a diagnostic: the goal's budget is 10")
+    parser.add_argument("--recipe", help="FIELD=VALUE,...: changes to the `full` recipe (rows +FIELD=VALUE)")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "finetune_lr")
     parser.add_argument("--commit", action="store_true")
     args = parser.parse_args()
@@ -200,7 +231,9 @@ def main() -> None:
         parser.error("--distill-weight is for --distill")
     require(FULL_ARCHIVE)
     parent = Parent.of(args.baseline)
-    tuning = Tuning(args.held_out, args.distill, args.distill_weight, args.epochs)
+    tuning = Tuning(
+        args.held_out, args.distill, args.distill_weight, args.epochs, recipe_changes(args.recipe)
+    )
     for row in args.rows.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             for lr in (float(v) for v in args.lrs.split(",")):
