@@ -13,8 +13,8 @@ epochs, no BatchNorm recalibration, distillation off; only the peak learning rat
 fine-tunes with BASELINE as teacher instead (the recipe's soft targets, weight 0.5 at T 4; rows named
 ``ROW+kd``; ``--distill-weight W``: ``ROW+kdW``, soft targets at that weight). ``--epochs N`` fine-tunes N
 epochs instead of 10 (``ROW+eN``: a diagnostic, outside the goal's budget). ``--recipe FIELD=VALUE,...``
-changes the ``full`` recipe's fields (rows ``ROW+FIELD=VALUE``; compare with ``dense-control`` run with the same change). ``--held-out`` fine-tunes on the
-first 4,500 training images a class and scores the other 500 instead of the test split; the allocation benchmark's baseline was trained on those 500 too. ``defaults-2x``
+changes the ``full`` recipe's fields (rows ``ROW+FIELD=VALUE``; compare with ``dense-control`` run with the
+same change). ``--held-out`` fine-tunes on the first 4,500 training images a class and scores the other 500 instead of the test split; the allocation benchmark's baseline was trained on those 500 too. ``defaults-2x``
 / ``defaults-3x`` prune BASELINE here with prunekit's defaults of 2026-12-07 afternoon (``group-l2``,
 unrounded; on the fine-tuning images only): with a
 parent trained on the first 4,500 images a class (``prunekit train ... --subset 4500``), the held-out images
