@@ -93,7 +93,7 @@ def test_eval_reports_onnxruntime_latency_against_the_dense_parent(
 def test_a_model_slower_than_its_parent_in_onnxruntime_is_told_how_to_prune_for_it():
     """The note ``prunekit eval`` prints when ONNX Runtime ran the pruned model slower than its parent: it
     names the batch sizes, the pruned channel counts off 16 (not the dense ones), and the two remedies."""
-    from prunekit.commands.evaluate import slower_in_onnxruntime
+    from prunekit.commands.evaluate import off_block_counts, slower_in_onnxruntime
 
     def net(*widths: int) -> torch.nn.Sequential:
         return torch.nn.Sequential(*(torch.nn.Conv2d(3, w, 3) for w in widths))
@@ -101,14 +101,18 @@ def test_a_model_slower_than_its_parent_in_onnxruntime_is_told_how_to_prune_for_
     from prunekit.errors import cli_arg_style
 
     dense = net(24, 64, 64)
+
+    def odd(*widths: int) -> list[int]:
+        return off_block_counts(net(*widths), dense)
+
     with cli_arg_style():  # as prunekit eval words it; in Python, round_to and latency_runtime
-        note = slower_in_onnxruntime({"batch1": 0.6, "batch64": 1.3}, net(24, 39, 64), dense)
+        note = slower_in_onnxruntime({"batch1": 0.6, "batch64": 1.3}, odd(24, 39, 64))
     assert "at batch1:" in note and "(39)" in note and "--round-to 16" in note  # 24: dense, not pruned
-    note = slower_in_onnxruntime({"batch1": 0.9, "batch64": 0.8}, net(24, 48, 64), dense)
+    note = slower_in_onnxruntime({"batch1": 0.9, "batch64": 0.8}, odd(24, 48, 64))
     assert "batch1 and batch64" in note and "round_to" not in note
     assert "latency_runtime onnxruntime" in note
-    assert slower_in_onnxruntime({"batch1": 1.4, "batch64": 1.1}, net(24, 39, 64), dense) is None
-    assert slower_in_onnxruntime({"batch1": 0.6}, net(24, 39, 64), None) is None
+    assert slower_in_onnxruntime({"batch1": 1.4, "batch64": 1.1}, odd(24, 39, 64)) is None
+    assert slower_in_onnxruntime({"batch1": 0.6}, None) is None
 
 
 def test_too_few_calibration_images_is_one_line_and_writes_nothing(pruned_ckpt, tmp_path, capsys):

@@ -70,7 +70,8 @@ def evaluate_checkpoint(
             results.update(onnxruntime_latency(model, meta, dense, stage=stage))
             if dense is not None:
                 results["off_block_counts"] = off_block_counts(model, dense)
-            results["note"] = slower_in_onnxruntime(results.get("ort_speedup", {}), model, dense)
+            odd = results.get("off_block_counts")
+            results["note"] = slower_in_onnxruntime(results.get("ort_speedup", {}), odd)
     if out is not None:
         from ..files import write_json
 
@@ -105,15 +106,13 @@ def off_block_counts(model: torch.nn.Module, dense: torch.nn.Module) -> list[int
     )
 
 
-def slower_in_onnxruntime(
-    speedups: dict[str, float], model: torch.nn.Module, dense: torch.nn.Module | None
-) -> str | None:
-    """One line when the pruned ``model`` measured slower than its ``dense`` parent in ONNX Runtime: which of
-    its pruned convs have channel counts off ``ORT_CHANNEL_BLOCK``, and how to prune for this runtime."""
+def slower_in_onnxruntime(speedups: dict[str, float], odd: list[int] | None) -> str | None:
+    """One line when the pruned model measured slower than its dense parent in ONNX Runtime: which of its
+    pruned channel counts are off ``ORT_CHANNEL_BLOCK`` (``odd``, from ``off_block_counts``; None without
+    a dense parent), and how to prune for this runtime."""
     slower = [batch for batch, speedup in speedups.items() if speedup < 1]
-    if not slower or dense is None:
+    if not slower or odd is None:
         return None
-    odd = off_block_counts(model, dense)
     counts = ", ".join(map(str, odd[:4])) + (", ..." if len(odd) > 4 else "")
     why = (
         f"its pruned channel counts ({counts}) are not multiples of {ORT_CHANNEL_BLOCK}, the blocks its fast "
