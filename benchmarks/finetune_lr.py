@@ -30,13 +30,13 @@ lands), each with the torch threads it ran on and its fine-tuning's seconds.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
+from unittest import mock
 
 import torch
 
@@ -147,16 +147,12 @@ class Tuning(NamedTuple):
         return (kd if self.distill else "") + (f"+e{self.epochs}" if self.epochs != EPOCHS else "") + changes
 
 
-@contextlib.contextmanager
-def recipe_changed(changes: tuple[tuple[str, str], ...]) -> Iterator[None]:
-    """The `full` recipe with ``changes`` (TrainConfig fields, values as text) while inside."""
+def recipe_changed(changes: tuple[tuple[str, str], ...]) -> AbstractContextManager:
+    """The `full` recipe with ``changes`` (TrainConfig fields, values as text) while inside (patched as
+    common.py patches the library's other knobs)."""
     cfg, freeze = finetuning.RECIPES["full"]
     typed = {field: type(getattr(cfg, field))(value) for field, value in changes}
-    finetuning.RECIPES["full"] = (replace(cfg, **typed), freeze)
-    try:
-        yield
-    finally:
-        finetuning.RECIPES["full"] = (cfg, freeze)
+    return mock.patch.dict(finetuning.RECIPES, {"full": (replace(cfg, **typed), freeze)})
 
 
 def recipe_changes(text: str | None) -> tuple[tuple[str, str], ...]:
