@@ -1,0 +1,107 @@
+"""Depth against width at 3x fewer MACs: whole residual blocks dropped from the parent before prunekit's
+defaults prune the rest, then the ``full`` recipe's 10 epochs (a diagnostic for issue 15's 3x goal:
+prunekit itself never drops a block).
+
+    python benchmarks/depth.py runs/parent1207/model.safetensors --blocks none,layer2.1+layer4.1 --seeds 0,1 --commit
+
+A row (``--blocks``: ``none``, or blocks joined by ``+``) replaces each named block by an identity (its
+residual branch removed; BatchNorm statistics then re-estimated on the 512 calibration images), prunes the
+rest with ``prunekit.prune(model, example, target_macs=..., calibration=...)`` (the defaults: sensitivity
+scan, ``refit`` scores, recovery) to a third of the *dense* parent's MACs, and fine-tunes it in this process
+(``train.fit`` with the ``full`` recipe and the row's seed: a model with dropped blocks has no checkpoint
+format, so an interrupted row starts again). ``none`` is the same pipeline without dropping, the row to
+compare with. Rows are resumable and appended to ``results/depth.json`` (``--commit``: each committed as it
+lands), each with the accuracy after dropping, after pruning and after fine-tuning, the MACs and the widths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from common import FULL_ARCHIVE, RESULTS, TARGETS, checkpoint_digest, machine, require, save_results
+from prunekit import core, finetuning, train
+from prunekit.batchnorm import recalibrate_batchnorm
+from prunekit.checkpoint import load_checkpoint
+from prunekit.commands.rundir import load_data_for
+from prunekit.measure import count_macs
+
+RESULT = RESULTS / "depth.json"
+CALIBRATION_IMAGES = 512  # prunekit's default count of calibration images
+NONE = "none"
+
+
+def drop_blocks(model: nn.Module, blocks: list[str], calibration: list[torch.Tensor]) -> None:
+    """Replace each named block of a stage (``layer2.1``) by an identity, then re-estimate BatchNorm."""
+    for name in blocks:
+        stage, _, index = name.rpartition(".")
+        container = model.get_submodule(stage)
+        if not isinstance(container, nn.Sequential) or not index.isdigit():
+            raise SystemExit(f"--blocks: {name} is not a block of a stage (such as layer2.1)")
+        container[int(index)] = nn.Identity()
+    if blocks:
+        recalibrate_batchnorm(model, calibration)
+
+
+def run_row(parent: Path, row: str, seed: int) -> dict:
+    """Drop ``row``'s blocks, prune to a third of the dense MACs by the defaults, fine-tune 10 epochs."""
+    ckpt = load_checkpoint(parent)
+    bundle = load_data_for(ckpt.meta, data=str(FULL_ARCHIVE))
+    test = bundle.loader("test", 500)
+    calibration = bundle.sample_batches(CALIBRATION_IMAGES, 64, seed=0)
+    size, model = ckpt.meta["input_size"], ckpt.model
+    dense_macs = count_macs(model, size)
+    blocks = [] if row == NONE else row.split("+")
+    drop_blocks(model, blocks, [x for x, _ in calibration])
+    entry = {"blocks": blocks, "seed": seed, "dropped": core.evaluate(model, test)["accuracy"]}
+    start = time.perf_counter()
+    target = dense_macs * TARGETS["3x"] / count_macs(model, size)
+    core.prune(model, torch.randn(1, 3, size, size), target_macs=target, calibration=calibration)
+    entry["prune_s"] = round(time.perf_counter() - start, 1)
+    entry["pruned"] = core.evaluate(model, test)["accuracy"]
+    entry["macs"] = count_macs(model, size) / dense_macs
+    entry["widths"] = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    cfg = replace(finetuning.RECIPES["full"][0], seed=seed)
+    start = time.perf_counter()
+    entry["test"] = train.fit(model, bundle, cfg).test["accuracy"]
+    entry["train_seconds"] = round(time.perf_counter() - start, 1)
+    return {**entry, "torch_threads": torch.get_num_threads(), "date": machine()["date"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("parent", type=Path)
+    parser.add_argument(
+        "--blocks", default=NONE, help="rows: none, or blocks joined by + (layer2.1+layer4.1)"
+    )
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--commit", action="store_true")
+    args = parser.parse_args()
+    require(FULL_ARCHIVE)
+    digest = checkpoint_digest(args.parent)
+    for row in args.blocks.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            at = f"{args.parent.parent.name}-{row}/seed{seed}"
+            results = json.loads(RESULT.read_text()) if RESULT.exists() else {"rows": {}, "parents": {}}
+            if at in results["rows"]:
+                continue
+            entry = run_row(args.parent, row, seed)
+            with RESULT.with_suffix(".lock").open("w") as lock:  # two seeds may run side by side
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                results = json.loads(RESULT.read_text()) if RESULT.exists() else {"rows": {}, "parents": {}}
+                results["rows"][at] = entry
+                parents = results["parents"]
+                parents[args.parent.parent.name] = {"checkpoint": str(args.parent), "sha256": digest}
+                save_results(RESULT, results, f"bench: depth {at}" if args.commit else None)
+            print(json.dumps({at: {k: v for k, v in entry.items() if k != "widths"}}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
