@@ -151,8 +151,17 @@ def recipe_changed(changes: tuple[tuple[str, str], ...]) -> AbstractContextManag
     """The `full` recipe with ``changes`` (TrainConfig fields, values as text) while inside (patched as
     common.py patches the library's other knobs)."""
     cfg, freeze = finetuning.RECIPES["full"]
-    typed = {field: type(getattr(cfg, field))(value) for field, value in changes}
+    typed = {field: typed_value(getattr(cfg, field), value) for field, value in changes}
     return mock.patch.dict(finetuning.RECIPES, {"full": (replace(cfg, **typed), freeze)})
+
+
+def typed_value(current: object, text: str) -> object:
+    """``text`` as a value of ``current``'s type (``bool("false")`` would be True: booleans are spelled)."""
+    if isinstance(current, bool):
+        if text.lower() not in ("true", "false"):
+            sys.exit(f"--recipe: a yes/no field takes true or false, got {text}")
+        return text.lower() == "true"
+    return type(current)(text)
 
 
 def recipe_changes(text: str | None) -> tuple[tuple[str, str], ...]:
