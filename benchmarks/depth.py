@@ -38,6 +38,10 @@ CALIBRATION_IMAGES = 512  # prunekit's default count of calibration images
 NONE = "none"
 
 
+def load_results() -> dict:
+    return json.loads(RESULT.read_text()) if RESULT.exists() else {"rows": {}, "parents": {}}
+
+
 def drop_blocks(model: nn.Module, blocks: list[str], calibration: list[torch.Tensor]) -> None:
     """Replace each named block of a stage (``layer2.1``) by an identity, then re-estimate BatchNorm."""
     for name in blocks:
@@ -89,13 +93,12 @@ def main() -> None:
     for row in args.blocks.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             at = f"{args.parent.parent.name}-{row}/seed{seed}"
-            results = json.loads(RESULT.read_text()) if RESULT.exists() else {"rows": {}, "parents": {}}
-            if at in results["rows"]:
+            if at in load_results()["rows"]:
                 continue
             entry = run_row(args.parent, row, seed)
             with RESULT.with_suffix(".lock").open("w") as lock:  # two seeds may run side by side
                 fcntl.flock(lock, fcntl.LOCK_EX)
-                results = json.loads(RESULT.read_text()) if RESULT.exists() else {"rows": {}, "parents": {}}
+                results = load_results()
                 results["rows"][at] = entry
                 parents = results["parents"]
                 parents[args.parent.parent.name] = {"checkpoint": str(args.parent), "sha256": digest}
