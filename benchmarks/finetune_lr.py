@@ -167,10 +167,17 @@ def typed_value(current: object, text: str) -> object:
 def recipe_changes(text: str | None) -> tuple[tuple[str, str], ...]:
     """``--recipe``'s ``FIELD=VALUE,...`` as pairs, each field one of TrainConfig's."""
     pairs = tuple(tuple(item.split("=", 1)) for item in text.split(",")) if text else ()
+    recipe = finetuning.RECIPES["full"][0]
     for pair in pairs:
-        if len(pair) != 2 or not hasattr(finetuning.RECIPES["full"][0], pair[0]):
+        if len(pair) != 2 or not hasattr(recipe, pair[0]):
             sys.exit(f"--recipe {text}: each change is FIELD=VALUE with FIELD a TrainConfig field")
-    return pairs  # type: ignore[return-value]
+        try:
+            typed_value(getattr(recipe, pair[0]), pair[1])  # refused now, not after the first rows
+        except ValueError:
+            sys.exit(f"--recipe {text}: {pair[1]} is not a value of {pair[0]}")
+    # one spelling of a yes/no value, so that False and false name the same rows
+    bools = {f for f, _ in pairs if isinstance(getattr(recipe, f), bool)}
+    return tuple((f, v.lower() if f in bools else v) for f, v in pairs)
 
 
 def label(row: str, parent: Parent, tuning: Tuning) -> str:
