@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from unittest import mock
@@ -121,6 +123,15 @@ def save(name: str, result: dict) -> Path:
     path.write_text(json.dumps({"machine": machine(), **result}, indent=2) + "\n")
     print(f"wrote {path}")
     return path
+
+
+@contextlib.contextmanager
+def results_locked(path: Path) -> Iterator[None]:
+    """The results file ``path`` to this process alone while inside: two runs side by side (one a core) each
+    read it, add their row and write it (and commit) in turn, neither losing the other's row."""
+    with path.with_suffix(".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def save_results(path: Path, results: dict, commit: str | None) -> None:

@@ -17,7 +17,6 @@ lands), each with the accuracy after dropping, after pruning and after fine-tuni
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import time
 from dataclasses import replace
@@ -26,7 +25,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common import FULL_ARCHIVE, RESULTS, TARGETS, checkpoint_digest, machine, require, save_results
+from common import (
+    FULL_ARCHIVE,
+    RESULTS,
+    TARGETS,
+    checkpoint_digest,
+    machine,
+    require,
+    results_locked,
+    save_results,
+)
 from prunekit import core, finetuning, train
 from prunekit.batchnorm import recalibrate_batchnorm
 from prunekit.checkpoint import load_checkpoint
@@ -96,8 +104,7 @@ def main() -> None:
             if at in load_results()["rows"]:
                 continue
             entry = run_row(args.parent, row, seed)
-            with RESULT.with_suffix(".lock").open("w") as lock:  # two seeds may run side by side
-                fcntl.flock(lock, fcntl.LOCK_EX)
+            with results_locked(RESULT):
                 results = load_results()
                 results["rows"][at] = entry
                 parents = results["parents"]

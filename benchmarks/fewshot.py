@@ -40,7 +40,16 @@ import torch
 import torch.nn.functional as F
 
 import prunekit
-from common import FULL_ARCHIVE, RESULTS, machine, require, residual_sums, rounding, scan_budget
+from common import (
+    FULL_ARCHIVE,
+    RESULTS,
+    machine,
+    require,
+    residual_sums,
+    results_locked,
+    rounding,
+    scan_budget,
+)
 from prunekit.data import load_data
 from prunekit.measure import count_macs, evaluate, latency
 from prunekit.sensitivity import SCAN_SECONDS
@@ -363,9 +372,10 @@ class Results:
 
     def save_row(self, key: str, row: dict, table: str = "rows") -> dict:
         """``row`` added to ``table`` of the results on disk; the results written and returned."""
-        results = self.load()
-        results.setdefault(table, {})[key] = row
-        self.save(results)
+        with results_locked(self.path):
+            results = self.load()
+            results.setdefault(table, {})[key] = row
+            self.save(results)
         return results
 
 

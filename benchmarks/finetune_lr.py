@@ -49,6 +49,7 @@ from common import (
     checkpoint_digest,
     machine,
     require,
+    results_locked,
     save_results,
 )
 from prunekit import api, finetuning
@@ -159,7 +160,7 @@ def typed_value(current: object, text: str) -> object:
     """``text`` as a value of ``current``'s type (``bool("false")`` would be True: booleans are spelled)."""
     if isinstance(current, bool):
         if text.lower() not in ("true", "false"):
-            sys.exit(f"--recipe: a yes/no field takes true or false, got {text}")
+            raise ValueError(f"a yes/no field takes true or false, got {text}")
         return text.lower() == "true"
     return type(current)(text)
 
@@ -254,15 +255,16 @@ def main() -> None:
                 if at in results["rows"]:
                     continue
                 entry = run(row, seed, lr, tuning, parent, args.runs_dir)
-                results = json.loads(RESULT.read_text()) if RESULT.exists() else {"rows": {}}
-                results["rows"][at] = entry
-                if parent.own:  # which checkpoint the prefix of its rows names
-                    parents = results.setdefault("parents", {})
-                    parents[parent.path.parent.name] = {
-                        "checkpoint": str(parent.path),
-                        "sha256": parent.digest,
-                    }
-                save_results(RESULT, results, f"bench: finetune_lr {at}" if args.commit else None)
+                with results_locked(RESULT):
+                    results = json.loads(RESULT.read_text()) if RESULT.exists() else {"rows": {}}
+                    results["rows"][at] = entry
+                    if parent.own:  # which checkpoint the prefix of its rows names
+                        parents = results.setdefault("parents", {})
+                        parents[parent.path.parent.name] = {
+                            "checkpoint": str(parent.path),
+                            "sha256": parent.digest,
+                        }
+                    save_results(RESULT, results, f"bench: finetune_lr {at}" if args.commit else None)
                 print(json.dumps({at: entry}), flush=True)
 
 
