@@ -10,7 +10,11 @@ rest with ``prunekit.prune(model, example, target_macs=..., calibration=...)`` (
 scan, ``refit`` scores, recovery) to a third of the *dense* parent's MACs, and fine-tunes it in this process
 (``train.fit`` with the ``full`` recipe and the row's seed: a model with dropped blocks has no checkpoint
 format, so an interrupted row starts again). ``none`` is the same pipeline without dropping, the row to
-compare with. Rows are resumable and appended to ``results/depth.json`` (``--commit``: each committed as it
+compare with. ``--distill`` fine-tunes with the parent as teacher and ``--recipe FIELD=VALUE,...`` changes
+the recipe, as in ``finetune_lr.py`` (rows named alike: ``layer2.1+kd+label_smoothing=0``); ``--held-out``
+prunes and fine-tunes on the first 4,500 training images a class and also scores the other 500 (for a
+parent trained without them: ``prunekit train ... --subset 4500``), to choose between rows without the test
+split. Rows are resumable and appended to ``results/depth.json`` (``--commit``: each committed as it
 lands), each with the accuracy after dropping, after pruning and after fine-tuning, the MACs and the widths.
 """
 
@@ -35,6 +39,7 @@ from common import (
     results_locked,
     save_results,
 )
+from finetune_lr import HELD_OUT_FROM, Tuning, held_out_bundle, recipe_changed, recipe_changes
 from prunekit import core, finetuning, train
 from prunekit.batchnorm import recalibrate_batchnorm
 from prunekit.checkpoint import load_checkpoint
@@ -62,10 +67,11 @@ def drop_blocks(model: nn.Module, blocks: list[str], calibration: list[torch.Ten
         recalibrate_batchnorm(model, calibration)
 
 
-def run_row(parent: Path, row: str, seed: int) -> dict:
+def run_row(parent: Path, row: str, seed: int, tuning: Tuning) -> dict:
     """Drop ``row``'s blocks, prune to a third of the dense MACs by the defaults, fine-tune 10 epochs."""
     ckpt = load_checkpoint(parent)
-    bundle = load_data_for(ckpt.meta, data=str(FULL_ARCHIVE))
+    subset = HELD_OUT_FROM if tuning.held_out else None
+    bundle = load_data_for(ckpt.meta, data=str(FULL_ARCHIVE), subset=subset)
     test = bundle.loader("test", 500)
     calibration = bundle.sample_batches(CALIBRATION_IMAGES, 64, seed=0)
     size, model = ckpt.meta["input_size"], ckpt.model
@@ -80,10 +86,15 @@ def run_row(parent: Path, row: str, seed: int) -> dict:
     entry["pruned"] = core.evaluate(model, test)["accuracy"]
     entry["macs"] = count_macs(model, size) / dense_macs
     entry["widths"] = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    cfg = replace(finetuning.RECIPES["full"][0], seed=seed)
+    with recipe_changed(tuning.recipe):
+        cfg = replace(finetuning.RECIPES["full"][0], seed=seed)
+    teacher = load_checkpoint(parent).model if tuning.distill else None
     start = time.perf_counter()
-    entry["test"] = train.fit(model, bundle, cfg).test["accuracy"]
+    entry["test"] = train.fit(model, bundle, cfg, teacher=teacher).test["accuracy"]
     entry["train_seconds"] = round(time.perf_counter() - start, 1)
+    if tuning.held_out:
+        held_out = held_out_bundle(ckpt.meta).loader("test", 500)
+        entry["held_out"] = core.evaluate(model, held_out)["accuracy"]
     return {**entry, "torch_threads": torch.get_num_threads(), "date": machine()["date"]}
 
 
@@ -94,16 +105,21 @@ def main() -> None:
         "--blocks", default=NONE, help="rows: none, or blocks joined by + (layer2.1+layer4.1)"
     )
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--held-out", action="store_true")
+    parser.add_argument("--distill", action="store_true", help="the parent as teacher")
+    parser.add_argument("--recipe", help="FIELD=VALUE,...: changes to the `full` recipe (rows +FIELD=VALUE)")
     parser.add_argument("--commit", action="store_true")
     args = parser.parse_args()
     require(FULL_ARCHIVE)
+    tuning = Tuning(args.held_out, args.distill, recipe=recipe_changes(args.recipe))
     digest = checkpoint_digest(args.parent)
     for row in args.blocks.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            at = f"{args.parent.parent.name}-{row}/seed{seed}"
+            held_out = "/held-out" if tuning.held_out else ""
+            at = f"{args.parent.parent.name}-{row}{tuning.suffix()}/seed{seed}{held_out}"
             if at in load_results()["rows"]:
                 continue
-            entry = run_row(args.parent, row, seed)
+            entry = run_row(args.parent, row, seed, tuning)
             with results_locked(RESULT):
                 results = load_results()
                 results["rows"][at] = entry

@@ -56,6 +56,7 @@ from prunekit import api, finetuning
 from prunekit.checkpoint import load_checkpoint
 from prunekit.commands.evaluate import load_data_for
 from prunekit.data import _first_per_class
+from prunekit.datatypes import DataBundle
 from prunekit.measure import evaluate
 from prunekit.pruning import PruneRequest
 
@@ -115,20 +116,27 @@ def source(row: str, seed: int, parent: Parent, runs: Path, subset: int | None) 
     return pruned
 
 
-def held_out_accuracy(model_file: Path) -> tuple[float, int]:
-    """Top-1 of the fine-tuned model on the training images it was not fine-tuned on."""
-    ckpt = load_checkpoint(model_file)
+def held_out_bundle(meta: dict) -> DataBundle:
+    """The dataset ``meta`` records, its test split replaced by the training images beyond the first
+    ``HELD_OUT_FROM`` a class (those ``--held-out`` does not fine-tune on)."""
     # every training image: a parent trained on a subset records it, and would bring it back here
-    recorded = {k: v for k, v in (ckpt.meta.get("data") or {}).items() if k != "subset"}
-    bundle = load_data_for({**ckpt.meta, "data": recorded}, str(FULL_ARCHIVE), None, None)
+    recorded = {k: v for k, v in (meta.get("data") or {}).items() if k != "subset"}
+    bundle = load_data_for({**meta, "data": recorded}, str(FULL_ARCHIVE), None, None)
     labels = bundle.train.labels
     held_out = torch.ones(len(labels), dtype=torch.bool)
     held_out[_first_per_class(labels, HELD_OUT_FROM)] = False  # what --subset fine-tuned on
     bundle.test = bundle.train.subset(torch.nonzero(held_out).flatten())
     if not len(bundle.test):
-        raise RuntimeError(f"{model_file}: no training images beyond the first {HELD_OUT_FROM} a class")
-    accuracy = evaluate(ckpt.model, bundle.loader("test"), num_classes=len(labels.unique()))["accuracy"]
-    return accuracy, len(bundle.test)
+        raise RuntimeError(f"no training images beyond the first {HELD_OUT_FROM} a class")
+    return bundle
+
+
+def held_out_accuracy(model_file: Path) -> tuple[float, int]:
+    """Top-1 of the fine-tuned model on the training images it was not fine-tuned on."""
+    ckpt = load_checkpoint(model_file)
+    bundle = held_out_bundle(ckpt.meta)
+    classes = len(bundle.train.labels.unique())
+    return evaluate(ckpt.model, bundle.loader("test"), num_classes=classes)["accuracy"], len(bundle.test)
 
 
 class Tuning(NamedTuple):
