@@ -134,6 +134,20 @@ def results_locked(path: Path) -> Iterator[None]:
         yield
 
 
+def record_parent(results: dict, path: Path, digest: str) -> None:
+    """Record that rows prefixed with ``path``'s run directory were run on the checkpoint of ``digest``;
+    refused when that directory is recorded with another checkpoint (a parent trained again into it)."""
+    parents = results.setdefault("parents", {})
+    name = path.parent.name
+    recorded = parents.get(name, {}).get("sha256")
+    if recorded not in (None, digest):
+        raise SystemExit(
+            f"{path}: rows named {name}-... were run on another checkpoint (sha256 {recorded}; this one "
+            f"{digest}); train it into a run directory of another name"
+        )
+    parents[name] = {"checkpoint": str(path), "sha256": digest}
+
+
 def save_results(path: Path, results: dict, commit: str | None) -> None:
     """Write a resumable benchmark's results (with this machine); ``commit``: git-commit that file alone."""
     results["machine"] = machine()

@@ -35,6 +35,7 @@ from common import (
     TARGETS,
     checkpoint_digest,
     machine,
+    record_parent,
     require,
     results_locked,
     save_results,
@@ -113,6 +114,7 @@ def main() -> None:
     require(FULL_ARCHIVE)
     tuning = Tuning(args.held_out, args.distill, recipe=recipe_changes(args.recipe))
     digest = checkpoint_digest(args.parent)
+    record_parent(load_results(), args.parent, digest)  # refused now rather than after the first row
     for row in args.blocks.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             held_out = "/held-out" if tuning.held_out else ""
@@ -123,8 +125,7 @@ def main() -> None:
             with results_locked(RESULT):
                 results = load_results()
                 results["rows"][at] = entry
-                parents = results["parents"]
-                parents[args.parent.parent.name] = {"checkpoint": str(args.parent), "sha256": digest}
+                record_parent(results, args.parent, digest)
                 save_results(RESULT, results, f"bench: depth {at}" if args.commit else None)
             print(json.dumps({at: {k: v for k, v in entry.items() if k != "widths"}}), flush=True)
 

@@ -48,6 +48,7 @@ from common import (
     TARGETS,
     checkpoint_digest,
     machine,
+    record_parent,
     require,
     results_locked,
     save_results,
@@ -79,6 +80,10 @@ class Parent(NamedTuple):
         recorded = json.loads(ALLOCATION_RESULT.read_text()).get("baseline_sha256")
         digest = checkpoint_digest(path)
         return cls(path, digest != recorded, digest)
+
+
+def load_results() -> dict:
+    return json.loads(RESULT.read_text()) if RESULT.exists() else {"rows": {}}
 
 
 def name(row: str, parent: Parent) -> str:
@@ -252,6 +257,8 @@ def main() -> None:
         parser.error("--distill-weight is for --distill")
     require(FULL_ARCHIVE)
     parent = Parent.of(args.baseline)
+    if parent.own:  # refused now rather than after the first row
+        record_parent(load_results(), parent.path, parent.digest)
     tuning = Tuning(
         args.held_out, args.distill, args.distill_weight, args.epochs, recipe_changes(args.recipe)
     )
@@ -259,19 +266,14 @@ def main() -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             for lr in (float(v) for v in args.lrs.split(",")):
                 at = key(row, seed, lr, tuning, parent)
-                results = json.loads(RESULT.read_text()) if RESULT.exists() else {"rows": {}}
-                if at in results["rows"]:
+                if at in load_results()["rows"]:
                     continue
                 entry = run(row, seed, lr, tuning, parent, args.runs_dir)
                 with results_locked(RESULT):
-                    results = json.loads(RESULT.read_text()) if RESULT.exists() else {"rows": {}}
+                    results = load_results()
                     results["rows"][at] = entry
                     if parent.own:  # which checkpoint the prefix of its rows names
-                        parents = results.setdefault("parents", {})
-                        parents[parent.path.parent.name] = {
-                            "checkpoint": str(parent.path),
-                            "sha256": parent.digest,
-                        }
+                        record_parent(results, parent.path, parent.digest)
                     save_results(RESULT, results, f"bench: finetune_lr {at}" if args.commit else None)
                 print(json.dumps({at: entry}), flush=True)
 
