@@ -30,6 +30,7 @@ from common import (
     for_baseline,
     machine,
     min_keep,
+    read_results,
     require,
     rounding,
     save_results,
@@ -72,7 +73,7 @@ RESULT = RESULTS / "allocation.json"
 
 
 def load_results(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {"rows": {}, "latency": {}}
+    return read_results(path, "rows", "latency")
 
 
 LATENCY_ALLOCATION = "sensitivity"  # the command line's default for targets: latency rows use it too

@@ -134,6 +134,11 @@ def results_locked(path: Path) -> Iterator[None]:
         yield
 
 
+def read_results(path: Path, *sections: str) -> dict:
+    """A resumable benchmark's results file, or a fresh one with each of ``sections`` empty."""
+    return json.loads(path.read_text()) if path.exists() else {section: {} for section in sections}
+
+
 def record_parent(results: dict, path: Path, digest: str) -> None:
     """Record that rows prefixed with ``path``'s run directory were run on the checkpoint of ``digest``;
     refused when that directory is recorded with another checkpoint (a parent trained again into it)."""

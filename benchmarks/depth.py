@@ -35,6 +35,7 @@ from common import (
     TARGETS,
     checkpoint_digest,
     machine,
+    read_results,
     record_parent,
     require,
     results_locked,
@@ -53,7 +54,7 @@ NONE = "none"
 
 
 def load_results() -> dict:
-    return json.loads(RESULT.read_text()) if RESULT.exists() else {"rows": {}, "parents": {}}
+    return read_results(RESULT, "rows")
 
 
 def drop_blocks(model: nn.Module, blocks: list[str], calibration: list[torch.Tensor]) -> None:

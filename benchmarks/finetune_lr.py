@@ -48,6 +48,7 @@ from common import (
     TARGETS,
     checkpoint_digest,
     machine,
+    read_results,
     record_parent,
     require,
     results_locked,
@@ -83,7 +84,7 @@ class Parent(NamedTuple):
 
 
 def load_results() -> dict:
-    return json.loads(RESULT.read_text()) if RESULT.exists() else {"rows": {}}
+    return read_results(RESULT, "rows")
 
 
 def name(row: str, parent: Parent) -> str:

@@ -25,6 +25,7 @@ from common import (
     RESULTS,
     for_baseline,
     machine,
+    read_results,
     require,
     residual_sums,
     rounding,
@@ -69,7 +70,7 @@ def rows() -> list[str]:
 
 
 def load() -> dict:
-    return json.loads(OUT.read_text()) if OUT.exists() else {"rows": {}}
+    return read_results(OUT, "rows")
 
 
 RECOVERY_KEPT = (

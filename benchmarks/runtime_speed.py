@@ -11,12 +11,11 @@ as it lands; run it on a quiet machine, nothing else running.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
-from common import RESULTS, machine, require, save_results
+from common import RESULTS, machine, read_results, require, save_results
 from prunekit import api
 from prunekit.commands.evaluate import ORT_CHANNEL_BLOCK
 
@@ -47,7 +46,7 @@ def main() -> None:
         require(path)
         key = f"{path.resolve().parent.name}/{path.name}"
         entry = row(path)
-        results = json.loads(RESULT.read_text()) if RESULT.exists() else {"rows": {}}
+        results = read_results(RESULT, "rows")
         results["rows"][key] = {"checkpoint": str(path), **entry}
         save_results(RESULT, results, f"bench: runtime_speed {key}" if args.commit else None)
         speed = {f"{rt} {b}": f"{s:.2f}x" for rt in ("speedup", "ort_speedup") for b, s in entry[rt].items()}
