@@ -153,6 +153,19 @@ def record_parent(results: dict, path: Path, digest: str) -> None:
     parents[name] = {"checkpoint": str(path), "sha256": digest}
 
 
+def save_row(
+    path: Path, key: str, row: dict, commit: str | None, parent: tuple[Path, str] | None = None
+) -> None:
+    """``row`` added under ``key`` to the results file ``path`` (locked meanwhile), with the ``parent``
+    (checkpoint, digest) its key's prefix names recorded; ``commit``: as ``save_results``."""
+    with results_locked(path):
+        results = read_results(path, "rows")
+        results["rows"][key] = row
+        if parent is not None:
+            record_parent(results, *parent)
+        save_results(path, results, commit)
+
+
 def save_results(path: Path, results: dict, commit: str | None) -> None:
     """Write a resumable benchmark's results (with this machine); ``commit``: git-commit that file alone."""
     results["machine"] = machine()

@@ -38,11 +38,10 @@ from common import (
     read_results,
     record_parent,
     require,
-    results_locked,
-    save_results,
+    save_row,
 )
-from finetune_lr import HELD_OUT_FROM, Tuning, held_out_bundle, recipe_changed, recipe_changes
-from prunekit import core, finetuning, train
+from finetune_lr import HELD_OUT_FROM, Tuning, changed_recipe, held_out_bundle, recipe_changes
+from prunekit import core, train
 from prunekit.batchnorm import recalibrate_batchnorm
 from prunekit.checkpoint import load_checkpoint
 from prunekit.commands.rundir import load_data_for
@@ -51,10 +50,6 @@ from prunekit.measure import count_macs
 RESULT = RESULTS / "depth.json"
 CALIBRATION_IMAGES = 512  # prunekit's default count of calibration images
 NONE = "none"
-
-
-def load_results() -> dict:
-    return read_results(RESULT, "rows")
 
 
 def drop_blocks(model: nn.Module, blocks: list[str], calibration: list[torch.Tensor]) -> None:
@@ -88,8 +83,7 @@ def run_row(parent: Path, row: str, seed: int, tuning: Tuning) -> dict:
     entry["pruned"] = core.evaluate(model, test)["accuracy"]
     entry["macs"] = count_macs(model, size) / dense_macs
     entry["widths"] = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    with recipe_changed(tuning.recipe):
-        cfg = replace(finetuning.RECIPES["full"][0], seed=seed)
+    cfg = replace(changed_recipe(tuning.recipe), seed=seed)
     teacher = load_checkpoint(parent).model if tuning.distill else None
     start = time.perf_counter()
     entry["test"] = train.fit(model, bundle, cfg, teacher=teacher).test["accuracy"]
@@ -115,19 +109,17 @@ def main() -> None:
     require(FULL_ARCHIVE)
     tuning = Tuning(args.held_out, args.distill, recipe=recipe_changes(args.recipe))
     digest = checkpoint_digest(args.parent)
-    record_parent(load_results(), args.parent, digest)  # refused now rather than after the first row
+    # refused now rather than after the first row
+    record_parent(read_results(RESULT, "rows"), args.parent, digest)
     for row in args.blocks.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             held_out = "/held-out" if tuning.held_out else ""
             at = f"{args.parent.parent.name}-{row}{tuning.suffix()}/seed{seed}{held_out}"
-            if at in load_results()["rows"]:
+            if at in read_results(RESULT, "rows")["rows"]:
                 continue
             entry = run_row(args.parent, row, seed, tuning)
-            with results_locked(RESULT):
-                results = load_results()
-                results["rows"][at] = entry
-                record_parent(results, args.parent, digest)
-                save_results(RESULT, results, f"bench: depth {at}" if args.commit else None)
+            commit = f"bench: depth {at}" if args.commit else None
+            save_row(RESULT, at, entry, commit, (args.parent, digest))
             print(json.dumps({at: {k: v for k, v in entry.items() if k != "widths"}}), flush=True)
 
 

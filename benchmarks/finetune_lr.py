@@ -51,8 +51,7 @@ from common import (
     read_results,
     record_parent,
     require,
-    results_locked,
-    save_results,
+    save_row,
 )
 from prunekit import api, finetuning
 from prunekit.checkpoint import load_checkpoint
@@ -61,6 +60,7 @@ from prunekit.data import _first_per_class
 from prunekit.datatypes import DataBundle
 from prunekit.measure import evaluate
 from prunekit.pruning import PruneRequest
+from prunekit.train_config import TrainConfig
 
 RESULT = RESULTS / "finetune_lr.json"
 ALLOCATION_RESULT = RESULTS / "allocation.json"  # records the parent of runs/allocation's pruned models
@@ -81,10 +81,6 @@ class Parent(NamedTuple):
         recorded = json.loads(ALLOCATION_RESULT.read_text()).get("baseline_sha256")
         digest = checkpoint_digest(path)
         return cls(path, digest != recorded, digest)
-
-
-def load_results() -> dict:
-    return read_results(RESULT, "rows")
 
 
 def name(row: str, parent: Parent) -> str:
@@ -162,12 +158,17 @@ class Tuning(NamedTuple):
         return (kd if self.distill else "") + (f"+e{self.epochs}" if self.epochs != EPOCHS else "") + changes
 
 
+def changed_recipe(changes: tuple[tuple[str, str], ...]) -> TrainConfig:
+    """The `full` recipe's config with ``changes`` (TrainConfig fields, values as text)."""
+    cfg = finetuning.RECIPES["full"][0]
+    return replace(cfg, **{field: typed_value(getattr(cfg, field), value) for field, value in changes})
+
+
 def recipe_changed(changes: tuple[tuple[str, str], ...]) -> AbstractContextManager:
-    """The `full` recipe with ``changes`` (TrainConfig fields, values as text) while inside (patched as
-    common.py patches the library's other knobs)."""
-    cfg, freeze = finetuning.RECIPES["full"]
-    typed = {field: typed_value(getattr(cfg, field), value) for field, value in changes}
-    return mock.patch.dict(finetuning.RECIPES, {"full": (replace(cfg, **typed), freeze)})
+    """The `full` recipe with ``changes`` while inside (patched as common.py patches the library's other
+    knobs)."""
+    freeze = finetuning.RECIPES["full"][1]
+    return mock.patch.dict(finetuning.RECIPES, {"full": (changed_recipe(changes), freeze)})
 
 
 def typed_value(current: object, text: str) -> object:
@@ -259,7 +260,7 @@ def main() -> None:
     require(FULL_ARCHIVE)
     parent = Parent.of(args.baseline)
     if parent.own:  # refused now rather than after the first row
-        record_parent(load_results(), parent.path, parent.digest)
+        record_parent(read_results(RESULT, "rows"), parent.path, parent.digest)
     tuning = Tuning(
         args.held_out, args.distill, args.distill_weight, args.epochs, recipe_changes(args.recipe)
     )
@@ -267,15 +268,12 @@ def main() -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             for lr in (float(v) for v in args.lrs.split(",")):
                 at = key(row, seed, lr, tuning, parent)
-                if at in load_results()["rows"]:
+                if at in read_results(RESULT, "rows")["rows"]:
                     continue
                 entry = run(row, seed, lr, tuning, parent, args.runs_dir)
-                with results_locked(RESULT):
-                    results = load_results()
-                    results["rows"][at] = entry
-                    if parent.own:  # which checkpoint the prefix of its rows names
-                        record_parent(results, parent.path, parent.digest)
-                    save_results(RESULT, results, f"bench: finetune_lr {at}" if args.commit else None)
+                # on a parent of its own, which checkpoint the prefix of its rows names
+                named = (parent.path, parent.digest) if parent.own else None
+                save_row(RESULT, at, entry, f"bench: finetune_lr {at}" if args.commit else None, named)
                 print(json.dumps({at: entry}), flush=True)
 
 
