@@ -420,6 +420,49 @@ def test_distilling_on_a_large_split_keeps_the_full_recipes_plain_rate(
     assert _peak_lr(tmp_path / "large") == 0.025
 
 
+def test_distill_features_reaches_the_loop_from_the_command_line(
+    pruned_ckpt, dense_ckpt, tmp_path, monkeypatch, capsys
+):
+    """``--distill-features W`` is the recorded config's weight and the loop matches features with it."""
+    import prunekit.train
+
+    real, matched = prunekit.train.feature_match, []
+
+    def recording(cfg, student, teacher):
+        match, why_not = real(cfg, student, teacher)
+        matched.append((cfg.distill_features, match is not None))
+        return match, why_not
+
+    monkeypatch.setattr(prunekit.train, "feature_match", recording)
+    out = tmp_path / "ft"
+    argv = ["finetune", pruned_ckpt, "--out", out, "--teacher", dense_ckpt, "--distill-features", "0.5"]
+    argv += ["--epochs", "1", "--no-recalibrate", "--data", "synthetic", "--subset", "2", "--device", "cpu"]
+    assert main([str(a) for a in argv]) == 0
+    assert matched == [(0.5, True)]
+    assert load_checkpoint(out / "model.safetensors").meta["train"]["config"]["distill_features"] == 0.5
+
+
+def test_distill_features_without_distillation_is_refused_or_said(pruned_ckpt, tmp_path, monkeypatch, capsys):
+    code = main(
+        [
+            "finetune",
+            str(pruned_ckpt),
+            "--no-distill",
+            "--distill-features",
+            "1",
+            "--out",
+            str(tmp_path / "a"),
+        ]
+    )
+    assert code == EXIT_USAGE and "--distill-features is for distillation" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    import prunekit.finetuning
+
+    monkeypatch.setattr(prunekit.finetuning, "DISTILL_BELOW", 20)  # 20 images: no distillation by default
+    assert _finetune_settings(pruned_ckpt, tmp_path / "b", distill_features=1.0)["teacher"] is None
+    assert "distill_features is for distillation" in " ".join(capsys.readouterr().err.split())
+
+
 @pytest.mark.slow
 def test_a_large_split_or_a_missing_parent_does_not_distil(pruned_ckpt, tmp_path, monkeypatch, capsys):
     import prunekit.finetuning

@@ -69,6 +69,7 @@ class RunConfig:
     distill: bool | None = None  # None: by the training split's size (finetuning.distills_by_default)
     distill_temperature: float | None = None
     distill_weight: float | None = None
+    distill_features: float | None = None
     recalibrate: bool = True
     quantize: bool = False
     calibration_method: str = quantize_command.CALIBRATION_METHOD
@@ -296,6 +297,7 @@ def _finetune_stage(r: Run, step: int, pruned: Path, baseline: Path) -> Path:
             distill=cfg.distill,
             distill_temperature=cfg.distill_temperature,
             distill_weight=cfg.distill_weight,
+            distill_features=cfg.distill_features,
             recalibrate=cfg.recalibrate,
             data=cfg.data,
             data_dir=cfg.data_dir,

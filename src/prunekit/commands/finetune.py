@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import Checkpoint, description, load_checkpoint
-from ..console import console, renamed_keyword
+from ..console import console, renamed_keyword, warn
 from ..errors import UsageError, arg
 from ..files import DirectoryLock
 from ..finetuning import DISTILL_BELOW, RECALIBRATION_IMAGES, peak_rate
@@ -45,6 +45,7 @@ def finetune_checkpoint(
     distill: bool | None = None,
     distill_temperature: float | None = None,
     distill_weight: float | None = None,
+    distill_features: float | None = None,
     recalibrate: bool | None = None,
     recalibration_images: int | None = None,
     data: str | None = None,
@@ -70,12 +71,14 @@ def finetune_checkpoint(
 
     out = Path(out)
     recipe_name = renamed_keyword("finetune_checkpoint", "recipe_name", "recipe", recipe_name, recipe)
-    if distill is False and teacher is not None:
+    if distill is False and (teacher is not None or distill_features):
         off = "--no-distill" if arg("distill").startswith("--") else "distill=False"
-        raise UsageError(f"{arg('teacher')} is for distillation: it cannot go with {off}")
+        asked_for = arg("teacher") if teacher is not None else arg("distill_features")
+        raise UsageError(f"{asked_for} is for distillation: it cannot go with {off}")
     asked = {"checkpoint": str(path), "recipe": recipe_name, "epochs": epochs, "lr": lr}
     asked |= {"optimizer": optimizer, "freeze": freeze, "teacher": teacher, "distill": distill}
     asked |= {"distill_temperature": distill_temperature, "distill_weight": distill_weight, "seed": seed}
+    asked |= {"distill_features": distill_features}
     asked |= {"recalibrate": recalibrate, "recalibration_images": recalibration_images, "device": device}
     asked |= {"data": data, "data_dir": data_dir, "subset": subset}
     recalibrate = True if recalibrate is None else recalibrate
@@ -90,6 +93,7 @@ def finetune_checkpoint(
         recipe_name = recipe_name or default_recipe(source.meta.get("pruning"))
         overrides = {"epochs": epochs, "lr": lr, "optimizer": optimizer, "freeze": freeze, "seed": seed}
         overrides |= {"distill_temperature": distill_temperature, "distill_weight": distill_weight}
+        overrides |= {"distill_features": distill_features}
         planned = _planned_configs(recipe_name, device=device, **overrides)
     with DirectoryLock(out):
         claim_run_dir(out, [path, teacher], resume, overwrite)
@@ -144,6 +148,10 @@ def _finetune(
     if planned is not None:
         teacher = _teacher_for(meta, len(bundle.train), *distillation)
         cfg, policy = configs[distils_few(teacher is not None, len(bundle.train))]
+        if cfg.distill_features and teacher is None:
+            warn(
+                f"{arg('distill_features')} is for distillation, and this fine-tuning does not distil: ignored"
+            )
         stages = {}
         settings = {"recipe": recipe_name, "freeze": policy, "recalibrate": recalibrate, "source": str(path)}
         settings |= {"recalibration_images": recalibration_images, "data": data, "data_dir": data_dir}
@@ -250,6 +258,7 @@ FLAGS = [
          help=f"distil from the dense parent (default: when the training split holds under {DISTILL_BELOW:,} images)"),
     flag("distill_temperature", default=None),
     flag("distill_weight", default=None),
+    flag("distill_features", default=None),
     flag("recalibrate", "--no-recalibrate", action="store_false",
          help="skip re-estimating BatchNorm statistics before fine-tuning"),
     flag("recalibration_images", default=RECALIBRATION_IMAGES),

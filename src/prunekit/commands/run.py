@@ -57,6 +57,7 @@ FLAGS = [
          "images)"),
     flag("distill_temperature"),
     flag("distill_weight"),
+    flag("distill_features"),
     flag("recalibrate", "--no-recalibrate", action="store_false"),
     flag("quantize", action="store_true", help="add an int8 ONNX Runtime stage (see prunekit quantize)"),
     flag("calibration_method"),
