@@ -316,3 +316,27 @@ def test_run_ratio_without_layer_means_what_prune_means():
     assert network_wide.layers == [] and network_wide.ratio == pytest.approx(0.3)
     named = RunConfig.from_dict({"ratio": 0.3, "layers": ["layer3.0.conv1"]}).prune_request(1)
     assert named.layers == ["layer3.0.conv1"]
+
+
+def test_run_hands_its_distillation_settings_to_the_fine_tuning(tmp_path, monkeypatch):
+    """``run --distill-features W`` (and the other distillation flags) reach ``finetune_checkpoint``."""
+    from prunekit import pipeline
+
+    asked = {}
+
+    def finetune_checkpoint(pruned, out, **kwargs):
+        asked.update(kwargs)
+        return {"accuracy": {}}
+
+    monkeypatch.setattr(pipeline.finetune_command, "finetune_checkpoint", finetune_checkpoint)
+    distillation = {
+        "distill": True,
+        "distill_features": 0.5,
+        "distill_weight": 0.7,
+        "distill_temperature": 2.0,
+    }
+    run = pipeline.Run(pipeline.RunConfig(name="r", runs_dir=str(tmp_path), **distillation))
+    run.dir.mkdir(parents=True)
+    pipeline._finetune_stage(run, 1, tmp_path / "pruned.safetensors", tmp_path / "dense.safetensors")
+    assert asked["distill_features"] == 0.5 and asked["distill_weight"] == 0.7
+    assert asked["distill_temperature"] == 2.0 and asked["teacher"] == tmp_path / "dense.safetensors"
