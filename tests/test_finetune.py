@@ -421,7 +421,7 @@ def test_distilling_on_a_large_split_keeps_the_full_recipes_plain_rate(
 
 
 def test_distill_features_reaches_the_loop_from_the_command_line(
-    pruned_ckpt, dense_ckpt, tmp_path, monkeypatch, capsys
+    pruned_ckpt, dense_ckpt, tmp_path, monkeypatch
 ):
     """``--distill-features W`` is the recorded config's weight and the loop matches features with it."""
     import prunekit.train
