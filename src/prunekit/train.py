@@ -218,7 +218,9 @@ def _train_epochs(
     """The epochs left, from ``start_batch`` of ``start_epoch``: (the last epoch's test, whether one ran)."""
     last_test, epoch_ran = None, False
     run.features, why_not = feature_match(run.cfg, run.model, run.teacher)
-    if why_not and run.dist_info.is_main:
+    if run.dist_info.is_main and run.cfg.distill_features and run.teacher is None:
+        warn(f"{arg('distill_features')} is for distillation, and this run does not distil: ignored")
+    elif why_not and run.dist_info.is_main:
         warn(f"{arg('distill_features')}: {why_not}; distilling the logits only")
     try:
         with progress_bar(transient=False) as bar:

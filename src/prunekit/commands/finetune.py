@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import Checkpoint, description, load_checkpoint
-from ..console import console, renamed_keyword, warn
+from ..console import console, renamed_keyword
 from ..errors import UsageError, arg
 from ..files import DirectoryLock
 from ..finetuning import DISTILL_BELOW, RECALIBRATION_IMAGES, peak_rate
@@ -148,10 +148,6 @@ def _finetune(
     if planned is not None:
         teacher = _teacher_for(meta, len(bundle.train), *distillation)
         cfg, policy = configs[distils_few(teacher is not None, len(bundle.train))]
-        if cfg.distill_features and teacher is None:
-            warn(
-                f"{arg('distill_features')} is for distillation, and this fine-tuning does not distil: ignored"
-            )
         stages = {}
         settings = {"recipe": recipe_name, "freeze": policy, "recalibrate": recalibrate, "source": str(path)}
         settings |= {"recalibration_images": recalibration_images, "data": data, "data_dir": data_dir}
