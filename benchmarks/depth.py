@@ -113,8 +113,7 @@ def main() -> None:
     record_parent(read_results(RESULT, "rows"), args.parent, digest)
     for row in args.blocks.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            held_out = "/held-out" if tuning.held_out else ""
-            at = f"{args.parent.parent.name}-{row}{tuning.suffix()}/seed{seed}{held_out}"
+            at = f"{args.parent.parent.name}-{row}{tuning.suffix()}/seed{seed}{tuning.scope()}"
             if at in read_results(RESULT, "rows")["rows"]:
                 continue
             entry = run_row(args.parent, row, seed, tuning)

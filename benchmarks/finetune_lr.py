@@ -157,6 +157,10 @@ class Tuning(NamedTuple):
         changes = "".join(f"+{field}={value}" for field, value in self.recipe)
         return (kd if self.distill else "") + (f"+e{self.epochs}" if self.epochs != EPOCHS else "") + changes
 
+    def scope(self) -> str:
+        """What a key ends with: ``/held-out`` when scored on the held-out training images."""
+        return "/held-out" if self.held_out else ""
+
 
 def changed_recipe(changes: tuple[tuple[str, str], ...]) -> TrainConfig:
     """The `full` recipe's config with ``changes`` (TrainConfig fields, values as text)."""
@@ -203,7 +207,7 @@ def label(row: str, parent: Parent, tuning: Tuning) -> str:
 
 def key(row: str, seed: int, lr: float, tuning: Tuning, parent: Parent) -> str:
     """A run's key in the results file."""
-    return f"{label(row, parent, tuning)}/seed{seed}/lr{lr:g}{'/held-out' if tuning.held_out else ''}"
+    return f"{label(row, parent, tuning)}/seed{seed}/lr{lr:g}{tuning.scope()}"
 
 
 def run(row: str, seed: int, lr: float, tuning: Tuning, parent: Parent, runs: Path) -> dict:
