@@ -24,6 +24,14 @@ def isolated_cache(tmp_path_factory, monkeypatch) -> Path:
     return cache
 
 
+@pytest.fixture(autouse=True)
+def _quick_latency(request, monkeypatch) -> None:
+    """Latency medians over 5 timed runs instead of 30, outside the `timing` tests that assert on them: what
+    the other tests check of a latency is its shape, and timing was a sixth of the suite's time."""
+    if request.node.get_closest_marker("timing") is None:
+        monkeypatch.setenv("PRUNEKIT_LATENCY_REPEATS", "5")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread():
     """One intra-op thread: small models train faster that way, and the suite shares the CPU."""

@@ -72,17 +72,7 @@ def test_quantize_writes_a_stock_onnx_int8_model_that_agrees_with_fp32(pruned_ck
     assert (got == expected).float().mean() >= 0.9
 
 
-def test_eval_reports_onnxruntime_latency_against_the_dense_parent(
-    pruned_ckpt, tmp_path, capsys, monkeypatch
-):
-    import functools
-
-    from prunekit import deploy
-
-    monkeypatch.setattr(deploy, "ort_latency", functools.partial(deploy.ort_latency, warmup=1, repeats=3))
-    monkeypatch.setattr(
-        "prunekit.commands.evaluate.latency", functools.partial(api.latency, warmup=1, repeats=3)
-    )
+def test_eval_reports_onnxruntime_latency_against_the_dense_parent(pruned_ckpt, tmp_path, capsys):
     assert main(["eval", str(pruned_ckpt), "--json", str(tmp_path / "e.json")]) == 0
     results = json.loads((tmp_path / "e.json").read_text())
     assert set(results["ort_speedup"]) == {"batch1", "batch64"}
@@ -145,17 +135,9 @@ def test_a_model_whose_export_fails_is_one_line(pruned_ckpt, tmp_path, capsys, m
 
 
 @pytest.mark.slow
-def test_run_with_quantize_reports_every_stage_against_latency(tmp_path, capsys, monkeypatch):
-    import functools
-
-    from prunekit import deploy
-
-    monkeypatch.setattr(deploy, "ort_latency", functools.partial(deploy.ort_latency, warmup=1, repeats=3))
-    monkeypatch.setattr(
-        "prunekit.commands.evaluate.latency", functools.partial(api.latency, warmup=1, repeats=3)
-    )
+def test_run_with_quantize_reports_every_stage_against_latency(tmp_path, capsys):
     argv = ["run", "--data", "synthetic", "--epochs", "1", "--target-macs", "0.5", "--recipe", "full"]
-    argv += ["--allocation", "global"]
+    argv += ["--allocation", "global", "--importance", "group-l2"]  # refit's scores: 10 s more, untested here
     argv += ["--finetune-epochs", "1", "--quantize", "--runs-dir", str(tmp_path), "--name", "q"]
     assert main(argv) == 0, capsys.readouterr().err
     run_dir = tmp_path / "q"
@@ -259,5 +241,32 @@ def test_onnxruntime_accuracy_and_timing_report_progress_step_by_step(tmp_path):
     ort_accuracy(session(paths[0], 1), batches, advance=lambda: steps.append("batch"))
     ort_latency(paths, 16, 2, threads=1, repeats=30, advance=lambda: steps.append("block"))
     measure_latency([model, model], 16, 2, repeats=7, advance=lambda: steps.append("round"))
-    assert steps.count("batch") == 4 and steps.count("block") == ort_blocks(len(paths)) == 9
+    assert steps.count("batch") == 4 and steps.count("block") == ort_blocks(len(paths), 30) == 9
     assert steps.count("round") == 7
+
+
+def test_latency_repeats_default_follows_the_environment_and_a_bad_value_is_one_error(
+    tmp_path, monkeypatch, capsys
+):
+    """$PRUNEKIT_LATENCY_REPEATS sets the timed runs behind every median that is not given its count (the
+    progress totals follow it); a value that is not a whole number >= 1 is refused before any work."""
+    from torch import nn
+
+    from prunekit.cli import main
+    from prunekit.deploy import ort_blocks, ort_latency, write_onnx
+    from prunekit.measure import REPEATS, latency
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).eval()
+    onnx = write_onnx(model, 16, tmp_path / "m.onnx")
+    monkeypatch.setenv("PRUNEKIT_LATENCY_REPEATS", "12")
+    assert latency(model, 16, 2)["repeats"] == 12 and latency(model, 16, 2, repeats=3)["repeats"] == 3
+    assert ort_latency([onnx], 16, 2, threads=1)[0]["repeats"] == 12 and ort_blocks(2) == 4
+    monkeypatch.delenv("PRUNEKIT_LATENCY_REPEATS")
+    assert latency(model, 16, 2)["repeats"] == REPEATS == 30
+    for bad in ("0", "-3", "five", "2.5"):
+        monkeypatch.setenv("PRUNEKIT_LATENCY_REPEATS", bad)
+        out = tmp_path / f"eval-{bad}.json"
+        assert main(["eval", str(tmp_path / "absent.safetensors"), "--json", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: $PRUNEKIT_LATENCY_REPEATS={bad}:") and err.count("\n") == 1, err
+        assert not out.exists()

@@ -80,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         with cli_arg_style():
+            from .measure import latency_repeats
+
+            latency_repeats()  # a bad $PRUNEKIT_LATENCY_REPEATS is refused before any work, not after it
             return int(args.func(args) or 0)
     except UsageError as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)

@@ -16,7 +16,7 @@ import torch.nn as nn
 from .errors import UsageError, arg
 from .export import INPUT, OPSET, export_onnx
 from .files import atomic_write
-from .measure import REPEATS, timing_row
+from .measure import latency_repeats, timing_row
 from .options import choices
 
 CALIBRATION_METHODS = choices("calibration_method")
@@ -67,7 +67,7 @@ def ort_times(
     paths: Sequence[str | Path],
     x: np.ndarray,
     threads: int,
-    repeats: int = REPEATS,
+    repeats: int | None = None,
     warmup: int = 5,
     block: int = 10,
     advance: Callable[[], Any] = lambda: None,
@@ -80,7 +80,7 @@ def ort_times(
     the blocks still spreads a change in machine load over every model.
     """
     times: list[list[float]] = [[] for _ in paths]
-    for runs in _block_sizes(repeats, block):
+    for runs in _block_sizes(latency_repeats(repeats), block):
         for path, bucket in zip(paths, times, strict=True):
             sess = session(path, threads)
             for _ in range(warmup):
@@ -99,9 +99,9 @@ def _block_sizes(repeats: int, block: int) -> list[int]:
     return [min(block, repeats - start) for start in range(0, repeats, block)]
 
 
-def ort_blocks(models: int, repeats: int = REPEATS, block: int = 10) -> int:
+def ort_blocks(models: int, repeats: int | None = None, block: int = 10) -> int:
     """How many blocks ``ort_times`` runs (steps of its ``advance``)."""
-    return models * len(_block_sizes(repeats, block))
+    return models * len(_block_sizes(latency_repeats(repeats), block))
 
 
 def ort_latency(
@@ -110,7 +110,7 @@ def ort_latency(
     batch_size: int,
     threads: int,
     warmup: int = 5,
-    repeats: int = REPEATS,
+    repeats: int | None = None,
     advance: Callable[[], Any] = lambda: None,
 ) -> list[dict[str, Any]]:
     """Latency records of ONNX models in ONNX Runtime (CPU, ``threads`` intra-op threads), timed as

@@ -23,7 +23,7 @@ import torch.nn as nn
 from .errors import UsageError, arg
 from .groups import lowest_channels, unit_size
 from .latency_table import LatencyTable, LayerSpec, build_table, grid, layer_specs
-from .measure import REPEATS, alternate
+from .measure import alternate, latency_repeats
 from .planning import allocation_knob
 
 LATENCY_TOLERANCE = 0.05  # the pruned model's measured latency must land within 5 % of the target
@@ -174,7 +174,7 @@ class LatencyPlanner:
 
     # ------------------------------------------------------------------ measurement
 
-    def measure(self, models: list[nn.Module], repeats: int = REPEATS) -> list[float]:
+    def measure(self, models: list[nn.Module], repeats: int | None = None) -> list[float]:
         """Median milliseconds of a forward pass of each model at the planner's batch, timed in alternation."""
         return time_models(models, self.example, self.batch, self.runtime, self.threads, repeats)
 
@@ -185,9 +185,10 @@ def time_models(
     batch: int,
     runtime: str,
     threads: int,
-    repeats: int = REPEATS,
+    repeats: int | None = None,
 ) -> list[float]:
     """Median milliseconds per forward pass of each model (copies of them: the originals are not touched)."""
+    repeats = latency_repeats(repeats)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -12,9 +13,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import UsageError
 from .modes import eval_mode
 
-REPEATS = 30  # timed runs per model behind every latency median prunekit reports
+REPEATS = 30  # timed runs per model behind every latency median prunekit reports, unless set otherwise by
+REPEATS_VARIABLE = "PRUNEKIT_LATENCY_REPEATS"  # this environment variable (quicker or steadier timing)
+
+
+def latency_repeats(repeats: int | None = None) -> int:
+    """Timed runs per model behind a latency median: ``repeats`` when given, else ``$PRUNEKIT_LATENCY_REPEATS``,
+    else ``REPEATS``."""
+    if repeats is not None:
+        return repeats
+    text = os.environ.get(REPEATS_VARIABLE, "").strip()
+    if not text:
+        return REPEATS
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(
+            f"${REPEATS_VARIABLE}={text}: timed runs per latency median must be a whole number >= 1"
+        )
+    return int(text)
 
 
 def autocast(device: torch.device | str, enabled: bool):
@@ -193,12 +211,13 @@ def latency(
     input_size: int,
     batch_size: int = 1,
     warmup: int = 5,
-    repeats: int = REPEATS,
+    repeats: int | None = None,
     device: torch.device | str = "cpu",
     channels_last: bool = True,
     advance: Callable[[], Any] = lambda: None,
 ) -> dict[str, float] | list[dict[str, float]]:
-    """Median wall time of a forward pass (fp32, eval mode) after warm-up, in milliseconds.
+    """Median wall time of a forward pass (fp32, eval mode) after warm-up, in milliseconds, over ``repeats``
+    timed runs (``latency_repeats``).
 
     Given several models, times them in alternation, so a change in machine load hits each the same; the
     speed-up of a pruned model is only meaningful measured this way.
@@ -213,7 +232,7 @@ def latency(
             m.to(memory_format=torch.channels_last)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     runs = [lambda m=m: (m(x), sync()) for m in models]
-    times = alternate(runs, repeats, warmup, advance)
+    times = alternate(runs, latency_repeats(repeats), warmup, advance)
     results = [timing_row(t, batch_size, torch.get_num_threads()) for t in times]
     return results if isinstance(model, (list, tuple)) else results[0]
 

@@ -13,7 +13,7 @@ from ..checkpoint import load_checkpoint
 from ..console import stages
 from ..errors import UsageError, arg
 from ..files import DirectoryLock, check_outputs
-from ..measure import REPEATS, count_macs, count_params, latency, summary
+from ..measure import count_macs, count_params, latency, latency_repeats, summary
 from ..models import build_model
 from ..options import Command, flag
 from .rundir import CHECKPOINT, DATA_FLAGS, load_data_for, overwrite_flag, run_printed
@@ -60,7 +60,9 @@ def evaluate_checkpoint(
             # The dense parent's architecture, timed in alternation with the pruned model on the same input.
             models = [model] if dense is None else [model, dense]
             pairs = {
-                f"batch{b}": latency(models, size, b, advance=stage(f"PyTorch latency, batch {b}", REPEATS))
+                f"batch{b}": latency(
+                    models, size, b, advance=stage(f"PyTorch latency, batch {b}", latency_repeats())
+                )
                 for b in (1, 64)
             }
             results["latency"] = {k: v[0] for k, v in pairs.items()}
