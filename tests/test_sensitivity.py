@@ -13,6 +13,10 @@ from prunekit.cli import EXIT_USAGE, main
 from prunekit.sensitivity import prunable_roots, scan
 from test_core import ResidualNet, X, assert_unchanged, fingerprint, fresh
 
+# The allocation, not the criterion, is what the command-line tests here are about: group-l2 scores instead
+# of refit's, which take about 10 s on the `trained` ResNet-18
+QUICK_SCORES = ("--importance", "group-l2")
+
 
 def _batches(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
@@ -253,6 +257,7 @@ def test_prune_and_run_take_the_same_allocation_flag(trained, tmp_path, capsys):
         "sensitivity",
         "--sensitivity",
         str(scan_file),
+        *QUICK_SCORES,
     ]
     assert main([*argv, "--out", str(out)]) == 0, capsys.readouterr().err
     record = api.load_checkpoint(out).meta["pruning"][-1]
@@ -295,7 +300,7 @@ def test_the_default_allocation_follows_the_images_at_hand(trained, tmp_path, ca
     assert default_allocation(None, None, SENSITIVITY_FROM - 1) == "global"
     assert default_allocation(None, 0.3, 50_000) == default_allocation(None, None, 0) == "global"
     assert default_allocation("uniform", None, 5) == "uniform"
-    argv = ["prune", str(trained), "--target-macs", "0.5", "--reconstruction-images", "64"]
+    argv = ["prune", str(trained), "--target-macs", "0.5", "--reconstruction-images", "64", *QUICK_SCORES]
     monkeypatch.setattr("prunekit.planning.SENSITIVITY_FROM", 2_000)  # more than the mini archive holds
     assert main([*argv, "--out", str(tmp_path / "small.safetensors")]) == 0  # the mini archive: ~1,000
     err = capsys.readouterr().err
@@ -326,7 +331,7 @@ def test_prune_command_scans_as_its_flags_say(trained, tmp_path, monkeypatch):
         return _fake_scan(model)
 
     monkeypatch.setattr("prunekit.sensitivity.scan", spy)
-    argv = ["prune", str(trained), "--target-macs", "0.5", "--allocation", "sensitivity"]
+    argv = ["prune", str(trained), "--target-macs", "0.5", "--allocation", "sensitivity", *QUICK_SCORES]
     assert main([*argv, "--reconstruction-images", "64", "--out", str(tmp_path / "a.safetensors")]) == 0
     flags = ["--no-scan-recovery", "--prune-input-conv", "--no-reconstruct"]
     assert main([*argv, *flags, "--out", str(tmp_path / "b.safetensors")]) == 0
@@ -347,7 +352,7 @@ def test_the_report_and_the_checkpoint_record_the_images_the_scan_used(trained, 
     assert prunekit.prune(fresh(ResidualNet), X, target_macs=0.6, allocation="global").scan is None
     out = tmp_path / "p.safetensors"
     argv = ["prune", str(trained), "--target-macs", "0.5", "--allocation", "sensitivity", "--out", str(out)]
-    assert main([*argv, "--reconstruction-images", "64"]) == 0
+    assert main([*argv, "--reconstruction-images", "64", *QUICK_SCORES]) == 0
     recorded = read_meta(out)["pruning"][-1]["scan"]
     assert (recorded["held_out_images"], recorded["calibration_images"]) == (32, 32) and recorded["recovered"]
     assert json.loads(out.with_suffix(".json").read_text())["scan"] == recorded
