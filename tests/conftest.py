@@ -27,7 +27,7 @@ def isolated_cache(tmp_path_factory, monkeypatch) -> Path:
 @pytest.fixture(autouse=True)
 def _quick_latency(request, monkeypatch) -> None:
     """Latency medians over 5 timed runs instead of 30, outside the `timing` tests that assert on them: what
-    the other tests check of a latency is its shape, and timing was a sixth of the suite's time."""
+    the other tests check of a latency is its shape, and timing took about 60 of the suite's 440 s."""
     if request.node.get_closest_marker("timing") is None:
         monkeypatch.setenv("PRUNEKIT_LATENCY_REPEATS", "5")
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from .errors import UsageError
 from .modes import eval_mode
 
-REPEATS = 30  # timed runs per model behind every latency median prunekit reports, unless set otherwise by
-REPEATS_VARIABLE = "PRUNEKIT_LATENCY_REPEATS"  # this environment variable (quicker or steadier timing)
+REPEATS = 30  # timed runs per model behind every latency median prunekit reports, by default
+REPEATS_VARIABLE = "PRUNEKIT_LATENCY_REPEATS"  # sets another count: quicker or steadier timing
 
 
 def latency_repeats(repeats: int | None = None) -> int:
