@@ -10,11 +10,12 @@ rest with ``prunekit.prune(model, example, target_macs=..., calibration=...)`` (
 scan, ``refit`` scores, recovery) to a third of the *dense* parent's MACs, and fine-tunes it in this process
 (``train.fit`` with the ``full`` recipe and the row's seed: a model with dropped blocks has no checkpoint
 format, so an interrupted row starts again). ``none`` is the same pipeline without dropping, the row to
-compare with. The token ``dead-taps`` (``--blocks dead-taps``, or ``layer2.1+dead-taps``) first replaces each conv
-whose outer kernel taps read only zero padding at the parent's input size by the conv of its live taps (at
-32 px, layer4's 3x3 convs run on 1x1 maps: three become 1x1 and layer4.0.conv1 2x2), which leaves the
-outputs as they were and the MACs 19 % lower, so the same target leaves the rest wider (prunekit does not
-do this either). ``--distill`` fine-tunes with the parent as teacher and ``--recipe FIELD=VALUE,...`` changes
+compare with. The token ``dead-taps`` (``--blocks dead-taps``, or ``layer2.1+dead-taps``) first replaces each
+conv whose outer kernel taps read only zero padding at the parent's input size by the conv of its live taps
+(at 32 px, layer4's 3x3 convs run on 1x1 maps: three become 1x1 and layer4.0.conv1 2x2), which leaves the
+outputs as they were and the MACs 19 % lower, so that the same target could leave the rest wider (prunekit
+does not do this either; at 3x it freed nothing: the plan cuts layer4 to its floor anyway). ``--distill``
+fine-tunes with the parent as teacher and ``--recipe FIELD=VALUE,...`` changes
 the recipe, as in ``finetune_lr.py`` (rows named alike: ``layer2.1+kd+label_smoothing=0``); ``--held-out``
 prunes and fine-tunes on the first 4,500 training images a class and also scores the other 500 (for a
 parent trained without them: ``prunekit train ... --subset 4500``), to choose between rows without the test
