@@ -157,13 +157,20 @@ def save_row(
     path: Path, key: str, row: dict, commit: str | None, parent: tuple[Path, str] | None = None
 ) -> None:
     """``row`` added under ``key`` to the results file ``path`` (locked meanwhile), with the ``parent``
-    (checkpoint, digest) its key's prefix names recorded; ``commit``: as ``save_results``."""
+    (checkpoint, digest) its key's prefix names recorded; ``commit``: as ``save_results``. The row keeps the
+    CPU it ran on: the file's ``machine`` is its last writer's, and rows of one file span machines."""
     with results_locked(path):
         results = read_results(path, "rows")
-        results["rows"][key] = row
+        results["rows"][key] = {**row, "machine": row.get("machine") or row_machine()}
         if parent is not None:
             record_parent(results, *parent)
         save_results(path, results, commit)
+
+
+def row_machine() -> dict:
+    """What tells one row's machine from another's: the CPU, its flags and the cores."""
+    here = machine()
+    return {key: here[key] for key in ("cpu", "cpu_flags", "cores")}
 
 
 def save_results(path: Path, results: dict, commit: str | None) -> None:
