@@ -135,8 +135,9 @@ def run_row(parent: Path, row: str, seed: int, tuning: Tuning) -> dict:
     calibration = bundle.sample_batches(CALIBRATION_IMAGES, 64, seed=0)
     size, model = ckpt.meta["input_size"], ckpt.model
     dense_macs = count_macs(model, size)
-    blocks = [] if row == NONE else [b for b in row.split("+") if b != DEAD_TAPS]
-    trimmed = trim_dead_taps(model, size) if DEAD_TAPS in row.split("+") else {}
+    tokens = [] if row == NONE else row.split("+")
+    blocks = [b for b in tokens if b != DEAD_TAPS]
+    trimmed = trim_dead_taps(model, size) if DEAD_TAPS in tokens else {}
     drop_blocks(model, blocks, [x for x, _ in calibration])
     entry = {"blocks": blocks, "seed": seed, "dropped": core.evaluate(model, test)["accuracy"]}
     if trimmed:
